@@ -1,0 +1,1 @@
+"""blixfs core: content-addressed store, namespace, virtual filesystem. Never imports pyfuse3."""

@@ -1,0 +1,146 @@
+"""Namespace entries: what one path holds, shaped to be signed and replicated.
+
+An entry is immutable. Every change to a path (a write, chmod, rename, delete)
+produces a new entry for that path with a later `timestamp_ns`; a delete is a
+tombstone (``deleted=True``) so that it can replicate. Which of two entries for
+the same path wins is decided by `Entry.lww_key`: (timestamp, author, entry hash),
+compared as a tuple, so every node that sees both picks the same winner.
+
+`Entry.canonical` is the byte string that is hashed and (from the replication
+issue on) signed: UTF-8 JSON with sorted keys and no insignificant whitespace,
+bytes as lowercase hex. It is deterministic for equal entries.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+import blake3
+
+# Image metadata readable and settable as user.blixfs.<key> (Blixard's VmImageMetadata).
+IMAGE_META_KEYS = frozenset({"name", "version", "os", "arch", "tags", "uploaded_by"})
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4096
+MAX_XATTR_VALUE = 64 * 1024
+MAX_XATTR_TOTAL = 256 * 1024
+
+
+class Kind(enum.Enum):
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+
+    @property
+    def type_bits(self) -> int:
+        return {Kind.FILE: stat.S_IFREG, Kind.DIR: stat.S_IFDIR, Kind.SYMLINK: stat.S_IFLNK}[self]
+
+
+def _frozen(m: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(m))
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One version of one path. ``path`` is relative, '/'-separated, no leading slash."""
+
+    path: str
+    kind: Kind
+    mode: int  # permission bits (0o7777), the type comes from `kind`
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    author: bytes  # the writing node's 32-byte endpoint id (ed25519 public key)
+    timestamp_ns: int  # last-writer-wins clock
+    manifest: bytes | None = None  # manifest id of a file's content; None for empty files
+    target: str = ""  # a symlink's target
+    meta: Mapping[str, str] = field(default_factory=dict)  # image metadata, IMAGE_META_KEYS
+    xattrs: Mapping[str, bytes] = field(default_factory=dict)  # other user.* attributes
+    deleted: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "meta", _frozen(self.meta))
+        object.__setattr__(self, "xattrs", _frozen(self.xattrs))
+
+    @property
+    def st_mode(self) -> int:
+        return self.kind.type_bits | self.mode
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def evolve(self, **changes: Any) -> Entry:
+        """A copy with ``changes`` applied (the caller sets a new timestamp)."""
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "kind": self.kind.value,
+            "mode": self.mode,
+            "uid": self.uid,
+            "gid": self.gid,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "ctime_ns": self.ctime_ns,
+            "author": self.author.hex(),
+            "timestamp_ns": self.timestamp_ns,
+            "manifest": self.manifest.hex() if self.manifest is not None else None,
+            "target": self.target,
+            "meta": dict(self.meta),
+            "xattrs": {k: v.hex() for k, v in self.xattrs.items()},
+            "deleted": self.deleted,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Entry:
+        """Inverse of `to_json`; raises KeyError/ValueError/TypeError on malformed input."""
+        manifest = d["manifest"]
+        return cls(
+            path=str(d["path"]),
+            kind=Kind(d["kind"]),
+            mode=int(d["mode"]),
+            uid=int(d["uid"]),
+            gid=int(d["gid"]),
+            size=int(d["size"]),
+            mtime_ns=int(d["mtime_ns"]),
+            ctime_ns=int(d["ctime_ns"]),
+            author=bytes.fromhex(d["author"]),
+            timestamp_ns=int(d["timestamp_ns"]),
+            manifest=bytes.fromhex(manifest) if manifest is not None else None,
+            target=str(d["target"]),
+            meta={str(k): str(v) for k, v in d["meta"].items()},
+            xattrs={str(k): bytes.fromhex(v) for k, v in d["xattrs"].items()},
+            deleted=bool(d["deleted"]),
+        )
+
+    def canonical(self) -> bytes:
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_canonical(cls, data: bytes) -> Entry:
+        return cls.from_json(json.loads(data))
+
+    def entry_hash(self) -> bytes:
+        return blake3.blake3(self.canonical()).digest()
+
+    def lww_key(self) -> tuple[int, bytes, bytes]:
+        """Total order for last-writer-wins: the larger key wins, identically on every node."""
+        return (self.timestamp_ns, self.author, self.entry_hash())
+
+
+def parent_of(path: str) -> str:
+    """'a/b/c' -> 'a/b'; 'a' -> '' (the root)."""
+    return path.rpartition("/")[0]
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name

@@ -1,0 +1,783 @@
+"""The virtual filesystem: POSIX operations on a namespace and a chunk store.
+
+`Vfs` is what the FUSE layer (mount/) calls, one method per FUSE operation, in
+inode and file-handle terms. It never imports pyfuse3: every failure is an
+`FsError` carrying the errno to answer, and attributes are plain `Attr` records.
+
+Concurrency and locking invariants (see docs/design.md, "Locking"):
+
+* Every method runs on the one trio thread of the node. None of them awaits
+  between reading and updating shared state (inode table, open contents,
+  namespace), so each operation is atomic with respect to the others without
+  locks. The methods are ``async`` so that fetching a chunk from a peer (the
+  lazy-fetch issue) can await without changing this interface; that await will
+  happen before any state is touched.
+* All handles of one inode share one `OpenContent`: a write through one fd is
+  seen by a read through another at once.
+* Written data lives in per-chunk dirty buffers until a commit (flush, fsync,
+  release, truncate of a closed file) stores the dirty chunks, then the new
+  manifest, then the new entry. Chunks are content-addressed, so storing them
+  before the entry commits is harmless if the commit never comes: they are
+  unreferenced garbage, never a half-visible file. A commit that fails (ENOSPC)
+  leaves the dirty buffers in place, so the next flush can try again.
+* fsync is durable: the chunk store is synced (syncfs) before the entry is
+  committed with SQLite synchronous=FULL.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lru import LRU
+
+from blixfs import metrics
+from blixfs.chunkstore import ChunkStore
+from blixfs.entry import (
+    IMAGE_META_KEYS,
+    MAX_NAME_BYTES,
+    MAX_PATH_BYTES,
+    MAX_XATTR_TOTAL,
+    MAX_XATTR_VALUE,
+    Entry,
+    Kind,
+    join,
+    parent_of,
+)
+from blixfs.errors import FsError, storage_errno
+from blixfs.hashing import HOLE, ChunkId, short
+from blixfs.manifest import DEFAULT_CHUNK_SIZE, Manifest, ManifestError, chunk_count, chunk_length
+from blixfs.namespace import NamespaceStore
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+META_XATTR_PREFIX = "user.blixfs."
+USER_XATTR_PREFIX = "user."
+DEFAULT_MAX_DIRTY_BYTES = 64 << 20
+_ZEROS = memoryview(bytes(DEFAULT_CHUNK_SIZE * 4))
+
+
+def _zeros(n: int) -> bytes | memoryview:
+    return _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """What getattr reports for an inode."""
+
+    ino: int
+    mode: int  # st_mode, type bits included
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    blocks: int  # 512-byte units actually stored (holes take none)
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class FsStats:
+    block_size: int
+    blocks: int
+    blocks_free: int
+    blocks_avail: int
+    files: int
+    files_free: int
+    name_max: int
+
+
+@dataclass(slots=True)
+class OpenContent:
+    """The mutable content of one file inode while it has open handles (or is being truncated).
+
+    ``ids`` is the chunk list of the last stored state; ``dirty`` holds chunks written
+    since, each exactly as long as the chunk is (``chunk_length(i, size)``).
+    """
+
+    chunk_size: int
+    size: int
+    ids: list[ChunkId]
+    mtime_ns: int
+    dirty: dict[int, bytearray] = field(default_factory=dict)
+    changed: bool = False  # differs from the committed entry (dirty, spilled, or resized)
+    handles: int = 0
+    unlinked: bool = False  # its path is gone: nothing is committed any more
+
+    def dirty_bytes(self) -> int:
+        return sum(map(len, self.dirty.values()))
+
+
+@dataclass(slots=True)
+class Handle:
+    ino: int
+    content: OpenContent
+    writable: bool
+
+
+class InodeTable:
+    """Inode numbers for paths, stable for the life of the mount.
+
+    Numbers are never reused while the process lives, so the kernel can never
+    confuse an old inode with a new file. Renames move a whole subtree's numbers.
+    """
+
+    def __init__(self) -> None:
+        self._by_path: dict[str, int] = {"": ROOT_INO}
+        self._by_ino: dict[int, str] = {ROOT_INO: ""}
+        self._next = ROOT_INO + 1
+
+    def ino(self, path: str) -> int:
+        ino = self._by_path.get(path)
+        if ino is None:
+            ino = self._next
+            self._next += 1
+            self._by_path[path] = ino
+            self._by_ino[ino] = path
+        return ino
+
+    def path(self, ino: int) -> str:
+        try:
+            return self._by_ino[ino]
+        except KeyError:
+            raise FsError(errno.ENOENT, f"inode {ino} is unknown (stale handle)") from None
+
+    def drop(self, path: str) -> int | None:
+        ino = self._by_path.pop(path, None)
+        if ino is not None:
+            del self._by_ino[ino]
+        return ino
+
+    def move(self, old: str, new: str) -> None:
+        """Rename ``old`` and everything below it to ``new``; ``new`` must be dropped first."""
+        prefix = old + "/"
+        moving = [p for p in self._by_path if p == old or p.startswith(prefix)]
+        for p in moving:
+            ino = self._by_path.pop(p)
+            q = new + p[len(old) :]
+            self._by_path[q] = ino
+            self._by_ino[ino] = q
+
+
+class Vfs:
+    """POSIX semantics over a `NamespaceStore` and a `ChunkStore`. See the module docstring."""
+
+    def __init__(
+        self,
+        namespace: NamespaceStore,
+        chunks: ChunkStore,
+        author: bytes,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        statfs_path: str = "/",
+        max_dirty_bytes: int = DEFAULT_MAX_DIRTY_BYTES,
+        clock: Callable[[], int] = time.time_ns,
+        owner: tuple[int, int] = (os.getuid(), os.getgid()),
+    ) -> None:
+        self.namespace = namespace
+        self.chunks = chunks
+        self.author = author
+        self.chunk_size = chunk_size
+        self.read_only = False
+        self._statfs_path = statfs_path
+        self._max_dirty = max_dirty_bytes
+        self._clock = clock
+        self._owner = owner
+        self._started_ns = clock()
+        self.inodes = InodeTable()
+        self._contents: dict[int, OpenContent] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._manifests: LRU[bytes, Manifest] = LRU(256)
+        # Recently read chunks: a FUSE read is at most 1 MiB and usually 128 KiB,
+        # so a sequential reader asks for each chunk several times in a row.
+        self._chunk_cache: LRU[ChunkId, bytes] = LRU(32)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _stamp(self, prev: Entry | None) -> int:
+        """A last-writer-wins timestamp later than ``prev``'s, even if the clock stepped back."""
+        now = self._clock()
+        return max(now, prev.timestamp_ns + 1) if prev is not None else now
+
+    def _entry(self, path: str) -> Entry:
+        if path == "":
+            return self.namespace.get("") or self._root_entry()
+        e = self.namespace.get(path)
+        if e is None:
+            raise FsError(errno.ENOENT, f"no such entry: {path}")
+        return e
+
+    def _root_entry(self) -> Entry:
+        uid, gid = self._owner
+        return Entry(
+            path="", kind=Kind.DIR, mode=0o755, uid=uid, gid=gid, size=0, mtime_ns=self._started_ns,
+            ctime_ns=self._started_ns, author=self.author, timestamp_ns=0,
+        )
+
+    def _child_path(self, parent_ino: int, name: str) -> str:
+        if name in ("", ".", "..") or "/" in name or "\0" in name:
+            raise FsError(errno.EINVAL, f"invalid name {name!r}")
+        try:
+            size = len(name.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise FsError(errno.EINVAL, f"name {name!r} is not UTF-8: blixfs names are UTF-8") from None
+        if size > MAX_NAME_BYTES:
+            raise FsError(errno.ENAMETOOLONG, f"name of {size} bytes")
+        parent = self.inodes.path(parent_ino)
+        if parent and self._entry(parent).kind is not Kind.DIR:
+            raise FsError(errno.ENOTDIR, f"{parent} is not a directory")
+        path = join(parent, name)
+        if len(path.encode("utf-8")) > MAX_PATH_BYTES:
+            raise FsError(errno.ENAMETOOLONG, f"path of more than {MAX_PATH_BYTES} bytes")
+        return path
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise FsError(errno.EROFS, "this node holds a read-only capability for the namespace")
+
+    def _commit_entries(self, entries: list[Entry], *, durable: bool = False) -> None:
+        try:
+            self.namespace.apply(entries, durable=durable)
+        except Exception as exc:
+            err = storage_errno(exc)
+            log.error("namespace commit of %s failed: %s", [e.path for e in entries], exc)
+            raise FsError(err, f"namespace commit failed: {exc}") from exc
+
+    def _manifest(self, mid: bytes) -> Manifest:
+        cached: Manifest | None = self._manifests.get(mid)
+        if cached is not None:
+            return cached
+        raw = self.chunks.get(ChunkId(mid))
+        if raw is None:
+            raise FsError(errno.EIO, f"manifest {short(mid)} is not held by this node")
+        try:
+            manifest = Manifest.decode(raw)
+        except ManifestError as exc:
+            raise FsError(errno.EIO, f"manifest {short(mid)} is invalid: {exc}") from exc
+        self._manifests[mid] = manifest
+        return manifest
+
+    def _attr(self, ino: int, e: Entry) -> Attr:
+        size, mtime, blocks = e.size, e.mtime_ns, 0
+        content = self._contents.get(ino)
+        if e.kind is Kind.FILE:
+            if content is not None:
+                size, mtime = content.size, content.mtime_ns
+                stored = sum(chunk_length(i, size, content.chunk_size)
+                             for i, cid in enumerate(content.ids) if cid != HOLE and i not in content.dirty)
+                blocks = -(-(stored + content.dirty_bytes()) // 512)
+            elif e.manifest is not None:
+                blocks = -(-self._manifest(e.manifest).stored_bytes() // 512)
+        elif e.kind is Kind.SYMLINK:
+            size = len(e.target.encode())
+        return Attr(
+            ino=ino, mode=e.st_mode, nlink=1, uid=e.uid, gid=e.gid, size=size, blocks=blocks,
+            atime_ns=mtime, mtime_ns=mtime, ctime_ns=max(e.ctime_ns, mtime),
+        )
+
+    def _new_entry(self, path: str, kind: Kind, mode: int, uid: int, gid: int, **extra: object) -> Entry:
+        now = self._clock()
+        prev = self.namespace.get_any(path)
+        return Entry(
+            path=path, kind=kind, mode=stat.S_IMODE(mode), uid=uid, gid=gid, size=0, mtime_ns=now,
+            ctime_ns=now, author=self.author, timestamp_ns=self._stamp(prev), **extra,  # type: ignore[arg-type]
+        )
+
+    def _touch_parent(self, path: str) -> list[Entry]:
+        """The parent directory's new entry with mtime/ctime now (creating a name changes it)."""
+        parent = parent_of(path)
+        e = self._entry(parent)
+        now = self._clock()
+        return [e.evolve(mtime_ns=now, ctime_ns=now, timestamp_ns=self._stamp(e), author=self.author)]
+
+    # ------------------------------------------------------- lookup and attrs
+
+    async def lookup(self, parent_ino: int, name: str) -> Attr:
+        """Called by FUSE lookup; ENOENT if absent."""
+        if name == ".":
+            return await self.getattr(parent_ino)
+        if name == "..":
+            return await self.getattr(self.inodes.ino(parent_of(self.inodes.path(parent_ino))))
+        path = self._child_path(parent_ino, name)
+        e = self._entry(path)
+        return self._attr(self.inodes.ino(path), e)
+
+    async def getattr(self, ino: int) -> Attr:
+        content = self._contents.get(ino)
+        if content is not None and content.unlinked:
+            return self._orphan_attr(ino, content)
+        return self._attr(ino, self._entry(self.inodes.path(ino)))
+
+    def _orphan_attr(self, ino: int, content: OpenContent) -> Attr:
+        uid, gid = self._owner
+        return Attr(ino=ino, mode=stat.S_IFREG | 0o600, nlink=0, uid=uid, gid=gid, size=content.size,
+                    blocks=0, atime_ns=content.mtime_ns, mtime_ns=content.mtime_ns, ctime_ns=content.mtime_ns)
+
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Attr:
+        """chmod, chown, utimens and truncate. ``atime_ns`` is accepted and not kept (noatime)."""
+        self._writable()
+        path = self.inodes.path(ino)
+        e = self._entry(path)
+        now = self._clock()
+        if size is not None:
+            if e.kind is not Kind.FILE:
+                raise FsError(errno.EISDIR if e.kind is Kind.DIR else errno.EINVAL, f"cannot truncate {path}")
+            content, temporary = self._content_for(ino, e)
+            try:
+                self._resize(content, size)
+                content.mtime_ns = mtime_ns if mtime_ns is not None else now
+                if temporary:
+                    self._commit(ino, content)
+            finally:
+                if temporary:
+                    del self._contents[ino]
+            e = self._entry(path)
+        changes: dict[str, object] = {"ctime_ns": now}
+        if mode is not None:
+            changes["mode"] = stat.S_IMODE(mode)
+        if uid is not None:
+            changes["uid"] = uid
+        if gid is not None:
+            changes["gid"] = gid
+        if mtime_ns is not None:
+            changes["mtime_ns"] = mtime_ns
+            open_content = self._contents.get(ino)
+            if open_content is not None:
+                open_content.mtime_ns = mtime_ns
+        if len(changes) > 1 or size is None:
+            self._commit_entries([e.evolve(**changes, timestamp_ns=self._stamp(e), author=self.author)])
+        return await self.getattr(ino)
+
+    async def readlink(self, ino: int) -> str:
+        e = self._entry(self.inodes.path(ino))
+        if e.kind is not Kind.SYMLINK:
+            raise FsError(errno.EINVAL, f"{e.path} is not a symlink")
+        return e.target
+
+    async def readdir(self, ino: int) -> list[tuple[str, Attr]]:
+        """The live children of directory ``ino``, sorted by name ('.' and '..' are the kernel's)."""
+        path = self.inodes.path(ino)
+        if self._entry(path).kind is not Kind.DIR:
+            raise FsError(errno.ENOTDIR, f"{path} is not a directory")
+        return [(e.name, self._attr(self.inodes.ino(e.path), e)) for e in self.namespace.children(path)]
+
+    async def statfs(self) -> FsStats:
+        st = os.statvfs(self._statfs_path)
+        ns = self.namespace.stats()
+        return FsStats(
+            block_size=st.f_frsize, blocks=st.f_blocks, blocks_free=st.f_bfree, blocks_avail=st.f_bavail,
+            files=ns.files + ns.dirs + ns.symlinks, files_free=max(st.f_ffree, 1 << 20),
+            name_max=MAX_NAME_BYTES,
+        )
+
+    # ------------------------------------------------------ namespace changes
+
+    async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Attr:
+        self._writable()
+        path = self._child_path(parent_ino, name)
+        if self.namespace.get(path) is not None:
+            raise FsError(errno.EEXIST, f"{path} exists")
+        e = self._new_entry(path, Kind.DIR, mode, uid, gid)
+        self._commit_entries([e, *self._touch_parent(path)])
+        return self._attr(self.inodes.ino(path), e)
+
+    async def symlink(self, parent_ino: int, name: str, target: str, uid: int, gid: int) -> Attr:
+        self._writable()
+        path = self._child_path(parent_ino, name)
+        if self.namespace.get(path) is not None:
+            raise FsError(errno.EEXIST, f"{path} exists")
+        if len(target.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+            raise FsError(errno.ENAMETOOLONG, "symlink target too long")
+        e = self._new_entry(path, Kind.SYMLINK, 0o777, uid, gid, target=target)
+        self._commit_entries([e, *self._touch_parent(path)])
+        return self._attr(self.inodes.ino(path), e)
+
+    async def create(self, parent_ino: int, name: str, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
+        """Create and open a file; EEXIST if it exists (the kernel sends O_EXCL semantics here)."""
+        self._writable()
+        path = self._child_path(parent_ino, name)
+        if self.namespace.get(path) is not None:
+            raise FsError(errno.EEXIST, f"{path} exists")
+        e = self._new_entry(path, Kind.FILE, mode, uid, gid)
+        self._commit_entries([e, *self._touch_parent(path)])
+        ino = self.inodes.ino(path)
+        fh = self._open_handle(ino, e, flags)
+        return fh, self._attr(ino, e)
+
+    def _remove(self, path: str, want_dir: bool) -> None:
+        e = self._entry(path)
+        if want_dir and e.kind is not Kind.DIR:
+            raise FsError(errno.ENOTDIR, f"{path} is not a directory")
+        if not want_dir and e.kind is Kind.DIR:
+            raise FsError(errno.EISDIR, f"{path} is a directory")
+        if want_dir and self.namespace.has_children(path):
+            raise FsError(errno.ENOTEMPTY, f"{path} is not empty")
+        tomb = e.evolve(deleted=True, timestamp_ns=self._stamp(e), author=self.author, ctime_ns=self._clock())
+        self._commit_entries([tomb, *self._touch_parent(path)])
+        self._forget_path(path)
+
+    def _forget_path(self, path: str) -> None:
+        ino = self.inodes.drop(path)
+        content = self._contents.get(ino) if ino is not None else None
+        if content is not None:
+            # POSIX: an unlinked file stays readable and writable through open fds,
+            # and its data goes away with the last close.
+            content.unlinked = True
+
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        self._writable()
+        self._remove(self._child_path(parent_ino, name), want_dir=False)
+
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        self._writable()
+        self._remove(self._child_path(parent_ino, name), want_dir=True)
+
+    async def rename(self, old_parent: int, old_name: str, new_parent: int, new_name: str, *,
+                     noreplace: bool = False, exchange: bool = False) -> None:
+        """rename(2), including over an existing file or empty directory, and of directories.
+
+        The moved subtree and the replaced target change in one namespace transaction.
+        """
+        self._writable()
+        if exchange:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        src = self._child_path(old_parent, old_name)
+        dst = self._child_path(new_parent, new_name)
+        e = self._entry(src)
+        if src == dst:
+            return
+        if dst.startswith(src + "/"):
+            raise FsError(errno.EINVAL, f"cannot move {src} into itself")
+        target = self.namespace.get(dst)
+        if target is not None:
+            if noreplace:
+                raise FsError(errno.EEXIST, f"{dst} exists")
+            if target.kind is Kind.DIR:
+                if e.kind is not Kind.DIR:
+                    raise FsError(errno.EISDIR, f"{dst} is a directory")
+                if self.namespace.has_children(dst):
+                    raise FsError(errno.ENOTEMPTY, f"{dst} is not empty")
+            elif e.kind is Kind.DIR:
+                raise FsError(errno.ENOTDIR, f"{dst} is not a directory")
+        now = self._clock()
+        batch: list[Entry] = []
+        moved = [e, *self.namespace.descendants(src)] if e.kind is Kind.DIR else [e]
+        for old in moved:
+            new_path = dst + old.path[len(src) :]
+            batch.append(old.evolve(deleted=True, timestamp_ns=self._stamp(old), author=self.author))
+            prev = target if new_path == dst else self.namespace.get_any(new_path)
+            batch.append(old.evolve(path=new_path, timestamp_ns=self._stamp(prev), author=self.author,
+                                    ctime_ns=now if old is e else old.ctime_ns))
+        parents = {parent_of(src), parent_of(dst)}
+        for p in parents:
+            pe = self._entry(p)
+            batch.append(pe.evolve(mtime_ns=now, ctime_ns=now, timestamp_ns=self._stamp(pe), author=self.author))
+        self._commit_entries(batch)
+        if target is not None:
+            self._forget_path(dst)
+        self.inodes.move(src, dst)
+
+    # ----------------------------------------------------------- xattrs
+
+    async def getxattr(self, ino: int, name: str) -> bytes:
+        """``user.blixfs.<key>`` is image metadata; other ``user.*`` names are stored as given.
+
+        Any other namespace (security.capability, which the kernel asks about on
+        every write) answers ENODATA before touching the namespace store.
+        """
+        if not name.startswith(USER_XATTR_PREFIX):
+            raise FsError(errno.ENODATA)
+        e = self._entry(self.inodes.path(ino))
+        if name.startswith(META_XATTR_PREFIX):
+            value = e.meta.get(name[len(META_XATTR_PREFIX) :])
+            if value is not None:
+                return value.encode()
+        elif name in e.xattrs:
+            return e.xattrs[name]
+        raise FsError(errno.ENODATA)
+
+    async def listxattr(self, ino: int) -> list[str]:
+        e = self._entry(self.inodes.path(ino))
+        return [META_XATTR_PREFIX + k for k in sorted(e.meta)] + sorted(e.xattrs)
+
+    async def setxattr(self, ino: int, name: str, value: bytes) -> None:
+        self._writable()
+        e = self._entry(self.inodes.path(ino))
+        if len(value) > MAX_XATTR_VALUE or len(name) > MAX_NAME_BYTES:
+            raise FsError(errno.E2BIG, f"xattr {name} too large")
+        if name.startswith(META_XATTR_PREFIX):
+            key = name[len(META_XATTR_PREFIX) :]
+            if key not in IMAGE_META_KEYS:
+                raise FsError(errno.EINVAL, f"unknown image metadata {key!r}; known: {sorted(IMAGE_META_KEYS)}")
+            try:
+                text = value.decode()
+            except UnicodeDecodeError:
+                raise FsError(errno.EINVAL, f"image metadata {key} must be UTF-8") from None
+            changes: dict[str, object] = {"meta": {**e.meta, key: text}}
+        elif name.startswith(USER_XATTR_PREFIX):
+            xattrs = {**e.xattrs, name: bytes(value)}
+            if sum(len(k) + len(v) for k, v in xattrs.items()) > MAX_XATTR_TOTAL:
+                raise FsError(errno.ENOSPC, "no room for more xattrs on this entry")
+            changes = {"xattrs": xattrs}
+        else:
+            raise FsError(errno.ENOTSUP, f"only user.* xattrs are supported, not {name}")
+        self._commit_entries([e.evolve(**changes, ctime_ns=self._clock(), timestamp_ns=self._stamp(e),
+                                       author=self.author)])
+
+    async def removexattr(self, ino: int, name: str) -> None:
+        self._writable()
+        e = self._entry(self.inodes.path(ino))
+        if name.startswith(META_XATTR_PREFIX) and name[len(META_XATTR_PREFIX) :] in e.meta:
+            key = name[len(META_XATTR_PREFIX) :]
+            changes: dict[str, object] = {"meta": {k: v for k, v in e.meta.items() if k != key}}
+        elif name in e.xattrs:
+            changes = {"xattrs": {k: v for k, v in e.xattrs.items() if k != name}}
+        else:
+            raise FsError(errno.ENODATA)
+        self._commit_entries([e.evolve(**changes, ctime_ns=self._clock(), timestamp_ns=self._stamp(e),
+                                       author=self.author)])
+
+    # ---------------------------------------------------------- file content
+
+    def _content_for(self, ino: int, e: Entry) -> tuple[OpenContent, bool]:
+        """The inode's open content, or a new one (True: nobody else holds it)."""
+        existing = self._contents.get(ino)
+        if existing is not None:
+            return existing, False
+        if e.manifest is None:
+            content = OpenContent(chunk_size=self.chunk_size, size=0, ids=[], mtime_ns=e.mtime_ns)
+        else:
+            m = self._manifest(e.manifest)
+            if m.size != e.size:
+                raise FsError(errno.EIO, f"{e.path}: entry size {e.size} != manifest size {m.size}")
+            content = OpenContent(chunk_size=m.chunk_size, size=m.size, ids=list(m.ids), mtime_ns=e.mtime_ns)
+        self._contents[ino] = content
+        return content, True
+
+    def _open_handle(self, ino: int, e: Entry, flags: int) -> int:
+        content, _ = self._content_for(ino, e)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if flags & os.O_TRUNC and writable and content.size:
+            self._resize(content, 0)
+            content.mtime_ns = self._clock()
+        content.handles += 1
+        metrics.open_files.set(len(self._contents))
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(ino, content, writable)
+        return fh
+
+    async def open(self, ino: int, flags: int) -> int:
+        """Open a file; returns a handle. EISDIR for directories, EROFS for writes when read-only."""
+        e = self._entry(self.inodes.path(ino))
+        if e.kind is Kind.DIR:
+            raise FsError(errno.EISDIR, f"{e.path} is a directory")
+        if e.kind is not Kind.FILE:
+            raise FsError(errno.EINVAL, f"{e.path} is not a regular file")
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            self._writable()
+        return self._open_handle(ino, e, flags)
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise FsError(errno.EBADF, f"file handle {fh} is not open") from None
+
+    def _chunk_bytes(self, cid: ChunkId, length: int) -> bytes | memoryview:
+        if cid == HOLE:
+            return _zeros(length)
+        data: bytes | None = self._chunk_cache.get(cid)
+        if data is None:
+            data = self.chunks.get(cid)
+            if data is None:
+                log.error("chunk %s is not held by this node and cannot be fetched yet", short(cid))
+                raise FsError(errno.EIO, f"chunk {short(cid)} is not available")
+            self._chunk_cache[cid] = data
+        if len(data) != length:
+            raise FsError(errno.EIO, f"chunk {short(cid)} has {len(data)} bytes, manifest says {length}")
+        return data
+
+    def _load_chunk(self, content: OpenContent, index: int, length: int) -> bytearray:
+        """The chunk at ``index`` as a dirty buffer (loading its stored bytes), cut or padded to ``length``."""
+        buf = content.dirty.get(index)
+        if buf is None:
+            old_len = chunk_length(index, content.size, content.chunk_size)
+            buf = bytearray(self._chunk_bytes(content.ids[index], old_len)) if index < len(content.ids) else bytearray()
+            content.dirty[index] = buf
+        if len(buf) > length:
+            del buf[length:]
+        elif len(buf) < length:
+            buf.extend(_zeros(length - len(buf)))
+        return buf
+
+    def _resize(self, content: OpenContent, new_size: int) -> None:
+        cs, old = content.chunk_size, content.size
+        if new_size == old:
+            return
+        if new_size < old:
+            keep = chunk_count(new_size, cs)
+            del content.ids[keep:]
+            for idx in [i for i in content.dirty if i >= keep]:
+                del content.dirty[idx]
+            if new_size % cs:
+                self._load_chunk(content, keep - 1, new_size % cs)
+        else:
+            if old % cs:
+                last = old // cs
+                self._load_chunk(content, last, chunk_length(last, new_size, cs))
+            content.ids.extend([HOLE] * (chunk_count(new_size, cs) - len(content.ids)))
+        content.size = new_size
+        content.changed = True
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset``; short only at end of file. EIO if a chunk is unavailable."""
+        content = self._handle(fh).content
+        end = min(offset + size, content.size)
+        cs = content.chunk_size
+        parts: list[bytes | bytearray | memoryview] = []
+        pos = offset
+        while pos < end:
+            idx = pos // cs
+            within = pos - idx * cs
+            n = min(cs - within, end - pos)
+            buf = content.dirty.get(idx)
+            if buf is None:
+                data = self._chunk_bytes(content.ids[idx], chunk_length(idx, content.size, cs))
+                parts.append(memoryview(data)[within : within + n])
+            else:
+                parts.append(memoryview(buf)[within : within + n])
+            pos += n
+        return b"".join(parts)
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        """Write into the dirty buffers; returns len(data). ENOSPC if memory must spill and the disk is full."""
+        handle = self._handle(fh)
+        if not handle.writable:
+            raise FsError(errno.EBADF, "file handle not open for writing")
+        content = handle.content
+        end = offset + len(data)
+        if end > content.size:
+            self._resize(content, end)
+        cs = content.chunk_size
+        view = memoryview(data)
+        pos = offset
+        while pos < end:
+            idx = pos // cs
+            within = pos - idx * cs
+            n = min(cs - within, end - pos)
+            piece = view[pos - offset : pos - offset + n]
+            clen = chunk_length(idx, content.size, cs)
+            buf = content.dirty.get(idx)
+            if buf is None and within == 0 and n == clen:
+                content.dirty[idx] = bytearray(piece)  # a whole chunk: no need to read the old one
+            else:
+                if buf is None:
+                    buf = self._load_chunk(content, idx, clen)
+                buf[within : within + n] = piece
+            pos += n
+        content.changed = True
+        content.mtime_ns = self._clock()
+        if content.dirty_bytes() > self._max_dirty:
+            self._spill(content, keep=end // cs)
+        return len(data)
+
+    def _store_dirty(self, content: OpenContent, indices: list[int]) -> None:
+        """Store the given dirty chunks and make them clean; all or nothing on failure."""
+        stored: dict[int, ChunkId] = {}
+        try:
+            for idx in indices:
+                stored[idx] = self.chunks.put(bytes(content.dirty[idx]))
+        except OSError as exc:
+            log.error("storing %d dirty chunks failed: %s", len(indices), exc)
+            raise FsError(storage_errno(exc), f"cannot store written data: {exc.strerror}") from exc
+        for idx, cid in stored.items():
+            content.ids[idx] = cid
+            del content.dirty[idx]
+
+    def _spill(self, content: OpenContent, keep: int) -> None:
+        """Bound memory: store every dirty chunk but ``keep`` (the one being written)."""
+        self._store_dirty(content, sorted(i for i in content.dirty if i != keep))
+
+    def _commit(self, ino: int, content: OpenContent, *, durable: bool = False) -> None:
+        """Store dirty chunks, the manifest and the entry: the file's new version becomes visible."""
+        if content.unlinked or not content.changed:
+            if durable and not content.unlinked:
+                self.chunks.sync()
+            return
+        path = self.inodes.path(ino)
+        e = self._entry(path)
+        self._store_dirty(content, sorted(content.dirty))
+        manifest_id: bytes | None = None
+        try:
+            if content.size:
+                manifest_id = self.chunks.put(
+                    Manifest(content.size, content.chunk_size, tuple(content.ids)).encode())
+            if durable:
+                self.chunks.sync()
+        except OSError as exc:
+            raise FsError(storage_errno(exc), f"cannot store the manifest of {path}: {exc.strerror}") from exc
+        new = e.evolve(size=content.size, manifest=manifest_id, mtime_ns=content.mtime_ns,
+                       ctime_ns=max(e.ctime_ns, content.mtime_ns), timestamp_ns=self._stamp(e),
+                       author=self.author)
+        self._commit_entries([new], durable=durable)
+        content.changed = False
+        metrics.commits.inc()
+
+    async def flush(self, fh: int) -> None:
+        """close(2) of one fd: commit so the new version is visible (not yet durable)."""
+        h = self._handle(fh)
+        if h.writable:
+            self._commit(h.ino, h.content)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        """fsync(2): commit durably; returns only when the data survives a crash."""
+        h = self._handle(fh)
+        self._commit(h.ino, h.content, durable=True)
+
+    async def release(self, fh: int) -> None:
+        """Last close of a handle: commit what is left; forget the content with the last handle.
+
+        If the commit fails the handle is still released (the kernel ignores release
+        errors); the failure was already reported to the writer by flush.
+        """
+        h = self._handles.pop(fh, None)
+        if h is None:
+            raise FsError(errno.EBADF, f"file handle {fh} is not open")
+        h.content.handles -= 1
+        try:
+            if h.writable:
+                self._commit(h.ino, h.content)
+        finally:
+            if h.content.handles == 0:
+                if h.content.changed and not h.content.unlinked:
+                    log.error("inode %d closed with %d uncommitted bytes (see earlier errors)",
+                              h.ino, h.content.dirty_bytes())
+                self._contents.pop(h.ino, None)
+                metrics.open_files.set(len(self._contents))
+
+    async def flush_all(self, *, durable: bool = True) -> None:
+        """Commit every open file (on unmount). Errors are logged, not raised, so every file gets its try."""
+        for ino, content in list(self._contents.items()):
+            try:
+                self._commit(ino, content, durable=durable)
+            except FsError as exc:
+                log.error("could not commit inode %d at unmount: %s", ino, exc)

@@ -1,0 +1,1 @@
+"""The FUSE layer: thin pyfuse3 handlers over blixfs.vfs."""
