@@ -127,6 +127,16 @@ class MemoryChunkStore:
         pass
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data``; a full disk shows as a short write first and ENOSPC on the next."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        view = view[written:]
+
+
 def _syncfs(fd: int) -> None:
     """syncfs(2) on the filesystem holding ``fd``: one call flushes every chunk written so far,
     far cheaper than an fsync per chunk file plus one per directory."""
@@ -212,8 +222,7 @@ class DiskChunkStore:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                if os.writev(fd, [header, data]) != len(header) + len(data):
-                    raise OSError(errno.EIO, "short write to chunk file")
+                _write_all(fd, header + data)
             finally:
                 os.close(fd)
             os.rename(tmp, path)

@@ -47,6 +47,15 @@ def chunk_length(index: int, size: int, chunk_size: int) -> int:
     return max(0, min(chunk_size, size - start))
 
 
+def _check_layout(size: int, chunk_size: int, count: int) -> None:
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ManifestError(f"chunk size {chunk_size} out of bounds")
+    if not 0 <= size <= MAX_FILE_SIZE:
+        raise ManifestError(f"file size {size} out of bounds")
+    if count != chunk_count(size, chunk_size):
+        raise ManifestError(f"{count} chunks cannot make {size} bytes")
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     """The content of one file version. Immutable; `ids[i]` covers bytes [i*chunk_size, ...)."""
@@ -56,12 +65,7 @@ class Manifest:
     ids: tuple[ChunkId, ...]
 
     def __post_init__(self) -> None:
-        if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
-            raise ManifestError(f"chunk size {self.chunk_size} out of bounds")
-        if not 0 <= self.size <= MAX_FILE_SIZE:
-            raise ManifestError(f"file size {self.size} out of bounds")
-        if len(self.ids) != chunk_count(self.size, self.chunk_size):
-            raise ManifestError(f"{len(self.ids)} chunks cannot make {self.size} bytes")
+        _check_layout(self.size, self.chunk_size, len(self.ids))
 
     def length(self, index: int) -> int:
         return chunk_length(index, self.size, self.chunk_size)
@@ -85,6 +89,7 @@ class Manifest:
             raise ManifestError(f"bad manifest magic {magic!r}")
         if len(data) != _HEADER.size + count * _ITEM.size:
             raise ManifestError(f"manifest of {len(data)} bytes cannot hold {count} chunks")
+        _check_layout(size, chunk_size, count)
         ids: list[ChunkId] = []
         for i, (length, cid) in enumerate(_ITEM.iter_unpack(data[_HEADER.size :])):
             if length != chunk_length(i, size, chunk_size):

@@ -138,8 +138,11 @@ def notify_systemd(state: str) -> None:
         return
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(state.encode(), addr)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(state.encode(), addr)
+    except OSError as exc:  # a supervisor that went away must never stop the daemon
+        log.debug("sd_notify %s to %s failed: %s", state, addr, exc)
 
 
 def mount_options(*, allow_other: bool) -> set[str]:
@@ -170,8 +173,8 @@ async def _serve(vfs: Vfs, path: Path) -> None:
         notify_systemd("READY=1")
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
-    notify_systemd("STOPPING=1")
     await vfs.flush_all(durable=True)
+    notify_systemd("STOPPING=1")
 
 
 def run_mount(vfs: Vfs, path: Path, *, direct_io: bool = False, allow_other: bool | None = None) -> None:

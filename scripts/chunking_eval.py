@@ -176,9 +176,7 @@ class OverwriteEffect:
     new_bytes: int  # bytes of those data entries: what must be stored and sent
 
 
-def overwrite_effect(
-    scheme: Scheme, data: bytes, man: Manifest, off: int, patch: bytes
-) -> OverwriteEffect:
+def overwrite_effect(scheme: Scheme, data: bytes, man: Manifest, off: int, patch: bytes) -> OverwriteEffect:
     """Re-chunk only the region an overwrite can affect, and diff it against man.
 
     Fixed: the chunks overlapping the write. CDC: a chunk's boundary depends only on
@@ -227,17 +225,13 @@ def overwrite_effect(
     return diff_entries(old, entries)
 
 
-def diff_entries(
-    old: set[tuple[int, int, bytes | None]], new: list[tuple[int, int, bytes | None]]
-) -> OverwriteEffect:
+def diff_entries(old: set[tuple[int, int, bytes | None]], new: list[tuple[int, int, bytes | None]]) -> OverwriteEffect:
     fresh = [e for e in new if e not in old]
     data = [e for e in fresh if e[2] is not None]
     return OverwriteEffect(len(fresh), len(data), sum(e[1] for e in data))
 
 
-def full_rechunk_effect(
-    scheme: Scheme, data: bytes, man: Manifest, off: int, patch: bytes
-) -> OverwriteEffect:
+def full_rechunk_effect(scheme: Scheme, data: bytes, man: Manifest, off: int, patch: bytes) -> OverwriteEffect:
     """The same diff by re-chunking the whole patched image (slow; used to validate)."""
     patched = data[:off] + patch + data[off + len(patch) :]
     new = chunk_image(scheme, patched)
@@ -495,9 +489,7 @@ def report_images(sizes: dict[str, tuple[int, int]]) -> None:
     ))  # fmt: skip
 
 
-def report_schemes(
-    schemes: list[Scheme], manifests: Manifests, sizes: dict[str, tuple[int, int]]
-) -> None:
+def report_schemes(schemes: list[Scheme], manifests: Manifests, sizes: dict[str, tuple[int, int]]) -> None:
     print("\n## Per scheme, v1 (speed = chunk + zero check + BLAKE3, in memory, 1 thread)\n")
     rows = []
     for s in schemes:
@@ -532,9 +524,7 @@ def report_versions(schemes: list[Scheme], manifests: Manifests, images: Images)
     for fmt in formats:
         header += [f"v1.{fmt} stored", f"+rebuild {fmt}", f"+inplace {fmt}"]
     added = {
-        (s.name, kind, fmt): added_bytes(
-            manifests[(s.name, f"v1.{fmt}")], manifests[(s.name, f"v2-{kind}.{fmt}")]
-        )
+        (s.name, kind, fmt): added_bytes(manifests[(s.name, f"v1.{fmt}")], manifests[(s.name, f"v2-{kind}.{fmt}")])
         for s in schemes
         for fmt in formats
         for kind in ("rebuild", "inplace")
@@ -578,9 +568,7 @@ def report_overwrites(schemes: list[Scheme], manifests: Manifests, path: Path, q
           "offsets of v1.raw, one at a time\n")  # fmt: skip
     data = path.read_bytes()
     rng = random.Random(SEED + 1)
-    writes = [
-        (rng.randrange(len(data) // BLOCK) * BLOCK, rng.randbytes(BLOCK)) for _ in range(n_writes)
-    ]
+    writes = [(rng.randrange(len(data) // BLOCK) * BLOCK, rng.randbytes(BLOCK)) for _ in range(n_writes)]
     rows = []
     checked = 0
     for s in schemes:

@@ -1,0 +1,345 @@
+"""An in-process `Transport` for tests of the layers above the network.
+
+`MemoryNetwork` is a switchboard: transports opened on it reach each other by node id
+(addresses are ignored). It keeps the semantics of the iroh transport that protocol code
+can observe: one connection per (peer pair, ALPN), `UnsupportedProtocol` for an ALPN the
+peer doesn't serve, bounded per-stream buffers (flow control), EOF, resets and stops with
+codes, `ConnectionLost` when a node closes or `MemoryNetwork.disconnect` cuts a link.
+Unlike QUIC, a handler starts as soon as the stream is opened, before the opener sends.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import weakref
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+import trio
+
+from blixfs.net.transport import (
+    CODE_NO_HANDLER,
+    CODE_SHUTDOWN,
+    ConnectError,
+    ConnectionLost,
+    NodeAddr,
+    Stream,
+    StreamHandler,
+    StreamReset,
+    TransportClosed,
+    TransportError,
+    TransportStats,
+    UnsupportedProtocol,
+    run_stream_handler,
+    validate_alpn,
+    validate_node_id,
+)
+from blixfs.net.transport import (
+    Transport as _Transport,
+)
+
+logger = logging.getLogger(__name__)
+
+PIPE_CAPACITY = 1 << 20
+"""Bytes a stream direction buffers before the sender waits (like a QUIC stream window)."""
+
+
+class _Pipe:
+    """One direction of a stream: a bounded byte buffer with EOF, reset, stop and loss."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.eof = False
+        self.reset_code: int | None = None  # set by the sender
+        self.stop_code: int | None = None  # set by the receiver
+        self.lost: ConnectionLost | None = None
+        self.lot = trio.lowlevel.ParkingLot()
+
+    def _wake(self) -> None:
+        self.lot.unpark_all()
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(view):
+            if self.lost is not None:
+                raise ConnectionLost(str(self.lost), code=self.lost.code)
+            if self.stop_code is not None:
+                raise StreamReset(
+                    f"peer stopped reading (code {self.stop_code})", code=self.stop_code
+                )
+            room = PIPE_CAPACITY - len(self.buf)
+            if room <= 0:
+                await self.lot.park()
+                continue
+            take = view[pos : pos + room]
+            self.buf += take
+            pos += len(take)
+            self._wake()
+
+    def finish(self) -> None:
+        if self.lost is not None:
+            raise ConnectionLost(str(self.lost), code=self.lost.code)
+        self.eof = True
+        self._wake()
+
+    async def read(self, max_bytes: int) -> bytes:
+        while True:
+            if self.reset_code is not None:
+                raise StreamReset(
+                    f"peer reset the stream (code {self.reset_code})", code=self.reset_code
+                )
+            if self.lost is not None:
+                raise ConnectionLost(str(self.lost), code=self.lost.code)
+            if self.buf:
+                data = bytes(self.buf[:max_bytes])
+                del self.buf[:max_bytes]
+                self._wake()
+                return data
+            if self.eof:
+                return b""
+            await self.lot.park()
+
+    def reset(self, code: int) -> None:
+        if self.reset_code is None and self.stop_code is None:
+            self.reset_code = code
+            self.buf.clear()
+        self._wake()
+
+    def stop(self, code: int) -> None:
+        if self.stop_code is None and not (self.eof and not self.buf):
+            self.stop_code = code
+        self.buf.clear()
+        self._wake()
+
+    def lose(self, exc: ConnectionLost) -> None:
+        self.lost = exc
+        self._wake()
+
+
+class MemoryStream(Stream):
+    """One end of an in-memory stream. See `Stream` for the contract."""
+
+    def __init__(
+        self, peer_id: str, alpn: bytes, send: _Pipe, recv: _Pipe, conn: _MemConnection
+    ) -> None:
+        super().__init__(peer_id, alpn)
+        self._send_pipe = send
+        self._recv_pipe = recv
+        self._conn = conn
+
+    async def _raw_send(self, data: bytes | bytearray | memoryview) -> None:
+        await self._send_pipe.write(data)
+
+    async def _raw_finish(self) -> None:
+        self._send_pipe.finish()
+
+    async def _raw_receive(self, max_bytes: int) -> bytes:
+        return await self._recv_pipe.read(max_bytes)
+
+    async def _raw_reset(self, code: int) -> None:
+        self._send_pipe.reset(code)
+
+    async def _raw_stop(self, code: int) -> None:
+        self._recv_pipe.stop(code)
+
+
+class _MemConnection:
+    """A connection between two transports for one ALPN; knows its pipes to break them."""
+
+    def __init__(self, dialer: MemoryTransport, acceptor: MemoryTransport, alpn: bytes) -> None:
+        self.ends = (dialer, acceptor)
+        self.alpn = alpn
+        self.lost: ConnectionLost | None = None
+        self.pipes: weakref.WeakSet[_Pipe] = weakref.WeakSet()
+
+    def other(self, me: MemoryTransport) -> MemoryTransport:
+        return self.ends[1] if self.ends[0] is me else self.ends[0]
+
+    def lose(self, exc: ConnectionLost) -> None:
+        if self.lost is not None:
+            return
+        self.lost = exc
+        for pipe in list(self.pipes):
+            pipe.lose(exc)
+        for end in self.ends:
+            end._forget(self)
+
+
+class MemoryNetwork:
+    """Connects `MemoryTransport`s in one process. Not thread-safe; one trio run."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, MemoryTransport] = {}
+
+    @asynccontextmanager
+    async def open_transport(
+        self,
+        node_id: str | None = None,
+        *,
+        handlers: Mapping[bytes, StreamHandler] | None = None,
+    ) -> AsyncIterator[MemoryTransport]:
+        """Start a transport on this network; close it (and its handler tasks) on exit.
+
+        `node_id` defaults to a random one. Raises ValueError if the id is taken.
+        """
+        node_id = validate_node_id(node_id) if node_id else secrets.token_bytes(32).hex()
+        if node_id in self._nodes:
+            raise ValueError(f"node {node_id[:10]} already on this network")
+        transport = MemoryTransport(self, node_id)
+        for alpn, handler in (handlers or {}).items():
+            transport.register(alpn, handler)
+        self._nodes[node_id] = transport
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(transport._run_tasks)
+                try:
+                    yield transport
+                finally:
+                    await transport.aclose()
+        finally:
+            self._nodes.pop(node_id, None)
+
+    def disconnect(self, a: str, b: str) -> None:
+        """Kill every connection between nodes `a` and `b` (both see `ConnectionLost`).
+
+        They may reconnect on the next `open_stream`; this simulates a network fault.
+        """
+        node = self._nodes.get(a)
+        if node is None:
+            return
+        for conn in list(node._all_connections()):
+            if conn.other(node).node_id == b:
+                conn.lose(ConnectionLost("connection lost (network fault)"))
+
+    def _lookup(self, node_id: str) -> MemoryTransport | None:
+        return self._nodes.get(node_id)
+
+
+class MemoryTransport(_Transport):
+    """A `Transport` on a `MemoryNetwork`. Create with `MemoryNetwork.open_transport`."""
+
+    def __init__(self, network: MemoryNetwork, node_id: str) -> None:
+        self._network = network
+        self._node_id = node_id
+        self._handlers: dict[bytes, StreamHandler] = {}
+        self._conns: dict[tuple[str, bytes], list[_MemConnection]] = {}
+        self._closed = False
+        self._nursery: trio.Nursery | None = None
+        self._tasks_scope: trio.CancelScope | None = None
+        self._dialed = 0
+        self._accepted = 0
+        self._streams_opened = 0
+        self._streams_accepted = 0
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    def addr(self) -> NodeAddr:
+        return NodeAddr(self._node_id)
+
+    def register(self, alpn: bytes, handler: StreamHandler) -> None:
+        alpn = validate_alpn(alpn)
+        if alpn in self._handlers:
+            raise ValueError(f"ALPN {alpn!r} already registered")
+        self._handlers[alpn] = handler
+
+    def unregister(self, alpn: bytes) -> None:
+        self._handlers.pop(bytes(alpn), None)
+
+    def stats(self) -> TransportStats:
+        return TransportStats(
+            connections_dialed=self._dialed,
+            connections_accepted=self._accepted,
+            live_connections=sum(len(v) for v in self._conns.values()),
+            streams_opened=self._streams_opened,
+            streams_accepted=self._streams_accepted,
+        )
+
+    async def open_stream(self, peer: NodeAddr, alpn: bytes) -> Stream:
+        alpn = validate_alpn(alpn)
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise TransportClosed("transport is closed")
+        conn = self._live_connection(peer.node_id, alpn) or self._dial(peer.node_id, alpn)
+        remote = conn.other(self)
+        ours, theirs = _Pipe(), _Pipe()
+        conn.pipes.add(ours)
+        conn.pipes.add(theirs)
+        stream = MemoryStream(peer.node_id, alpn, send=ours, recv=theirs, conn=conn)
+        remote_stream = MemoryStream(self._node_id, alpn, send=theirs, recv=ours, conn=conn)
+        self._streams_opened += 1
+        remote._deliver(remote_stream)
+        return stream
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        for conn in list(self._all_connections()):
+            conn.lose(ConnectionLost("peer closed the connection", code=CODE_SHUTDOWN))
+        if self._tasks_scope is not None:
+            self._tasks_scope.cancel()
+        await trio.lowlevel.checkpoint()
+
+    # -- internals --
+
+    async def _run_tasks(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with trio.CancelScope() as scope:
+            self._tasks_scope = scope
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(trio.sleep_forever)
+                task_status.started()
+        self._nursery = None
+
+    def _all_connections(self) -> list[_MemConnection]:
+        return [c for conns in self._conns.values() for c in conns]
+
+    def _live_connection(self, peer_id: str, alpn: bytes) -> _MemConnection | None:
+        for conn in self._conns.get((peer_id, alpn), ()):
+            if conn.lost is None:
+                return conn
+        return None
+
+    def _dial(self, peer_id: str, alpn: bytes) -> _MemConnection:
+        if peer_id == self._node_id:
+            raise ConnectError("cannot connect to ourselves")
+        remote = self._network._lookup(peer_id)
+        if remote is None or remote._closed:
+            raise ConnectError(f"no route to node {peer_id[:10]}")
+        if alpn not in remote._handlers:
+            raise UnsupportedProtocol(f"peer {peer_id[:10]} does not serve {alpn!r}")
+        conn = _MemConnection(self, remote, alpn)
+        self._conns.setdefault((peer_id, alpn), []).append(conn)
+        remote._conns.setdefault((self._node_id, alpn), []).append(conn)
+        self._dialed += 1
+        remote._accepted += 1
+        logger.debug("memory connection %s -> %s for %r", self._node_id[:10], peer_id[:10], alpn)
+        return conn
+
+    def _forget(self, conn: _MemConnection) -> None:
+        key = (conn.other(self).node_id, conn.alpn)
+        conns = self._conns.get(key, [])
+        if conn in conns:
+            conns.remove(conn)
+        if not conns:
+            self._conns.pop(key, None)
+
+    def _deliver(self, stream: MemoryStream) -> None:
+        handler = self._handlers.get(stream.alpn)
+        if handler is None or self._nursery is None or self._closed:
+            code = CODE_NO_HANDLER if not self._closed else CODE_SHUTDOWN
+            stream._recv_pipe.stop(code)
+            stream._send_pipe.reset(code)
+            return
+        self._streams_accepted += 1
+        self._nursery.start_soon(run_stream_handler, handler, stream, stream.peer_id)
+
+
+__all__ = ["MemoryNetwork", "MemoryStream", "MemoryTransport", "TransportError"]

@@ -1,0 +1,661 @@
+"""The transport interface: authenticated byte streams to peers, named by ALPN.
+
+Everything above the network (sync, chunk fetch, replication) talks to peers through the
+two abstract classes here, `Transport` and `Stream`, so it can be tested against
+`blixfs.net.memory` and run against `blixfs.net.iroh_transport`. This module must not
+import iroh.
+
+Model (the QUIC model, kept as is so a Rust iroh node can speak the same protocols):
+
+- A node is named by its endpoint id: the hex form of its ed25519 public key. `NodeAddr`
+  is that id plus the direct "ip:port" addresses it may be reached on.
+- A protocol is named by a versioned ALPN, e.g. ``b"blixfs/sync/1"``. A node serves an
+  ALPN by registering a `StreamHandler` for it. Dialing an ALPN the peer does not serve
+  fails with `UnsupportedProtocol` on the dialing side.
+- `Transport.open_stream` returns a bidirectional `Stream`. Streams to the same peer and
+  ALPN share one connection, which is dialed on first use and redialed if it has died.
+- The side that opens a stream must send first: QUIC tells the peer about a new stream
+  only when its first byte (or its EOF) arrives, so a handler is not started before then.
+
+Error codes given to `Stream.reset` (and seen by the peer in `StreamReset.code`) are QUIC
+application error codes: integers in ``[0, 2**62)``. Codes below `CODE_APP_MIN` belong
+to the transport; protocols pick theirs from `CODE_APP_MIN` up.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import enum
+import ipaddress
+import logging
+import struct
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+
+import trio
+
+logger = logging.getLogger(__name__)
+
+# --- error codes -----------------------------------------------------------------------
+
+CODE_OK = 0
+"""Normal end: used when a stream is closed with unread data left in its receive side."""
+CODE_ABORTED = 1
+"""The local side gave up on the stream mid-exchange (exception, cancellation, deadline)."""
+CODE_NO_HANDLER = 2
+"""A stream arrived for an ALPN this node has no handler for (any more)."""
+CODE_HANDLER_FAILED = 3
+"""The handler serving this stream raised."""
+CODE_SHUTDOWN = 4
+"""The node is shutting down (stream reset or connection close)."""
+CODE_APP_MIN = 0x100
+"""The first code protocols above the transport may use for their own errors."""
+CODE_MAX = 2**62 - 1
+"""QUIC varints carry at most 62 bits."""
+
+MAX_ALPN_LEN = 255
+"""TLS limits a protocol name to 255 bytes."""
+
+DEFAULT_RECEIVE_SIZE = 256 * 1024
+"""`Stream.receive_some` default. 256 KiB reads were the best bulk layout measured on iroh."""
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+class TransportError(Exception):
+    """Base class of every error the transport raises about the network or a peer."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        """The application error code involved, when there is one."""
+
+
+class ConnectError(TransportError):
+    """No connection to the peer could be set up (unreachable, timed out, handshake failed)."""
+
+
+class UnsupportedProtocol(ConnectError):
+    """The peer answered but does not serve the requested ALPN (e.g. another version)."""
+
+
+class ConnectionLost(TransportError):
+    """The connection under a stream died: the peer closed it, went away, or we shut down.
+
+    ``code`` is the peer's application close code when it closed the connection itself.
+    The next `Transport.open_stream` to that peer dials a new connection.
+    """
+
+
+class StreamReset(TransportError):
+    """The peer aborted the stream: it reset its sending side, or stopped reading ours.
+
+    ``code`` is the application error code the peer gave.
+    """
+
+
+class StreamClosed(TransportError):
+    """The stream can't be used for this any more because of something done locally.
+
+    Raised when sending after `Stream.send_eof`, using a stream after `Stream.reset` or
+    `Stream.aclose` (also when another task does so while this one waits), or after an
+    operation that cannot be resumed was cancelled (see `Stream.send_all`).
+    """
+
+
+class UnexpectedEOF(TransportError):
+    """`Stream.receive_exactly` met the end of the stream first.
+
+    ``received`` is how many bytes had arrived.
+    """
+
+    def __init__(self, message: str, *, received: int = 0) -> None:
+        super().__init__(message)
+        self.received = received
+
+
+class TransportClosed(TransportError):
+    """The local transport has been closed."""
+
+
+# --- addresses -------------------------------------------------------------------------
+
+_NODE_ADDR_VERSION = 1
+MAX_ADDRS = 16
+"""A `NodeAddr` carries at most this many direct addresses (bounds the decoder)."""
+
+
+def validate_node_id(node_id: str) -> str:
+    """Return `node_id` normalised to lowercase hex; raise ValueError unless it is 32 bytes."""
+    if not isinstance(node_id, str) or len(node_id) != 64:
+        raise ValueError(f"node id must be 64 hex characters, got {node_id!r}")
+    try:
+        bytes.fromhex(node_id)
+    except ValueError:
+        raise ValueError(f"node id must be 64 hex characters, got {node_id!r}") from None
+    return node_id.lower()
+
+
+def _parse_socket_addr(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"bad socket address {text!r}")
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(host)
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"bad socket address {text!r}: no port")
+        ip = ipaddress.IPv4Address(host)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port in socket address {text!r}")
+    return ip, int(port_text)
+
+
+def _format_socket_addr(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+@dataclass(frozen=True)
+class NodeAddr:
+    """How to reach a node: its endpoint id and direct addresses.
+
+    ``node_id`` is the lowercase hex of the node's 32-byte ed25519 public key; the
+    connection is authenticated against it, so addresses are only hints. ``addrs`` are
+    "ip:port" strings ("[v6]:port" for IPv6); they may be empty when a connection to the
+    node already exists (e.g. the node dialed us).
+
+    Two encodings, both strict (they never trust a length or a count):
+    ``str(addr)`` / `NodeAddr.parse` give ``"<hex id>@ip:port,ip:port"``;
+    `NodeAddr.to_bytes` / `NodeAddr.from_bytes` give a compact binary form for tickets:
+    version byte 1, 32 id bytes, address count (u8, at most `MAX_ADDRS`), then per
+    address a family byte (4 or 6), 4 or 16 address bytes and a big-endian u16 port.
+    """
+
+    node_id: str
+    addrs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "node_id", validate_node_id(self.node_id))
+        addrs = tuple(self.addrs)
+        if len(addrs) > MAX_ADDRS:
+            raise ValueError(f"at most {MAX_ADDRS} addresses, got {len(addrs)}")
+        normalised = tuple(_format_socket_addr(*_parse_socket_addr(a)) for a in addrs)
+        object.__setattr__(self, "addrs", normalised)
+
+    def __str__(self) -> str:
+        return self.node_id + ("@" + ",".join(self.addrs) if self.addrs else "")
+
+    @classmethod
+    def parse(cls, text: str) -> NodeAddr:
+        """Parse the `str` form; raise ValueError on anything malformed."""
+        node_id, _, rest = text.strip().partition("@")
+        addrs = tuple(a for a in rest.split(",") if a) if rest else ()
+        return cls(node_id, addrs)
+
+    def to_bytes(self) -> bytes:
+        """Encode compactly (see the class docstring for the layout)."""
+        out = bytearray([_NODE_ADDR_VERSION])
+        out += bytes.fromhex(self.node_id)
+        out.append(len(self.addrs))
+        for text in self.addrs:
+            ip, port = _parse_socket_addr(text)
+            out.append(ip.version)
+            out += ip.packed
+            out += struct.pack(">H", port)
+        return bytes(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> NodeAddr:
+        """Decode `to_bytes` output; raise ValueError on a bad, short or overlong input."""
+        view = memoryview(data)
+        if len(view) < 34:
+            raise ValueError("node address too short")
+        if view[0] != _NODE_ADDR_VERSION:
+            raise ValueError(f"unknown node address version {view[0]}")
+        node_id = bytes(view[1:33]).hex()
+        count = view[33]
+        if count > MAX_ADDRS:
+            raise ValueError(f"node address claims {count} addresses, at most {MAX_ADDRS}")
+        pos = 34
+        addrs = []
+        for _ in range(count):
+            if pos >= len(view):
+                raise ValueError("node address truncated")
+            family = view[pos]
+            size = {4: 4, 6: 16}.get(family)
+            if size is None:
+                raise ValueError(f"bad address family {family}")
+            end = pos + 1 + size + 2
+            if end > len(view):
+                raise ValueError("node address truncated")
+            raw = bytes(view[pos + 1 : pos + 1 + size])
+            ip = ipaddress.IPv4Address(raw) if family == 4 else ipaddress.IPv6Address(raw)
+            (port,) = struct.unpack(">H", view[end - 2 : end])
+            addrs.append(_format_socket_addr(ip, port))
+            pos = end
+        if pos != len(view):
+            raise ValueError("trailing bytes after node address")
+        return cls(node_id, tuple(addrs))
+
+
+def validate_alpn(alpn: bytes) -> bytes:
+    """Return `alpn` as bytes; raise ValueError unless it is 1..255 bytes."""
+    if not isinstance(alpn, bytes | bytearray) or not 0 < len(alpn) <= MAX_ALPN_LEN:
+        raise ValueError(f"ALPN must be 1..{MAX_ALPN_LEN} bytes, got {alpn!r}")
+    return bytes(alpn)
+
+
+def validate_code(code: int) -> int:
+    """Return `code`; raise ValueError unless it is a valid QUIC application error code."""
+    if not isinstance(code, int) or not 0 <= code <= CODE_MAX:
+        raise ValueError(f"error code must be in [0, 2**62), got {code!r}")
+    return code
+
+
+# --- streams ---------------------------------------------------------------------------
+
+
+class _Side(enum.Enum):
+    OPEN = "open"
+    DONE = "done"  # send: EOF sent; receive: EOF seen
+    ABORTED = "aborted"  # reset / stopped / closed locally
+    BROKEN = "broken"  # an operation that can't be resumed was cancelled
+
+
+class Stream(abc.ABC):
+    """One bidirectional byte stream to a peer, with QUIC semantics.
+
+    Concurrency: one task may send while another receives; two tasks sending (or two
+    receiving) at once get `trio.BusyResourceError`. `reset` and `aclose` may be called
+    from any task; operations blocked in other tasks then raise `StreamClosed`.
+
+    Deadlines: every method that waits on the peer can be cancelled (e.g. by
+    `trio.fail_after`). A cancelled `receive_some` loses no data and the stream stays
+    usable. A cancelled `send_all` may have sent part of its data, and a cancelled
+    `receive_exactly` may have consumed part of its bytes, so after either the stream is
+    marked broken: later calls raise `StreamClosed` and closing it resets it with
+    `CODE_ABORTED`. Cancellation never affects the connection or other streams.
+
+    Closing: use ``async with stream:``. A clean exit is `aclose` (sends EOF if not yet
+    sent; stops the receive side with `CODE_OK` if unread data remains); an exit by
+    exception resets the stream with `CODE_ABORTED`, so the peer never mistakes a
+    truncated message for a complete one.
+
+    Implementations provide the `_raw_*` primitives; this class keeps the state machine
+    so that every transport behaves alike.
+    """
+
+    def __init__(self, peer_id: str, alpn: bytes) -> None:
+        self._peer_id = peer_id
+        self._alpn = alpn
+        self._send_side = _Side.OPEN
+        self._recv_side = _Side.OPEN
+        self._send_error: TransportError | None = None
+        self._recv_error: TransportError | None = None
+        self._send_scope: trio.CancelScope | None = None
+        self._recv_scope: trio.CancelScope | None = None
+        self._closed = False
+
+    @property
+    def peer_id(self) -> str:
+        """The authenticated endpoint id (hex) of the node at the other end."""
+        return self._peer_id
+
+    @property
+    def alpn(self) -> bytes:
+        """The protocol this stream's connection was opened for."""
+        return self._alpn
+
+    # -- primitives implementations provide --
+
+    @abc.abstractmethod
+    async def _raw_send(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of `data` (non-empty). Raise TransportError subclasses only."""
+
+    @abc.abstractmethod
+    async def _raw_finish(self) -> None:
+        """Send EOF."""
+
+    @abc.abstractmethod
+    async def _raw_receive(self, max_bytes: int) -> bytes:
+        """Return 1..max_bytes bytes, or b"" at EOF. Must lose no data if cancelled."""
+
+    @abc.abstractmethod
+    async def _raw_reset(self, code: int) -> None:
+        """Abort the sending side with `code`. Must not raise; must not block long."""
+
+    @abc.abstractmethod
+    async def _raw_stop(self, code: int) -> None:
+        """Tell the peer to stop sending, with `code`. Must not raise; must not block long."""
+
+    def _release(self) -> None:  # noqa: B027 - optional hook, empty on purpose
+        """Drop resources once the stream is closed (called once)."""
+
+    # -- public API --
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of `data`, waiting for flow control as needed.
+
+        Raises `StreamReset` (peer stopped reading), `ConnectionLost`, `StreamClosed`.
+        Cancellation breaks the stream (see the class docstring).
+        """
+        self._check_send()
+        if not len(data):
+            await trio.lowlevel.checkpoint()
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._op("send"):
+            try:
+                await self._raw_send(data)
+            except TransportError as exc:
+                self._send_error = exc
+                raise
+            except trio.Cancelled:
+                self._send_side = _Side.BROKEN
+                raise
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def send_eof(self) -> None:
+        """Tell the peer nothing more will be sent. Idempotent.
+
+        Raises `ConnectionLost`, `StreamClosed` (after reset/close/a broken send).
+        """
+        if self._send_side is _Side.DONE and not self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._check_send()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._op("send"):
+            try:
+                await self._raw_finish()
+            except TransportError as exc:
+                self._send_error = exc
+                raise
+        self._send_side = _Side.DONE
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def receive_some(self, max_bytes: int = DEFAULT_RECEIVE_SIZE) -> bytes:
+        """Return between 1 and `max_bytes` bytes as soon as some arrive; b"" at EOF.
+
+        Raises `StreamReset` (peer reset its side), `ConnectionLost`, `StreamClosed`.
+        Cancellation loses no data; the stream stays usable.
+        """
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        if self._recv_side is _Side.DONE and not self._closed:
+            await trio.lowlevel.checkpoint()
+            return b""
+        self._check_receive()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._op("receive"):
+            try:
+                data = await self._raw_receive(max_bytes)
+            except TransportError as exc:
+                self._recv_error = exc
+                raise
+        if not data:
+            self._recv_side = _Side.DONE
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+    async def receive_exactly(self, n: int) -> bytes:
+        """Return exactly `n` bytes.
+
+        Raises `UnexpectedEOF` if the stream ends first, and what `receive_some` raises.
+        Cancellation after some bytes were consumed breaks the stream.
+        """
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        parts: list[bytes] = []
+        got = 0
+        try:
+            while got < n:
+                chunk = await self.receive_some(min(n - got, DEFAULT_RECEIVE_SIZE * 4))
+                if not chunk:
+                    raise UnexpectedEOF(
+                        f"stream ended after {got} of {n} bytes", received=got
+                    )
+                parts.append(chunk)
+                got += len(chunk)
+        except trio.Cancelled:
+            if got and self._recv_side is _Side.OPEN:
+                self._recv_side = _Side.BROKEN
+            raise
+        if not parts:
+            await trio.lowlevel.checkpoint()
+            return b""
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def receive_to_eof(self, limit: int) -> bytes:
+        """Return everything up to EOF, at most `limit` bytes.
+
+        Raises `TransportError` if the peer sends more than `limit` (the stream is then
+        stopped with `CODE_ABORTED`), and what `receive_some` raises.
+        """
+        parts: list[bytes] = []
+        got = 0
+        while True:
+            chunk = await self.receive_some(min(max(limit - got + 1, 1), DEFAULT_RECEIVE_SIZE))
+            if not chunk:
+                return b"".join(parts)
+            got += len(chunk)
+            if got > limit:
+                await self.reset(CODE_ABORTED)
+                raise TransportError(f"peer sent more than {limit} bytes")
+            parts.append(chunk)
+
+    async def reset(self, code: int = CODE_ABORTED) -> None:
+        """Abort both directions with application error `code`; the peer sees `StreamReset`.
+
+        Never raises a transport error and completes even inside a cancelled scope.
+        Idempotent. Operations waiting in other tasks raise `StreamClosed`.
+        """
+        validate_code(code)
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._cancel_ops()
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            if self._send_side is not _Side.ABORTED:
+                await self._raw_reset(code)
+            if self._recv_side in (_Side.OPEN, _Side.BROKEN):
+                await self._raw_stop(code)
+        self._send_side = self._recv_side = _Side.ABORTED
+        self._release()
+
+    async def aclose(self) -> None:
+        """Close the stream: EOF if not sent, stop an unread receive side with `CODE_OK`.
+
+        A stream broken by cancellation is reset with `CODE_ABORTED` instead. Never raises
+        a transport error; completes even inside a cancelled scope. Idempotent.
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        if (
+            self._send_side is _Side.BROKEN
+            or self._recv_side is _Side.BROKEN
+            or self._send_scope is not None
+        ):
+            await self.reset(CODE_ABORTED)
+            return
+        self._closed = True
+        self._cancel_ops()
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            if self._send_side is _Side.OPEN and self._send_error is None:
+                try:
+                    await self._raw_finish()
+                except TransportError as exc:
+                    logger.debug("finish on close failed: %s", exc)
+            if self._recv_side is _Side.OPEN and self._recv_error is None:
+                await self._raw_stop(CODE_OK)
+        self._send_side = self._recv_side = _Side.ABORTED
+        self._release()
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            await self.aclose()
+        else:
+            await self.reset(CODE_ABORTED)
+
+    # -- internals --
+
+    def _check_send(self) -> None:
+        if self._closed:
+            raise StreamClosed("stream is closed")
+        if self._send_error is not None:
+            raise copy.copy(self._send_error)
+        if self._send_side is _Side.DONE:
+            raise StreamClosed("EOF already sent on this stream")
+        if self._send_side is _Side.BROKEN:
+            raise StreamClosed("an earlier send on this stream was cancelled midway")
+
+    def _check_receive(self) -> None:
+        if self._closed:
+            raise StreamClosed("stream is closed")
+        if self._recv_error is not None:
+            raise copy.copy(self._recv_error)
+        if self._recv_side is _Side.BROKEN:
+            raise StreamClosed("an earlier receive on this stream was cancelled midway")
+
+    @contextmanager
+    def _op(self, side: str) -> Iterator[None]:
+        """Run one send- or receive-side operation in a scope `reset`/`aclose` can cancel."""
+        attr = "_send_scope" if side == "send" else "_recv_scope"
+        if getattr(self, attr) is not None:
+            raise trio.BusyResourceError(f"another task is already using this stream to {side}")
+        scope = trio.CancelScope()
+        setattr(self, attr, scope)
+        try:
+            with scope:
+                yield
+        finally:
+            setattr(self, attr, None)
+        if scope.cancelled_caught:
+            raise StreamClosed(f"stream was closed by another task during {side}")
+
+    def _cancel_ops(self) -> None:
+        for scope in (self._send_scope, self._recv_scope):
+            if scope is not None:
+                scope.cancel()
+
+
+StreamHandler = Callable[[Stream, str], Awaitable[None]]
+"""``async def handler(stream, peer_id)``: serves one incoming stream.
+
+The transport starts one handler task per incoming stream, closes the stream when the
+handler returns, and resets it (`CODE_HANDLER_FAILED`) if the handler raises; an
+exception is logged and never reaches the transport's caller.
+"""
+
+
+async def run_stream_handler(handler: StreamHandler, stream: Stream, peer_id: str) -> None:
+    """Run `handler` on an incoming stream with the contract `StreamHandler` states.
+
+    Called by transport implementations, one task per incoming stream. Lets only
+    cancellation out (after resetting the stream with `CODE_SHUTDOWN`).
+    """
+    try:
+        await handler(stream, peer_id)
+    except trio.Cancelled:
+        await stream.reset(CODE_SHUTDOWN)
+        raise
+    except TransportError as exc:
+        logger.info(
+            "handler for %r from %s ended by transport error: %s",
+            stream.alpn,
+            peer_id[:10],
+            exc,
+        )
+        await stream.reset(CODE_HANDLER_FAILED)
+    except Exception:
+        logger.exception("handler for %r from %s failed", stream.alpn, peer_id[:10])
+        await stream.reset(CODE_HANDLER_FAILED)
+    else:
+        await stream.aclose()
+
+
+# --- transports ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransportStats:
+    """Counters for observability and tests (e.g. that connections are reused)."""
+
+    connections_dialed: int
+    """Outgoing connections successfully set up since start."""
+    connections_accepted: int
+    """Incoming connections successfully set up since start."""
+    live_connections: int
+    """Connections currently open, both directions."""
+    streams_opened: int
+    streams_accepted: int
+
+
+class Transport(abc.ABC):
+    """A node's endpoint: opens streams to peers, and serves registered ALPNs.
+
+    Obtained from an implementation's async context manager (`open_iroh_transport`,
+    `MemoryNetwork.open_transport`), which also runs the accept loop and the handler
+    tasks, and closes everything on exit.
+
+    Connection reuse: all streams to one peer for one ALPN go over one connection (a QUIC
+    connection negotiates exactly one ALPN, so different ALPNs use different
+    connections). A connection the peer dialed to us counts too: we open our streams to
+    that peer on it, so a peer that can reach us but not the reverse (NAT) still works.
+    A connection that died is replaced by a new dial on the next `open_stream`.
+    """
+
+    @property
+    @abc.abstractmethod
+    def node_id(self) -> str:
+        """This node's endpoint id (lowercase hex of its ed25519 public key)."""
+
+    @abc.abstractmethod
+    def addr(self) -> NodeAddr:
+        """How peers can reach this node right now."""
+
+    @abc.abstractmethod
+    def register(self, alpn: bytes, handler: StreamHandler) -> None:
+        """Serve `alpn`: run `handler` for each incoming stream on it.
+
+        Raises ValueError if `alpn` is invalid or already registered.
+        """
+
+    @abc.abstractmethod
+    def unregister(self, alpn: bytes) -> None:
+        """Stop serving `alpn` for new connections; new streams on old ones are reset
+        with `CODE_NO_HANDLER`. No-op if not registered."""
+
+    @abc.abstractmethod
+    async def open_stream(self, peer: NodeAddr, alpn: bytes) -> Stream:
+        """Open a new stream to `peer` for `alpn`, dialing a connection if none is alive.
+
+        Remember that the opener sends first. Raises `UnsupportedProtocol` (peer doesn't
+        serve `alpn`), `ConnectError` (unreachable, timed out), `ConnectionLost`,
+        `TransportClosed`. Cancellable at any point without affecting other callers:
+        a dial in progress is shared by all callers for the same peer and ALPN.
+        """
+
+    @abc.abstractmethod
+    def stats(self) -> TransportStats:
+        """Current counters."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Close every connection (peers see `ConnectionLost` with `CODE_SHUTDOWN`), stop
+        accepting, cancel handler tasks. Idempotent; completes even when cancelled."""

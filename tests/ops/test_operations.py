@@ -1,0 +1,235 @@
+"""FUSE handlers called directly (no kernel) over in-memory stores."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+import pyfuse3
+import pytest
+
+from blixfs import metrics
+from blixfs.chunkstore import MemoryChunkStore
+from blixfs.errors import FsError
+from blixfs.manifest import MIN_CHUNK_SIZE
+from blixfs.namespace import MemoryNamespaceStore
+from blixfs.vfs import ROOT_INO, Vfs
+from mount.ops import BlixOperations
+
+CS = MIN_CHUNK_SIZE
+
+
+@dataclass
+class Ctx:
+    uid: int = 0
+    gid: int = 0
+    pid: int = 1
+    umask: int = 0o022
+
+
+CTX = Ctx()
+
+
+@dataclass
+class Fields:
+    """Stands in for pyfuse3.SetattrFields, whose attributes only the kernel side can set."""
+
+    update_atime: bool = False
+    update_mtime: bool = False
+    update_ctime: bool = False
+    update_mode: bool = False
+    update_uid: bool = False
+    update_gid: bool = False
+    update_size: bool = False
+
+
+@pytest.fixture
+def ops() -> BlixOperations:
+    vfs = Vfs(MemoryNamespaceStore(), MemoryChunkStore(), b"\x01" * 32, chunk_size=CS, max_dirty_bytes=8 * CS)
+    return BlixOperations(vfs)
+
+
+async def create(ops: BlixOperations, name: bytes, parent: int = ROOT_INO) -> tuple[int, int]:
+    fi, attr = await ops.create(parent, name, 0o644 | stat.S_IFREG, os.O_RDWR, CTX)
+    return fi.fh, attr.st_ino
+
+
+async def errno_of(coro: object) -> int:
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await coro  # type: ignore[misc]
+    return info.value.errno
+
+
+async def test_write_read_flush_and_second_handle_sees_writes(ops: BlixOperations) -> None:
+    fh, ino = await create(ops, b"img")
+    data = os.urandom(5 * CS + 17)
+    assert await ops.write(fh, 0, data) == len(data)
+    fi2 = await ops.open(ino, os.O_RDONLY, CTX)
+    assert await ops.read(fi2.fh, 0, len(data) + 100) == data  # not yet flushed, same inode
+    await ops.flush(fh)
+    await ops.release(fh)
+    await ops.release(fi2.fh)
+    attr = await ops.getattr(ino, CTX)
+    assert attr.st_size == len(data)
+    fi3 = await ops.open(ino, os.O_RDONLY, CTX)
+    assert await ops.read(fi3.fh, CS - 3, 10) == data[CS - 3 : CS + 7]
+
+
+async def test_fs_errors_become_fuse_errors(ops: BlixOperations) -> None:
+    assert await errno_of(ops.lookup(ROOT_INO, b"missing", CTX)) == errno.ENOENT
+    await ops.mkdir(ROOT_INO, b"d", 0o755, CTX)
+    assert await errno_of(ops.mkdir(ROOT_INO, b"d", 0o755, CTX)) == errno.EEXIST
+    assert await errno_of(ops.lookup(ROOT_INO, b"x" * 256, CTX)) == errno.ENAMETOOLONG
+    assert await errno_of(ops.lookup(ROOT_INO, b"\xff\xfe", CTX)) == errno.EINVAL
+    assert await errno_of(ops.read(999, 0, 10)) == errno.EBADF
+
+
+async def test_unexpected_exception_is_logged_as_eio_and_the_mount_stays_up(
+    ops: BlixOperations, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def boom(ino: int) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ops.vfs, "getattr", boom)
+    before = metrics.counter_value(metrics.fuse_errors)
+    assert await errno_of(ops.getattr(ROOT_INO, CTX)) == errno.EIO
+    assert "unexpected error in FUSE getattr" in caplog.text and "a bug" in caplog.text
+    assert metrics.counter_value(metrics.fuse_errors) == before + 1
+    monkeypatch.undo()
+    assert (await ops.getattr(ROOT_INO, CTX)).st_ino == ROOT_INO
+
+
+async def test_rename_rules(ops: BlixOperations) -> None:
+    d = (await ops.mkdir(ROOT_INO, b"d", 0o755, CTX)).st_ino
+    e = (await ops.mkdir(ROOT_INO, b"e", 0o755, CTX)).st_ino
+    fh, f = await create(ops, b"f", d)
+    await ops.write(fh, 0, b"hello")
+    await ops.release(fh)
+    fh, _ = await create(ops, b"g", ROOT_INO)
+    await ops.release(fh)
+    assert await errno_of(ops.rename(ROOT_INO, b"g", ROOT_INO, b"d", 0, CTX)) == errno.EISDIR
+    assert await errno_of(ops.rename(ROOT_INO, b"e", ROOT_INO, b"d", 0, CTX)) == errno.ENOTEMPTY
+    assert await errno_of(ops.rename(ROOT_INO, b"d", ROOT_INO, b"g", 0, CTX)) == errno.ENOTDIR
+    assert await errno_of(ops.rename(ROOT_INO, b"d", d, b"inside", 0, CTX)) == errno.EINVAL
+    assert await errno_of(ops.rename(ROOT_INO, b"g", d, b"f", pyfuse3.RENAME_NOREPLACE, CTX)) == errno.EEXIST
+    # a directory moves with its content and keeps its inode numbers
+    await ops.rename(ROOT_INO, b"d", e, b"moved", 0, CTX)
+    assert (await ops.lookup(e, b"moved", CTX)).st_ino == d
+    assert (await ops.lookup(d, b"f", CTX)).st_ino == f
+    assert await errno_of(ops.lookup(ROOT_INO, b"d", CTX)) == errno.ENOENT
+    # rename over an existing file replaces it
+    await ops.rename(ROOT_INO, b"g", d, b"f", 0, CTX)
+    assert (await ops.getattr(await_ino(await ops.lookup(d, b"f", CTX)), CTX)).st_size == 0
+    assert [x.path for x in ops.vfs.namespace.children("e/moved")] == ["e/moved/f"]
+
+
+def await_ino(attr: pyfuse3.EntryAttributes) -> int:
+    return attr.st_ino
+
+
+async def test_unlinked_open_file_stays_usable_and_is_not_resurrected(ops: BlixOperations) -> None:
+    fh, _ino = await create(ops, b"tmp")
+    await ops.write(fh, 0, b"abc")
+    await ops.unlink(ROOT_INO, b"tmp", CTX)
+    await ops.write(fh, 3, b"def")
+    assert await ops.read(fh, 0, 10) == b"abcdef"
+    await ops.flush(fh)
+    await ops.release(fh)
+    assert ops.vfs.namespace.get("tmp") is None
+    assert await errno_of(ops.rmdir(ROOT_INO, b"tmp", CTX)) == errno.ENOENT
+
+
+async def test_rmdir_and_unlink_type_checks(ops: BlixOperations) -> None:
+    d = (await ops.mkdir(ROOT_INO, b"d", 0o755, CTX)).st_ino
+    fh, _ = await create(ops, b"x", d)
+    await ops.release(fh)
+    assert await errno_of(ops.rmdir(ROOT_INO, b"d", CTX)) == errno.ENOTEMPTY
+    assert await errno_of(ops.unlink(ROOT_INO, b"d", CTX)) == errno.EISDIR
+    assert await errno_of(ops.rmdir(d, b"x", CTX)) == errno.ENOTDIR
+    await ops.unlink(d, b"x", CTX)
+    await ops.rmdir(ROOT_INO, b"d", CTX)
+    assert ops.vfs.namespace.children("") == []
+
+
+async def test_xattrs_and_image_metadata(ops: BlixOperations) -> None:
+    fh, ino = await create(ops, b"ubuntu.qcow2")
+    await ops.release(fh)
+    await ops.setxattr(ino, b"user.blixfs.os", b"linux", CTX)
+    await ops.setxattr(ino, b"user.blixfs.tags", b"lts,cloud", CTX)
+    await ops.setxattr(ino, b"user.note", b"\x00bin", CTX)
+    assert await ops.getxattr(ino, b"user.blixfs.os", CTX) == b"linux"
+    assert await ops.getxattr(ino, b"user.note", CTX) == b"\x00bin"
+    assert set(await ops.listxattr(ino, CTX)) == {b"user.blixfs.os", b"user.blixfs.tags", b"user.note"}
+    entry = ops.vfs.namespace.get("ubuntu.qcow2")
+    assert entry is not None and entry.meta == {"os": "linux", "tags": "lts,cloud"}
+    assert await errno_of(ops.getxattr(ino, b"security.capability", CTX)) == errno.ENODATA
+    assert await errno_of(ops.setxattr(ino, b"trusted.x", b"1", CTX)) == errno.ENOTSUP
+    assert await errno_of(ops.setxattr(ino, b"user.blixfs.colour", b"red", CTX)) == errno.EINVAL
+    assert await errno_of(ops.setxattr(ino, b"user.big", b"x" * (65 * 1024), CTX)) == errno.E2BIG
+    await ops.removexattr(ino, b"user.blixfs.os", CTX)
+    assert await errno_of(ops.getxattr(ino, b"user.blixfs.os", CTX)) == errno.ENODATA
+    assert await errno_of(ops.removexattr(ino, b"user.nothing", CTX)) == errno.ENODATA
+
+
+async def test_full_store_gives_enospc_and_loses_nothing(ops: BlixOperations) -> None:
+    store = ops.vfs.chunks
+    assert isinstance(store, MemoryChunkStore)
+    fh, ino = await create(ops, b"big")
+    data = os.urandom(20 * CS)
+    await ops.write(fh, 0, data[: 4 * CS])
+    store.fail_with = errno.ENOSPC
+    # more than max_dirty_bytes forces a spill to the (full) store
+    assert await errno_of(ops.write(fh, 4 * CS, data[4 * CS :])) == errno.ENOSPC
+    assert await errno_of(ops.flush(fh)) == errno.ENOSPC
+    assert await ops.read(fh, 0, 4 * CS) == data[: 4 * CS]  # the accepted part is still there
+    store.fail_with = None
+    await ops.write(fh, 4 * CS, data[4 * CS :])
+    await ops.flush(fh)
+    await ops.release(fh)
+    fi = await ops.open(ino, os.O_RDONLY, CTX)
+    assert await ops.read(fi.fh, 0, len(data)) == data
+
+
+async def test_read_only_capability_refuses_writes_with_erofs(ops: BlixOperations) -> None:
+    fh, ino = await create(ops, b"f")
+    await ops.release(fh)
+    ops.vfs.read_only = True
+    assert await errno_of(ops.open(ino, os.O_WRONLY, CTX)) == errno.EROFS
+    assert await errno_of(ops.mkdir(ROOT_INO, b"d", 0o755, CTX)) == errno.EROFS
+    assert await errno_of(ops.unlink(ROOT_INO, b"f", CTX)) == errno.EROFS
+    fi = await ops.open(ino, os.O_RDONLY, CTX)
+    assert await ops.read(fi.fh, 0, 1) == b""
+
+
+async def test_missing_chunk_reads_eio_never_wrong_bytes(ops: BlixOperations, caplog: pytest.LogCaptureFixture) -> None:
+    fh, ino = await create(ops, b"f")
+    await ops.write(fh, 0, os.urandom(3 * CS))
+    await ops.release(fh)
+    entry = ops.vfs.namespace.get("f")
+    assert entry is not None and entry.manifest is not None
+    manifest = ops.vfs._manifest(entry.manifest)
+    ops.vfs.chunks.delete(manifest.ids[1])
+    fi = await ops.open(ino, os.O_RDONLY, CTX)
+    assert len(await ops.read(fi.fh, 0, CS)) == CS
+    assert await errno_of(ops.read(fi.fh, CS, CS)) == errno.EIO
+    assert "not held by this node" in caplog.text
+
+
+async def test_truncate_closed_file_commits(ops: BlixOperations) -> None:
+    fh, ino = await create(ops, b"t")
+    await ops.write(fh, 0, b"x" * (2 * CS))
+    await ops.release(fh)
+    attr = pyfuse3.EntryAttributes()
+    attr.st_size = CS + 1
+    fields = Fields(update_size=True)
+    assert (await ops.setattr(ino, attr, fields, None, CTX)).st_size == CS + 1  # type: ignore[arg-type]
+    entry = ops.vfs.namespace.get("t")
+    assert entry is not None and entry.size == CS + 1
+
+
+async def test_vfs_raises_only_fserror_for_bad_handles() -> None:
+    vfs = Vfs(MemoryNamespaceStore(), MemoryChunkStore(), b"\x01" * 32)
+    with pytest.raises(FsError):
+        await vfs.release(42)

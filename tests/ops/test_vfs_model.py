@@ -1,0 +1,81 @@
+"""The VFS against a bytearray model: random writes, truncates, reads, flushes and reopens."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blixfs.chunkstore import MemoryChunkStore
+from blixfs.hashing import HOLE
+from blixfs.manifest import MIN_CHUNK_SIZE
+from blixfs.namespace import MemoryNamespaceStore
+from blixfs.vfs import ROOT_INO, Vfs
+
+CS = MIN_CHUNK_SIZE
+MAX = 12 * CS
+
+offsets = st.integers(0, MAX)
+ops_strategy = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), offsets, st.integers(1, 3 * CS), st.sampled_from(["rand", "zero"])),
+        st.tuples(st.just("truncate"), offsets),
+        st.tuples(st.just("read"), offsets, st.integers(0, 3 * CS)),
+        st.tuples(st.just("flush")),
+        st.tuples(st.just("reopen")),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops_strategy, st.randoms(use_true_random=False))
+def test_vfs_matches_a_bytearray(ops: list[tuple[object, ...]], rnd: object) -> None:
+    import trio
+
+    trio.run(_run, ops)
+
+
+async def _run(ops: list[tuple[object, ...]]) -> None:
+    store = MemoryChunkStore()
+    vfs = Vfs(MemoryNamespaceStore(), store, b"\x01" * 32, chunk_size=CS, max_dirty_bytes=3 * CS)
+    fh, attr = await vfs.create(ROOT_INO, "f", 0o644, os.O_RDWR, 0, 0)
+    ino = attr.ino
+    model = bytearray()
+    for op in ops:
+        kind = op[0]
+        if kind == "write":
+            _, off, n, how = op
+            assert isinstance(off, int) and isinstance(n, int)
+            data = os.urandom(n) if how == "rand" else bytes(n)
+            await vfs.write(fh, off, data)
+            if len(model) < off:
+                model.extend(bytes(off - len(model)))
+            model[off : off + n] = data
+        elif kind == "truncate":
+            size = op[1]
+            assert isinstance(size, int)
+            await vfs.setattr(ino, size=size)
+            del model[size:]
+            model.extend(bytes(size - len(model)))
+        elif kind == "read":
+            _, off, n = op
+            assert isinstance(off, int) and isinstance(n, int)
+            assert await vfs.read(fh, off, n) == bytes(model[off : off + n])
+        elif kind == "flush":
+            await vfs.flush(fh)
+        else:
+            await vfs.release(fh)
+            fh = await vfs.open(ino, os.O_RDWR)
+        assert (await vfs.getattr(ino)).size == len(model)
+    await vfs.release(fh)
+    entry = vfs.namespace.get("f")
+    assert entry is not None and entry.size == len(model)
+    fh = await vfs.open(ino, os.O_RDONLY)
+    assert await vfs.read(fh, 0, MAX * 2) == bytes(model)
+    if entry.manifest is not None:  # zero chunks are holes: never stored
+        m = vfs._manifest(entry.manifest)
+        for i, cid in enumerate(m.ids):
+            chunk = bytes(model[i * CS : (i + 1) * CS])
+            assert (cid == HOLE) == (chunk == bytes(len(chunk)))

@@ -1,0 +1,102 @@
+"""One contract suite for every NamespaceStore; entries and last-writer-wins."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blixfs.entry import Entry, Kind
+from blixfs.namespace import MemoryNamespaceStore, NamespaceStore, SqliteNamespaceStore
+
+A = bytes([1]) * 32
+B = bytes([2]) * 32
+
+
+def entry(path: str, ts: int = 1, author: bytes = A, kind: Kind = Kind.FILE, **kw: object) -> Entry:
+    return Entry(path=path, kind=kind, mode=0o644, uid=0, gid=0, size=kw.pop("size", 0),  # type: ignore[arg-type]
+                 mtime_ns=ts, ctime_ns=ts, author=author, timestamp_ns=ts, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def ns(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NamespaceStore]:
+    s: NamespaceStore = MemoryNamespaceStore() if request.param == "memory" else SqliteNamespaceStore(tmp_path / "n.db")
+    yield s
+    s.close()
+
+
+def test_get_and_children(ns: NamespaceStore) -> None:
+    ns.apply([entry("d", kind=Kind.DIR), entry("d/b"), entry("d/a"), entry("d/a2/x"), entry("e")])
+    assert ns.get("d/a") is not None and ns.get("nope") is None
+    assert [e.path for e in ns.children("d")] == ["d/a", "d/b"]
+    assert [e.path for e in ns.children("")] == ["d", "e"]
+    assert ns.has_children("d") and not ns.has_children("e")
+
+
+def test_descendants_do_not_include_siblings_with_a_common_prefix(ns: NamespaceStore) -> None:
+    ns.apply([entry(p) for p in ["a", "a/b", "a/b/c", "a-b", "a0", "ab", "a/c"]])
+    assert [e.path for e in ns.descendants("a")] == ["a/b", "a/b/c", "a/c"]
+
+
+def test_last_writer_wins_whatever_the_order(ns: NamespaceStore) -> None:
+    versions = [entry("f", ts=5, author=A, size=1), entry("f", ts=5, author=B, size=2), entry("f", ts=4, size=3),
+                entry("f", ts=5, author=B, size=9)]
+    winner = max(versions, key=Entry.lww_key)
+    ns.apply(versions)
+    assert ns.get("f") == winner
+    for perm in itertools.permutations(versions):
+        other = MemoryNamespaceStore()
+        for v in perm:
+            other.apply([v])
+        assert other.get("f") == winner
+
+
+def test_apply_reports_winners(ns: NamespaceStore) -> None:
+    assert ns.apply([entry("f", ts=2)]) == [True]
+    assert ns.apply([entry("f", ts=1), entry("f", ts=3)]) == [False, True]
+
+
+def test_tombstones_hide_but_stay(ns: NamespaceStore) -> None:
+    ns.apply([entry("f", ts=1)])
+    ns.apply([entry("f", ts=2, deleted=True)])
+    assert ns.get("f") is None
+    tomb = ns.get_any("f")
+    assert tomb is not None and tomb.deleted
+    assert ns.children("") == [] and ns.stats().files == 0
+    ns.apply([entry("f", ts=1, size=7)])  # an older write cannot resurrect it
+    assert ns.get("f") is None
+
+
+def test_stats(ns: NamespaceStore) -> None:
+    ns.apply([entry("d", kind=Kind.DIR), entry("d/f", size=10), entry("g", size=5),
+              entry("l", kind=Kind.SYMLINK, target="g")])
+    st = ns.stats()
+    assert (st.files, st.dirs, st.symlinks, st.file_bytes) == (2, 1, 1, 15)
+
+
+def test_sqlite_persists_and_rolls_back(tmp_path: Path) -> None:
+    s = SqliteNamespaceStore(tmp_path / "n.db")
+    s.apply([entry("a", meta={"os": "linux"}, xattrs={"user.x": b"\x00\xff"})])
+    bad = entry("b")
+    object.__setattr__(bad, "kind", "not a kind")  # canonical() fails mid-batch
+    with pytest.raises(AttributeError):
+        s.apply([entry("c"), bad])
+    s.close()
+    again = SqliteNamespaceStore(tmp_path / "n.db")
+    got = again.get("a")
+    assert got is not None and got.meta == {"os": "linux"} and got.xattrs == {"user.x": b"\x00\xff"}
+    assert again.get("c") is None  # the failed batch left nothing
+
+
+def test_entry_canonical_round_trip_and_determinism() -> None:
+    e = entry("dir/ünïcode file", ts=123, meta={"tags": "a,b", "os": "linux"}, xattrs={"user.k": b"v"},
+              manifest=bytes(range(32)))
+    assert Entry.from_canonical(e.canonical()) == e
+    shuffled = dict(e.meta)
+    keys = list(shuffled)
+    random.shuffle(keys)
+    same = e.evolve(meta={k: shuffled[k] for k in keys})
+    assert same.canonical() == e.canonical() and same.entry_hash() == e.entry_hash()
