@@ -15,9 +15,11 @@ from typing import Any
 
 import click
 
+from blixfs.manifest import DEFAULT_CHUNK_SIZE
 from blixfs.node import HomeLocked, Node, default_home
 
 log = logging.getLogger("blixfs")
+CHUNK_SIZES = {f"{n}K": n * 1024 for n in (64, 128, 256, 512, 1024)}
 
 
 def _setup_logging(verbose: int) -> None:
@@ -72,9 +74,12 @@ def _open_node(ctx: click.Context, *, lock: bool) -> Node:
               help="Let other users (e.g. qemu's) use the mount [default: on when run as root].")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help="Serve Prometheus metrics on 127.0.0.1:PORT.")
+@click.option("--chunk-size", type=click.Choice(list(CHUNK_SIZES)), default=None,
+              help=f"Chunk size of files created by this node [default: {DEFAULT_CHUNK_SIZE // 1024}K]; "
+                   "existing files keep theirs. See docs/chunking.md.")
 @click.pass_context
 def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bool | None,
-          metrics_port: int | None) -> None:
+          metrics_port: int | None, chunk_size: str | None) -> None:
     """Mount the namespace at MOUNTPOINT and serve it in the foreground until Ctrl-C or SIGTERM.
 
     A stale mount left at MOUNTPOINT by a daemon that was killed is cleaned up first.
@@ -88,7 +93,8 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
 
             start_http_server(metrics_port, addr="127.0.0.1")
         log.info("node %s, home %s", node.node_id.hex(), node.home)
-        run_mount(node.vfs(), mountpoint.expanduser().absolute(), direct_io=direct_io, allow_other=allow_other)
+        vfs = node.vfs(chunk_size=CHUNK_SIZES[chunk_size] if chunk_size else DEFAULT_CHUNK_SIZE)
+        run_mount(vfs, mountpoint.expanduser().absolute(), direct_io=direct_io, allow_other=allow_other)
     except MountError as exc:
         raise click.ClickException(str(exc)) from None
     finally:

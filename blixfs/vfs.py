@@ -31,7 +31,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from lru import LRU
@@ -53,6 +53,7 @@ from blixfs.errors import FsError, storage_errno
 from blixfs.hashing import HOLE, ChunkId, short
 from blixfs.manifest import DEFAULT_CHUNK_SIZE, Manifest, ManifestError, chunk_count, chunk_length
 from blixfs.namespace import NamespaceStore
+from blixfs.reader import ChunkReader
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ ROOT_INO = 1
 META_XATTR_PREFIX = "user.blixfs."
 USER_XATTR_PREFIX = "user."
 DEFAULT_MAX_DIRTY_BYTES = 64 << 20
+READ_AHEAD_BYTES = 4 << 20  # like the mount's read_ahead_kb: chunks loaded ahead of a sequential reader
 _ZEROS = memoryview(bytes(DEFAULT_CHUNK_SIZE * 4))
 
 
@@ -110,6 +112,7 @@ class OpenContent:
     changed: bool = False  # differs from the committed entry (dirty, spilled, or resized)
     handles: int = 0
     unlinked: bool = False  # its path is gone: nothing is committed any more
+    last_read_end: int = -1  # a read starting here continues a sequential pattern
 
     def dirty_bytes(self) -> int:
         return sum(map(len, self.dirty.values()))
@@ -196,9 +199,9 @@ class Vfs:
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._manifests: LRU[bytes, Manifest] = LRU(256)
-        # Recently read chunks: a FUSE read is at most 1 MiB and usually 128 KiB,
-        # so a sequential reader asks for each chunk several times in a row.
-        self._chunk_cache: LRU[ChunkId, bytes] = LRU(32)
+        # A FUSE read is at most 1 MiB and usually 128 KiB, so a sequential reader asks
+        # for each chunk several times in a row: the reader keeps recent chunks in memory.
+        self.reader = ChunkReader(chunks, cache_chunks=max(16, (64 << 20) // chunk_size))
 
     # ----------------------------------------------------------------- helpers
 
@@ -342,7 +345,7 @@ class Vfs:
                 raise FsError(errno.EISDIR if e.kind is Kind.DIR else errno.EINVAL, f"cannot truncate {path}")
             content, temporary = self._content_for(ino, e)
             try:
-                self._resize(content, size)
+                await self._truncate(content, size)
                 content.mtime_ns = mtime_ns if mtime_ns is not None else now
                 if temporary:
                     self._commit(ino, content)
@@ -576,7 +579,7 @@ class Vfs:
         content, _ = self._content_for(ino, e)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if flags & os.O_TRUNC and writable and content.size:
-            self._resize(content, 0)
+            self._resize(content, 0, {})  # truncating to 0 needs no stored bytes
             content.mtime_ns = self._clock()
         content.handles += 1
         metrics.open_files.set(len(self._contents))
@@ -602,26 +605,44 @@ class Vfs:
         except KeyError:
             raise FsError(errno.EBADF, f"file handle {fh} is not open") from None
 
-    def _chunk_bytes(self, cid: ChunkId, length: int) -> bytes | memoryview:
+    async def _chunk_bytes(self, cid: ChunkId, length: int) -> bytes | memoryview:
+        """Verified bytes of a clean chunk (zeros for a hole); EIO if this node cannot get it."""
         if cid == HOLE:
             return _zeros(length)
-        data: bytes | None = self._chunk_cache.get(cid)
+        data = await self.reader.get(cid)
         if data is None:
-            data = self.chunks.get(cid)
-            if data is None:
-                log.error("chunk %s is not held by this node and cannot be fetched yet", short(cid))
-                raise FsError(errno.EIO, f"chunk {short(cid)} is not available")
-            self._chunk_cache[cid] = data
+            log.error("chunk %s is not held by this node and cannot be fetched yet", short(cid))
+            raise FsError(errno.EIO, f"chunk {short(cid)} is not available")
         if len(data) != length:
             raise FsError(errno.EIO, f"chunk {short(cid)} has {len(data)} bytes, manifest says {length}")
         return data
 
-    def _load_chunk(self, content: OpenContent, index: int, length: int) -> bytearray:
-        """The chunk at ``index`` as a dirty buffer (loading its stored bytes), cut or padded to ``length``."""
+    async def _load_for_update(self, content: OpenContent, indices: Iterable[int]) -> dict[ChunkId, bytes]:
+        """Load the stored bytes of the clean chunks at ``indices`` before a synchronous update.
+
+        Awaiting may let other requests change ``content``; the loop re-checks until
+        every chunk still needed is loaded, so the caller can then mutate without awaiting.
+        """
+        loaded: dict[ChunkId, bytes] = {}
+        wanted = sorted(set(indices))
+        while True:
+            need = [(content.ids[i], chunk_length(i, content.size, content.chunk_size)) for i in wanted
+                    if i < len(content.ids) and i not in content.dirty and content.ids[i] != HOLE
+                    and content.ids[i] not in loaded]
+            if not need:
+                return loaded
+            for cid, length in need:
+                loaded[cid] = bytes(await self._chunk_bytes(cid, length))
+
+    def _load_chunk(self, content: OpenContent, index: int, length: int, loaded: dict[ChunkId, bytes]) -> bytearray:
+        """The chunk at ``index`` as a dirty buffer, cut or zero-padded to ``length``.
+
+        Its stored bytes must be in ``loaded`` (see `_load_for_update`) unless it is dirty or a hole.
+        """
         buf = content.dirty.get(index)
         if buf is None:
-            old_len = chunk_length(index, content.size, content.chunk_size)
-            buf = bytearray(self._chunk_bytes(content.ids[index], old_len)) if index < len(content.ids) else bytearray()
+            cid = content.ids[index] if index < len(content.ids) else HOLE
+            buf = bytearray(loaded[cid]) if cid != HOLE else bytearray()
             content.dirty[index] = buf
         if len(buf) > length:
             del buf[length:]
@@ -629,31 +650,50 @@ class Vfs:
             buf.extend(_zeros(length - len(buf)))
         return buf
 
-    def _resize(self, content: OpenContent, new_size: int) -> None:
+    @staticmethod
+    def _resize_loads(content: OpenContent, new_size: int) -> list[int]:
+        """Chunks whose stored bytes `_resize` to ``new_size`` needs: the one a new end falls in,
+        or the old last chunk that grows."""
+        cs = content.chunk_size
+        if new_size < content.size and new_size % cs:
+            return [new_size // cs]
+        if new_size > content.size and content.size % cs:
+            return [content.size // cs]
+        return []
+
+    def _resize(self, content: OpenContent, new_size: int, loaded: dict[ChunkId, bytes]) -> None:
         cs, old = content.chunk_size, content.size
         if new_size == old:
             return
         if new_size < old:
             keep = chunk_count(new_size, cs)
+            if new_size % cs:
+                self._load_chunk(content, keep - 1, new_size % cs, loaded)
             del content.ids[keep:]
             for idx in [i for i in content.dirty if i >= keep]:
                 del content.dirty[idx]
-            if new_size % cs:
-                self._load_chunk(content, keep - 1, new_size % cs)
         else:
             if old % cs:
                 last = old // cs
-                self._load_chunk(content, last, chunk_length(last, new_size, cs))
+                self._load_chunk(content, last, chunk_length(last, new_size, cs), loaded)
             content.ids.extend([HOLE] * (chunk_count(new_size, cs) - len(content.ids)))
         content.size = new_size
         content.changed = True
 
+    async def _truncate(self, content: OpenContent, new_size: int) -> None:
+        loaded = await self._load_for_update(content, self._resize_loads(content, new_size))
+        self._resize(content, new_size, loaded)
+
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes at ``offset``; short only at end of file. EIO if a chunk is unavailable."""
+        """Up to ``size`` bytes at ``offset``; short only at end of file. EIO if a chunk is unavailable.
+
+        The plan (dirty bytes copied, clean chunk ids) is taken before any await, so the
+        result is the file's content at one instant even if writes arrive meanwhile.
+        """
         content = self._handle(fh).content
         end = min(offset + size, content.size)
         cs = content.chunk_size
-        parts: list[bytes | bytearray | memoryview] = []
+        plan: list[bytes | tuple[ChunkId, int, int, int]] = []
         pos = offset
         while pos < end:
             idx = pos // cs
@@ -661,11 +701,24 @@ class Vfs:
             n = min(cs - within, end - pos)
             buf = content.dirty.get(idx)
             if buf is None:
-                data = self._chunk_bytes(content.ids[idx], chunk_length(idx, content.size, cs))
-                parts.append(memoryview(data)[within : within + n])
+                plan.append((content.ids[idx], chunk_length(idx, content.size, cs), within, n))
             else:
-                parts.append(memoryview(buf)[within : within + n])
+                plan.append(bytes(memoryview(buf)[within : within + n]))
             pos += n
+        # The kernel's own read-ahead sends several requests at once and they may be served
+        # out of order: a read near where the last one ended counts as sequential.
+        if end > offset and abs(offset - content.last_read_end) <= READ_AHEAD_BYTES:
+            first = (end - 1) // cs + 1
+            ahead = content.ids[first : first + max(1, READ_AHEAD_BYTES // cs)]
+            self.reader.prefetch(cid for i, cid in enumerate(ahead, first) if cid != HOLE and i not in content.dirty)
+        content.last_read_end = max(end, content.last_read_end) if content.last_read_end >= 0 else end
+        parts: list[bytes | memoryview] = []
+        for item in plan:
+            if isinstance(item, bytes):
+                parts.append(item)
+            else:
+                cid, length, within, n = item
+                parts.append(memoryview(await self._chunk_bytes(cid, length))[within : within + n])
         return b"".join(parts)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
@@ -675,9 +728,15 @@ class Vfs:
             raise FsError(errno.EBADF, "file handle not open for writing")
         content = handle.content
         end = offset + len(data)
-        if end > content.size:
-            self._resize(content, end)
         cs = content.chunk_size
+        if not data:
+            return 0
+        # The first and last chunk may be partly overwritten: their old bytes are needed.
+        loaded = await self._load_for_update(
+            content, [offset // cs, (end - 1) // cs, *self._resize_loads(content, max(end, content.size))])
+        # No await from here on: the update below is atomic for other requests.
+        if end > content.size:
+            self._resize(content, end, loaded)
         view = memoryview(data)
         pos = offset
         while pos < end:
@@ -691,7 +750,7 @@ class Vfs:
                 content.dirty[idx] = bytearray(piece)  # a whole chunk: no need to read the old one
             else:
                 if buf is None:
-                    buf = self._load_chunk(content, idx, clen)
+                    buf = self._load_chunk(content, idx, clen, loaded)
                 buf[within : within + n] = piece
             pos += n
         content.changed = True

@@ -26,7 +26,15 @@ Facts about iroh 1.2.0 this module relies on (measured; see docs/transport.md):
   `reset` can only proceed once a blocked `write_all` has been cancelled.
 - A stream reaches the peer's `accept_bi` only with its first byte.
 - An unserved ALPN fails the dialer's handshake with TLS alert 120 at once.
-- A dial to an address where nothing answers fails only after iroh's 30 s idle timeout.
+- A dial to an address where nothing answers fails only after iroh's 30 s idle timeout,
+  and a connection to a peer that crashed (even one restarted on the same port with the
+  same key: there is no stateless reset) stays "open" for those 30 s, so requests on it
+  hang. Hence the liveness probe: when a stream operation is cancelled (a deadline
+  expired), one QUIC datagram is sent on the connection. It is ack-eliciting, so a live
+  peer's QUIC stack answers within milliseconds, without its application seeing
+  anything (unread datagrams are dropped by its quinn). If nothing at all arrives from
+  the peer within `DEFAULT_PROBE_TIMEOUT`, the connection is closed and the next
+  `open_stream` dials afresh.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ import trio
 from iroh import iroh_ffi as _ffi
 
 from blixfs.net.transport import (
+    CODE_ABORTED,
     CODE_NO_HANDLER,
     CODE_SHUTDOWN,
     ConnectError,
@@ -78,6 +87,10 @@ READ_MAX = 1 << 20
 """Cap on one `read`: iroh allocates (and zeroes) a buffer of the requested size."""
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_PROBE_TIMEOUT = 2.0
+"""A connection whose peer doesn't acknowledge a probe within this time is dropped."""
+DEFAULT_CLOSE_TIMEOUT = 1.0
+"""How long `aclose` waits for iroh to finish closing the endpoint."""
 SECRET_KEY_LEN = 32
 
 
@@ -112,6 +125,9 @@ def _is_byte_loop(func: Any) -> bool:
     return code is not None and "enumerate" in code.co_names
 
 
+_ORIGINAL_WRITERS: dict[str, Any] = {}
+
+
 def _install_lowering_fix() -> bool:
     """Replace the per-byte RustBuffer writers; return True if the fast path is in place."""
     builder = getattr(_ffi, "_UniffiRustBufferBuilder", None)
@@ -124,6 +140,7 @@ def _install_lowering_fix() -> bool:
         if getattr(current, "_blixfs_fast", False):
             patched = True
         elif _is_byte_loop(current):
+            _ORIGINAL_WRITERS[name] = current
             setattr(builder, name, fast)
             patched = True
     if not patched:
@@ -138,6 +155,16 @@ def lowering_fix_active() -> bool:
     """True if the RustBuffer writer in use is ours (for tests and diagnostics)."""
     write = getattr(_ffi._UniffiRustBufferBuilder, "write", None)
     return bool(getattr(write, "_blixfs_fast", False))
+
+
+def set_lowering_fix(enabled: bool) -> None:
+    """Switch between our writers and the wheel's originals. For benchmarks only: the
+    original path moves 10 MB/s. No-op if the wheel didn't need the fix."""
+    builder = _ffi._UniffiRustBufferBuilder
+    for name, fast in (("write", _fast_write), ("_pack_into", _fast_pack_into)):
+        original = _ORIGINAL_WRITERS.get(name)
+        if original is not None:
+            setattr(builder, name, fast if enabled else original)
 
 
 # --- 2. the trio event-loop stand-in for uniffi futures ---------------------------------
@@ -281,12 +308,16 @@ def _sync(fn: Callable[..., T], *args: Any) -> T:
 class _Connection:
     """One iroh connection and what we know about it. Holding it keeps it open."""
 
-    def __init__(self, raw: Any, peer_id: str, alpn: bytes, dialed: bool) -> None:
+    def __init__(
+        self, raw: Any, peer_id: str, alpn: bytes, dialed: bool, transport: IrohTransport
+    ) -> None:
         self.raw = raw
         self.peer_id = peer_id
         self.alpn = alpn
         self.dialed = dialed
+        self.transport = transport
         self.dead = False
+        self.probing = False
         self.stable_id: int = raw.stable_id()
 
     def alive(self) -> bool:
@@ -307,6 +338,9 @@ class IrohStream(Stream):
         self._conn = conn
         self._send = send
         self._recv = recv
+
+    def _on_cancelled(self) -> None:
+        self._conn.transport._suspect(self._conn)
 
     def _note(self, exc: TransportError) -> TransportError:
         if isinstance(exc, ConnectionLost):
@@ -366,11 +400,15 @@ class IrohTransport(Transport):
         *,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         self._ep = endpoint
+        self._close_timeout = close_timeout
         self._node_id: str = str(endpoint.id())
         self._connect_timeout = connect_timeout
         self._handshake_timeout = handshake_timeout
+        self._probe_timeout = probe_timeout
         self._handlers: dict[bytes, StreamHandler] = {}
         self._conns: dict[tuple[str, bytes], list[_Connection]] = {}
         self._dials: dict[tuple[str, bytes], _PendingDial] = {}
@@ -455,13 +493,16 @@ class IrohTransport(Transport):
                 logger.debug("closing %r: %s", conn, _translate(exc))
         if self._tasks_scope is not None:
             self._tasks_scope.cancel()
-        with trio.CancelScope(shield=True), trio.move_on_after(5) as scope:
+        # Connections were closed above, so peers already have their CONNECTION_CLOSE;
+        # iroh's close also waits out the QUIC draining period (~3 s for a handshake that
+        # never completed), which need not hold up our shutdown.
+        with trio.CancelScope(shield=True), trio.move_on_after(self._close_timeout) as scope:
             try:
                 await _call(self._ep.close)
             except TransportError as exc:
                 logger.warning("closing iroh endpoint: %s", exc)
         if scope.cancelled_caught:
-            logger.warning("closing iroh endpoint timed out")
+            logger.info("iroh endpoint still draining after %g s; not waiting", self._close_timeout)
         logger.debug("iroh transport %s closed", self._node_id[:10])
 
     # -- connections --
@@ -513,9 +554,14 @@ class IrohTransport(Transport):
     ) -> None:
         conn: _Connection | None = None
         try:
-            target = _ffi.EndpointAddr(
-                _ffi.EndpointId.from_string(peer.node_id), None, list(peer.addrs)
-            )
+            try:
+                target = _ffi.EndpointAddr(
+                    _ffi.EndpointId.from_string(peer.node_id), None, list(peer.addrs)
+                )
+            except (_ffi.IrohError, _ffi.InternalError) as exc:
+                # Not every 32-byte string is an ed25519 point; ids come from peers.
+                pending.error = ConnectError(f"invalid node id {peer.node_id[:10]}: {exc}")
+                return
             with trio.move_on_after(self._connect_timeout) as scope:
                 try:
                     raw = await self._ep.connect(target, alpn)
@@ -537,7 +583,7 @@ class IrohTransport(Transport):
                     f"dialed {peer.node_id[:10]} but reached {remote[:10]}"
                 )
                 return
-            conn = _Connection(raw, remote, alpn, dialed=True)
+            conn = _Connection(raw, remote, alpn, dialed=True, transport=self)
             self._add(conn)
             self._dialed += 1
             pending.conn = conn
@@ -551,6 +597,40 @@ class IrohTransport(Transport):
         # This task stays on as the connection's stream acceptor: peers may open streams
         # on connections we dialed, too.
         await self._serve_connection(conn)
+
+    def _suspect(self, conn: _Connection) -> None:
+        """A stream operation on `conn` was cancelled: check the peer is still there."""
+        if conn.probing or conn.dead or self._closed or self._nursery is None:
+            return
+        conn.probing = True
+        self._nursery.start_soon(self._probe, conn)
+
+    async def _probe(self, conn: _Connection) -> None:
+        try:
+            if not conn.alive():
+                return
+            try:
+                received = conn.raw.stats().udp_rx_datagrams
+                conn.raw.send_datagram(b"\0")
+            except (_ffi.IrohError, _ffi.InternalError) as exc:
+                logger.debug("cannot probe %r: %s", conn, _translate(exc))
+                return
+            deadline = trio.current_time() + self._probe_timeout
+            while trio.current_time() < deadline:
+                await trio.sleep(0.05)
+                if not conn.alive() or conn.raw.stats().udp_rx_datagrams != received:
+                    return
+            logger.warning(
+                "%r: nothing heard from the peer %g s after a probe; dropping the connection",
+                conn,
+                self._probe_timeout,
+            )
+            conn.dead = True
+            self._forget(conn)
+            with suppress(_ffi.IrohError, _ffi.InternalError):
+                conn.raw.close(CODE_ABORTED, b"peer unresponsive")
+        finally:
+            conn.probing = False
 
     # -- background tasks --
 
@@ -590,7 +670,9 @@ class IrohTransport(Transport):
         if scope.cancelled_caught or raw is None:
             logger.info("incoming connection: no handshake within %g s", self._handshake_timeout)
             return
-        conn = _Connection(raw, str(raw.remote_id()), bytes(raw.alpn()), dialed=False)
+        conn = _Connection(
+            raw, str(raw.remote_id()), bytes(raw.alpn()), dialed=False, transport=self
+        )
         self._add(conn)
         self._accepted += 1
         logger.debug("accepted %r", conn)
@@ -626,13 +708,18 @@ async def open_iroh_transport(
     handlers: Mapping[bytes, StreamHandler] | None = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
 ) -> AsyncIterator[IrohTransport]:
     """Bind an offline iroh endpoint and run a `Transport` on it for the block's duration.
 
     `secret_key` is the node's 32-byte ed25519 secret (see `load_or_create_secret_key`);
     a fresh one is used if None. No relays, no discovery: peers are reached at the
     addresses in their `NodeAddr`. `handlers` are registered before the endpoint starts
-    accepting. Dials that get no answer fail after `connect_timeout` seconds.
+    accepting. Dials that get no answer fail after `connect_timeout` seconds; a
+    connection whose peer stays silent `probe_timeout` seconds after a cancelled stream
+    operation is dropped (see the module docstring). Closing waits at most
+    `close_timeout` seconds for iroh.
 
     Raises ValueError for a bad key or ALPN, `TransportError` if the endpoint can't bind.
     On exit, closes the transport (see `Transport.aclose`) and cancels handler tasks.
@@ -653,7 +740,11 @@ async def open_iroh_transport(
     except TransportError as exc:
         raise TransportError(f"cannot bind iroh endpoint on {bind_addr}: {exc}") from exc
     transport = IrohTransport(
-        endpoint, connect_timeout=connect_timeout, handshake_timeout=handshake_timeout
+        endpoint,
+        connect_timeout=connect_timeout,
+        handshake_timeout=handshake_timeout,
+        probe_timeout=probe_timeout,
+        close_timeout=close_timeout,
     )
     transport._handlers.update({bytes(a): h for a, h in handlers.items()})
     logger.info("iroh transport %s listening on %s", transport.node_id[:10], transport.addr())

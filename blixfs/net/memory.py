@@ -5,7 +5,7 @@
 can observe: one connection per (peer pair, ALPN), `UnsupportedProtocol` for an ALPN the
 peer doesn't serve, bounded per-stream buffers (flow control), EOF, resets and stops with
 codes, `ConnectionLost` when a node closes or `MemoryNetwork.disconnect` cuts a link.
-Unlike QUIC, a handler starts as soon as the stream is opened, before the opener sends.
+As with QUIC, the peer's handler starts only once the opener has sent something.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import secrets
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import trio
@@ -102,13 +102,14 @@ class _Pipe:
             await self.lot.park()
 
     def reset(self, code: int) -> None:
-        if self.reset_code is None and self.stop_code is None:
+        # After connection loss nothing reaches the peer any more, as with QUIC.
+        if self.lost is None and self.reset_code is None and self.stop_code is None:
             self.reset_code = code
             self.buf.clear()
         self._wake()
 
     def stop(self, code: int) -> None:
-        if self.stop_code is None and not (self.eof and not self.buf):
+        if self.lost is None and self.stop_code is None and not (self.eof and not self.buf):
             self.stop_code = code
         self.buf.clear()
         self._wake()
@@ -128,11 +129,20 @@ class MemoryStream(Stream):
         self._send_pipe = send
         self._recv_pipe = recv
         self._conn = conn
+        self._announce: Callable[[], None] | None = None
+
+    def _announce_once(self) -> None:
+        # Like QUIC, the peer learns of a stream only when the opener sends something.
+        announce, self._announce = self._announce, None
+        if announce is not None:
+            announce()
 
     async def _raw_send(self, data: bytes | bytearray | memoryview) -> None:
+        self._announce_once()
         await self._send_pipe.write(data)
 
     async def _raw_finish(self) -> None:
+        self._announce_once()
         self._send_pipe.finish()
 
     async def _raw_receive(self, max_bytes: int) -> bytes:
@@ -271,7 +281,7 @@ class MemoryTransport(_Transport):
         stream = MemoryStream(peer.node_id, alpn, send=ours, recv=theirs, conn=conn)
         remote_stream = MemoryStream(self._node_id, alpn, send=theirs, recv=ours, conn=conn)
         self._streams_opened += 1
-        remote._deliver(remote_stream)
+        stream._announce = lambda: remote._deliver(remote_stream)
         return stream
 
     async def aclose(self) -> None:
@@ -333,10 +343,13 @@ class MemoryTransport(_Transport):
 
     def _deliver(self, stream: MemoryStream) -> None:
         handler = self._handlers.get(stream.alpn)
-        if handler is None or self._nursery is None or self._closed:
-            code = CODE_NO_HANDLER if not self._closed else CODE_SHUTDOWN
-            stream._recv_pipe.stop(code)
-            stream._send_pipe.reset(code)
+        if self._nursery is None or self._closed:
+            stream._recv_pipe.stop(CODE_SHUTDOWN)
+            stream._send_pipe.reset(CODE_SHUTDOWN)
+            return
+        if handler is None:
+            # A task, as in the iroh transport: the opener's first write completes first.
+            self._nursery.start_soon(stream.reset, CODE_NO_HANDLER)
             return
         self._streams_accepted += 1
         self._nursery.start_soon(run_stream_handler, handler, stream, stream.peer_id)

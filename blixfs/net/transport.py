@@ -336,6 +336,12 @@ class Stream(abc.ABC):
     def _release(self) -> None:  # noqa: B027 - optional hook, empty on purpose
         """Drop resources once the stream is closed (called once)."""
 
+    def _on_cancelled(self) -> None:  # noqa: B027 - optional hook, empty on purpose
+        """A send or receive was cancelled (often a deadline): the peer may be gone.
+
+        Must not block or raise. The iroh transport starts a liveness probe here.
+        """
+
     # -- public API --
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -357,6 +363,7 @@ class Stream(abc.ABC):
                 raise
             except trio.Cancelled:
                 self._send_side = _Side.BROKEN
+                self._on_cancelled()
                 raise
         await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -397,6 +404,9 @@ class Stream(abc.ABC):
                 data = await self._raw_receive(max_bytes)
             except TransportError as exc:
                 self._recv_error = exc
+                raise
+            except trio.Cancelled:
+                self._on_cancelled()
                 raise
         if not data:
             self._recv_side = _Side.DONE

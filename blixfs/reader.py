@@ -1,0 +1,49 @@
+"""ChunkReader: how the VFS gets chunk bytes: a memory LRU over the chunk store, and read-ahead.
+
+Callers: `blixfs.vfs.Vfs` on the trio thread.
+
+* `get` returns verified bytes or None (missing). A FUSE read is at most 1 MiB and
+  usually 128 KiB, so a sequential reader asks for each chunk several times in a
+  row: recent chunks stay in memory and are verified once.
+* `prefetch` tells the store which chunks a sequential reader will want next. The
+  disk store turns that into posix_fadvise(WILLNEED), so the kernel reads those
+  chunk files asynchronously while this thread keeps serving; the later `get` then
+  finds them in the page cache. Chunks are separate files, so the kernel's own
+  read-ahead of the FUSE file does not cross chunk boundaries by itself.
+  (Measured, docs/design.md: Python threads loading chunks ahead cost more in
+  hops and GIL hand-offs than they saved.)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from lru import LRU
+
+from blixfs.chunkstore import ChunkStore
+from blixfs.hashing import ChunkId
+
+log = logging.getLogger(__name__)
+
+
+class ChunkReader:
+    def __init__(self, store: ChunkStore, *, cache_chunks: int = 64) -> None:
+        self.store = store
+        self._cache: LRU[ChunkId, bytes] = LRU(cache_chunks)
+
+    async def get(self, cid: ChunkId) -> bytes | None:
+        """The chunk's verified bytes, or None if this node does not hold it.
+
+        ``async`` because fetching from peers (the lazy-fetch issue) will await here.
+        """
+        data = self._cache.get(cid)
+        if data is None:
+            data = self.store.get(cid)
+            if data is not None:
+                self._cache[cid] = data
+        return data
+
+    def prefetch(self, cids: Iterable[ChunkId]) -> None:
+        """Hint that ``cids`` will be read soon; chunks already in memory are skipped."""
+        self.store.advise([cid for cid in cids if cid not in self._cache])
