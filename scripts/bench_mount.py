@@ -42,17 +42,18 @@ MiB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent
 
 
-def unique_blocks(count: int, block: bytes) -> Iterator[bytes]:
-    """``count`` 1 MiB blocks no two 4 KiB pieces of which are alike, so nothing dedups."""
+def unique_blocks(count: int, block: bytes, salt: int) -> Iterator[bytes]:
+    """``count`` 1 MiB blocks no two 4 KiB pieces of which are alike, and unlike those of
+    any other ``salt``: nothing dedups, not even against an earlier round."""
     buf = bytearray(block)
     for i in range(count):
         for off in range(0, len(buf), 4096):
-            struct.pack_into("<QQ", buf, off, i, off)
+            struct.pack_into("<QQQ", buf, off, i, off, salt)
         yield bytes(buf)
 
 
-def write_file(path: Path, size: int, block: bytes) -> float:
-    blocks = list(unique_blocks(size // len(block), block))  # made before timing
+def write_file(path: Path, size: int, block: bytes, salt: int) -> float:
+    blocks = list(unique_blocks(size // len(block), block, salt))  # made before timing
     t = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -151,10 +152,10 @@ def main() -> None:
             for cs in args.chunk_size:
                 stack.enter_context(mounted(work / f"home-{cs}", work / f"mnt-{cs}", cs))
                 files[cs] = work / f"mnt-{cs}" / "bench.bin"
-            for _ in range(args.rounds):
+            for rnd in range(args.rounds):
                 for name, f in files.items():
                     got = samples.setdefault(name, {})
-                    got.setdefault("write", []).append(write_file(f, size, block))
+                    got.setdefault("write", []).append(write_file(f, size, block, rnd))
                     got.setdefault("warm read", []).append(read_file(f, drop=True))
                     got.setdefault("cached read", []).append(read_file(f, drop=False))
             for name, f in files.items():

@@ -17,7 +17,7 @@ need_root() {
 }
 
 # --- Debian packages -------------------------------------------------------
-debs=(fuse3 libfuse3-dev pkg-config qemu-utils gcc python3-dev iproute2)
+debs=(fuse3 libfuse3-dev pkg-config qemu-utils gcc python3-dev iproute2 attr)
 # A Python 3.11 interpreter: use one on PATH (pyenv, a distro build), else Debian's.
 py=""
 for cand in python3.11 python3; do

