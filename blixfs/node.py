@@ -26,7 +26,7 @@ from blixfs.chunkstore import DiskChunkStore
 from blixfs.errors import FsError
 from blixfs.manifest import DEFAULT_CHUNK_SIZE
 from blixfs.namespace import SqliteNamespaceStore
-from blixfs.net.identity import load_or_create_secret_key, public_key
+from blixfs.net.iroh_transport import load_or_create_secret_key, node_id_from_secret_key
 from blixfs.vfs import Vfs
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class Node:
                 home=home,
                 chunks=DiskChunkStore(home / "chunks"),
                 namespace=SqliteNamespaceStore(home / "namespace.db"),
-                node_id=public_key(secret),
+                node_id=bytes.fromhex(node_id_from_secret_key(secret)),
                 _lock_fd=lock_fd,
             )
         except BaseException:

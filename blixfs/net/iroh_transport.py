@@ -29,12 +29,13 @@ Facts about iroh 1.2.0 this module relies on (measured; see docs/transport.md):
 - A dial to an address where nothing answers fails only after iroh's 30 s idle timeout,
   and a connection to a peer that crashed (even one restarted on the same port with the
   same key: there is no stateless reset) stays "open" for those 30 s, so requests on it
-  hang. Hence the liveness probe: when a stream operation is cancelled (a deadline
-  expired), one QUIC datagram is sent on the connection. It is ack-eliciting, so a live
-  peer's QUIC stack answers within milliseconds, without its application seeing
-  anything (unread datagrams are dropped by its quinn). If nothing at all arrives from
-  the peer within `DEFAULT_PROBE_TIMEOUT`, the connection is closed and the next
-  `open_stream` dials afresh.
+  hang. (Idle connections to live peers stay open: iroh sends keep-alives.) Hence the
+  liveness probe: when a stream operation is cancelled (a deadline expired), one QUIC
+  datagram is sent on the connection. It is ack-eliciting, so a live peer's QUIC stack
+  answers within milliseconds, without its application seeing anything (unread
+  datagrams are dropped by its quinn). If nothing at all arrives from the peer within
+  `DEFAULT_PROBE_TIMEOUT`, the connection is closed and the next `open_stream` dials
+  afresh.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from blixfs.net.transport import (
     CODE_ABORTED,
     CODE_NO_HANDLER,
     CODE_SHUTDOWN,
+    MAX_ADDRS,
     ConnectError,
     ConnectionLost,
     NodeAddr,
@@ -439,7 +441,7 @@ class IrohTransport(Transport):
             if ipaddress.ip_address(host).is_unspecified or parsed in found:
                 continue
             found.append(parsed)
-        return NodeAddr(self._node_id, tuple(found[:16]))
+        return NodeAddr(self._node_id, tuple(found[:MAX_ADDRS]))
 
     def register(self, alpn: bytes, handler: StreamHandler) -> None:
         alpn = validate_alpn(alpn)
