@@ -6,9 +6,17 @@ tombstone (``deleted=True``) so that it can replicate. Which of two entries for
 the same path wins is decided by `Entry.lww_key`: (timestamp, author, entry hash),
 compared as a tuple, so every node that sees both picks the same winner.
 
-`Entry.canonical` is the byte string that is hashed and (from the replication
-issue on) signed: UTF-8 JSON with sorted keys and no insignificant whitespace,
-bytes as lowercase hex. It is deterministic for equal entries.
+``seen`` is the path's causal context: for each author, the latest timestamp of
+that author's versions of this path the writer had seen (a dotted version vector).
+Versions of a path that no other known version has seen are *siblings*: the
+last-writer-wins maximum among them is the current entry, the others are kept (see
+`blixfs.namespace`) and shown as ``NAME.conflict-<author>-<time>`` when they hold
+other data (`shown_as_conflict`).
+
+`Entry.canonical` is the byte string that is hashed and signed: UTF-8 JSON with
+sorted keys and no insignificant whitespace, bytes as lowercase hex, signatures
+left out. It is deterministic for equal entries. `Entry.serialize` adds the two
+signatures (namespace, author) for storage and the wire.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from types import MappingProxyType
 from typing import Any
 
 import blake3
+
+LwwKey = tuple[int, bytes, bytes]  # (timestamp_ns, author, entry hash)
 
 # Image metadata readable and settable as user.blixfs.<key> (Blixard's VmImageMetadata).
 IMAGE_META_KEYS = frozenset({"name", "version", "os", "arch", "tags", "uploaded_by"})
@@ -41,7 +51,7 @@ class Kind(enum.Enum):
         return {Kind.FILE: stat.S_IFREG, Kind.DIR: stat.S_IFDIR, Kind.SYMLINK: stat.S_IFLNK}[self]
 
 
-def _frozen(m: Mapping[str, Any]) -> Mapping[str, Any]:
+def _frozen(m: Mapping[Any, Any]) -> Mapping[Any, Any]:
     return MappingProxyType(dict(m))
 
 
@@ -64,10 +74,14 @@ class Entry:
     meta: Mapping[str, str] = field(default_factory=dict)  # image metadata, IMAGE_META_KEYS
     xattrs: Mapping[str, bytes] = field(default_factory=dict)  # other user.* attributes
     deleted: bool = False
+    seen: Mapping[bytes, int] = field(default_factory=dict)  # author -> latest timestamp seen for this path
+    namespace_sig: bytes = b""  # ed25519 by the namespace key over canonical(); not part of it
+    author_sig: bytes = b""  # ed25519 by the author over canonical(); not part of it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "meta", _frozen(self.meta))
         object.__setattr__(self, "xattrs", _frozen(self.xattrs))
+        object.__setattr__(self, "seen", _frozen(self.seen))
 
     @property
     def st_mode(self) -> int:
@@ -78,8 +92,8 @@ class Entry:
         return self.path.rsplit("/", 1)[-1]
 
     def evolve(self, **changes: Any) -> Entry:
-        """A copy with ``changes`` applied (the caller sets a new timestamp)."""
-        return replace(self, **changes)
+        """A copy with ``changes`` applied, unsigned (the caller sets a new timestamp)."""
+        return replace(self, namespace_sig=b"", author_sig=b"", **changes)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,6 +112,7 @@ class Entry:
             "meta": dict(self.meta),
             "xattrs": {k: v.hex() for k, v in self.xattrs.items()},
             "deleted": self.deleted,
+            "seen": {a.hex(): t for a, t in self.seen.items()},
         }
 
     @classmethod
@@ -120,21 +135,63 @@ class Entry:
             meta={str(k): str(v) for k, v in d["meta"].items()},
             xattrs={str(k): bytes.fromhex(v) for k, v in d["xattrs"].items()},
             deleted=bool(d["deleted"]),
+            seen={bytes.fromhex(a): int(t) for a, t in d.get("seen", {}).items()},
+            namespace_sig=bytes.fromhex(d.get("namespace_sig", "")),
+            author_sig=bytes.fromhex(d.get("author_sig", "")),
         )
 
     def canonical(self) -> bytes:
+        """The signed bytes: everything but the signatures."""
         return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
+    def serialize(self) -> bytes:
+        """Canonical fields plus both signatures: what is stored and sent."""
+        d = self.to_json()
+        d["namespace_sig"] = self.namespace_sig.hex()
+        d["author_sig"] = self.author_sig.hex()
+        return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
     @classmethod
-    def from_canonical(cls, data: bytes) -> Entry:
-        return cls.from_json(json.loads(data))
+    def deserialize(cls, data: bytes) -> Entry:
+        """Inverse of `serialize`; raises ValueError/KeyError/TypeError on malformed input."""
+        d = json.loads(data)
+        if not isinstance(d, dict):
+            raise ValueError("an entry is a JSON object")
+        return cls.from_json(d)
 
     def entry_hash(self) -> bytes:
         return blake3.blake3(self.canonical()).digest()
 
-    def lww_key(self) -> tuple[int, bytes, bytes]:
+    def lww_key(self) -> LwwKey:
         """Total order for last-writer-wins: the larger key wins, identically on every node."""
         return (self.timestamp_ns, self.author, self.entry_hash())
+
+    def successor_context(self) -> dict[bytes, int]:
+        """The ``seen`` of a version written on top of this one: its own context plus itself."""
+        seen = dict(self.seen)
+        seen[self.author] = max(seen.get(self.author, 0), self.timestamp_ns)
+        return seen
+
+    def conflict_name(self) -> str:
+        """How a kept conflict version of this entry is shown: ``NAME.conflict-<author>-<time>``."""
+        return f"{self.name}.conflict-{self.author.hex()[:8]}-{self.timestamp_ns}"
+
+
+def dominates(a: Entry, b: Entry) -> bool:
+    """Whether ``a``'s writer had seen ``b`` (so ``b`` is history, not a concurrent version)."""
+    return a.seen.get(b.author, -1) >= b.timestamp_ns
+
+
+def shown_as_conflict(winner: Entry, sibling: Entry) -> bool:
+    """Whether a concurrent ``sibling`` of the ``winner`` is shown as a conflict file.
+
+    Only versions holding data are (not tombstones; directories merge by name), and
+    only when their content differs: two concurrent chmods lose nothing worth keeping.
+    """
+    if sibling.deleted or sibling.kind is Kind.DIR:
+        return False
+    return winner.deleted or (winner.kind, winner.manifest, winner.target, winner.size) != (
+        sibling.kind, sibling.manifest, sibling.target, sibling.size)
 
 
 def parent_of(path: str) -> str:

@@ -6,11 +6,17 @@ runs one suite against both.
 
 Contract:
 
-* ``apply(entries)`` merges a batch atomically: each entry replaces the stored one
-  for its path only if its `Entry.lww_key` is larger; it reports which ones won.
-  Local writes and (later) entries from peers take the same path, so every node
-  converges on the same winner.
+* ``apply(entries)`` merges a batch atomically. For each path the store keeps the
+  *siblings*: the versions no other received version has seen (`entry.dominates`).
+  A new version drops the siblings it has seen; a version some sibling has seen is
+  stale. The current entry is the siblings' last-writer-wins maximum; the others are
+  kept as conflict versions. The result depends only on the set of versions
+  received, never on their order or duplicates, so every node that received the same
+  versions holds the same state. Local writes and peers' entries take the same path.
 * Tombstones (``deleted=True``) are kept: ``get`` hides them, ``get_any`` shows them.
+* ``vector()`` is this store's reconciled knowledge: for each author, the timestamp up
+  to which it holds everything that author wrote (or something that beats it).
+  ``entries_since(v)`` is what a peer whose vector is ``v`` is missing.
 * ``apply(..., durable=True)`` returns only once the batch survives power loss;
   otherwise it survives a crash of this process (SQLite WAL, synchronous=NORMAL).
 
@@ -19,16 +25,17 @@ Callers: `blixfs.vfs.Vfs` on the trio thread, the CLI for read-only queries.
 
 from __future__ import annotations
 
+import enum
 import logging
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from lru import LRU
 
-from blixfs.entry import Entry, Kind, parent_of
+from blixfs.entry import Entry, Kind, dominates, parent_of
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,20 @@ class NamespaceStats:
     dirs: int
     symlinks: int
     file_bytes: int
+
+
+class Outcome(enum.Enum):
+    """What `NamespaceStore.apply` did with one entry."""
+
+    NEW = "new"  # it is now the path's current version
+    CONFLICT = "conflict"  # concurrent with the current version, and older: kept as a sibling
+    STALE = "stale"  # a version already held had seen it: nothing to keep
+    DUPLICATE = "duplicate"  # already held
+
+    @property
+    def changed(self) -> bool:
+        """Whether the store learned something (worth telling peers and the mount)."""
+        return self in (Outcome.NEW, Outcome.CONFLICT)
 
 
 class NamespaceStore(Protocol):
@@ -60,12 +81,27 @@ class NamespaceStore(Protocol):
         """Live entries strictly below ``path``, parents before children."""
         ...
 
-    def apply(self, entries: Sequence[Entry], *, durable: bool = False) -> list[bool]:
-        """Merge ``entries`` in one transaction; element i says whether entries[i] won."""
+    def apply(self, entries: Sequence[Entry], *, durable: bool = False) -> list[Outcome]:
+        """Merge ``entries`` in one transaction; element i says what became of entries[i]."""
+        ...
+
+    def conflicts_under(self, parent: str) -> list[Entry]:
+        """Kept sibling versions of paths directly under ``parent`` (all of them; the VFS
+        shows those `entry.shown_as_conflict` picks)."""
         ...
 
     def entries(self) -> Iterator[Entry]:
         """Every current entry, tombstones included (for sync and GC)."""
+        ...
+
+    def entries_since(self, vector: Mapping[bytes, int]) -> Iterator[Entry]:
+        """Current entries and conflict versions newer than ``vector`` for their author."""
+        ...
+
+    def vector(self) -> dict[bytes, int]: ...
+
+    def advance_vector(self, known: Mapping[bytes, int]) -> None:
+        """Raise this store's vector pointwise to ``known`` (after a complete reconciliation)."""
         ...
 
     def stats(self) -> NamespaceStats: ...
@@ -93,11 +129,69 @@ def _stats_of(entries: Iterator[Entry]) -> NamespaceStats:
     return NamespaceStats(files, dirs, links, size)
 
 
-class MemoryNamespaceStore:
+class _Merging:
+    """The merge rule, written once over four storage primitives."""
+
+    def _current(self, path: str) -> Entry | None:
+        raise NotImplementedError
+
+    def _put_current(self, entry: Entry) -> None:
+        raise NotImplementedError
+
+    def _conflicts_at(self, path: str) -> list[Entry]:
+        raise NotImplementedError
+
+    def _put_conflict(self, entry: Entry) -> None:
+        raise NotImplementedError
+
+    def _drop_conflict(self, entry: Entry) -> None:
+        raise NotImplementedError
+
+    def _merge(self, e: Entry) -> Outcome:
+        cur = self._current(e.path)
+        kept = self._conflicts_at(e.path)
+        siblings = [cur, *kept] if cur is not None else kept
+        h = e.entry_hash()
+        if any(s.entry_hash() == h for s in siblings):
+            return Outcome.DUPLICATE
+        if any(dominates(s, e) for s in siblings):
+            return Outcome.STALE
+        survivors = [s for s in siblings if not dominates(e, s)]
+        winner = max([*survivors, e], key=Entry.lww_key)
+        for s in kept:
+            if s is winner or s not in survivors:
+                self._drop_conflict(s)
+        if winner is not cur:
+            self._put_current(winner)
+            if cur is not None and cur in survivors:
+                self._put_conflict(cur)
+        if e is not winner:
+            self._put_conflict(e)
+        return Outcome.NEW if e is winner else Outcome.CONFLICT
+
+
+class MemoryNamespaceStore(_Merging):
     """A `NamespaceStore` in a dict."""
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
+        self._conflicts: dict[tuple[str, bytes], Entry] = {}
+        self._vector: dict[bytes, int] = {}
+
+    def _current(self, path: str) -> Entry | None:
+        return self._entries.get(path)
+
+    def _put_current(self, entry: Entry) -> None:
+        self._entries[entry.path] = entry
+
+    def _conflicts_at(self, path: str) -> list[Entry]:
+        return [e for (p, _), e in self._conflicts.items() if p == path]
+
+    def _put_conflict(self, entry: Entry) -> None:
+        self._conflicts[(entry.path, entry.entry_hash())] = entry
+
+    def _drop_conflict(self, entry: Entry) -> None:
+        self._conflicts.pop((entry.path, entry.entry_hash()), None)
 
     def get(self, path: str) -> Entry | None:
         e = self._entries.get(path)
@@ -122,18 +216,26 @@ class MemoryNamespaceStore:
             key=lambda e: e.path,
         )
 
-    def apply(self, entries: Sequence[Entry], *, durable: bool = False) -> list[bool]:
-        won = []
-        for e in entries:
-            cur = self._entries.get(e.path)
-            ok = cur is None or e.lww_key() > cur.lww_key()
-            if ok:
-                self._entries[e.path] = e
-            won.append(ok)
-        return won
+    def apply(self, entries: Sequence[Entry], *, durable: bool = False) -> list[Outcome]:
+        return [self._merge(e) for e in entries]
+
+    def conflicts_under(self, parent: str) -> list[Entry]:
+        return sorted((e for (p, _), e in self._conflicts.items() if parent_of(p) == parent),
+                      key=lambda e: e.lww_key())
 
     def entries(self) -> Iterator[Entry]:
         return iter(list(self._entries.values()))
+
+    def entries_since(self, vector: Mapping[bytes, int]) -> Iterator[Entry]:
+        everything = [*self._entries.values(), *self._conflicts.values()]
+        return iter([e for e in everything if e.timestamp_ns > vector.get(e.author, -1)])
+
+    def vector(self) -> dict[bytes, int]:
+        return dict(self._vector)
+
+    def advance_vector(self, known: Mapping[bytes, int]) -> None:
+        for author, ts in known.items():
+            self._vector[author] = max(self._vector.get(author, -1), ts)
 
     def stats(self) -> NamespaceStats:
         return _stats_of(self.entries())
@@ -142,7 +244,7 @@ class MemoryNamespaceStore:
         pass
 
 
-class SqliteNamespaceStore:
+class SqliteNamespaceStore(_Merging):
     """A `NamespaceStore` in one SQLite database (WAL mode).
 
     Each row keeps the entry's canonical encoding plus the columns queries need
@@ -166,16 +268,30 @@ class SqliteNamespaceStore:
                 data BLOB NOT NULL
             ) WITHOUT ROWID;
             CREATE INDEX IF NOT EXISTS entries_by_parent ON entries (parent, deleted, path);
+            CREATE INDEX IF NOT EXISTS entries_by_author ON entries (author, timestamp);
+            CREATE TABLE IF NOT EXISTS conflicts (
+                path TEXT NOT NULL,
+                hash BLOB NOT NULL,
+                parent TEXT NOT NULL,
+                timestamp INTEGER NOT NULL,
+                author BLOB NOT NULL,
+                data BLOB NOT NULL,
+                PRIMARY KEY (path, hash)
+            ) WITHOUT ROWID;
+            CREATE INDEX IF NOT EXISTS conflicts_by_parent ON conflicts (parent);
+            CREATE INDEX IF NOT EXISTS conflicts_by_author ON conflicts (author, timestamp);
+            CREATE TABLE IF NOT EXISTS vector (author BLOB PRIMARY KEY, timestamp INTEGER NOT NULL) WITHOUT ROWID;
             """
         )
         self._cache: LRU[str, Entry | None] = LRU(cache_entries)
+        self._pending: dict[str, Entry] = {}  # written by the apply in progress, not yet committed
 
     def _load(self, path: str) -> Entry | None:
         if path in self._cache:
             cached: Entry | None = self._cache[path]
             return cached
         row = self._db.execute("SELECT data FROM entries WHERE path = ?", (path,)).fetchone()
-        entry = Entry.from_canonical(row[0]) if row else None
+        entry = Entry.deserialize(row[0]) if row else None
         self._cache[path] = entry
         return entry
 
@@ -191,7 +307,7 @@ class SqliteNamespaceStore:
             "SELECT data FROM entries WHERE parent = ? AND deleted = 0 AND path != '' ORDER BY path",
             (parent,),
         )
-        return [Entry.from_canonical(r[0]) for r in rows]
+        return [Entry.deserialize(r[0]) for r in rows]
 
     def has_children(self, parent: str) -> bool:
         row = self._db.execute(
@@ -206,44 +322,90 @@ class SqliteNamespaceStore:
             " ORDER BY path",
             (lo, hi),
         )
-        return [Entry.from_canonical(r[0]) for r in rows]
+        return [Entry.deserialize(r[0]) for r in rows]
 
-    def apply(self, entries: Sequence[Entry], *, durable: bool = False) -> list[bool]:
-        won: list[bool] = []
-        written: list[Entry] = []
+    # Storage primitives of the merge rule; called inside apply's transaction.
+
+    def _current(self, path: str) -> Entry | None:
+        return self._pending[path] if path in self._pending else self._load(path)
+
+    def _put_current(self, entry: Entry) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (entry.path, parent_of(entry.path), int(entry.deleted), entry.timestamp_ns, entry.author,
+             entry.entry_hash(), entry.serialize()),
+        )
+        self._pending[entry.path] = entry
+
+    def _conflicts_at(self, path: str) -> list[Entry]:
+        rows = self._db.execute("SELECT data FROM conflicts WHERE path = ?", (path,))
+        return [Entry.deserialize(r[0]) for r in rows]
+
+    def _put_conflict(self, entry: Entry) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO conflicts VALUES (?, ?, ?, ?, ?, ?)",
+            (entry.path, entry.entry_hash(), parent_of(entry.path), entry.timestamp_ns, entry.author,
+             entry.serialize()),
+        )
+
+    def _drop_conflict(self, entry: Entry) -> None:
+        self._db.execute("DELETE FROM conflicts WHERE path = ? AND hash = ?", (entry.path, entry.entry_hash()))
+
+    def apply(self, entries: Sequence[Entry], *, durable: bool = False) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        self._pending = {}
         if durable:
             self._db.execute("PRAGMA synchronous=FULL")
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for e in entries:
-                    row = self._db.execute(
-                        "SELECT timestamp, author, hash FROM entries WHERE path = ?", (e.path,)
-                    ).fetchone()
-                    h = e.entry_hash()
-                    ok = row is None or (e.timestamp_ns, e.author, h) > (row[0], row[1], row[2])
-                    if ok:
-                        self._db.execute(
-                            "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (e.path, parent_of(e.path), int(e.deleted), e.timestamp_ns, e.author, h,
-                             e.canonical()),
-                        )
-                        written.append(e)
-                    won.append(ok)
+                outcomes = [self._merge(e) for e in entries]
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            # only after COMMIT: a rolled-back batch must not reach the cache
+            for path, e in self._pending.items():
+                self._cache[path] = e
         finally:
+            self._pending = {}
             if durable:
                 self._db.execute("PRAGMA synchronous=NORMAL")
-        for e in written:  # only after COMMIT: a rolled-back batch must not reach the cache
-            self._cache[e.path] = e
-        return won
+        return outcomes
+
+    def conflicts_under(self, parent: str) -> list[Entry]:
+        rows = self._db.execute("SELECT data FROM conflicts WHERE parent = ? ORDER BY timestamp", (parent,))
+        return [Entry.deserialize(r[0]) for r in rows]
+
+    def entries_since(self, vector: Mapping[bytes, int]) -> Iterator[Entry]:
+        for table in ("entries", "conflicts"):
+            authors = [r[0] for r in self._db.execute(f"SELECT DISTINCT author FROM {table}")]
+            for author in authors:
+                rows = self._db.execute(
+                    f"SELECT data FROM {table} WHERE author = ? AND timestamp > ?", (author, vector.get(author, -1))
+                ).fetchall()
+                for (data,) in rows:
+                    yield Entry.deserialize(data)
+
+    def vector(self) -> dict[bytes, int]:
+        return {bytes(a): int(t) for a, t in self._db.execute("SELECT author, timestamp FROM vector")}
+
+    def advance_vector(self, known: Mapping[bytes, int]) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(
+                "INSERT INTO vector VALUES (?, ?) ON CONFLICT (author) DO UPDATE SET"
+                " timestamp = max(timestamp, excluded.timestamp)",
+                list(known.items()),
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def entries(self) -> Iterator[Entry]:
         for (data,) in self._db.execute("SELECT data FROM entries ORDER BY path"):
-            yield Entry.from_canonical(data)
+            yield Entry.deserialize(data)
 
     def stats(self) -> NamespaceStats:
         return _stats_of(self.entries())

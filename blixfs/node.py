@@ -1,24 +1,35 @@
-"""A blixfs node's local state: its home directory, identity and stores.
+"""A blixfs node's local state: its home directory, identity, namespace and stores.
 
 Home layout (``--home``, ``$BLIXFS_HOME``, else ``$XDG_DATA_HOME/blixfs``)::
 
-    identity.key     the node's iroh secret key (ed25519, 32 bytes, mode 0600)
-    chunks/          the DiskChunkStore (one file per chunk + index.db)
-    namespace.db     the SqliteNamespaceStore
-    daemon.lock      held (flock) by the one daemon using this home
+    identity.key          the node's iroh secret key (ed25519, 32 bytes, mode 0600)
+    chunks/               the DiskChunkStore (one file per chunk + index.db)
+    namespace/            the namespace this node serves:
+        namespace.id      its id (public key, hex)
+        namespace.key     its secret (mode 0600): present only with write capability
+        namespace.db      the SqliteNamespaceStore
+    peers.json            nodes to sync with (from tickets), "<node id>@ip:port,..." each
+    node.json             settings kept across restarts (the listen address, so tickets stay valid)
+    daemon.lock           held (flock) by the one daemon using this home
+    control.sock          the running daemon's control socket (`blixfs.daemon`)
 
-Callers: the CLI (`blixfs mount` opens a `Node` read-write and holds the lock;
-`blixfs status` opens the stores without it, since SQLite WAL readers do not
-block the writer).
+A home created without a ticket starts its own namespace with write capability:
+the embedded default, a complete local node with no configuration.
+
+Callers: the CLI (`blixfs mount` opens a `Node` and holds the lock; `blixfs status`
+and friends open it without the lock: SQLite WAL readers do not block the writer).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
-from dataclasses import dataclass
+import shutil
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +37,10 @@ from blixfs.chunkstore import DiskChunkStore
 from blixfs.errors import FsError
 from blixfs.manifest import DEFAULT_CHUNK_SIZE
 from blixfs.namespace import SqliteNamespaceStore
-from blixfs.net.iroh_transport import load_or_create_secret_key, node_id_from_secret_key
+from blixfs.net.iroh_transport import load_or_create_secret_key
+from blixfs.net.transport import NodeAddr
+from blixfs.replica import NamespaceKeys, Replica
+from blixfs.ticket import Ticket
 from blixfs.vfs import Vfs
 
 log = logging.getLogger(__name__)
@@ -44,13 +58,39 @@ class HomeLocked(Exception):
     """Another daemon holds this home directory."""
 
 
+class JoinError(Exception):
+    """A ticket that cannot be joined on this home, with what to do instead."""
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @dataclass
 class Node:
     home: Path
     chunks: DiskChunkStore
-    namespace: SqliteNamespaceStore
-    node_id: bytes
+    replica: Replica
+    secret: bytes = field(repr=False)
     _lock_fd: int | None = None
+
+    @property
+    def node_id(self) -> bytes:
+        return self.replica.author
+
+    @property
+    def namespace(self) -> SqliteNamespaceStore:
+        store = self.replica.store
+        assert isinstance(store, SqliteNamespaceStore)
+        return store
 
     @classmethod
     def open(cls, home: Path, *, lock: bool = True) -> Node:
@@ -63,17 +103,23 @@ class Node:
         lock_fd = cls._lock(home) if lock else None
         try:
             secret = load_or_create_secret_key(home / "identity.key")
-            return cls(
-                home=home,
-                chunks=DiskChunkStore(home / "chunks"),
-                namespace=SqliteNamespaceStore(home / "namespace.db"),
-                node_id=bytes.fromhex(node_id_from_secret_key(secret)),
-                _lock_fd=lock_fd,
-            )
+            chunks = DiskChunkStore(home / "chunks")
+            return cls(home=home, chunks=chunks, replica=cls._open_replica(home, secret), secret=secret,
+                       _lock_fd=lock_fd)
         except BaseException:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise
+
+    @staticmethod
+    def _open_replica(home: Path, secret: bytes) -> Replica:
+        nsdir = home / "namespace"
+        if not (nsdir / "namespace.id").exists():
+            keys = NamespaceKeys.generate()
+            keys.save(nsdir)
+            log.info("created namespace %s (this node can write it)", keys.id.hex())
+        keys = NamespaceKeys.load(nsdir)
+        return Replica(SqliteNamespaceStore(nsdir / "namespace.db"), keys, secret)
 
     @staticmethod
     def _lock(home: Path) -> int:
@@ -91,19 +137,100 @@ class Node:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
+    # ------------------------------------------------------------ settings
+
+    def _settings(self) -> dict[str, Any]:
+        path = self.home / "node.json"
+        try:
+            data = json.loads(path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def listen_addr(self) -> str:
+        """Where the daemon binds its endpoint: chosen once, then kept so tickets stay valid."""
+        settings = self._settings()
+        addr = settings.get("listen")
+        if not isinstance(addr, str):
+            addr = f"127.0.0.1:{_free_port()}"
+            self.set_listen_addr(addr)
+        return addr
+
+    def set_listen_addr(self, addr: str) -> None:
+        settings = self._settings()
+        settings["listen"] = addr
+        _write_json(self.home / "node.json", settings)
+
+    def peers(self) -> list[NodeAddr]:
+        try:
+            raw = json.loads((self.home / "peers.json").read_text())
+        except FileNotFoundError:
+            return []
+        peers = []
+        for text in raw if isinstance(raw, list) else []:
+            try:
+                peers.append(NodeAddr.parse(str(text)))
+            except ValueError as exc:
+                log.warning("ignoring unreadable peer %r in peers.json: %s", text, exc)
+        return peers
+
+    def add_peer(self, peer: NodeAddr) -> bool:
+        """Remember ``peer`` (replacing its old addresses); False if it is this node."""
+        if peer.node_id == self.node_id.hex():
+            return False
+        peers = [p for p in self.peers() if p.node_id != peer.node_id] + [peer]
+        _write_json(self.home / "peers.json", [str(p) for p in peers])
+        return True
+
+    # ---------------------------------------------------------- namespaces
+
+    def join(self, ticket: Ticket) -> str:
+        """Adopt the ticket's namespace (or its capability) and remember its node.
+
+        Raises JoinError when this home already serves another namespace that holds
+        entries: one home serves one namespace.
+        """
+        keys = self.replica.keys
+        message: str
+        if ticket.keys.id == keys.id:
+            if ticket.keys.secret is not None and keys.secret is None:
+                ticket.keys.save(self.home / "namespace")
+                self.replica.keys = ticket.keys
+                message = f"namespace {keys.id.hex()[:16]}: write capability added"
+            else:
+                message = f"namespace {keys.id.hex()[:16]}: already joined"
+        else:
+            held = sum(1 for _ in self.namespace.entries())
+            if held:
+                raise JoinError(
+                    f"this home already serves namespace {keys.id.hex()} with {held} entries; "
+                    f"join with another --home (one home serves one namespace)")
+            self.namespace.close()
+            shutil.rmtree(self.home / "namespace")
+            ticket.keys.save(self.home / "namespace")
+            self.replica = self._open_replica(self.home, self.secret)
+            mode = "read-write" if ticket.keys.writable else "read-only"
+            message = f"joined namespace {ticket.keys.id.hex()[:16]} ({mode})"
+        if self.add_peer(ticket.peer):
+            message += f"; will sync with {ticket.peer.node_id[:16]}"
+        return message
+
     def vfs(self, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Vfs:
-        return Vfs(self.namespace, self.chunks, self.node_id, chunk_size=chunk_size, statfs_path=str(self.home))
+        return Vfs(self.replica, self.chunks, chunk_size=chunk_size, statfs_path=str(self.home))
 
     def status(self) -> dict[str, Any]:
-        """Figures for `blixfs status`: store size, chunks, files."""
+        """Figures for `blixfs status`: store size, chunks, files, namespace, peers."""
         cs = self.chunks.stats()
         ns = self.namespace.stats()
+        keys = self.replica.keys
         return {
             "home": str(self.home),
             "node_id": self.node_id.hex(),
-            "store": {"chunks": cs.chunks, "bytes": cs.bytes},
-            "namespace": {"files": ns.files, "directories": ns.dirs, "symlinks": ns.symlinks,
+            "namespace": {"id": keys.id.hex(), "capability": "write" if keys.writable else "read",
+                          "files": ns.files, "directories": ns.dirs, "symlinks": ns.symlinks,
                           "file_bytes": ns.file_bytes},
+            "store": {"chunks": cs.chunks, "bytes": cs.bytes},
+            "peers": [str(p) for p in self.peers()],
         }
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ Concurrency and locking invariants (see docs/design.md, "Locking"):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -33,6 +34,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from lru import LRU
 
@@ -48,12 +50,14 @@ from blixfs.entry import (
     Kind,
     join,
     parent_of,
+    shown_as_conflict,
 )
 from blixfs.errors import FsError, storage_errno
 from blixfs.hashing import HOLE, ChunkId, short
 from blixfs.manifest import DEFAULT_CHUNK_SIZE, Manifest, ManifestError, chunk_count, chunk_length
 from blixfs.namespace import NamespaceStore
 from blixfs.reader import ChunkReader
+from blixfs.replica import Replica
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +150,10 @@ class InodeTable:
             self._by_ino[ino] = path
         return ino
 
+    def known(self, path: str) -> int | None:
+        """The inode number of ``path`` if the kernel may know it (never allocates one)."""
+        return self._by_path.get(path)
+
     def path(self, ino: int) -> str:
         try:
             return self._by_ino[ino]
@@ -174,9 +182,8 @@ class Vfs:
 
     def __init__(
         self,
-        namespace: NamespaceStore,
+        replica: Replica,
         chunks: ChunkStore,
-        author: bytes,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         statfs_path: str = "/",
@@ -184,11 +191,15 @@ class Vfs:
         clock: Callable[[], int] = time.time_ns,
         owner: tuple[int, int] = (os.getuid(), os.getgid()),
     ) -> None:
-        self.namespace = namespace
+        self.replica = replica
+        self.namespace: NamespaceStore = replica.store
         self.chunks = chunks
-        self.author = author
+        self.author = replica.author
         self.chunk_size = chunk_size
-        self.read_only = False
+        # Called with (parent inode, name, inode or None) for every path a peer changed,
+        # so the FUSE layer can drop the kernel's caches. None: nobody to tell.
+        self.invalidator: Callable[[int, str, int | None], None] | None = None
+        replica.listeners.append(self._on_namespace_change)
         self._statfs_path = statfs_path
         self._max_dirty = max_dirty_bytes
         self._clock = clock
@@ -205,18 +216,56 @@ class Vfs:
 
     # ----------------------------------------------------------------- helpers
 
-    def _stamp(self, prev: Entry | None) -> int:
-        """A last-writer-wins timestamp later than ``prev``'s, even if the clock stepped back."""
-        now = self._clock()
-        return max(now, prev.timestamp_ns + 1) if prev is not None else now
+    @property
+    def read_only(self) -> bool:
+        return not self.replica.writable
+
+    def _successor(self, prev: Entry, **changes: Any) -> Entry:
+        """The next version of ``prev`` by this node: a later timestamp, and a causal
+        context that has seen ``prev`` (so it replaces it rather than conflicting)."""
+        changes.setdefault("seen", prev.successor_context())
+        return prev.evolve(**changes, timestamp_ns=self.replica.stamp(prev), author=self.author)
+
+    def _placed(self, content: Entry, path: str, **changes: Any) -> Entry:
+        """``content`` as this node's new version at ``path``, over whatever version is there."""
+        prev = self.namespace.get_any(path)
+        return content.evolve(path=path, deleted=False, author=self.author, timestamp_ns=self.replica.stamp(prev),
+                              seen=prev.successor_context() if prev is not None else {}, **changes)
 
     def _entry(self, path: str) -> Entry:
+        """The live entry at ``path`` (a kept conflict version for a conflict file name); ENOENT."""
         if path == "":
             return self.namespace.get("") or self._root_entry()
         e = self.namespace.get(path)
         if e is None:
-            raise FsError(errno.ENOENT, f"no such entry: {path}")
+            version = self._conflict_version(path)
+            if version is None:
+                raise FsError(errno.ENOENT, f"no such entry: {path}")
+            e = version.evolve(path=path)  # shown under its conflict name; never committed as is
         return e
+
+    def _mutable_entry(self, path: str) -> Entry:
+        """`_entry` for an operation that changes it: EROFS for conflict versions."""
+        self._writable()
+        if self.namespace.get(path) is None and self._conflict_version(path) is not None:
+            raise FsError(errno.EROFS, f"{path} is a kept conflict version: rename it to keep it, delete it to drop it")
+        return self._entry(path)
+
+    def _shown_conflicts(self, parent: str) -> list[Entry]:
+        """Kept versions under ``parent`` that are shown as conflict files."""
+        shown = []
+        for sibling in self.namespace.conflicts_under(parent):
+            winner = self.namespace.get_any(sibling.path)
+            if winner is not None and shown_as_conflict(winner, sibling):
+                shown.append(sibling)
+        return shown
+
+    def _conflict_version(self, path: str) -> Entry | None:
+        """The kept version a conflict file name stands for (``NAME.conflict-<author>-<time>``)."""
+        parent, _, name = path.rpartition("/")
+        if ".conflict-" not in name:
+            return None
+        return next((v for v in self._shown_conflicts(parent) if v.conflict_name() == name), None)
 
     def _root_entry(self) -> Entry:
         uid, gid = self._owner
@@ -248,7 +297,9 @@ class Vfs:
 
     def _commit_entries(self, entries: list[Entry], *, durable: bool = False) -> None:
         try:
-            self.namespace.apply(entries, durable=durable)
+            self.replica.commit_local(entries, durable=durable)
+        except FsError:
+            raise
         except Exception as exc:
             err = storage_errno(exc)
             log.error("namespace commit of %s failed: %s", [e.path for e in entries], exc)
@@ -260,6 +311,8 @@ class Vfs:
             return cached
         raw = self.chunks.get(ChunkId(mid))
         if raw is None:
+            log.error("manifest %s is not held by this node: the file's content is on peers, and fetching "
+                      "content from peers is not supported yet", short(mid))
             raise FsError(errno.EIO, f"manifest {short(mid)} is not held by this node")
         try:
             manifest = Manifest.decode(raw)
@@ -267,6 +320,18 @@ class Vfs:
             raise FsError(errno.EIO, f"manifest {short(mid)} is invalid: {exc}") from exc
         self._manifests[mid] = manifest
         return manifest
+
+    def _stored_bytes(self, e: Entry) -> int:
+        """Bytes the file's chunks take (holes none); its size while the manifest is on peers only.
+
+        Attributes never need content: listing a directory must work before any chunk is here.
+        """
+        assert e.manifest is not None
+        cached: Manifest | None = self._manifests.get(e.manifest)
+        if cached is None and self.chunks.has(ChunkId(e.manifest)):
+            with contextlib.suppress(FsError):
+                cached = self._manifest(e.manifest)
+        return cached.stored_bytes() if cached is not None else e.size
 
     def _attr(self, ino: int, e: Entry) -> Attr:
         size, mtime, blocks = e.size, e.mtime_ns, 0
@@ -278,28 +343,27 @@ class Vfs:
                              for i, cid in enumerate(content.ids) if cid != HOLE and i not in content.dirty)
                 blocks = -(-(stored + content.dirty_bytes()) // 512)
             elif e.manifest is not None:
-                blocks = -(-self._manifest(e.manifest).stored_bytes() // 512)
+                blocks = -(-self._stored_bytes(e) // 512)
         elif e.kind is Kind.SYMLINK:
             size = len(e.target.encode())
+        mode = e.st_mode & ~0o222 if ".conflict-" in e.path and self.namespace.get(e.path) is None else e.st_mode
         return Attr(
-            ino=ino, mode=e.st_mode, nlink=1, uid=e.uid, gid=e.gid, size=size, blocks=blocks,
+            ino=ino, mode=mode, nlink=1, uid=e.uid, gid=e.gid, size=size, blocks=blocks,
             atime_ns=mtime, mtime_ns=mtime, ctime_ns=max(e.ctime_ns, mtime),
         )
 
-    def _new_entry(self, path: str, kind: Kind, mode: int, uid: int, gid: int, **extra: object) -> Entry:
+    def _new_entry(self, path: str, kind: Kind, mode: int, uid: int, gid: int, **extra: Any) -> Entry:
         now = self._clock()
-        prev = self.namespace.get_any(path)
-        return Entry(
-            path=path, kind=kind, mode=stat.S_IMODE(mode), uid=uid, gid=gid, size=0, mtime_ns=now,
-            ctime_ns=now, author=self.author, timestamp_ns=self._stamp(prev), **extra,  # type: ignore[arg-type]
-        )
+        blank = Entry(path=path, kind=kind, mode=stat.S_IMODE(mode), uid=uid, gid=gid, size=0, mtime_ns=now,
+                      ctime_ns=now, author=self.author, timestamp_ns=0)
+        return self._placed(blank, path, **extra)
 
     def _touch_parent(self, path: str) -> list[Entry]:
         """The parent directory's new entry with mtime/ctime now (creating a name changes it)."""
         parent = parent_of(path)
         e = self._entry(parent)
         now = self._clock()
-        return [e.evolve(mtime_ns=now, ctime_ns=now, timestamp_ns=self._stamp(e), author=self.author)]
+        return [self._successor(e, mtime_ns=now, ctime_ns=now)]
 
     # ------------------------------------------------------- lookup and attrs
 
@@ -336,9 +400,8 @@ class Vfs:
         mtime_ns: int | None = None,
     ) -> Attr:
         """chmod, chown, utimens and truncate. ``atime_ns`` is accepted and not kept (noatime)."""
-        self._writable()
         path = self.inodes.path(ino)
-        e = self._entry(path)
+        e = self._mutable_entry(path)
         now = self._clock()
         if size is not None:
             if e.kind is not Kind.FILE:
@@ -366,7 +429,7 @@ class Vfs:
             if open_content is not None:
                 open_content.mtime_ns = mtime_ns
         if len(changes) > 1 or size is None:
-            self._commit_entries([e.evolve(**changes, timestamp_ns=self._stamp(e), author=self.author)])
+            self._commit_entries([self._successor(e, **changes)])
         return await self.getattr(ino)
 
     async def readlink(self, ino: int) -> str:
@@ -380,7 +443,11 @@ class Vfs:
         path = self.inodes.path(ino)
         if self._entry(path).kind is not Kind.DIR:
             raise FsError(errno.ENOTDIR, f"{path} is not a directory")
-        return [(e.name, self._attr(self.inodes.ino(e.path), e)) for e in self.namespace.children(path)]
+        listing = [(e.name, self._attr(self.inodes.ino(e.path), e)) for e in self.namespace.children(path)]
+        for version in self._shown_conflicts(path):
+            shown = join(path, version.conflict_name())
+            listing.append((version.conflict_name(), self._attr(self.inodes.ino(shown), version.evolve(path=shown))))
+        return listing
 
     async def statfs(self) -> FsStats:
         st = os.statvfs(self._statfs_path)
@@ -425,7 +492,22 @@ class Vfs:
         fh = self._open_handle(ino, e, flags)
         return fh, self._attr(ino, e)
 
+    def _resolution(self, version: Entry) -> Entry:
+        """A new version of ``version``'s path that has seen it: the conflict is resolved
+        (on every node, once this replicates) and the current content stays."""
+        current = self.namespace.get_any(version.path)
+        assert current is not None
+        seen = current.successor_context()
+        for author, ts in version.successor_context().items():
+            seen[author] = max(seen.get(author, -1), ts)
+        return self._successor(current, seen=seen)
+
     def _remove(self, path: str, want_dir: bool) -> None:
+        version = self._conflict_version(path) if self.namespace.get(path) is None else None
+        if version is not None and not want_dir:
+            self._commit_entries([self._resolution(version)])  # deleting a conflict file drops that version
+            self._forget_path(path)
+            return
         e = self._entry(path)
         if want_dir and e.kind is not Kind.DIR:
             raise FsError(errno.ENOTDIR, f"{path} is not a directory")
@@ -433,7 +515,7 @@ class Vfs:
             raise FsError(errno.EISDIR, f"{path} is a directory")
         if want_dir and self.namespace.has_children(path):
             raise FsError(errno.ENOTEMPTY, f"{path} is not empty")
-        tomb = e.evolve(deleted=True, timestamp_ns=self._stamp(e), author=self.author, ctime_ns=self._clock())
+        tomb = self._successor(e, deleted=True, ctime_ns=self._clock())
         self._commit_entries([tomb, *self._touch_parent(path)])
         self._forget_path(path)
 
@@ -467,6 +549,13 @@ class Vfs:
         e = self._entry(src)
         if src == dst:
             return
+        version = self._conflict_version(src) if self.namespace.get(src) is None else None
+        if version is not None:  # keeping a conflict version: it becomes a file of its own
+            if self.namespace.get(dst) is not None:
+                raise FsError(errno.EEXIST, f"{dst} exists: rename the conflict version to a new name")
+            self._commit_entries([self._placed(version, dst, ctime_ns=self._clock()), self._resolution(version)])
+            self._forget_path(src)
+            return
         if dst.startswith(src + "/"):
             raise FsError(errno.EINVAL, f"cannot move {src} into itself")
         target = self.namespace.get(dst)
@@ -485,14 +574,12 @@ class Vfs:
         moved = [e, *self.namespace.descendants(src)] if e.kind is Kind.DIR else [e]
         for old in moved:
             new_path = dst + old.path[len(src) :]
-            batch.append(old.evolve(deleted=True, timestamp_ns=self._stamp(old), author=self.author))
-            prev = target if new_path == dst else self.namespace.get_any(new_path)
-            batch.append(old.evolve(path=new_path, timestamp_ns=self._stamp(prev), author=self.author,
-                                    ctime_ns=now if old is e else old.ctime_ns))
+            batch.append(self._successor(old, deleted=True))
+            batch.append(self._placed(old, new_path, ctime_ns=now if old is e else old.ctime_ns))
         parents = {parent_of(src), parent_of(dst)}
         for p in parents:
             pe = self._entry(p)
-            batch.append(pe.evolve(mtime_ns=now, ctime_ns=now, timestamp_ns=self._stamp(pe), author=self.author))
+            batch.append(self._successor(pe, mtime_ns=now, ctime_ns=now))
         self._commit_entries(batch)
         if target is not None:
             self._forget_path(dst)
@@ -522,8 +609,7 @@ class Vfs:
         return [META_XATTR_PREFIX + k for k in sorted(e.meta)] + sorted(e.xattrs)
 
     async def setxattr(self, ino: int, name: str, value: bytes) -> None:
-        self._writable()
-        e = self._entry(self.inodes.path(ino))
+        e = self._mutable_entry(self.inodes.path(ino))
         if len(value) > MAX_XATTR_VALUE or len(name) > MAX_NAME_BYTES:
             raise FsError(errno.E2BIG, f"xattr {name} too large")
         if name.startswith(META_XATTR_PREFIX):
@@ -542,12 +628,10 @@ class Vfs:
             changes = {"xattrs": xattrs}
         else:
             raise FsError(errno.ENOTSUP, f"only user.* xattrs are supported, not {name}")
-        self._commit_entries([e.evolve(**changes, ctime_ns=self._clock(), timestamp_ns=self._stamp(e),
-                                       author=self.author)])
+        self._commit_entries([self._successor(e, **changes, ctime_ns=self._clock())])
 
     async def removexattr(self, ino: int, name: str) -> None:
-        self._writable()
-        e = self._entry(self.inodes.path(ino))
+        e = self._mutable_entry(self.inodes.path(ino))
         if name.startswith(META_XATTR_PREFIX) and name[len(META_XATTR_PREFIX) :] in e.meta:
             key = name[len(META_XATTR_PREFIX) :]
             changes: dict[str, object] = {"meta": {k: v for k, v in e.meta.items() if k != key}}
@@ -555,8 +639,46 @@ class Vfs:
             changes = {"xattrs": {k: v for k, v in e.xattrs.items() if k != name}}
         else:
             raise FsError(errno.ENODATA)
-        self._commit_entries([e.evolve(**changes, ctime_ns=self._clock(), timestamp_ns=self._stamp(e),
-                                       author=self.author)])
+        self._commit_entries([self._successor(e, **changes, ctime_ns=self._clock())])
+
+    # ------------------------------------------------------- peers' changes
+
+    def _on_namespace_change(self, entries: list[Entry], source: str | None) -> None:
+        """Replica listener: a peer's entries changed the namespace (local ones need nothing).
+
+        Open files nobody here has modified follow the new version (their page cache is
+        dropped with the invalidation); files with local changes keep them, and their
+        next commit is a concurrent version the merge rule keeps. Then the kernel is told.
+        """
+        if source is None:
+            return
+        for e in entries:
+            ino = self.inodes.known(e.path)
+            content = self._contents.get(ino) if ino is not None else None
+            current = self.namespace.get(e.path)
+            if content is not None and not content.changed and current is not None and current.kind is Kind.FILE:
+                self._follow(content, current)
+            if self.invalidator is not None:
+                parent, _, name = e.path.rpartition("/")
+                parent_ino = self.inodes.known(parent)
+                if parent_ino is not None:
+                    self.invalidator(parent_ino, name, ino)
+                    for version in self.namespace.conflicts_under(parent):  # conflict files come and go too
+                        if version.path == e.path:
+                            self.invalidator(parent_ino, version.conflict_name(), None)
+
+    def _follow(self, content: OpenContent, current: Entry) -> None:
+        try:
+            m = self._manifest(current.manifest) if current.manifest is not None else None
+        except FsError as exc:
+            log.warning("%s changed on a peer, but its new manifest is not here (%s): open handles keep the "
+                        "version they had", current.path, exc)
+            return
+        content.size = m.size if m is not None else 0
+        content.ids = list(m.ids) if m is not None else []
+        content.chunk_size = m.chunk_size if m is not None else content.chunk_size
+        content.dirty.clear()
+        content.mtime_ns = current.mtime_ns
 
     # ---------------------------------------------------------- file content
 
@@ -590,13 +712,13 @@ class Vfs:
 
     async def open(self, ino: int, flags: int) -> int:
         """Open a file; returns a handle. EISDIR for directories, EROFS for writes when read-only."""
-        e = self._entry(self.inodes.path(ino))
+        path = self.inodes.path(ino)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        e = self._mutable_entry(path) if writing else self._entry(path)
         if e.kind is Kind.DIR:
             raise FsError(errno.EISDIR, f"{e.path} is a directory")
         if e.kind is not Kind.FILE:
             raise FsError(errno.EINVAL, f"{e.path} is not a regular file")
-        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
-            self._writable()
         return self._open_handle(ino, e, flags)
 
     def _handle(self, fh: int) -> Handle:
@@ -783,7 +905,9 @@ class Vfs:
                 self.chunks.sync()
             return
         path = self.inodes.path(ino)
-        e = self._entry(path)
+        e = self.namespace.get_any(path)
+        if e is None:
+            raise FsError(errno.ENOENT, f"{path} vanished while open")
         self._store_dirty(content, sorted(content.dirty))
         manifest_id: bytes | None = None
         try:
@@ -794,9 +918,10 @@ class Vfs:
                 self.chunks.sync()
         except OSError as exc:
             raise FsError(storage_errno(exc), f"cannot store the manifest of {path}: {exc.strerror}") from exc
-        new = e.evolve(size=content.size, manifest=manifest_id, mtime_ns=content.mtime_ns,
-                       ctime_ns=max(e.ctime_ns, content.mtime_ns), timestamp_ns=self._stamp(e),
-                       author=self.author)
+        # Over a tombstone too: a peer deleted the file while this node was writing it, and
+        # the data written here is newer than that delete (the delete stays in history).
+        new = self._successor(e, deleted=False, size=content.size, manifest=manifest_id, mtime_ns=content.mtime_ns,
+                              ctime_ns=max(e.ctime_ns, content.mtime_ns))
         self._commit_entries([new], durable=durable)
         content.changed = False
         metrics.commits.inc()

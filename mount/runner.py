@@ -7,9 +7,12 @@ session, every open file is committed durably, and the mount is removed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import functools
 import logging
+import math
 import os
 import signal
 import socket
@@ -20,6 +23,8 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from blixfs.daemon import run_services
+from blixfs.node import Node
 from blixfs.vfs import Vfs
 from mount.ops import BlixOperations
 
@@ -157,7 +162,37 @@ def mount_options(*, allow_other: bool) -> set[str]:
     return opts
 
 
-async def _serve(vfs: Vfs, path: Path) -> None:
+class KernelInvalidator:
+    """Tells the kernel to drop cached entries and pages of paths a peer changed.
+
+    `Vfs` calls it (synchronously, on the trio thread) through ``vfs.invalidator``; the
+    notifications are written from a worker thread, because the kernel may need a lock
+    that a request this thread is serving holds.
+    """
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[tuple[int, str, int | None]](math.inf)
+
+    def __call__(self, parent_ino: int, name: str, ino: int | None) -> None:
+        self._send.send_nowait((parent_ino, name, ino))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for parent_ino, name, ino in self._receive:
+            await trio.to_thread.run_sync(self._invalidate, parent_ino, name, ino)
+
+    @staticmethod
+    def _invalidate(parent_ino: int, name: str, ino: int | None) -> None:
+        # ENOENT: the kernel had nothing cached for it. Nothing else is expected here.
+        with contextlib.suppress(OSError):
+            if name:
+                pyfuse3.invalidate_entry(pyfuse3.InodeT(parent_ino), name.encode("utf-8", "surrogateescape"))
+        if ino is not None:
+            with contextlib.suppress(OSError):
+                pyfuse3.invalidate_inode(pyfuse3.InodeT(ino))
+
+
+async def _serve(node: Node, vfs: Vfs, path: Path, listen: str | None) -> None:
     async with trio.open_nursery() as nursery:
 
         async def watch_signals() -> None:
@@ -168,6 +203,10 @@ async def _serve(vfs: Vfs, path: Path) -> None:
                     return
 
         nursery.start_soon(watch_signals)
+        invalidator = KernelInvalidator()
+        await nursery.start(invalidator.run)
+        vfs.invalidator = invalidator
+        await nursery.start(functools.partial(run_services, node, listen=listen))
         nursery.start_soon(trio.to_thread.run_sync, tune_kernel_side, path)
         log.info("blixfs mounted at %s", path)
         notify_systemd("READY=1")
@@ -177,8 +216,10 @@ async def _serve(vfs: Vfs, path: Path) -> None:
     notify_systemd("STOPPING=1")
 
 
-def run_mount(vfs: Vfs, path: Path, *, direct_io: bool = False, allow_other: bool | None = None) -> None:
-    """Mount ``vfs`` at ``path`` and serve until SIGINT/SIGTERM or an external unmount.
+def run_mount(node: Node, vfs: Vfs, path: Path, *, direct_io: bool = False, allow_other: bool | None = None,
+              listen: str | None = None) -> None:
+    """Mount ``vfs`` at ``path``, run the node's services, and serve until SIGINT/SIGTERM
+    or an external unmount.
 
     Raises MountError (with an actionable message) if the mount cannot be made.
     """
@@ -194,7 +235,7 @@ def run_mount(vfs: Vfs, path: Path, *, direct_io: bool = False, allow_other: boo
                          f"(scripts/install.sh)? Non-root users need 'user_allow_other' in /etc/fuse.conf "
                          f"for allow_other.") from exc
     try:
-        trio.run(_serve, vfs, path)
+        trio.run(_serve, node, vfs, path, listen)
     finally:
         pyfuse3.close(unmount=True)
     log.info("unmounted %s", path)

@@ -773,13 +773,28 @@ def load_or_create_secret_key(path: str | os.PathLike[str]) -> bytes:
     file exists but doesn't hold exactly 32 bytes (never overwrites it), OSError on I/O
     errors. Logs a warning if an existing file is readable by group or others.
     """
-    path = os.fspath(path)
-    existing = _read_key(path)
+    existing = _read_key(os.fspath(path))
     if existing is not None:
         return existing
+    return write_secret_key(path, generate_secret_key())
+
+
+def generate_secret_key() -> bytes:
+    """A new random 32-byte ed25519 secret key (every 32-byte value is a valid seed)."""
+    return secrets.token_bytes(SECRET_KEY_LEN)
+
+
+def write_secret_key(path: str | os.PathLike[str], key: bytes) -> bytes:
+    """Store ``key`` at ``path`` (mode 0600, atomically) unless a key is already there.
+
+    Returns the key the file holds afterwards: ``key``, or the one a concurrent caller
+    stored first. Never overwrites an existing key file.
+    """
+    if len(key) != SECRET_KEY_LEN:
+        raise ValueError(f"secret key must be {SECRET_KEY_LEN} bytes")
+    path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, mode=0o700, exist_ok=True)
-    key = secrets.token_bytes(SECRET_KEY_LEN)
     tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

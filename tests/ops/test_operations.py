@@ -14,9 +14,10 @@ from blixfs import metrics
 from blixfs.chunkstore import MemoryChunkStore
 from blixfs.errors import FsError
 from blixfs.manifest import MIN_CHUNK_SIZE
-from blixfs.namespace import MemoryNamespaceStore
-from blixfs.vfs import ROOT_INO, Vfs
+from blixfs.replica import NamespaceKeys
+from blixfs.vfs import ROOT_INO
 from mount.ops import BlixOperations
+from tests.helpers import make_vfs
 
 CS = MIN_CHUNK_SIZE
 
@@ -47,7 +48,7 @@ class Fields:
 
 @pytest.fixture
 def ops() -> BlixOperations:
-    vfs = Vfs(MemoryNamespaceStore(), MemoryChunkStore(), b"\x01" * 32, chunk_size=CS, max_dirty_bytes=8 * CS)
+    vfs = make_vfs(chunk_size=CS, max_dirty_bytes=8 * CS)
     return BlixOperations(vfs)
 
 
@@ -195,7 +196,7 @@ async def test_full_store_gives_enospc_and_loses_nothing(ops: BlixOperations) ->
 async def test_read_only_capability_refuses_writes_with_erofs(ops: BlixOperations) -> None:
     fh, ino = await create(ops, b"f")
     await ops.release(fh)
-    ops.vfs.read_only = True
+    ops.vfs.replica.keys = NamespaceKeys(ops.vfs.replica.keys.id)  # read capability only
     assert await errno_of(ops.open(ino, os.O_WRONLY, CTX)) == errno.EROFS
     assert await errno_of(ops.mkdir(ROOT_INO, b"d", 0o755, CTX)) == errno.EROFS
     assert await errno_of(ops.unlink(ROOT_INO, b"f", CTX)) == errno.EROFS
@@ -230,6 +231,6 @@ async def test_truncate_closed_file_commits(ops: BlixOperations) -> None:
 
 
 async def test_vfs_raises_only_fserror_for_bad_handles() -> None:
-    vfs = Vfs(MemoryNamespaceStore(), MemoryChunkStore(), b"\x01" * 32)
+    vfs = make_vfs()
     with pytest.raises(FsError):
         await vfs.release(42)

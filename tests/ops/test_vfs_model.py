@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from blixfs.chunkstore import MemoryChunkStore
 from blixfs.hashing import HOLE
 from blixfs.manifest import MIN_CHUNK_SIZE
-from blixfs.namespace import MemoryNamespaceStore
 from blixfs.vfs import ROOT_INO, Vfs
+from tests.helpers import make_replica
 
 CS = MIN_CHUNK_SIZE
 MAX = 12 * CS
@@ -39,7 +39,7 @@ def test_vfs_matches_a_bytearray(ops: list[tuple[object, ...]], rnd: object) -> 
 
 async def _run(ops: list[tuple[object, ...]]) -> None:
     store = MemoryChunkStore()
-    vfs = Vfs(MemoryNamespaceStore(), store, b"\x01" * 32, chunk_size=CS, max_dirty_bytes=3 * CS)
+    vfs = Vfs(make_replica(), store, chunk_size=CS, max_dirty_bytes=3 * CS)
     fh, attr = await vfs.create(ROOT_INO, "f", 0o644, os.O_RDWR, 0, 0)
     ino = attr.ino
     model = bytearray()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from blixfs.entry import Entry, Kind
-from blixfs.namespace import MemoryNamespaceStore, NamespaceStore, SqliteNamespaceStore
+from blixfs.namespace import MemoryNamespaceStore, NamespaceStore, Outcome, SqliteNamespaceStore
 
 A = bytes([1]) * 32
 B = bytes([2]) * 32
@@ -54,9 +54,13 @@ def test_last_writer_wins_whatever_the_order(ns: NamespaceStore) -> None:
         assert other.get("f") == winner
 
 
-def test_apply_reports_winners(ns: NamespaceStore) -> None:
-    assert ns.apply([entry("f", ts=2)]) == [True]
-    assert ns.apply([entry("f", ts=1), entry("f", ts=3)]) == [False, True]
+def test_apply_reports_outcomes(ns: NamespaceStore) -> None:
+    first = entry("f", ts=2)
+    assert ns.apply([first]) == [Outcome.NEW]
+    assert ns.apply([first]) == [Outcome.DUPLICATE]
+    # a later version written on top of `first` replaces it; a version it had seen is stale
+    later = entry("f", ts=3, seen=first.successor_context(), size=5)
+    assert ns.apply([later, entry("f", ts=1, author=A)]) == [Outcome.NEW, Outcome.STALE]
 
 
 def test_tombstones_hide_but_stay(ns: NamespaceStore) -> None:
@@ -66,7 +70,7 @@ def test_tombstones_hide_but_stay(ns: NamespaceStore) -> None:
     tomb = ns.get_any("f")
     assert tomb is not None and tomb.deleted
     assert ns.children("") == [] and ns.stats().files == 0
-    ns.apply([entry("f", ts=1, size=7)])  # an older write cannot resurrect it
+    assert ns.apply([entry("f", ts=1)]) == [Outcome.DUPLICATE]
     assert ns.get("f") is None
 
 
@@ -94,7 +98,7 @@ def test_sqlite_persists_and_rolls_back(tmp_path: Path) -> None:
 def test_entry_canonical_round_trip_and_determinism() -> None:
     e = entry("dir/ünïcode file", ts=123, meta={"tags": "a,b", "os": "linux"}, xattrs={"user.k": b"v"},
               manifest=bytes(range(32)))
-    assert Entry.from_canonical(e.canonical()) == e
+    assert Entry.deserialize(e.serialize()) == e
     shuffled = dict(e.meta)
     keys = list(shuffled)
     random.shuffle(keys)

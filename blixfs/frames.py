@@ -1,0 +1,175 @@
+"""Frames of the sync protocol (``blixfs/sync/1``); the byte layout is in docs/protocol.md.
+
+Every frame is ``length: u32 | type: u8 | payload`` (big-endian), ``length`` counting
+type and payload, at most `MAX_FRAME`. Decoding never trusts a length or a count: it
+checks each against the bytes present and the bounds below before using it, and
+raises `FrameError` (never anything else) on a frame that does not decode.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from blixfs.entry import Entry
+from blixfs.net.transport import Stream, UnexpectedEOF
+
+MAX_FRAME = 1 << 20
+MAX_ENTRY_BYTES = 512 * 1024
+MAX_VECTOR = 65536
+MAX_ERROR_TEXT = 1024
+PROTOCOL_VERSION = 1
+_HEAD = struct.Struct(">IB")
+_U32 = struct.Struct(">I")
+_VEC_ITEM = struct.Struct(">32sQ")
+
+
+class FrameError(ValueError):
+    """A frame that does not decode or breaks a bound."""
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    ENTRIES = 2
+    SYNCED = 3
+    ERROR = 4
+
+
+@dataclass(frozen=True)
+class Hello:
+    namespace_id: bytes
+    vector: dict[bytes, int]
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Entries:
+    entries: list[Entry]
+
+
+@dataclass(frozen=True)
+class Synced:
+    vector: dict[bytes, int]
+
+
+@dataclass(frozen=True)
+class ErrorFrame:
+    code: int
+    message: str
+
+
+Frame = Hello | Entries | Synced | ErrorFrame
+
+
+def _vector(v: dict[bytes, int]) -> bytes:
+    return _U32.pack(len(v)) + b"".join(_VEC_ITEM.pack(a, t) for a, t in sorted(v.items()))
+
+
+def encode(frame: Frame) -> bytes:
+    """The frame's bytes; ValueError if it would break a bound (a bug on our side)."""
+    if isinstance(frame, Hello):
+        kind, payload = FrameType.HELLO, bytes([frame.version]) + frame.namespace_id + _vector(frame.vector)
+    elif isinstance(frame, Entries):
+        parts = [_U32.pack(len(frame.entries))]
+        for e in frame.entries:
+            data = e.serialize()
+            parts += [_U32.pack(len(data)), data]
+        kind, payload = FrameType.ENTRIES, b"".join(parts)
+    elif isinstance(frame, Synced):
+        kind, payload = FrameType.SYNCED, _vector(frame.vector)
+    else:
+        text = frame.message.encode()[:MAX_ERROR_TEXT]
+        kind, payload = FrameType.ERROR, struct.pack(">H", frame.code) + text
+    if len(payload) + 1 > MAX_FRAME:
+        raise ValueError(f"frame of {len(payload)} bytes exceeds {MAX_FRAME}")
+    return _HEAD.pack(len(payload) + 1, kind) + payload
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.view = memoryview(data)
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.view):
+            raise FrameError(f"{what}: needs {n} bytes, {len(self.view) - self.pos} left")
+        out = bytes(self.view[self.pos : self.pos + n])
+        self.pos += n
+        return out
+
+    def u32(self, what: str) -> int:
+        (value,) = _U32.unpack(self.take(4, what))
+        return int(value)
+
+    def vector(self) -> dict[bytes, int]:
+        count = self.u32("vector count")
+        if count > MAX_VECTOR or count * _VEC_ITEM.size > len(self.view) - self.pos:
+            raise FrameError(f"vector claims {count} authors")
+        out: dict[bytes, int] = {}
+        for _ in range(count):
+            author, ts = _VEC_ITEM.unpack(self.take(_VEC_ITEM.size, "vector item"))
+            out[author] = ts
+        return out
+
+    def done(self) -> None:
+        if self.pos != len(self.view):
+            raise FrameError(f"{len(self.view) - self.pos} trailing bytes")
+
+
+def decode(kind: int, payload: bytes) -> Frame:
+    """Decode one frame's payload; raises FrameError on anything malformed."""
+    r = _Reader(payload)
+    frame: Frame
+    if kind == FrameType.HELLO:
+        version = r.take(1, "version")[0]
+        if version != PROTOCOL_VERSION:
+            raise FrameError(f"protocol version {version}, this node speaks {PROTOCOL_VERSION}")
+        frame = Hello(r.take(32, "namespace id"), r.vector(), version)
+    elif kind == FrameType.ENTRIES:
+        count = r.u32("entry count")
+        if count * 4 > len(payload):
+            raise FrameError(f"frame claims {count} entries")
+        entries = []
+        for _ in range(count):
+            size = r.u32("entry length")
+            if size > MAX_ENTRY_BYTES:
+                raise FrameError(f"entry of {size} bytes exceeds {MAX_ENTRY_BYTES}")
+            raw = r.take(size, "entry")
+            try:
+                entries.append(Entry.deserialize(raw))
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+                raise FrameError(f"undecodable entry: {type(exc).__name__}: {exc}") from None
+        frame = Entries(entries)
+    elif kind == FrameType.SYNCED:
+        frame = Synced(r.vector())
+    elif kind == FrameType.ERROR:
+        (code,) = struct.unpack(">H", r.take(2, "error code"))
+        frame = ErrorFrame(code, r.take(len(payload) - 2, "error text").decode("utf-8", "replace"))
+    else:
+        raise FrameError(f"unknown frame type {kind}")
+    r.done()
+    return frame
+
+
+async def read_frame(stream: Stream) -> Frame | None:
+    """The next frame from ``stream``, or None at a clean end of stream.
+
+    Raises FrameError for an oversized or malformed frame (before reading its body when
+    the length is out of bounds) and the transport's errors for a broken stream.
+    """
+    try:
+        head = await stream.receive_exactly(_HEAD.size)
+    except UnexpectedEOF as exc:
+        if exc.received == 0:
+            return None
+        raise FrameError("stream ended inside a frame header") from None
+    length, kind = _HEAD.unpack(head)
+    if not 1 <= length <= MAX_FRAME:
+        raise FrameError(f"frame length {length} out of bounds (1..{MAX_FRAME})")
+    try:
+        payload = await stream.receive_exactly(length - 1)
+    except UnexpectedEOF:
+        raise FrameError("stream ended inside a frame") from None
+    return decode(kind, payload)
+

@@ -1,0 +1,214 @@
+"""A node's replica of one namespace: signed local versions, validated remote ones.
+
+A namespace is an ed25519 keypair (the iroh-docs model): its public key is the
+namespace id, and knowing it is read capability; holding its secret is write
+capability. Every entry carries two signatures over `Entry.canonical`: the
+namespace key's (proof of write capability) and its author's (the node that wrote
+it; ``author`` is that node's endpoint id).
+
+`Replica` is the only way entries enter a `NamespaceStore`:
+
+* `commit_local` (the VFS's writes) stamps nothing itself, but signs and applies,
+  and refuses with EROFS when the node holds only read capability;
+* `merge_remote` (the sync protocol) validates every entry with `check_entry` and
+  applies the valid ones; each rejection is logged with the peer and the reason.
+
+Both tell the listeners (live push to peers, kernel cache invalidation) which
+entries changed the store. Callers: `blixfs.vfs.Vfs`, `blixfs.sync`, on the trio thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from blixfs.entry import IMAGE_META_KEYS, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_XATTR_TOTAL, MAX_XATTR_VALUE, Entry
+from blixfs.errors import FsError
+from blixfs.manifest import MAX_FILE_SIZE
+from blixfs.namespace import NamespaceStore, Outcome
+from blixfs.net import iroh_transport as crypto
+
+log = logging.getLogger(__name__)
+
+MAX_FUTURE_NS = 10 * 60 * 10**9  # entries more than 10 minutes ahead of our clock are refused
+MAX_SEEN_AUTHORS = 256
+MAX_META_VALUE = 1024
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+# Who is told about changes: (entries that changed the store, peer id they came from or None).
+Listener = Callable[[list[Entry], str | None], None]
+
+
+@dataclass(frozen=True)
+class NamespaceKeys:
+    """A namespace's id (32-byte public key) and, with write capability, its secret."""
+
+    id: bytes
+    secret: bytes | None = None
+
+    @property
+    def writable(self) -> bool:
+        return self.secret is not None
+
+    @classmethod
+    def generate(cls) -> NamespaceKeys:
+        secret = crypto.generate_secret_key()
+        return cls(bytes.fromhex(crypto.node_id_from_secret_key(secret)), secret)
+
+    @classmethod
+    def from_secret(cls, secret: bytes) -> NamespaceKeys:
+        return cls(bytes.fromhex(crypto.node_id_from_secret_key(secret)), secret)
+
+    def save(self, directory: Path) -> None:
+        """Store as ``directory/namespace.id`` (+ ``namespace.key``, mode 0600, with write capability)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "namespace.id").write_text(self.id.hex() + "\n")
+        if self.secret is not None:
+            crypto.write_secret_key(directory / "namespace.key", self.secret)
+
+    @classmethod
+    def load(cls, directory: Path) -> NamespaceKeys:
+        nsid = bytes.fromhex((directory / "namespace.id").read_text().strip())
+        key = directory / "namespace.key"
+        secret = crypto.load_or_create_secret_key(key) if key.exists() else None
+        keys = cls(nsid, secret)
+        if secret is not None and cls.from_secret(secret).id != nsid:
+            raise ValueError(f"{key} is not the secret of namespace {nsid.hex()}")
+        return keys
+
+
+def _path_problem(path: str) -> str | None:
+    if path == "":
+        return None  # the root's own entry (chmod of the mount point)
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        return "path too long"
+    for part in path.split("/"):
+        if part in ("", ".", "..") or "\0" in part:
+            return f"bad path component {part!r}"
+        if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            return "name too long"
+    return None
+
+
+def check_entry(e: Entry, namespace_id: bytes, now_ns: int) -> str | None:
+    """Why ``e`` must be refused, or None if it is valid for namespace ``namespace_id``.
+
+    Cheap field checks first; the two signature checks (~60 us each) last.
+    """
+    if e.timestamp_ns > now_ns + MAX_FUTURE_NS:
+        return f"timestamp {(e.timestamp_ns - now_ns) / 1e9:.0f} s in the future"
+    if e.timestamp_ns < 0 or e.mtime_ns < 0 or e.ctime_ns < 0:
+        return "negative time"
+    problem = _path_problem(e.path)
+    if problem:
+        return problem
+    if len(e.author) != 32 or len(e.namespace_sig) != 64 or len(e.author_sig) != 64:
+        return "malformed author or signatures"
+    if not (0 <= e.mode <= 0o7777 and 0 <= e.uid < 2**32 and 0 <= e.gid < 2**32 and 0 <= e.size <= MAX_FILE_SIZE):
+        return "mode, owner or size out of bounds"
+    if e.manifest is not None and len(e.manifest) != 32:
+        return "malformed manifest id"
+    if len(e.target.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        return "symlink target too long"
+    if not set(e.meta) <= IMAGE_META_KEYS or any(len(v) > MAX_META_VALUE for v in e.meta.values()):
+        return "unknown or oversized image metadata"
+    if any(not k.startswith("user.") or len(k) > MAX_NAME_BYTES or len(v) > MAX_XATTR_VALUE
+           for k, v in e.xattrs.items()) or sum(len(k) + len(v) for k, v in e.xattrs.items()) > MAX_XATTR_TOTAL:
+        return "xattrs out of bounds"
+    if len(e.seen) > MAX_SEEN_AUTHORS or any(len(a) != 32 for a in e.seen):
+        return "malformed causal context"
+    message = e.canonical()
+    if not crypto.verify(namespace_id.hex(), message, e.namespace_sig):
+        return "namespace signature does not verify (writer lacks write capability)"
+    if not crypto.verify(e.author.hex(), message, e.author_sig):
+        return "author signature does not verify"
+    return None
+
+
+class Replica:
+    """One namespace as this node holds it. See the module docstring."""
+
+    def __init__(self, store: NamespaceStore, keys: NamespaceKeys, node_secret: bytes,
+                 *, clock: Callable[[], int] = time.time_ns) -> None:
+        self.store = store
+        self.keys = keys
+        self._node_secret = node_secret
+        self.author = bytes.fromhex(crypto.node_id_from_secret_key(node_secret))
+        self._clock = clock
+        self._last_ts = store.vector().get(self.author, 0)
+        self.listeners: list[Listener] = []
+
+    @property
+    def writable(self) -> bool:
+        return self.keys.writable
+
+    def stamp(self, prev: Entry | None) -> int:
+        """A timestamp later than ``prev`` and than every earlier one of this node.
+
+        Per-author monotonic timestamps are what the version vectors rely on; being
+        later than ``prev`` is what makes a local write win over what it replaces, even
+        when the clock stepped back or a peer's clock runs ahead.
+        """
+        ts = max(self._clock(), self._last_ts + 1, prev.timestamp_ns + 1 if prev is not None else 0)
+        self._last_ts = ts
+        return ts
+
+    def _sign(self, e: Entry) -> Entry:
+        assert self.keys.secret is not None
+        message = e.canonical()
+        return replace(e, namespace_sig=crypto.sign(self.keys.secret, message),
+                       author_sig=crypto.sign(self._node_secret, message))
+
+    def commit_local(self, entries: Sequence[Entry], *, durable: bool = False) -> None:
+        """Sign and apply this node's new versions in one transaction.
+
+        Raises FsError(EROFS) without write capability; storage errors propagate.
+        """
+        if not self.keys.writable:
+            raise FsError(errno.EROFS, "this node holds a read-only capability for the namespace")
+        signed = [self._sign(e) for e in entries]
+        outcomes = self.store.apply(signed, durable=durable)
+        own = max((e.timestamp_ns for e in signed if e.author == self.author), default=None)
+        if own is not None:
+            self.store.advance_vector({self.author: own})
+        self._notify([e for e, o in zip(signed, outcomes, strict=True) if o.changed], None)
+
+    def merge_remote(self, entries: Sequence[Entry], peer: str) -> tuple[list[Outcome], int]:
+        """Validate and apply entries from ``peer`` in one transaction.
+
+        Returns the outcomes of the valid entries (in order) and how many were refused;
+        each refusal is logged with the peer and the reason.
+        """
+        now = self._clock()
+        valid: list[Entry] = []
+        for e in entries:
+            problem = check_entry(e, self.keys.id, now)
+            if problem:
+                log.warning("refused entry %r from peer %s: %s", e.path, peer[:16], problem)
+            else:
+                valid.append(e)
+        outcomes = self.store.apply(valid) if valid else []
+        self._notify([e for e, o in zip(valid, outcomes, strict=True) if o.changed], peer)
+        return outcomes, len(entries) - len(valid)
+
+    def _notify(self, changed: list[Entry], source: str | None) -> None:
+        if not changed:
+            return
+        for listener in list(self.listeners):
+            try:
+                listener(changed, source)
+            except Exception:
+                log.exception("namespace change listener failed")
+
+
+def valid_namespace_id(text: str) -> bytes:
+    """Parse a namespace id (64 hex digits); ValueError with a readable message otherwise."""
+    text = text.strip().lower()
+    if not _HEX64.fullmatch(text):
+        raise ValueError("a namespace id is 64 hex digits")
+    return bytes.fromhex(text)

@@ -1,0 +1,210 @@
+"""The sync protocol (``blixfs/sync/1``): reconcile on connect, then push live.
+
+One bidirectional stream per session. Both sides send HELLO (namespace id, version
+vector). Each then sends every entry the other is missing (`entries_since` the
+other's vector), then SYNCED with the vector it had *before* collecting them: once
+the receiver has applied everything before SYNCED it knows at least that much, and
+advances its own vector. After that, every entry that changes a replica (local
+writes, or entries from another peer: this is how changes spread) is pushed to all
+sessions but the one it came from. Live entries never advance a vector, so an entry
+lost to a broken session is sent again by the next reconciliation.
+
+The work on connect is proportional to what the two sides' vectors say differs.
+
+Errors: a malformed or oversized frame, a HELLO for another namespace, or a first
+frame that is not HELLO closes the session with an error frame or a reset (codes in
+docs/protocol.md) and a log line naming the peer; the replica is untouched by
+anything that failed to decode, and entries that decode but fail validation are
+refused one by one (`Replica.merge_remote`). Every await on the peer has a deadline
+except waiting for live entries; a dead connection ends that wait through the
+transport (keep-alives, idle timeout) and the dialing side reconnects with backoff.
+
+Callers: the node daemon (`blixfs.daemon`), which registers `handle` for the ALPN and
+runs `maintain` for every peer it should dial, in its nursery.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from blixfs.entry import Entry
+from blixfs.frames import Entries, ErrorFrame, FrameError, Hello, Synced, encode, read_frame
+from blixfs.net.transport import CODE_APP_MIN, NodeAddr, Stream, Transport, TransportError
+from blixfs.replica import Replica
+
+log = logging.getLogger(__name__)
+
+ALPN = b"blixfs/sync/1"
+CODE_BAD_FRAME = CODE_APP_MIN + 1
+CODE_WRONG_NAMESPACE = CODE_APP_MIN + 2
+CODE_OVERLOADED = CODE_APP_MIN + 3
+HELLO_TIMEOUT = 10.0
+SEND_TIMEOUT = 30.0
+BATCH_BYTES = 256 * 1024
+LIVE_QUEUE = 10_000
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 30.0
+
+
+@dataclass
+class SessionInfo:
+    peer: str
+    started: float
+    synced: trio.Event = field(default_factory=trio.Event)  # the peer's initial entries are applied
+    entries_received: int = 0
+    entries_sent: int = 0
+    refused: int = 0
+
+
+def _batches(entries: list[Entry]) -> list[list[Entry]]:
+    out: list[list[Entry]] = []
+    batch: list[Entry] = []
+    size = 0
+    for e in entries:
+        n = len(e.serialize()) + 4
+        if batch and size + n > BATCH_BYTES:
+            out.append(batch)
+            batch, size = [], 0
+        batch.append(e)
+        size += n
+    if batch:
+        out.append(batch)
+    return out
+
+
+class _Session:
+    def __init__(self, info: SessionInfo) -> None:
+        self.info = info
+        self.send, self.receive = trio.open_memory_channel[list[Entry]](LIVE_QUEUE)
+        self.scope = trio.CancelScope()
+
+
+class SyncService:
+    """Sync sessions of one replica. See the module docstring."""
+
+    def __init__(self, replica: Replica, transport: Transport) -> None:
+        self.replica = replica
+        self.transport = transport
+        self._sessions: dict[int, _Session] = {}
+        self._next_id = 0
+        self.on_session_synced: Callable[[SessionInfo], None] | None = None
+        replica.listeners.append(self._push)
+
+    def sessions(self) -> list[SessionInfo]:
+        return [s.info for s in self._sessions.values()]
+
+    def _push(self, entries: list[Entry], source: str | None) -> None:
+        for sid, session in list(self._sessions.items()):
+            if session.info.peer == source:
+                continue
+            try:
+                session.send.send_nowait(entries)
+            except trio.WouldBlock:
+                # A peer that cannot keep up is dropped; it reconciles when it reconnects.
+                log.warning("peer %s is too slow for live updates: closing its session", session.info.peer[:16])
+                session.scope.cancel()
+                del self._sessions[sid]
+
+    async def handle(self, stream: Stream, peer_id: str) -> None:
+        """Stream handler for incoming sessions (registered for `ALPN`)."""
+        await self._session(stream, peer_id, initiator=False)
+
+    async def maintain(self, peer: NodeAddr) -> None:
+        """Keep a session with ``peer`` open for as long as this runs: dial, sync, redial."""
+        backoff = BACKOFF_MIN
+        while True:
+            started = trio.current_time()
+            try:
+                stream = await self.transport.open_stream(peer, ALPN)
+                async with stream:
+                    await self._session(stream, peer.node_id, initiator=True)
+            except (TransportError, FrameError) as exc:
+                log.info("sync with %s ended: %s", peer.node_id[:16], exc)
+            if trio.current_time() - started > 10 * BACKOFF_MAX:
+                backoff = BACKOFF_MIN  # it had been up for a while: retry soon
+            # Jitter spreads the redials of a fleet that lost the same peer.
+            await trio.sleep(backoff * random.uniform(0.5, 1.5))
+            backoff = min(BACKOFF_MAX, backoff * 2)
+
+    async def _session(self, stream: Stream, peer: str, *, initiator: bool) -> None:
+        replica = self.replica
+        info = SessionInfo(peer=peer, started=trio.current_time())
+        try:
+            hello = Hello(replica.keys.id, replica.store.vector())
+            if initiator:
+                await self._send(stream, encode(hello))
+            with trio.fail_after(HELLO_TIMEOUT):
+                theirs = await read_frame(stream)
+            if not isinstance(theirs, Hello):
+                raise FrameError(f"expected HELLO, got {type(theirs).__name__}")
+            if theirs.namespace_id != replica.keys.id:
+                log.warning("peer %s asked for namespace %s, which this node does not hold",
+                            peer[:16], theirs.namespace_id.hex()[:16])
+                await self._send(stream, encode(ErrorFrame(CODE_WRONG_NAMESPACE, "unknown namespace")))
+                await stream.reset(CODE_WRONG_NAMESPACE)
+                return
+            if not initiator:
+                await self._send(stream, encode(hello))
+            session = _Session(info)
+            sid = self._next_id
+            self._next_id += 1
+            # Registered before the diff is taken: a change made while we send it is queued.
+            self._sessions[sid] = session
+            try:
+                with session.scope:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._sender, stream, session, theirs.vector)
+                        await self._receiver(stream, info)
+                        nursery.cancel_scope.cancel()
+            finally:
+                self._sessions.pop(sid, None)
+        except FrameError as exc:
+            log.warning("peer %s sent a bad frame (%s): closing the session", peer[:16], exc)
+            await stream.reset(CODE_BAD_FRAME)
+        except trio.TooSlowError:
+            log.warning("peer %s did not say HELLO within %.0f s: closing the session", peer[:16], HELLO_TIMEOUT)
+            await stream.reset(CODE_BAD_FRAME)
+
+    async def _send(self, stream: Stream, data: bytes) -> None:
+        with trio.fail_after(SEND_TIMEOUT):
+            await stream.send_all(data)
+
+    async def _sender(self, stream: Stream, session: _Session, their_vector: dict[bytes, int]) -> None:
+        store = self.replica.store
+        vector = store.vector()  # before the diff: everything up to it is in the diff or beats it
+        diff = list(store.entries_since(their_vector))
+        for batch in _batches(diff):
+            await self._send(stream, encode(Entries(batch)))
+            session.info.entries_sent += len(batch)
+        await self._send(stream, encode(Synced(vector)))
+        async for entries in session.receive:
+            for batch in _batches(entries):
+                await self._send(stream, encode(Entries(batch)))
+                session.info.entries_sent += len(batch)
+
+    async def _receiver(self, stream: Stream, info: SessionInfo) -> None:
+        while True:
+            frame = await read_frame(stream)
+            if frame is None:
+                return
+            if isinstance(frame, Entries):
+                _, refused = self.replica.merge_remote(frame.entries, info.peer)
+                info.entries_received += len(frame.entries)
+                info.refused += refused
+            elif isinstance(frame, Synced):
+                self.replica.store.advance_vector(frame.vector)
+                if not info.synced.is_set():
+                    info.synced.set()
+                    log.info("synced with %s: %d entries received", info.peer[:16], info.entries_received)
+                    if self.on_session_synced is not None:
+                        self.on_session_synced(info)
+            elif isinstance(frame, ErrorFrame):
+                log.warning("peer %s closed the session: %s (code %d)", info.peer[:16], frame.message, frame.code)
+                return
+            else:
+                raise FrameError(f"unexpected {type(frame).__name__} during a session")
+
