@@ -76,28 +76,31 @@ def prepare_mount_point(path: Path) -> None:
     Raises MountError when it is not a directory, is mounted by a live filesystem,
     or a stale mount cannot be removed (the message gives the command to run).
     """
+    info = find_mount(path)
+    if info is not None and info.fstype.startswith("fuse"):
+        try:
+            # statfs always reaches the filesystem: stat() may be answered from the
+            # kernel's attribute cache even after the daemon died.
+            os.statvfs(path)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise MountError(f"cannot use mount point {path}: {exc.strerror}") from None
+            log.warning("%s is a stale mount left by a daemon that died (%s): unmounting it", path, info.fstype)
+            result = subprocess.run(unmount_command(path), capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise MountError(f"stale mount at {path} could not be removed ({result.stderr.strip()}); "
+                                 f"run: {' '.join(unmount_command(path))}") from None
+        else:
+            raise MountError(f"{path} is already mounted ({info.fstype}): is another blixfs running? "
+                             f"unmount it with: {' '.join(unmount_command(path))}")
     try:
         os.stat(path)
     except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            if exc.errno == errno.ENOENT:
-                raise MountError(f"mount point {path} does not exist: create it with mkdir -p {path}") from None
-            raise MountError(f"cannot use mount point {path}: {exc.strerror}") from None
-        info = find_mount(path)
-        if info is None or not info.fstype.startswith("fuse"):
-            raise MountError(f"{path} is not reachable ({exc.strerror}) and is not a FUSE mount; "
-                             f"check it with: findmnt {path}") from None
-        log.warning("%s is a stale mount left by a daemon that died (%s): unmounting it", path, info.fstype)
-        result = subprocess.run(unmount_command(path), capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise MountError(f"stale mount at {path} could not be removed ({result.stderr.strip()}); "
-                             f"run: {' '.join(unmount_command(path))}") from None
+        if exc.errno == errno.ENOENT:
+            raise MountError(f"mount point {path} does not exist: create it with mkdir -p {path}") from None
+        raise MountError(f"cannot use mount point {path}: {exc.strerror}") from None
     if not os.path.isdir(path):
         raise MountError(f"mount point {path} is not a directory")
-    info = find_mount(path)
-    if info is not None and info.fstype.startswith("fuse"):
-        raise MountError(f"{path} is already mounted ({info.fstype}): is another blixfs running? "
-                         f"unmount it with: {' '.join(unmount_command(path))}")
 
 
 def tune_malloc() -> None:
