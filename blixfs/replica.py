@@ -27,17 +27,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import trio
+
+from blixfs import crypto
 from blixfs.entry import IMAGE_META_KEYS, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_XATTR_TOTAL, MAX_XATTR_VALUE, Entry
 from blixfs.errors import FsError
 from blixfs.manifest import MAX_FILE_SIZE
 from blixfs.namespace import NamespaceStore, Outcome
-from blixfs.net import iroh_transport as crypto
+from blixfs.net.iroh_transport import load_or_create_secret_key, write_secret_key
 
 log = logging.getLogger(__name__)
 
 MAX_FUTURE_NS = 10 * 60 * 10**9  # entries more than 10 minutes ahead of our clock are refused
 MAX_SEEN_AUTHORS = 256
 MAX_META_VALUE = 1024
+THREADED_CHECK_MIN = 64  # below this a hop to worker threads costs more than it saves
+CHECK_THREADS = 2  # OpenSSL verifies without the GIL: one thread per core here
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 # Who is told about changes: (entries that changed the store, peer id they came from or None).
@@ -57,25 +62,25 @@ class NamespaceKeys:
 
     @classmethod
     def generate(cls) -> NamespaceKeys:
-        secret = crypto.generate_secret_key()
-        return cls(bytes.fromhex(crypto.node_id_from_secret_key(secret)), secret)
+        secret = crypto.generate_secret()
+        return cls(crypto.public_key(secret), secret)
 
     @classmethod
     def from_secret(cls, secret: bytes) -> NamespaceKeys:
-        return cls(bytes.fromhex(crypto.node_id_from_secret_key(secret)), secret)
+        return cls(crypto.public_key(secret), secret)
 
     def save(self, directory: Path) -> None:
         """Store as ``directory/namespace.id`` (+ ``namespace.key``, mode 0600, with write capability)."""
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "namespace.id").write_text(self.id.hex() + "\n")
         if self.secret is not None:
-            crypto.write_secret_key(directory / "namespace.key", self.secret)
+            write_secret_key(directory / "namespace.key", self.secret)
 
     @classmethod
     def load(cls, directory: Path) -> NamespaceKeys:
         nsid = bytes.fromhex((directory / "namespace.id").read_text().strip())
         key = directory / "namespace.key"
-        secret = crypto.load_or_create_secret_key(key) if key.exists() else None
+        secret = load_or_create_secret_key(key) if key.exists() else None
         keys = cls(nsid, secret)
         if secret is not None and cls.from_secret(secret).id != nsid:
             raise ValueError(f"{key} is not the secret of namespace {nsid.hex()}")
@@ -123,9 +128,9 @@ def check_entry(e: Entry, namespace_id: bytes, now_ns: int) -> str | None:
     if len(e.seen) > MAX_SEEN_AUTHORS or any(len(a) != 32 for a in e.seen):
         return "malformed causal context"
     message = e.canonical()
-    if not crypto.verify(namespace_id.hex(), message, e.namespace_sig):
+    if not crypto.verify(namespace_id, message, e.namespace_sig):
         return "namespace signature does not verify (writer lacks write capability)"
-    if not crypto.verify(e.author.hex(), message, e.author_sig):
+    if not crypto.verify(e.author, message, e.author_sig):
         return "author signature does not verify"
     return None
 
@@ -138,7 +143,7 @@ class Replica:
         self.store = store
         self.keys = keys
         self._node_secret = node_secret
-        self.author = bytes.fromhex(crypto.node_id_from_secret_key(node_secret))
+        self.author = crypto.public_key(node_secret)
         self._clock = clock
         self._last_ts = store.vector().get(self.author, 0)
         self.listeners: list[Listener] = []
@@ -178,16 +183,18 @@ class Replica:
             self.store.advance_vector({self.author: own})
         self._notify([e for e, o in zip(signed, outcomes, strict=True) if o.changed], None)
 
-    def merge_remote(self, entries: Sequence[Entry], peer: str) -> tuple[list[Outcome], int]:
+    async def merge_remote(self, entries: Sequence[Entry], peer: str) -> tuple[list[Outcome], int]:
         """Validate and apply entries from ``peer`` in one transaction.
 
         Returns the outcomes of the valid entries (in order) and how many were refused;
-        each refusal is logged with the peer and the reason.
+        each refusal is logged with the peer and the reason. Large batches are checked
+        in worker threads (two signature checks per entry), so the trio thread keeps
+        serving FUSE requests meanwhile.
         """
         now = self._clock()
+        problems = await _check_all(list(entries), self.keys.id, now)
         valid: list[Entry] = []
-        for e in entries:
-            problem = check_entry(e, self.keys.id, now)
+        for e, problem in zip(entries, problems, strict=True):
             if problem:
                 log.warning("refused entry %r from peer %s: %s", e.path, peer[:16], problem)
             else:
@@ -204,6 +211,25 @@ class Replica:
                 listener(changed, source)
             except Exception:
                 log.exception("namespace change listener failed")
+
+
+async def _check_all(entries: list[Entry], namespace_id: bytes, now_ns: int) -> list[str | None]:
+    if len(entries) < THREADED_CHECK_MIN:
+        return [check_entry(e, namespace_id, now_ns) for e in entries]
+    parts = [entries[i::CHECK_THREADS] for i in range(CHECK_THREADS)]
+    results: list[list[str | None]] = [[] for _ in parts]
+
+    async def check(i: int) -> None:
+        results[i] = await trio.to_thread.run_sync(
+            lambda: [check_entry(e, namespace_id, now_ns) for e in parts[i]])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(parts)):
+            nursery.start_soon(check, i)
+    out: list[str | None] = [None] * len(entries)
+    for i, part in enumerate(results):
+        out[i::CHECK_THREADS] = part
+    return out
 
 
 def valid_namespace_id(text: str) -> bytes:

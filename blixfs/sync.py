@@ -111,7 +111,10 @@ class SyncService:
 
     async def handle(self, stream: Stream, peer_id: str) -> None:
         """Stream handler for incoming sessions (registered for `ALPN`)."""
-        await self._session(stream, peer_id, initiator=False)
+        try:
+            await self._session(stream, peer_id, initiator=False)
+        except TransportError as exc:  # the peer went away: it redials if it wants to
+            log.info("session from %s ended: %s", peer_id[:16], exc)
 
     async def maintain(self, peer: NodeAddr) -> None:
         """Keep a session with ``peer`` open for as long as this runs: dial, sync, redial."""
@@ -160,14 +163,22 @@ class SyncService:
                         nursery.start_soon(self._sender, stream, session, theirs.vector)
                         await self._receiver(stream, info)
                         nursery.cancel_scope.cancel()
+            except* FrameError as group:
+                await self._refuse(stream, peer, group.exceptions[0])
+            except* (TransportError, trio.TooSlowError) as group:
+                log.info("session with %s ended: %s", peer[:16], group.exceptions[0])
             finally:
                 self._sessions.pop(sid, None)
         except FrameError as exc:
-            log.warning("peer %s sent a bad frame (%s): closing the session", peer[:16], exc)
-            await stream.reset(CODE_BAD_FRAME)
+            await self._refuse(stream, peer, exc)
         except trio.TooSlowError:
             log.warning("peer %s did not say HELLO within %.0f s: closing the session", peer[:16], HELLO_TIMEOUT)
             await stream.reset(CODE_BAD_FRAME)
+
+    @staticmethod
+    async def _refuse(stream: Stream, peer: str, exc: BaseException) -> None:
+        log.warning("peer %s sent a bad frame (%s): closing the session", peer[:16], exc)
+        await stream.reset(CODE_BAD_FRAME)
 
     async def _send(self, stream: Stream, data: bytes) -> None:
         with trio.fail_after(SEND_TIMEOUT):
@@ -192,7 +203,7 @@ class SyncService:
             if frame is None:
                 return
             if isinstance(frame, Entries):
-                _, refused = self.replica.merge_remote(frame.entries, info.peer)
+                _, refused = await self.replica.merge_remote(frame.entries, info.peer)
                 info.entries_received += len(frame.entries)
                 info.refused += refused
             elif isinstance(frame, Synced):

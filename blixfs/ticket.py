@@ -49,7 +49,7 @@ class Ticket:
         try:
             body = base64.b32decode(b32 + "=" * (-len(b32) % 8))
         except ValueError:
-            raise TicketError("ticket is damaged (not base32): was it copied whole?") from None
+            raise TicketError("ticket is damaged or truncated (not base32): was it copied whole?") from None
         if len(body) < 2 + 32:
             raise TicketError("ticket is truncated: was it copied whole?")
         if body[0] != VERSION:

@@ -1,0 +1,76 @@
+"""Replica: signing local versions, refusing bad remote ones (each with a reason)."""
+
+from __future__ import annotations
+
+import errno
+import time
+from dataclasses import replace
+
+import pytest
+
+from blixfs.crypto import generate_secret, sign
+from blixfs.entry import Entry, Kind
+from blixfs.errors import FsError
+from blixfs.namespace import MemoryNamespaceStore, Outcome
+from blixfs.replica import MAX_FUTURE_NS, NamespaceKeys, Replica, check_entry
+from tests.helpers import make_replica
+
+
+def local_entry(r: Replica, path: str = "f", **kw: object) -> Entry:
+    ts = r.stamp(None)
+    base = dict(path=path, kind=Kind.FILE, mode=0o644, uid=0, gid=0, size=0, mtime_ns=ts, ctime_ns=ts,
+                author=r.author, timestamp_ns=ts)
+    base.update(kw)
+    return Entry(**base)  # type: ignore[arg-type]
+
+
+def signed_by(keys: NamespaceKeys, node_secret: bytes, e: Entry) -> Entry:
+    assert keys.secret is not None
+    m = e.canonical()
+    return replace(e, namespace_sig=sign(keys.secret, m), author_sig=sign(node_secret, m))
+
+
+async def test_local_commits_are_signed_and_verify_elsewhere() -> None:
+    writer = make_replica()
+    writer.commit_local([local_entry(writer)])
+    (stored,) = list(writer.store.entries())
+    assert check_entry(stored, writer.keys.id, time.time_ns()) is None
+    reader = make_replica(keys=NamespaceKeys(writer.keys.id))
+    outcomes, refused = await reader.merge_remote([stored], "peer")
+    assert outcomes == [Outcome.NEW] and refused == 0
+
+
+async def test_read_capability_cannot_write() -> None:
+    reader = make_replica(keys=NamespaceKeys(NamespaceKeys.generate().id))
+    with pytest.raises(FsError) as info:
+        reader.commit_local([local_entry(reader)])
+    assert info.value.errno == errno.EROFS
+
+
+async def test_bad_entries_are_refused_with_a_reason(caplog: pytest.LogCaptureFixture) -> None:
+    keys = NamespaceKeys.generate()
+    node = generate_secret()
+    r = make_replica(keys=keys, node_secret=node)
+    good = signed_by(keys, node, local_entry(r, "good"))
+    other_ns = signed_by(NamespaceKeys.generate(), node, local_entry(r, "forged"))
+    wrong_author = signed_by(keys, generate_secret(), local_entry(r, "impostor"))
+    future = signed_by(keys, node, local_entry(r, "future", timestamp_ns=time.time_ns() + MAX_FUTURE_NS + 10**12))
+    bad_path = signed_by(keys, node, local_entry(r, "../etc/passwd"))
+    huge = signed_by(keys, node, local_entry(r, "huge", size=1 << 62))
+    tampered = replace(good, path="tampered")  # signatures no longer match the content
+    batch = [other_ns, wrong_author, future, bad_path, huge, tampered, good]
+    target = make_replica(store=MemoryNamespaceStore(), keys=NamespaceKeys(keys.id))
+    outcomes, refused = await target.merge_remote(batch * 10, "hostile-peer-id")  # big enough for threads
+    assert refused == 60 and set(outcomes) == {Outcome.NEW, Outcome.DUPLICATE}
+    assert [e.path for e in target.store.entries()] == ["good"]
+    for why in ("writer lacks write capability", "author signature", "in the future", "bad path component",
+                "out of bounds"):
+        assert why in caplog.text
+    assert "hostile-peer-id"[:16] in caplog.text
+
+
+def test_stamps_are_monotonic_and_beat_what_they_replace() -> None:
+    r = make_replica()
+    ahead = local_entry(r, timestamp_ns=time.time_ns() + 5 * 10**9)  # a peer whose clock runs ahead
+    first = r.stamp(ahead)
+    assert first > ahead.timestamp_ns and r.stamp(None) > first
