@@ -55,9 +55,10 @@ async def peer(net: MemoryNetwork, keys: NamespaceKeys) -> AsyncIterator[Peer]:
         yield Peer(replica, transport, sync)
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not condition():
+async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll a replica state (nothing signals it) until true; fail after ``within`` seconds."""
+    with trio.fail_after(within):
+        while not condition():  # noqa: ASYNC110 - no event exists for "the stores converged"
             await trio.sleep(0.005)
 
 
@@ -73,7 +74,7 @@ async def test_initial_sync_both_ways_then_live_push() -> None:
         await wait_until(lambda: b.replica.store.vector().get(a.replica.author) is not None)
         assert a.replica.store.vector()[b.replica.author] > 0
         a.write("live")
-        await wait_until(lambda: b.replica.store.get("live") is not None, timeout=1)
+        await wait_until(lambda: b.replica.store.get("live") is not None, within=1)
         nursery.cancel_scope.cancel()
 
 
@@ -100,7 +101,7 @@ async def test_a_dropped_connection_reconciles_what_was_missed() -> None:
         net.disconnect(a.transport.node_id, b.transport.node_id)
         for i in range(20):
             a.write(f"during{i}")
-        await wait_until(lambda: a.state() == b.state(), timeout=10)
+        await wait_until(lambda: a.state() == b.state(), within=10)
         n.cancel_scope.cancel()
 
 

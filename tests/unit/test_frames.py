@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import pytest
@@ -74,10 +75,8 @@ def test_hostile_frames(kind: int, payload: bytes, why: str) -> None:
 
 @given(st.integers(0, 255), st.binary(max_size=2000))
 def test_decoder_only_raises_frame_error(kind: int, payload: bytes) -> None:
-    try:
+    with contextlib.suppress(FrameError):
         decode(kind, payload)
-    except FrameError:
-        pass
 
 
 @given(st.binary(max_size=64), st.integers(0, 2000))
@@ -85,10 +84,8 @@ def test_fuzzed_entries_frame(noise: bytes, at: int) -> None:
     raw = bytearray(encode(Entries([entry()]))[5:])
     at %= len(raw)
     raw[at : at + len(noise)] = noise
-    try:
+    with contextlib.suppress(FrameError):
         decode(FrameType.ENTRIES, bytes(raw))
-    except FrameError:
-        pass
 
 
 def test_an_entry_too_large_for_a_frame_is_refused_when_encoding() -> None:

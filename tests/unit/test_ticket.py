@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -46,7 +48,5 @@ def test_a_write_key_of_another_namespace_is_refused() -> None:
 
 @given(st.text(max_size=300))
 def test_decode_only_raises_ticket_error(text: str) -> None:
-    try:
+    with contextlib.suppress(TicketError):
         Ticket.decode("blixfs" + text)
-    except TicketError:
-        pass
