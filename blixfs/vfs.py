@@ -406,7 +406,7 @@ class Vfs:
         if size is not None:
             if e.kind is not Kind.FILE:
                 raise FsError(errno.EISDIR if e.kind is Kind.DIR else errno.EINVAL, f"cannot truncate {path}")
-            content, temporary = self._content_for(ino, e)
+            content, temporary = self._content_for(ino, e, emptied=size == 0)
             try:
                 await self._truncate(content, size)
                 content.mtime_ns = mtime_ns if mtime_ns is not None else now
@@ -682,13 +682,18 @@ class Vfs:
 
     # ---------------------------------------------------------- file content
 
-    def _content_for(self, ino: int, e: Entry) -> tuple[OpenContent, bool]:
-        """The inode's open content, or a new one (True: nobody else holds it)."""
+    def _content_for(self, ino: int, e: Entry, *, emptied: bool = False) -> tuple[OpenContent, bool]:
+        """The inode's open content, or a new one (True: nobody else holds it).
+
+        ``emptied``: the caller truncates it to 0 at once, so the old content (maybe only
+        on peers) is not loaded.
+        """
         existing = self._contents.get(ino)
         if existing is not None:
             return existing, False
-        if e.manifest is None:
-            content = OpenContent(chunk_size=self.chunk_size, size=0, ids=[], mtime_ns=e.mtime_ns)
+        if e.manifest is None or emptied:
+            content = OpenContent(chunk_size=self.chunk_size, size=0, ids=[], mtime_ns=e.mtime_ns,
+                                  changed=e.size > 0)
         else:
             m = self._manifest(e.manifest)
             if m.size != e.size:
@@ -698,8 +703,8 @@ class Vfs:
         return content, True
 
     def _open_handle(self, ino: int, e: Entry, flags: int) -> int:
-        content, _ = self._content_for(ino, e)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        content, _ = self._content_for(ino, e, emptied=writable and bool(flags & os.O_TRUNC))
         if flags & os.O_TRUNC and writable and content.size:
             self._resize(content, 0, {})  # truncating to 0 needs no stored bytes
             content.mtime_ns = self._clock()
