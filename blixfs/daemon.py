@@ -28,12 +28,18 @@ from typing import Any
 
 import trio
 
+from blixfs.chunkproto import ALPN as CHUNKS_ALPN
+from blixfs.chunkproto import ChunkServer
+from blixfs.fetcher import Fetcher, Holdings, PeerBook
+from blixfs.hashing import HOLE, ChunkId
+from blixfs.manifest import Manifest, ManifestError
 from blixfs.net.iroh_transport import IrohTransport, open_iroh_transport
 from blixfs.net.transport import TransportError
 from blixfs.node import JoinError, Node
 from blixfs.sync import ALPN as SYNC_ALPN
 from blixfs.sync import SyncService
 from blixfs.ticket import Ticket, TicketError
+from blixfs.vfs import Vfs
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,10 @@ class Runtime:
     transport: IrohTransport
     sync: SyncService
     nursery: trio.Nursery
+    peers: PeerBook
+    holdings: Holdings
+    fetcher: Fetcher
+    server: ChunkServer
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()
@@ -64,11 +74,36 @@ class Runtime:
             raise JoinError(f"the running daemon serves namespace {self.node.replica.keys.id.hex()[:16]}; "
                             "stop it (Ctrl-C or SIGTERM), run blixfs join again, then mount")
         message = self.node.join(ticket)
+        self.peers.learn(ticket.peer)
         self.nursery.start_soon(self.sync.maintain, ticket.peer)
         return message
 
 
-async def run_services(node: Node, *, listen: str | None = None,
+async def _load_own_holdings(node: Node, holdings: Holdings) -> None:
+    """Which files' content this node holds whole, from its store (in a worker thread: it
+    stats every chunk file of every file)."""
+    files = [e for e in node.namespace.entries() if not e.deleted and e.manifest is not None]
+
+    def scan() -> list[bytes]:
+        complete = []
+        for e in files:
+            assert e.manifest is not None
+            raw = node.chunks.get(ChunkId(e.manifest))
+            if raw is None:
+                continue
+            try:
+                ids = Manifest.decode(raw).ids
+            except ManifestError:
+                continue
+            if all(node.chunks.has(c) for c in set(ids) if c != HOLE):
+                complete.append(e.manifest)
+        return complete
+
+    for mid in await trio.to_thread.run_sync(scan):
+        holdings.note_complete(mid)
+
+
+async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None = None,
                        task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the node's network services until cancelled; reports the `Runtime` when up."""
     bind = listen or node.listen_addr()
@@ -82,10 +117,26 @@ async def run_services(node: Node, *, listen: str | None = None,
             host = bind.rsplit(":", 1)[0]
             transport = await stack.enter_async_context(open_iroh_transport(node.secret, bind_addr=f"{host}:0"))
             node.set_listen_addr(transport.addr().addrs[0])
-        sync = SyncService(node.replica, transport)
+        self_id = node.node_id.hex()
+        peers = PeerBook(self_id)
+        for known in node.peers():
+            peers.learn(known)
+        holdings = Holdings(self_id)
+        holdings.own.addr = transport.addr()
+        await _load_own_holdings(node, holdings)
+        server = ChunkServer(node.chunks)
+        transport.register(CHUNKS_ALPN, server.handle)
+        fetcher = Fetcher(node.chunks, transport, peers)
+        sync = SyncService(node.replica, transport, holdings)
+        sync.on_address = peers.learn
         transport.register(SYNC_ALPN, sync.handle)
         async with trio.open_nursery() as nursery:
-            runtime = Runtime(node, transport, sync, nursery)
+            await nursery.start(fetcher.serve)
+            runtime = Runtime(node, transport, sync, nursery, peers, holdings, fetcher, server)
+            if vfs is not None:
+                vfs.reader.fetcher = fetcher
+                vfs.holdings = holdings
+            nursery.start_soon(sync.announce_holdings)
             for peer in node.peers():
                 nursery.start_soon(sync.maintain, peer)
             await nursery.start(serve_control, node.home / "control.sock", runtime)

@@ -34,6 +34,7 @@ class FrameType(enum.IntEnum):
     ENTRIES = 2
     SYNCED = 3
     ERROR = 4
+    HOLDINGS = 5
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,19 @@ class ErrorFrame:
     message: str
 
 
-Frame = Hello | Entries | Synced | ErrorFrame
+@dataclass(frozen=True)
+class HoldingsFrame:
+    """What ``node_id`` holds: whole manifests, and bitmaps of chunk indices of others.
+    ``seq`` grows with every change; a receiver keeps only the newest per node."""
+
+    node_id: bytes
+    seq: int
+    complete: list[bytes]
+    partial: list[tuple[bytes, bytes]]
+    addr: bytes = b""  # NodeAddr.to_bytes() of the node, so holders can be dialed (b"": unknown)
+
+
+Frame = Hello | Entries | Synced | ErrorFrame | HoldingsFrame
 
 
 def _vector(v: dict[bytes, int]) -> bytes:
@@ -78,6 +91,12 @@ def encode(frame: Frame) -> bytes:
         kind, payload = FrameType.ENTRIES, b"".join(parts)
     elif isinstance(frame, Synced):
         kind, payload = FrameType.SYNCED, _vector(frame.vector)
+    elif isinstance(frame, HoldingsFrame):
+        parts = [frame.node_id, struct.pack(">QH", frame.seq, len(frame.addr)), frame.addr,
+                 _U32.pack(len(frame.complete)), *frame.complete, _U32.pack(len(frame.partial))]
+        for mid, bits in frame.partial:
+            parts += [mid, _U32.pack(len(bits)), bits]
+        kind, payload = FrameType.HOLDINGS, b"".join(parts)
     else:
         text = frame.message.encode()[:MAX_ERROR_TEXT]
         kind, payload = FrameType.ERROR, struct.pack(">H", frame.code) + text
@@ -143,6 +162,22 @@ def decode(kind: int, payload: bytes) -> Frame:
         frame = Entries(entries)
     elif kind == FrameType.SYNCED:
         frame = Synced(r.vector())
+    elif kind == FrameType.HOLDINGS:
+        node_id = r.take(32, "node id")
+        seq, addr_len = struct.unpack(">QH", r.take(10, "seq"))
+        addr = r.take(addr_len, "address")
+        count = r.u32("complete count")
+        if count * 32 > len(payload):
+            raise FrameError(f"holdings claim {count} manifests")
+        complete = [r.take(32, "manifest id") for _ in range(count)]
+        count = r.u32("partial count")
+        if count * 36 > len(payload):
+            raise FrameError(f"holdings claim {count} partial manifests")
+        partial = []
+        for _ in range(count):
+            mid = r.take(32, "manifest id")
+            partial.append((mid, r.take(r.u32("bitmap length"), "bitmap")))
+        frame = HoldingsFrame(node_id, seq, complete, partial, addr)
     elif kind == FrameType.ERROR:
         (code,) = struct.unpack(">H", r.take(2, "error code"))
         frame = ErrorFrame(code, r.take(len(payload) - 2, "error text").decode("utf-8", "replace"))

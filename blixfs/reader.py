@@ -17,11 +17,12 @@ Callers: `blixfs.vfs.Vfs` on the trio thread.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from lru import LRU
 
 from blixfs.chunkstore import ChunkStore
+from blixfs.fetcher import Fetcher
 from blixfs.hashing import ChunkId
 
 log = logging.getLogger(__name__)
@@ -31,19 +32,30 @@ class ChunkReader:
     def __init__(self, store: ChunkStore, *, cache_chunks: int = 64) -> None:
         self.store = store
         self._cache: LRU[ChunkId, bytes] = LRU(cache_chunks)
+        # Set by the daemon once the node is on the network: then chunks this node does
+        # not hold are fetched from their holders instead of reading as missing.
+        self.fetcher: Fetcher | None = None
 
-    async def get(self, cid: ChunkId) -> bytes | None:
-        """The chunk's verified bytes, or None if this node does not hold it.
+    async def get(self, cid: ChunkId, holders: Callable[[], Sequence[str]] | None = None) -> bytes | None:
+        """The chunk's verified bytes; None if this node does not hold it and cannot fetch it.
 
-        ``async`` because fetching from peers (the lazy-fetch issue) will await here.
+        With a fetcher and ``holders``, a chunk not held here is fetched (stored on disk
+        once); FsError(EIO) if no holder could serve it in time.
         """
         data = self._cache.get(cid)
         if data is None:
             data = self.store.get(cid)
+            if data is None and self.fetcher is not None and holders is not None:
+                data = await self.fetcher.get(cid, holders())
             if data is not None:
                 self._cache[cid] = data
         return data
 
-    def prefetch(self, cids: Iterable[ChunkId]) -> None:
-        """Hint that ``cids`` will be read soon; chunks already in memory are skipped."""
-        self.store.advise([cid for cid in cids if cid not in self._cache])
+    def prefetch(self, cids: Iterable[ChunkId], holders: Callable[[ChunkId], Sequence[str]] | None = None) -> None:
+        """Hint that ``cids`` will be read soon: local ones are advised to the kernel, the
+        others fetched in the background when ``holders`` says who has them."""
+        wanted = [cid for cid in cids if cid not in self._cache]
+        local = [cid for cid in wanted if self.store.has(cid)]
+        self.store.advise(local)
+        if self.fetcher is not None and holders is not None:
+            self.fetcher.prefetch((cid, holders(cid)) for cid in wanted if cid not in set(local))

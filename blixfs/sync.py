@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import trio
 
 from blixfs.entry import Entry
-from blixfs.frames import Entries, ErrorFrame, FrameError, Hello, Synced, encode, read_frame
+from blixfs.fetcher import Holdings, NodeHoldings
+from blixfs.frames import Entries, ErrorFrame, FrameError, Hello, HoldingsFrame, Synced, encode, read_frame
 from blixfs.net.transport import CODE_APP_MIN, NodeAddr, Stream, Transport, TransportError
 from blixfs.replica import Replica
 
@@ -79,35 +80,67 @@ def _batches(entries: list[Entry]) -> list[list[Entry]]:
 class _Session:
     def __init__(self, info: SessionInfo) -> None:
         self.info = info
-        self.send, self.receive = trio.open_memory_channel[list[Entry]](LIVE_QUEUE)
+        self.send, self.receive = trio.open_memory_channel[Entries | HoldingsFrame](LIVE_QUEUE)
         self.scope = trio.CancelScope()
+
+
+def holdings_frame(node_id: str, record: NodeHoldings) -> HoldingsFrame:
+    return HoldingsFrame(bytes.fromhex(node_id), record.seq, sorted(record.complete),
+                         sorted((m, bytes(b)) for m, b in record.partial.items()),
+                         record.addr.to_bytes() if record.addr is not None else b"")
+
+
+def holdings_record(frame: HoldingsFrame) -> NodeHoldings:
+    """The record a frame announces; an address that does not decode is dropped (it is only a hint)."""
+    try:
+        addr = NodeAddr.from_bytes(frame.addr) if frame.addr else None
+    except ValueError:
+        addr = None
+    if addr is not None and addr.node_id != frame.node_id.hex():
+        addr = None
+    return NodeHoldings(frame.seq, set(frame.complete), {m: bytearray(b) for m, b in frame.partial}, addr)
 
 
 class SyncService:
     """Sync sessions of one replica. See the module docstring."""
 
-    def __init__(self, replica: Replica, transport: Transport) -> None:
+    def __init__(self, replica: Replica, transport: Transport, holdings: Holdings | None = None) -> None:
         self.replica = replica
         self.transport = transport
+        self.holdings = holdings
         self._sessions: dict[int, _Session] = {}
         self._next_id = 0
         self.on_session_synced: Callable[[SessionInfo], None] | None = None
+        self.on_address: Callable[[NodeAddr], None] | None = None  # a peer's address learnt from holdings
         replica.listeners.append(self._push)
 
     def sessions(self) -> list[SessionInfo]:
         return [s.info for s in self._sessions.values()]
 
     def _push(self, entries: list[Entry], source: str | None) -> None:
+        self._send_to_all(Entries(entries), source)
+
+    def _send_to_all(self, frame: Entries | HoldingsFrame, source: str | None) -> None:
         for sid, session in list(self._sessions.items()):
             if session.info.peer == source:
                 continue
             try:
-                session.send.send_nowait(entries)
+                session.send.send_nowait(frame)
             except trio.WouldBlock:
                 # A peer that cannot keep up is dropped; it reconciles when it reconnects.
                 log.warning("peer %s is too slow for live updates: closing its session", session.info.peer[:16])
                 session.scope.cancel()
                 del self._sessions[sid]
+
+    async def announce_holdings(self) -> None:
+        """Tell every session when this node's holdings change (at most 5 times a second)."""
+        if self.holdings is None:
+            return
+        while True:
+            await self.holdings.changed.wait()
+            await trio.sleep(0.2)  # gather the changes of a burst of fetched chunks into one frame
+            self.holdings.changed = trio.Event()
+            self._send_to_all(holdings_frame(self.holdings.self_id, self.holdings.own), None)
 
     async def handle(self, stream: Stream, peer_id: str) -> None:
         """Stream handler for incoming sessions (registered for `ALPN`)."""
@@ -188,12 +221,18 @@ class SyncService:
         store = self.replica.store
         vector = store.vector()  # before the diff: everything up to it is in the diff or beats it
         diff = list(store.entries_since(their_vector))
+        if self.holdings is not None:  # who holds what, before the entries that will be read
+            for node_id, record in list(self.holdings.nodes.items()):
+                await self._send(stream, encode(holdings_frame(node_id, record)))
         for batch in _batches(diff):
             await self._send(stream, encode(Entries(batch)))
             session.info.entries_sent += len(batch)
         await self._send(stream, encode(Synced(vector)))
-        async for entries in session.receive:
-            for batch in _batches(entries):
+        async for frame in session.receive:
+            if isinstance(frame, HoldingsFrame):
+                await self._send(stream, encode(frame))
+                continue
+            for batch in _batches(frame.entries):
                 await self._send(stream, encode(Entries(batch)))
                 session.info.entries_sent += len(batch)
 
@@ -213,6 +252,12 @@ class SyncService:
                     log.info("synced with %s: %d entries received", info.peer[:16], info.entries_received)
                     if self.on_session_synced is not None:
                         self.on_session_synced(info)
+            elif isinstance(frame, HoldingsFrame):
+                record = holdings_record(frame)
+                if self.holdings is not None and self.holdings.update(frame.node_id.hex(), record):
+                    if record.addr is not None and self.on_address is not None:
+                        self.on_address(record.addr)
+                    self._send_to_all(frame, info.peer)  # relay: nodes that only know us learn it too
             elif isinstance(frame, ErrorFrame):
                 log.warning("peer %s closed the session: %s (code %d)", info.peer[:16], frame.message, frame.code)
                 return

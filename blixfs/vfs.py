@@ -53,6 +53,7 @@ from blixfs.entry import (
     shown_as_conflict,
 )
 from blixfs.errors import FsError, storage_errno
+from blixfs.fetcher import Holdings
 from blixfs.hashing import HOLE, ChunkId, short
 from blixfs.manifest import DEFAULT_CHUNK_SIZE, Manifest, ManifestError, chunk_count, chunk_length
 from blixfs.namespace import NamespaceStore
@@ -117,6 +118,8 @@ class OpenContent:
     handles: int = 0
     unlinked: bool = False  # its path is gone: nothing is committed any more
     last_read_end: int = -1  # a read starting here continues a sequential pattern
+    manifest: bytes | None = None  # the stored version ``ids`` came from (for holders and holdings)
+    author: bytes = b""  # who wrote that version: it holds the content
 
     def dirty_bytes(self) -> int:
         return sum(map(len, self.dirty.values()))
@@ -199,6 +202,8 @@ class Vfs:
         # Called with (parent inode, name, inode or None) for every path a peer changed,
         # so the FUSE layer can drop the kernel's caches. None: nobody to tell.
         self.invalidator: Callable[[int, str, int | None], None] | None = None
+        # Who holds what, once the node is on the network (set by the daemon, with reader.fetcher).
+        self.holdings: Holdings | None = None
         replica.listeners.append(self._on_namespace_change)
         self._statfs_path = statfs_path
         self._max_dirty = max_dirty_bytes
@@ -305,6 +310,20 @@ class Vfs:
             log.error("namespace commit of %s failed: %s", [e.path for e in entries], exc)
             raise FsError(err, f"namespace commit failed: {exc}") from exc
 
+    def _holders(self, manifest: bytes | None, author: bytes, index: int | None = None) -> list[str]:
+        """Nodes that should hold chunk ``index`` of ``manifest`` (or the manifest itself): the
+        ones whose holdings say so, then the version's author."""
+        found = self.holdings.holders(manifest, index) if self.holdings is not None and manifest else []
+        return [*found, author.hex()]
+
+    async def _load_manifest(self, e: Entry) -> Manifest:
+        """The manifest of file entry ``e``, fetched from its holders when not held here."""
+        assert e.manifest is not None
+        mid = e.manifest
+        if mid not in self._manifests and not self.chunks.has(ChunkId(mid)):
+            await self._chunk_bytes(ChunkId(mid), None, lambda: self._holders(mid, e.author))
+        return self._manifest(mid)
+
     def _manifest(self, mid: bytes) -> Manifest:
         cached: Manifest | None = self._manifests.get(mid)
         if cached is not None:
@@ -406,7 +425,7 @@ class Vfs:
         if size is not None:
             if e.kind is not Kind.FILE:
                 raise FsError(errno.EISDIR if e.kind is Kind.DIR else errno.EINVAL, f"cannot truncate {path}")
-            content, temporary = self._content_for(ino, e, emptied=size == 0)
+            content, temporary = await self._content_for(ino, e, emptied=size == 0)
             try:
                 await self._truncate(content, size)
                 content.mtime_ns = mtime_ns if mtime_ns is not None else now
@@ -489,7 +508,7 @@ class Vfs:
         e = self._new_entry(path, Kind.FILE, mode, uid, gid)
         self._commit_entries([e, *self._touch_parent(path)])
         ino = self.inodes.ino(path)
-        fh = self._open_handle(ino, e, flags)
+        fh = await self._open_handle(ino, e, flags)
         return fh, self._attr(ino, e)
 
     def _resolution(self, version: Entry) -> Entry:
@@ -682,7 +701,7 @@ class Vfs:
 
     # ---------------------------------------------------------- file content
 
-    def _content_for(self, ino: int, e: Entry, *, emptied: bool = False) -> tuple[OpenContent, bool]:
+    async def _content_for(self, ino: int, e: Entry, *, emptied: bool = False) -> tuple[OpenContent, bool]:
         """The inode's open content, or a new one (True: nobody else holds it).
 
         ``emptied``: the caller truncates it to 0 at once, so the old content (maybe only
@@ -695,16 +714,20 @@ class Vfs:
             content = OpenContent(chunk_size=self.chunk_size, size=0, ids=[], mtime_ns=e.mtime_ns,
                                   changed=e.size > 0)
         else:
-            m = self._manifest(e.manifest)
+            m = await self._load_manifest(e)
             if m.size != e.size:
                 raise FsError(errno.EIO, f"{e.path}: entry size {e.size} != manifest size {m.size}")
-            content = OpenContent(chunk_size=m.chunk_size, size=m.size, ids=list(m.ids), mtime_ns=e.mtime_ns)
+            existing = self._contents.get(ino)  # another request may have opened it while we fetched
+            if existing is not None:
+                return existing, False
+            content = OpenContent(chunk_size=m.chunk_size, size=m.size, ids=list(m.ids), mtime_ns=e.mtime_ns,
+                                  manifest=e.manifest, author=e.author)
         self._contents[ino] = content
         return content, True
 
-    def _open_handle(self, ino: int, e: Entry, flags: int) -> int:
+    async def _open_handle(self, ino: int, e: Entry, flags: int) -> int:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        content, _ = self._content_for(ino, e, emptied=writable and bool(flags & os.O_TRUNC))
+        content, _ = await self._content_for(ino, e, emptied=writable and bool(flags & os.O_TRUNC))
         if flags & os.O_TRUNC and writable and content.size:
             self._resize(content, 0, {})  # truncating to 0 needs no stored bytes
             content.mtime_ns = self._clock()
@@ -724,7 +747,7 @@ class Vfs:
             raise FsError(errno.EISDIR, f"{e.path} is a directory")
         if e.kind is not Kind.FILE:
             raise FsError(errno.EINVAL, f"{e.path} is not a regular file")
-        return self._open_handle(ino, e, flags)
+        return await self._open_handle(ino, e, flags)
 
     def _handle(self, fh: int) -> Handle:
         try:
@@ -732,17 +755,27 @@ class Vfs:
         except KeyError:
             raise FsError(errno.EBADF, f"file handle {fh} is not open") from None
 
-    async def _chunk_bytes(self, cid: ChunkId, length: int) -> bytes | memoryview:
-        """Verified bytes of a clean chunk (zeros for a hole); EIO if this node cannot get it."""
+    async def _chunk_bytes(self, cid: ChunkId, length: int | None,
+                           holders: Callable[[], list[str]] | None = None) -> bytes | memoryview:
+        """Verified bytes of a clean chunk (zeros for a hole), fetched from ``holders`` when not
+        held here; EIO if it cannot be had. ``length`` (when known) is checked."""
         if cid == HOLE:
-            return _zeros(length)
-        data = await self.reader.get(cid)
+            return _zeros(length or 0)
+        data = await self.reader.get(cid, holders)
         if data is None:
-            log.error("chunk %s is not held by this node and cannot be fetched yet", short(cid))
+            log.error("chunk %s is not held by this node and no peer is known to hold it", short(cid))
             raise FsError(errno.EIO, f"chunk {short(cid)} is not available")
-        if len(data) != length:
+        if length is not None and len(data) != length:
             raise FsError(errno.EIO, f"chunk {short(cid)} has {len(data)} bytes, manifest says {length}")
         return data
+
+    def _chunk_holders(self, content: OpenContent, index: int) -> Callable[[], list[str]]:
+        return lambda: self._holders(content.manifest, content.author, index)
+
+    def _note_held(self, content: OpenContent, index: int) -> None:
+        """Holdings: this node now holds chunk ``index`` of the version ``content`` came from."""
+        if self.holdings is not None and content.manifest is not None and not content.changed:
+            self.holdings.note_chunk(content.manifest, index, len(content.ids))
 
     async def _load_for_update(self, content: OpenContent, indices: Iterable[int]) -> dict[ChunkId, bytes]:
         """Load the stored bytes of the clean chunks at ``indices`` before a synchronous update.
@@ -753,13 +786,13 @@ class Vfs:
         loaded: dict[ChunkId, bytes] = {}
         wanted = sorted(set(indices))
         while True:
-            need = [(content.ids[i], chunk_length(i, content.size, content.chunk_size)) for i in wanted
+            need = [(i, content.ids[i], chunk_length(i, content.size, content.chunk_size)) for i in wanted
                     if i < len(content.ids) and i not in content.dirty and content.ids[i] != HOLE
                     and content.ids[i] not in loaded]
             if not need:
                 return loaded
-            for cid, length in need:
-                loaded[cid] = bytes(await self._chunk_bytes(cid, length))
+            for i, cid, length in need:
+                loaded[cid] = bytes(await self._chunk_bytes(cid, length, self._chunk_holders(content, i)))
 
     def _load_chunk(self, content: OpenContent, index: int, length: int, loaded: dict[ChunkId, bytes]) -> bytearray:
         """The chunk at ``index`` as a dirty buffer, cut or zero-padded to ``length``.
@@ -820,7 +853,7 @@ class Vfs:
         content = self._handle(fh).content
         end = min(offset + size, content.size)
         cs = content.chunk_size
-        plan: list[bytes | tuple[ChunkId, int, int, int]] = []
+        plan: list[bytes | tuple[int, ChunkId, int, int, int]] = []
         pos = offset
         while pos < end:
             idx = pos // cs
@@ -828,7 +861,7 @@ class Vfs:
             n = min(cs - within, end - pos)
             buf = content.dirty.get(idx)
             if buf is None:
-                plan.append((content.ids[idx], chunk_length(idx, content.size, cs), within, n))
+                plan.append((idx, content.ids[idx], chunk_length(idx, content.size, cs), within, n))
             else:
                 plan.append(bytes(memoryview(buf)[within : within + n]))
             pos += n
@@ -836,16 +869,19 @@ class Vfs:
         # out of order: a read near where the last one ended counts as sequential.
         if end > offset and abs(offset - content.last_read_end) <= READ_AHEAD_BYTES:
             first = (end - 1) // cs + 1
-            ahead = content.ids[first : first + max(1, READ_AHEAD_BYTES // cs)]
-            self.reader.prefetch(cid for i, cid in enumerate(ahead, first) if cid != HOLE and i not in content.dirty)
+            ahead = {cid: i for i, cid in enumerate(content.ids[first : first + max(1, READ_AHEAD_BYTES // cs)], first)
+                     if cid != HOLE and i not in content.dirty}
+            self.reader.prefetch(ahead, lambda cid: self._holders(content.manifest, content.author, ahead[cid]))
         content.last_read_end = max(end, content.last_read_end) if content.last_read_end >= 0 else end
         parts: list[bytes | memoryview] = []
         for item in plan:
             if isinstance(item, bytes):
                 parts.append(item)
             else:
-                cid, length, within, n = item
-                parts.append(memoryview(await self._chunk_bytes(cid, length))[within : within + n])
+                idx, cid, length, within, n = item
+                data = await self._chunk_bytes(cid, length, self._chunk_holders(content, idx))
+                self._note_held(content, idx)
+                parts.append(memoryview(data)[within : within + n])
         return b"".join(parts)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
@@ -928,7 +964,13 @@ class Vfs:
         new = self._successor(e, deleted=False, size=content.size, manifest=manifest_id, mtime_ns=content.mtime_ns,
                               ctime_ns=max(e.ctime_ns, content.mtime_ns))
         self._commit_entries([new], durable=durable)
+        holdings = self.holdings
+        whole = content.manifest is None or (holdings is not None and content.manifest in holdings.own.complete)
         content.changed = False
+        content.manifest, content.author = manifest_id, self.author
+        if self.holdings is not None and manifest_id is not None and (
+                whole or all(self.chunks.has(c) for c in set(content.ids) if c != HOLE)):
+            self.holdings.note_complete(manifest_id)
         metrics.commits.inc()
 
     async def flush(self, fh: int) -> None:

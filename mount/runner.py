@@ -209,7 +209,7 @@ async def _serve(node: Node, vfs: Vfs, path: Path, listen: str | None) -> None:
         invalidator = KernelInvalidator()
         await nursery.start(invalidator.run)
         vfs.invalidator = invalidator
-        await nursery.start(functools.partial(run_services, node, listen=listen))
+        await nursery.start(functools.partial(run_services, node, vfs=vfs, listen=listen))
         nursery.start_soon(trio.to_thread.run_sync, tune_kernel_side, path)
         log.info("blixfs mounted at %s", path)
         notify_systemd("READY=1")

@@ -1,0 +1,281 @@
+"""Lazy fetching of chunks from peers: who holds what, whom to ask, and asking.
+
+* `Holdings`: which manifests each node holds, completely or in part (a bitmap of
+  chunk indices), as announced over the sync sessions (HOLDINGS frames), plus this
+  node's own. A holdings record is a hint: a stale one costs one DONT_HAVE and the
+  next holder, never an error.
+* `PeerBook`: per-peer figures measured on real transfers: request latency and
+  throughput (EWMA), requests in flight, failures, and a penalty box for peers that
+  sent bad bytes or failed (not asked again for a while).
+* `Fetcher.get(cid, holders)`: the verified chunk, stored on local disk once;
+  concurrent requests for one chunk share one fetch. Holders are tried best first
+  (lowest expected time = latency x (1 + requests in flight), so a sequential
+  reader's read-ahead spreads over several holders); each attempt has a deadline, and
+  the whole fetch has one: when it passes, the read fails with EIO and a log line
+  naming the chunk and every peer tried.
+
+Callers: `blixfs.reader.ChunkReader` (reads), `Vfs` read-ahead, `blixfs pull`. All on
+the trio thread; `serve` runs the read-ahead tasks in its nursery.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from blixfs.chunkproto import FetchFailed, fetch_chunk
+from blixfs.chunkstore import ChunkStore
+from blixfs.errors import FsError
+from blixfs.hashing import ChunkId, short
+from blixfs.net.transport import NodeAddr, Transport, TransportError
+
+log = logging.getLogger(__name__)
+
+ATTEMPT_TIMEOUT = 5.0
+FETCH_TIMEOUT = 20.0
+PENALTY_SECONDS = 60.0
+FAILURE_PENALTY_SECONDS = 5.0
+READ_AHEAD_PARALLEL = 8
+_EWMA = 0.2
+
+
+@dataclass
+class PeerStats:
+    """What this node measured about one peer."""
+
+    latency: float = 0.002  # seconds per chunk request (EWMA), a guess until measured
+    throughput: float = 0.0  # bytes/s (EWMA)
+    inflight: int = 0
+    bytes_received: int = 0
+    chunks_received: int = 0
+    failures: int = 0
+    bad_data: int = 0
+    penalised_until: float = 0.0
+    last_ok: float = 0.0
+
+    def expected_seconds(self) -> float:
+        return self.latency * (1 + self.inflight)
+
+
+class PeerBook:
+    """Peers' measured figures and addresses (see the module docstring)."""
+
+    def __init__(self, self_id: str) -> None:
+        self.self_id = self_id
+        self.stats: dict[str, PeerStats] = {}
+        self.addrs: dict[str, NodeAddr] = {}
+
+    def learn(self, addr: NodeAddr) -> None:
+        if addr.addrs or addr.node_id not in self.addrs:
+            self.addrs[addr.node_id] = addr
+
+    def addr(self, node_id: str) -> NodeAddr:
+        # Without an address the transport reuses a connection the peer opened to us.
+        return self.addrs.get(node_id) or NodeAddr(node_id)
+
+    def of(self, node_id: str) -> PeerStats:
+        return self.stats.setdefault(node_id, PeerStats())
+
+    def rank(self, holders: Iterable[str]) -> list[str]:
+        """Holders best first; penalised ones only after all the others."""
+        now = time.monotonic()
+        unique = [h for h in dict.fromkeys(holders) if h != self.self_id]
+        return sorted(unique, key=lambda h: (self.of(h).penalised_until > now, self.of(h).expected_seconds()))
+
+    def record_ok(self, node_id: str, nbytes: int, seconds: float) -> None:
+        s = self.of(node_id)
+        s.latency = seconds if s.chunks_received == 0 else (1 - _EWMA) * s.latency + _EWMA * seconds
+        rate = nbytes / max(seconds, 1e-6)
+        s.throughput = rate if s.chunks_received == 0 else (1 - _EWMA) * s.throughput + _EWMA * rate
+        s.bytes_received += nbytes
+        s.chunks_received += 1
+        s.last_ok = time.monotonic()
+
+    def penalise(self, node_id: str, seconds: float, *, bad_data: bool) -> None:
+        s = self.of(node_id)
+        s.failures += 1
+        s.bad_data += int(bad_data)
+        s.penalised_until = time.monotonic() + seconds
+
+
+@dataclass
+class NodeHoldings:
+    seq: int = 0
+    complete: set[bytes] = field(default_factory=set)
+    partial: dict[bytes, bytearray] = field(default_factory=dict)  # manifest id -> bitmap of chunk indices
+    addr: NodeAddr | None = None  # where the node says it can be reached
+
+    def holds(self, manifest_id: bytes, index: int | None) -> bool:
+        if manifest_id in self.complete:
+            return True
+        bits = self.partial.get(manifest_id)
+        if bits is None or index is None:
+            return False
+        return index // 8 < len(bits) and bool(bits[index // 8] >> (index % 8) & 1)
+
+
+class Holdings:
+    """Who holds which manifests. See the module docstring."""
+
+    def __init__(self, self_id: str) -> None:
+        self.self_id = self_id
+        self.nodes: dict[str, NodeHoldings] = {}
+        self.own = self.nodes.setdefault(self_id, NodeHoldings())
+        self.changed = trio.Event()  # set when this node's own holdings change (to announce them)
+
+    def holders(self, manifest_id: bytes, index: int | None = None) -> list[str]:
+        return [n for n, h in self.nodes.items() if n != self.self_id and h.holds(manifest_id, index)]
+
+    def update(self, node_id: str, record: NodeHoldings) -> bool:
+        """Take a peer's announcement if it is newer than what we have; True if taken."""
+        if node_id == self.self_id:
+            return False
+        current = self.nodes.get(node_id)
+        if current is not None and current.seq >= record.seq:
+            return False
+        self.nodes[node_id] = record
+        return True
+
+    def _touched(self) -> None:
+        self.own.seq += 1
+        self.changed.set()
+
+    def note_chunk(self, manifest_id: bytes, index: int, count: int) -> None:
+        """This node now holds chunk ``index`` of a manifest of ``count`` chunks."""
+        if manifest_id in self.own.complete:
+            return
+        bits = self.own.partial.setdefault(manifest_id, bytearray(math.ceil(count / 8)))
+        if index // 8 < len(bits):
+            bits[index // 8] |= 1 << (index % 8)
+        if all(bits[i // 8] >> (i % 8) & 1 for i in range(count)):
+            del self.own.partial[manifest_id]
+            self.own.complete.add(manifest_id)
+        self._touched()
+
+    def note_complete(self, manifest_id: bytes) -> None:
+        self.own.partial.pop(manifest_id, None)
+        if manifest_id not in self.own.complete:
+            self.own.complete.add(manifest_id)
+            self._touched()
+
+    def forget_chunk_everywhere(self, manifest_ids: Iterable[bytes]) -> None:
+        """This node evicted a chunk of these manifests: it no longer holds them whole."""
+        for mid in manifest_ids:
+            if mid in self.own.complete:
+                self.own.complete.discard(mid)
+                self._touched()
+
+
+class _Load:
+    __slots__ = ("data", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: FsError | None = None
+
+
+class Fetcher:
+    """Fetches chunks from peers into the local store. See the module docstring."""
+
+    def __init__(self, store: ChunkStore, transport: Transport, peers: PeerBook, *,
+                 attempt_timeout: float = ATTEMPT_TIMEOUT, fetch_timeout: float = FETCH_TIMEOUT) -> None:
+        self.store = store
+        self.transport = transport
+        self.peers = peers
+        self.attempt_timeout = attempt_timeout
+        self.fetch_timeout = fetch_timeout
+        self._loading: dict[ChunkId, _Load] = {}
+        self._limit = trio.CapacityLimiter(READ_AHEAD_PARALLEL)
+        self._nursery: trio.Nursery | None = None
+        self.bytes_fetched = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def loading(self, cid: ChunkId) -> bool:
+        return cid in self._loading
+
+    async def get(self, cid: ChunkId, holders: Sequence[str]) -> bytes:
+        """The verified chunk from a holder, stored locally; FsError(EIO) if none could serve it."""
+        pending = self._loading.get(cid)
+        if pending is None:
+            pending = self._loading[cid] = _Load()
+            try:
+                pending.data = await self._fetch(cid, holders)
+            except FsError as exc:
+                pending.error = exc
+            finally:
+                del self._loading[cid]
+                pending.done.set()
+        else:
+            await pending.done.wait()
+        if pending.data is None:
+            raise pending.error or FsError(errno.EIO, f"chunk {short(cid)} could not be fetched")
+        return pending.data
+
+    def prefetch(self, items: Iterable[tuple[ChunkId, Sequence[str]]]) -> None:
+        """Fetch these chunks in the background (read-ahead); no-op until `serve` runs."""
+        if self._nursery is None:
+            return
+        for cid, holders in items:
+            if cid not in self._loading and not self.store.has(cid):
+                self._nursery.start_soon(self._prefetch_one, cid, holders)
+
+    async def _prefetch_one(self, cid: ChunkId, holders: Sequence[str]) -> None:
+        async with self._limit:
+            try:
+                await self.get(cid, holders)
+            except FsError as exc:
+                log.debug("read-ahead of chunk %s failed: %s", short(cid), exc)
+
+    async def _fetch(self, cid: ChunkId, holders: Sequence[str]) -> bytes:
+        tried: list[str] = []
+        reasons: list[str] = []
+        with trio.move_on_after(self.fetch_timeout):
+            for peer in self.peers.rank(holders):
+                tried.append(peer[:16])
+                stats = self.peers.of(peer)
+                stats.inflight += 1
+                try:
+                    with trio.fail_after(self.attempt_timeout):
+                        fetched = await fetch_chunk(self.transport, self.peers.addr(peer), cid)
+                except FetchFailed as exc:
+                    reasons.append(str(exc))
+                    if exc.bad_data:
+                        log.warning("%s: penalised for %.0f s", exc, PENALTY_SECONDS)
+                    self.peers.penalise(peer, PENALTY_SECONDS if exc.bad_data else FAILURE_PENALTY_SECONDS,
+                                        bad_data=exc.bad_data)
+                    continue
+                except (TransportError, trio.TooSlowError) as exc:
+                    reasons.append(f"{peer[:16]}: {exc or 'timed out'}")
+                    self.peers.penalise(peer, FAILURE_PENALTY_SECONDS, bad_data=False)
+                    continue
+                finally:
+                    stats.inflight -= 1
+                if fetched is None:
+                    reasons.append(f"{peer[:16]}: does not hold it (stale holdings)")
+                    continue
+                self.peers.record_ok(peer, len(fetched.data), fetched.seconds)
+                self.bytes_fetched += len(fetched.data)
+                try:
+                    self.store.put(fetched.data)
+                except OSError as exc:  # full disk: still serve this read, from memory
+                    log.warning("fetched chunk %s could not be stored: %s", short(cid), exc)
+                return fetched.data
+        detail = "; ".join(reasons) or "no holder known"
+        log.error("chunk %s: no peer could serve it within %.0f s (tried: %s): %s", short(cid), self.fetch_timeout,
+                  ", ".join(tried) or "nobody", detail)
+        raise FsError(errno.EIO, f"chunk {short(cid)} unavailable (tried {', '.join(tried) or 'nobody'})")
