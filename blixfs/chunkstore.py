@@ -63,10 +63,12 @@ class ChunkStore(Protocol):
         """Whether a chunk file exists (cheap; not verified)."""
         ...
 
-    def put(self, data: bytes) -> ChunkId:
+    def put(self, data: bytes, *, verified_id: ChunkId | None = None) -> ChunkId:
         """Store ``data`` under its BLAKE3 id and return the id; `HOLE` for zeros.
 
-        Raises OSError (ENOSPC on a full disk) with nothing half-written left behind.
+        ``verified_id``: the caller already checked that ``data`` hashes to it (a fetched
+        chunk), so it is not hashed again. Raises OSError (ENOSPC on a full disk) with
+        nothing half-written left behind.
         """
         ...
 
@@ -106,12 +108,12 @@ class MemoryChunkStore:
     def has(self, cid: ChunkId) -> bool:
         return cid in self._chunks
 
-    def put(self, data: bytes) -> ChunkId:
+    def put(self, data: bytes, *, verified_id: ChunkId | None = None) -> ChunkId:
         if is_zero(data):
             return HOLE
         if self.fail_with is not None:
             raise OSError(self.fail_with, os.strerror(self.fail_with))
-        cid = chunk_id(data)
+        cid = verified_id or chunk_id(data)
         self._chunks[cid] = bytes(data)
         return cid
 
@@ -215,12 +217,12 @@ class DiskChunkStore:
     def has(self, cid: ChunkId) -> bool:
         return self._path(cid).exists()
 
-    def put(self, data: bytes) -> ChunkId:
+    def put(self, data: bytes, *, verified_id: ChunkId | None = None) -> ChunkId:
         if is_zero(data):
             return HOLE
         if len(data) > MAX_CHUNK_BYTES:
             raise OSError(errno.EFBIG, f"chunk of {len(data)} bytes exceeds {MAX_CHUNK_BYTES}")
-        cid = chunk_id(data)
+        cid = verified_id or chunk_id(data)
         path = self._path(cid)
         if path.exists():
             return cid

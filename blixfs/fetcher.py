@@ -127,6 +127,7 @@ class Holdings:
         self.self_id = self_id
         self.nodes: dict[str, NodeHoldings] = {}
         self.own = self.nodes.setdefault(self_id, NodeHoldings())
+        self._held: dict[bytes, int] = {}  # set bits of each of own.partial's bitmaps
         self.changed = trio.Event()  # set when this node's own holdings change (to announce them)
 
     def holders(self, manifest_id: bytes, index: int | None = None) -> list[str]:
@@ -147,19 +148,30 @@ class Holdings:
         self.changed.set()
 
     def note_chunk(self, manifest_id: bytes, index: int, count: int) -> None:
-        """This node now holds chunk ``index`` of a manifest of ``count`` chunks."""
-        if manifest_id in self.own.complete:
+        """This node now holds chunk ``index`` of a manifest of ``count`` chunks.
+
+        Called on every read of a fetched file, so it is O(1): a bit already set returns at
+        once, and a count of set bits says when the manifest is complete.
+        """
+        if manifest_id in self.own.complete or not 0 <= index < count:
             return
-        bits = self.own.partial.setdefault(manifest_id, bytearray(math.ceil(count / 8)))
-        if index // 8 < len(bits):
-            bits[index // 8] |= 1 << (index % 8)
-        if all(bits[i // 8] >> (i % 8) & 1 for i in range(count)):
-            del self.own.partial[manifest_id]
+        bits = self.own.partial.get(manifest_id)
+        if bits is None:
+            bits = self.own.partial[manifest_id] = bytearray(math.ceil(count / 8))
+            self._held[manifest_id] = 0
+        mask = 1 << (index % 8)
+        if bits[index // 8] & mask:
+            return
+        bits[index // 8] |= mask
+        self._held[manifest_id] += 1
+        if self._held[manifest_id] == count:
+            del self.own.partial[manifest_id], self._held[manifest_id]
             self.own.complete.add(manifest_id)
         self._touched()
 
     def note_complete(self, manifest_id: bytes) -> None:
         self.own.partial.pop(manifest_id, None)
+        self._held.pop(manifest_id, None)
         if manifest_id not in self.own.complete:
             self.own.complete.add(manifest_id)
             self._touched()
@@ -271,7 +283,7 @@ class Fetcher:
                 self.peers.record_ok(peer, len(fetched.data), fetched.seconds)
                 self.bytes_fetched += len(fetched.data)
                 try:
-                    self.store.put(fetched.data)
+                    self.store.put(fetched.data, verified_id=cid)
                 except OSError as exc:  # full disk: still serve this read, from memory
                     log.warning("fetched chunk %s could not be stored: %s", short(cid), exc)
                 return fetched.data

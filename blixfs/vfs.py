@@ -118,6 +118,7 @@ class OpenContent:
     handles: int = 0
     unlinked: bool = False  # its path is gone: nothing is committed any more
     last_read_end: int = -1  # a read starting here continues a sequential pattern
+    read_ahead_end: int = 0  # chunks below this index were already read ahead
     manifest: bytes | None = None  # the stored version ``ids`` came from (for holders and holdings)
     author: bytes = b""  # who wrote that version: it holds the content
 
@@ -868,10 +869,14 @@ class Vfs:
         # The kernel's own read-ahead sends several requests at once and they may be served
         # out of order: a read near where the last one ended counts as sequential.
         if end > offset and abs(offset - content.last_read_end) <= READ_AHEAD_BYTES:
-            first = (end - 1) // cs + 1
-            ahead = {cid: i for i, cid in enumerate(content.ids[first : first + max(1, READ_AHEAD_BYTES // cs)], first)
-                     if cid != HOLE and i not in content.dirty}
-            self.reader.prefetch(ahead, lambda cid: self._holders(content.manifest, content.author, ahead[cid]))
+            # Only the chunks the window newly covers: each is advised or fetched once.
+            first = max((end - 1) // cs + 1, content.read_ahead_end)
+            last = (end - 1) // cs + 1 + max(1, READ_AHEAD_BYTES // cs)
+            if first < last:
+                ahead = {cid: i for i, cid in enumerate(content.ids[first:last], first)
+                         if cid != HOLE and i not in content.dirty}
+                content.read_ahead_end = last
+                self.reader.prefetch(ahead, lambda cid: self._holders(content.manifest, content.author, ahead[cid]))
         content.last_read_end = max(end, content.last_read_end) if content.last_read_end >= 0 else end
         parts: list[bytes | memoryview] = []
         for item in plan:

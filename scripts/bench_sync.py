@@ -252,6 +252,7 @@ class Server:
 @dataclass
 class SyncRun:
     total_s: float
+    cpu_s: float  # CPU time of the receiving process (all its threads) during the run
     first_frame_s: float
     times: dict[str, float]
     frames: int
@@ -324,17 +325,17 @@ async def sync_once(server: Server, peer: NodeAddr, setup: dict[str, Any], workd
         async with open_iroh_transport(crypto.generate_secret(), bind_addr="127.0.0.1:0") as transport:
             sync = SyncService(replica, transport)
             transport.register(ALPN, sync.handle)
-            synced: list[tuple[float, dict[str, float], int]] = []
+            synced: list[tuple[float, float, dict[str, float], int]] = []
             done = trio.Event()
 
             def on_synced(info: SessionInfo) -> None:
                 # what the initial sync took, before any live entry adds to the counters
-                synced.append((time.perf_counter(), dict(rx.times), rx.frames))
+                synced.append((time.perf_counter(), time.process_time(), dict(rx.times), rx.frames))
                 done.set()
 
             sync.on_session_synced = on_synced
             async with trio.open_nursery() as nursery:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 nursery.start_soon(sync.maintain, peer)
                 with trio.fail_after(SYNC_TIMEOUT):
                     await done.wait()
@@ -358,7 +359,8 @@ async def sync_once(server: Server, peer: NodeAddr, setup: dict[str, Any], workd
     finally:
         store.close()
     assert rx.first_frame is not None
-    return SyncRun(total, rx.first_frame - start, synced[0][1], synced[0][2], server_times, live_entries), rx
+    _, end_cpu, times, frames = synced[0]
+    return SyncRun(total, end_cpu - start_cpu, rx.first_frame - start, times, frames, server_times, live_entries), rx
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -375,20 +377,25 @@ def report(args: argparse.Namespace, setup: dict[str, Any], runs: list[SyncRun],
     n = setup["entries"]
     print()
     print(f"blixfs sync benchmark: two processes, iroh QUIC on loopback, SQLite stores on disk ({args.tmp})")
-    print(f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}")
+    print(f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}; load average "
+          f"{args.load_before:.2f} before, {os.getloadavg()[0]:.2f} after (1 min)")
+    if args.load_before > 0.5:
+        print("WARNING: the machine was busy before the benchmark started; the results include that contention")
     print(f"server: {n:,} entries committed in {setup['setup_s']:.2f} s (batches of {COMMIT_BATCH}), "
           f"database {setup['db_bytes'] / 1e6:.1f} MB")
     print()
     print("Initial sync of a fresh node (dial -> session synced), per run [ms]:")
-    print(f"{'run':>4} {'total':>8} {'entries/s':>10} {'1st frame':>9} {'decode':>8} {'verify':>8} {'apply':>8}"
-          f" {'merge':>8} {'other':>8} {'frames':>7} {'MB':>6} | {'srv diff':>8} {'srv batch':>9} {'srv enc':>8}")
+    print(f"{'run':>4} {'total':>8} {'rx cpu':>8} {'entries/s':>10} {'1st frame':>9} {'decode':>8} {'verify':>8}"
+          f" {'apply':>8} {'merge':>8} {'other':>8} {'frames':>7} {'MB':>6} |"
+          f" {'srv diff':>8} {'srv batch':>9} {'srv enc':>8}")
     for i, r in enumerate(runs, 1):
         t = r.times
         work = t.get("decode", 0.0) + t.get("merge", 0.0)
-        print(f"{i:>4} {ms(r.total_s)} {r.rate:10,.0f} {ms(r.first_frame_s):>9} {ms(t.get('decode', 0))}"
+        print(f"{i:>4} {ms(r.total_s)} {ms(r.cpu_s)} {r.rate:10,.0f} {ms(r.first_frame_s):>9} {ms(t.get('decode', 0))}"
               f" {ms(t.get('verify', 0))} {ms(t.get('apply', 0))} {ms(t.get('merge', 0))} {ms(r.total_s - work)}"
               f" {r.frames:7d} {r.server.get('bytes_sent', 0) / 1e6:6.2f} | {ms(r.server.get('diff', 0))}"
               f" {ms(r.server.get('batch', 0)):>9} {ms(r.server.get('encode', 0))}")
+    print("  rx cpu: CPU time of the receiving process, all threads (above total: verification in parallel);")
     print("  decode: frames -> entries; verify: field and signature checks (worker threads); apply: SQLite;")
     print("  merge = verify + apply + listeners; other = total - decode - merge (dial, handshake, waiting for")
     print("  the server and the network); srv: the server's diff query, batching and frame encoding.")
@@ -451,6 +458,7 @@ def main() -> None:
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.load_before = os.getloadavg()[0]
     if args.entries < 1 or args.runs < 1 or args.live < 1:
         parser.error("--entries, --runs and --live must be at least 1")
     logging.basicConfig(level=logging.WARNING, format="%(processName)s %(name)s %(levelname)s: %(message)s")
@@ -465,11 +473,11 @@ def main() -> None:
         args.tmp = tmp
         proc = subprocess.Popen([sys.executable, SCRIPT, "--serve", "--dir", tmp, "--entries", str(args.entries)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        interrupted = False
         try:
             trio.run(measure, args, Server(proc), Path(tmp))
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
+        except* KeyboardInterrupt:  # bare, or inside the nurseries' exception groups
+            interrupted = True
         finally:
             if proc.stdin is not None:
                 with contextlib.suppress(BrokenPipeError):
@@ -479,6 +487,9 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+    if interrupted:
+        print("interrupted: server stopped, temporary files removed", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
