@@ -29,12 +29,13 @@ import sqlite3
 import struct
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import xxhash
+from lru import LRU
 
 from blixfs import metrics
 from blixfs.hashing import HOLE, ChunkId, chunk_id, is_zero, short
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<4sIQ")
 _MAGIC = b"BXC1"
 MAX_CHUNK_BYTES = 16 << 20  # manifests can exceed a data chunk; nothing legitimate is larger
+RECENCY_CAPACITY = 1 << 24  # lru-dict drops entries beyond its size: far more chunks than any cache holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +68,10 @@ class ChunkStore(Protocol):
     def put(self, data: bytes, *, verified_id: ChunkId | None = None) -> ChunkId:
         """Store ``data`` under its BLAKE3 id and return the id; `HOLE` for zeros.
 
-        ``verified_id``: the caller already checked that ``data`` hashes to it (a fetched
-        chunk), so it is not hashed again. Raises OSError (ENOSPC on a full disk) with
-        nothing half-written left behind.
+        ``verified_id``: the caller fetched ``data`` and checked that it hashes to this id:
+        it is not hashed again, and the chunk is a cache copy (evictable: a peer has it).
+        Without it the chunk was written here and is never evicted. Raises OSError (ENOSPC
+        on a full disk) with nothing half-written left behind.
         """
         ...
 
@@ -177,8 +180,19 @@ class DiskChunkStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS chunks (id BLOB PRIMARY KEY, size INTEGER NOT NULL,"
-            " atime INTEGER NOT NULL) WITHOUT ROWID"
+            " atime INTEGER NOT NULL, fetched INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID"
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(chunks)")}
+        if "fetched" not in columns:  # an index from before the cache budget: all chunks were written here
+            self._db.execute("ALTER TABLE chunks ADD COLUMN fetched INTEGER NOT NULL DEFAULT 0")
+        # Recency in memory (lru-dict), loaded oldest first so the newest end up most recent.
+        # Value: size * 2 + 1 for a fetched (evictable) chunk, size * 2 for one written here.
+        self._recency: LRU[ChunkId, int] = LRU(RECENCY_CAPACITY)
+        self._total = 0
+        for cid, size, fetched in self._db.execute("SELECT id, size, fetched FROM chunks ORDER BY atime"):
+            self._recency[ChunkId(cid)] = size * 2 + fetched
+            self._total += size
+        self._touched: set[ChunkId] = set()
 
     def _path(self, cid: ChunkId) -> Path:
         h = cid.hex()
@@ -194,11 +208,13 @@ class DiskChunkStore:
         metrics.chunk_reads.inc()
         problem = self._check(raw)
         if problem is None:
+            if self._recency.get(cid) is not None:  # get() makes it the most recent
+                self._touched.add(cid)
             return raw[_HEADER.size :]
         log.error("chunk %s is corrupt on disk (%s): removed, it reads as missing", short(cid), problem)
         metrics.chunks_corrupt.inc()
         path.unlink(missing_ok=True)
-        self._db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
+        self._forget(cid)
         return None
 
     @staticmethod
@@ -238,21 +254,72 @@ class DiskChunkStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        fetched = int(verified_id is not None)
         self._db.execute(
-            "INSERT OR IGNORE INTO chunks (id, size, atime) VALUES (?, ?, ?)",
-            (cid, len(data), time.time_ns()),
+            "INSERT OR IGNORE INTO chunks (id, size, atime, fetched) VALUES (?, ?, ?, ?)",
+            (cid, len(data), time.time_ns(), fetched),
         )
+        if cid not in self._recency:
+            self._total += len(data)
+        self._recency[cid] = len(data) * 2 + fetched
         metrics.chunks_stored.inc()
         metrics.chunk_bytes_stored.inc(len(data))
         return cid
 
     def delete(self, cid: ChunkId) -> bool:
-        self._db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
+        self._forget(cid)
         try:
             self._path(cid).unlink()
         except FileNotFoundError:
             return False
         return True
+
+    def _forget(self, cid: ChunkId) -> None:
+        self._db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
+        value = self._recency.pop(cid, None)
+        if value is not None:
+            self._total -= value // 2
+        self._touched.discard(cid)
+
+    @property
+    def total_bytes(self) -> int:
+        return self._total
+
+    def evict(self, budget: int, keep: Callable[[ChunkId], bool], *, low_water: float = 0.9) -> list[ChunkId]:
+        """When over ``budget`` bytes, delete least recently used fetched chunks until under
+        ``low_water`` x budget. Never deletes a chunk written here (it may be the only copy)
+        nor one ``keep`` protects (a pinned image's). Returns what was deleted.
+
+        Runs inline (an unlink per chunk): a reader streaming far more than the budget
+        pays a few milliseconds every tenth of the budget, and never stalls.
+        """
+        if self._total <= budget:
+            return []
+        target = int(budget * low_water)
+        evicted: list[ChunkId] = []
+        # items() lists the most recent first, without touching recency: walk from the other end.
+        for cid, value in reversed(self._recency.items()):
+            if self._total <= target:
+                break
+            if not value & 1 or keep(cid):
+                continue
+            self.delete(cid)
+            evicted.append(cid)
+        if self._total > budget:
+            log.warning("cache holds %d bytes, over its budget of %d: the rest is data written here or pinned",
+                        self._total, budget)
+        metrics.chunks_evicted.inc(len(evicted))
+        return evicted
+
+    def save_recency(self) -> None:
+        """Persist access times of chunks read since the last call (recency survives restarts)."""
+        if not self._touched:
+            return
+        now = time.time_ns()
+        order = {cid: i for i, cid in enumerate(reversed(self._recency.keys())) if cid in self._touched}
+        self._db.executemany("UPDATE chunks SET atime = ? WHERE id = ?",
+                             [(now - (len(order) - i), cid) for cid, i in order.items()])
+        self._touched.clear()
 
     def sync(self) -> None:
         _syncfs(self._dir_fd)
@@ -281,5 +348,6 @@ class DiskChunkStore:
                     yield ChunkId(bytes.fromhex(name))
 
     def close(self) -> None:
+        self.save_recency()
         self._db.close()
         os.close(self._dir_fd)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,12 +84,15 @@ def _open_node(ctx: click.Context, *, lock: bool) -> Node:
 @click.option("--chunk-size", type=click.Choice(list(CHUNK_SIZES)), default=None,
               help=f"Chunk size of files created by this node [default: {DEFAULT_CHUNK_SIZE // 1024}K]; "
                    "existing files keep theirs. See docs/chunking.md.")
+@click.option("--cache-size", metavar="SIZE", default=None,
+              help="Byte budget of the chunk cache, e.g. 20G [default: 10G, kept once set]. Fetched chunks "
+                   "beyond it are evicted, least recently used first; pinned images and data written here never.")
 @click.option("--listen", metavar="IP:PORT", default=None,
               help="Where peers reach this node [default: 127.0.0.1 and a port chosen once and kept, "
                    "so tickets stay valid]. Use 0.0.0.0:PORT to serve other hosts.")
 @click.pass_context
 def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bool | None,
-          metrics_port: int | None, chunk_size: str | None, listen: str | None) -> None:
+          metrics_port: int | None, chunk_size: str | None, cache_size: str | None, listen: str | None) -> None:
     """Mount the namespace at MOUNTPOINT and serve it in the foreground until Ctrl-C or SIGTERM.
 
     The node syncs with the peers it joined through tickets. A stale mount left at
@@ -100,6 +104,8 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
     try:
         if listen is not None:
             node.set_listen_addr(listen)
+        if cache_size is not None:
+            node.set_cache_size(_parse_size(cache_size))
         if metrics_port is not None:
             from prometheus_client import start_http_server
 
@@ -165,6 +171,134 @@ def join(ctx: click.Context, ticket: str) -> None:
         click.echo(node.join(parsed))
     except JoinError as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        node.close()
+
+
+def _namespace_path(path: str) -> str:
+    """A path inside a blixfs mount (absolute) or a namespace path, as a namespace path."""
+    if os.path.isabs(path) and os.path.exists(path):
+        real = os.path.realpath(path)
+        root = real
+        while os.path.dirname(root) != root and os.stat(os.path.dirname(root)).st_dev == os.stat(real).st_dev:
+            root = os.path.dirname(root)
+        return os.path.relpath(real, root) if real != root else ""
+    return path.strip("/")
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
+    try:
+        value = int(float(number) * units[unit])
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size like 512M or 20G") from None
+    if value <= 0:
+        raise click.BadParameter("the size must be positive")
+    return value
+
+
+@main.command()
+@click.argument("path")
+@click.pass_context
+def pull(ctx: click.Context, path: str) -> None:
+    """Fetch a whole image from peers now (prefetch), with a progress bar.
+
+    PATH is a file in the mount (e.g. /mnt/images/ubuntu.qcow2) or a namespace path.
+    The daemon must be running (blixfs mount).
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    rel = _namespace_path(path)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(rel, total=None)
+
+        def on_progress(update: dict[str, Any]) -> None:
+            bar.update(task, completed=update["done"], total=update["total"])
+
+        reply = ask_daemon(ctx.obj["home"], {"op": "pull", "path": rel}, timeout=None, on_progress=on_progress)
+    if reply is None:
+        raise click.ClickException("no daemon is running for this home: start it with blixfs mount DIR")
+    if not reply.get("ok"):
+        raise click.ClickException(str(reply.get("error")))
+    seconds = max(reply["seconds"], 1e-6)
+    peers = ", ".join(f"{p} ({_human(b)})" for p, b in reply["peers"].items()) or "none (already held here)"
+    click.echo(f"pulled {reply['path']}: {_human(reply['bytes'])} fetched of {_human(reply['total'])} in "
+               f"{reply['seconds']:.2f} s ({_human(reply['bytes'] / seconds)}/s) from {peers}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+@click.pass_context
+def peers(ctx: click.Context, as_json: bool, watch: bool) -> None:
+    """Show peers: session, latency and throughput measured on transfers, and what they hold."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    def fetch() -> list[dict[str, Any]]:
+        reply = ask_daemon(ctx.obj["home"], {"op": "peers"})
+        if reply is None:
+            raise click.ClickException("no daemon is running for this home: start it with blixfs mount DIR")
+        rows: list[dict[str, Any]] = reply["peers"]
+        return rows
+
+    def table(rows: list[dict[str, Any]]) -> Table:
+        t = Table("peer", "address", "session", "latency", "throughput", "received", "in flight", "failures",
+                  "holds", box=None)
+        for r in rows:
+            t.add_row(r["id"][:16], ",".join(r["addrs"]) or "-", r["session"],
+                      f"{r['latency_ms']} ms" if r["latency_ms"] is not None else "-",
+                      f"{r['throughput_mbs']} MB/s" if r["throughput_mbs"] is not None else "-",
+                      _human(r["bytes_received"]), str(r["inflight"]),
+                      f"{r['failures']}" + (f" (penalised {r['penalised_s']} s)" if r["penalised_s"] else ""),
+                      f"{r['holds_complete']} whole, {r['holds_partial']} part")
+        return t
+
+    if as_json:
+        click.echo(json.dumps(fetch(), indent=2))
+        return
+    if not watch:
+        Console().print(table(fetch()))
+        return
+    import time
+
+    with Live(table(fetch()), refresh_per_second=2) as live:
+        try:
+            while True:
+                time.sleep(1)
+                live.update(table(fetch()))
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command()
+@click.argument("path")
+@click.pass_context
+def pin(ctx: click.Context, path: str) -> None:
+    """Never evict PATH's content from this node's cache (use blixfs pull to fetch it first)."""
+    node = _open_node(ctx, lock=False)
+    try:
+        rel = _namespace_path(path)
+        if node.namespace.get(rel) is None:
+            raise click.ClickException(f"no entry {rel!r} in the namespace")
+        click.echo(f"pinned {rel}" if node.set_pinned(rel, True) else f"{rel} was already pinned")
+    finally:
+        node.close()
+
+
+@main.command()
+@click.argument("path")
+@click.pass_context
+def unpin(ctx: click.Context, path: str) -> None:
+    """Let PATH's content be evicted again (least recently used first)."""
+    node = _open_node(ctx, lock=False)
+    try:
+        rel = _namespace_path(path)
+        click.echo(f"unpinned {rel}" if node.set_pinned(rel, False) else f"{rel} was not pinned")
     finally:
         node.close()
 
@@ -245,12 +379,19 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"namespace  {ns['id']} ({ns['capability']})")
     click.echo(f"           {ns['files']} files ({_human(ns['file_bytes'])}), {ns['directories']} directories, "
                f"{ns['symlinks']} symlinks")
-    click.echo(f"store      {st['chunks']} chunks, {_human(st['bytes'])}")
+    click.echo(f"store      {st['chunks']} chunks, {_human(st['bytes'])} (cache budget {_human(st['cache_budget'])}"
+               f"{', pinned: ' + ', '.join(st['pinned']) if st['pinned'] else ''})")
     daemon = info.get("daemon")
     if daemon is None:
         click.echo("daemon     not running")
     else:
         click.echo(f"daemon     listening on {daemon['addr']}")
+        f, sv = daemon["fetched"], daemon["served"]
+        click.echo(f"transfers  fetched {f['chunks']} chunks ({_human(f['bytes'])}), {f['in_flight']} in flight; "
+                   f"served {sv['requests']} requests ({_human(sv['bytes'])})")
+        for p in daemon["peer_rates"]:
+            click.echo(f"  from {p['id'][:16]}  {p['throughput_mbs']} MB/s, latency {p['latency_ms']} ms, "
+                       f"{_human(p['bytes_received'])} received")
         for s in daemon["sessions"]:
             click.echo(f"  peer {s['peer'][:16]}  {'synced' if s['synced'] else 'syncing'}  "
                        f"received {s['received']}  sent {s['sent']}  refused {s['refused']}")

@@ -10,6 +10,9 @@ Control protocol: one JSON object per line each way, one request per connection:
     {"op": "addr"}               -> {"ok": true, "addr": "<node id>@ip:port"}
     {"op": "status"}             -> {"ok": true, "addr": ..., "sessions": [...]}
     {"op": "join", "ticket": T}  -> {"ok": true, "message": "..."} | {"ok": false, "error": "..."}
+    {"op": "peers"}              -> {"ok": true, "peers": [{id, addrs, session, latency_ms, ...}]}
+    {"op": "pull", "path": P}    -> {"progress": {"done": n, "total": n}} lines, then
+                                    {"ok": true, "bytes", "total", "seconds", "peers": {id: bytes}}
 
 Only the socket file's permissions (0600, in the home) guard it.
 """
@@ -21,7 +24,8 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,9 @@ import trio
 
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
 from blixfs.chunkproto import ChunkServer
-from blixfs.fetcher import Fetcher, Holdings, PeerBook
+from blixfs.entry import Kind
+from blixfs.errors import FsError
+from blixfs.fetcher import READ_AHEAD_PARALLEL, Fetcher, Holdings, PeerBook
 from blixfs.hashing import HOLE, ChunkId
 from blixfs.manifest import Manifest, ManifestError
 from blixfs.net.iroh_transport import IrohTransport, open_iroh_transport
@@ -44,6 +50,7 @@ from blixfs.vfs import Vfs
 log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT = 10.0
+RECENCY_SAVE_SECONDS = 10.0
 MAX_REQUEST = 64 * 1024
 
 
@@ -59,10 +66,88 @@ class Runtime:
     holdings: Holdings
     fetcher: Fetcher
     server: ChunkServer
+    vfs: Vfs | None = None
+
+    def peers_report(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        sessions = {s.peer: s for s in self.sync.sessions()}
+        ids = set(self.peers.stats) | set(sessions) | set(self.peers.addrs) | (set(self.holdings.nodes) - {
+            self.holdings.self_id})
+        out = []
+        for node_id in sorted(ids):
+            st = self.peers.of(node_id)
+            held = self.holdings.nodes.get(node_id)
+            out.append({
+                "id": node_id, "addrs": list(self.peers.addr(node_id).addrs),
+                "session": "synced" if node_id in sessions and sessions[node_id].synced.is_set()
+                else "syncing" if node_id in sessions else "none",
+                "latency_ms": round(st.latency * 1000, 2) if st.chunks_received else None,
+                "throughput_mbs": round(st.throughput / 1e6, 1) if st.chunks_received else None,
+                "inflight": st.inflight, "bytes_received": st.bytes_received, "failures": st.failures,
+                "bad_data": st.bad_data, "penalised_s": max(0.0, round(st.penalised_until - now, 1)),
+                "holds_complete": len(held.complete) if held else 0, "holds_partial": len(held.partial) if held else 0,
+            })
+        return out
+
+    async def pull(self, path: str, progress: Callable[[dict[str, Any]], Awaitable[None]]) -> dict[str, Any]:
+        """Fetch every chunk of the file at ``path`` this node lacks, reporting progress."""
+        vfs = self.vfs
+        if vfs is None:
+            raise PullError("this daemon serves no mount")
+        e = self.node.namespace.get(path.strip("/"))
+        if e is None or e.kind is not Kind.FILE:
+            raise PullError(f"no file {path!r} in the namespace")
+        started, before = time.monotonic(), {p: s.bytes_received for p, s in self.peers.stats.items()}
+        if e.manifest is None:
+            return {"path": e.path, "bytes": 0, "total": 0, "seconds": 0.0, "peers": {}}
+        try:
+            m = await vfs._load_manifest(e)
+        except FsError as exc:
+            raise PullError(str(exc)) from None
+        missing = [(i, cid) for i, cid in enumerate(m.ids) if cid != HOLE and not self.node.chunks.has(cid)]
+        total = sum(m.length(i) for i, _ in missing)
+        done = 0
+        limit = trio.CapacityLimiter(READ_AHEAD_PARALLEL)
+        failed: list[str] = []
+
+        async def one(index: int, cid: ChunkId) -> None:
+            nonlocal done
+            async with limit:
+                try:
+                    await self.fetcher.get(cid, vfs._holders(e.manifest, e.author, index))
+                except FsError as exc:
+                    failed.append(str(exc))
+                    return
+            if self.holdings is not None and e.manifest is not None:
+                self.holdings.note_chunk(e.manifest, index, len(m.ids))
+            done += m.length(index)
+
+        async def report() -> None:
+            while True:
+                await trio.sleep(0.25)
+                await progress({"done": done, "total": total})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(report)
+            async with trio.open_nursery() as fetches:
+                for index, cid in missing:
+                    fetches.start_soon(one, index, cid)
+            nursery.cancel_scope.cancel()
+        if failed:
+            raise PullError(f"{len(failed)} chunks could not be fetched: {failed[0]}")
+        self.holdings.note_complete(e.manifest)
+        seconds = time.monotonic() - started
+        used = {p[:16]: s.bytes_received - before.get(p, 0) for p, s in self.peers.stats.items()
+                if s.bytes_received > before.get(p, 0)}
+        return {"path": e.path, "bytes": done, "total": m.size, "seconds": round(seconds, 3), "peers": used}
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()
         return {
+            "fetched": {"bytes": self.fetcher.bytes_fetched, "chunks": self.fetcher.chunks_fetched,
+                        "in_flight": sum(st.inflight for st in self.peers.stats.values())},
+            "served": {"bytes": self.server.bytes_served, "requests": self.server.requests},
+            "peer_rates": [r for r in self.peers_report() if r["throughput_mbs"] is not None],
             "addr": str(self.transport.addr()),
             "sessions": [{"peer": s.peer, "synced": s.synced.is_set(), "seconds": round(now - s.started, 1),
                           "received": s.entries_received, "sent": s.entries_sent, "refused": s.refused}
@@ -130,12 +215,14 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
         sync = SyncService(node.replica, transport, holdings)
         sync.on_address = peers.learn
         transport.register(SYNC_ALPN, sync.handle)
+        fetcher.on_stored = node.enforce_cache_budget
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.serve)
-            runtime = Runtime(node, transport, sync, nursery, peers, holdings, fetcher, server)
+            runtime = Runtime(node, transport, sync, nursery, peers, holdings, fetcher, server, vfs)
             if vfs is not None:
                 vfs.reader.fetcher = fetcher
                 vfs.holdings = holdings
+            nursery.start_soon(_save_recency_every, node, RECENCY_SAVE_SECONDS)
             nursery.start_soon(sync.announce_holdings)
             for peer in node.peers():
                 nursery.start_soon(sync.maintain, peer)
@@ -180,21 +267,51 @@ async def _answer(conn: trio.socket.SocketType, runtime: Runtime) -> None:
                     if not chunk:
                         break
                     raw += chunk
+                request = _parse(raw)
+            if request is not None and request.get("op") == "pull":
+                # Streams progress lines, then the final reply; no deadline (a big image takes a while).
+                async def progress(update: dict[str, Any]) -> None:
+                    await stream.send_all(json.dumps({"progress": update}).encode() + b"\n")
+
+                try:
+                    reply = {"ok": True, **await runtime.pull(str(request.get("path", "")), progress)}
+                except PullError as exc:
+                    reply = {"ok": False, "error": str(exc)}
+            else:
                 reply = _dispatch(raw, runtime)
+            with trio.fail_after(CONTROL_TIMEOUT):
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
             log.debug("control connection dropped: %s", exc)
 
 
-def _dispatch(raw: bytes, runtime: Runtime) -> dict[str, Any]:
+class PullError(Exception):
+    """A pull that cannot complete, with the reason."""
+
+
+async def _save_recency_every(node: Node, seconds: float) -> None:
+    while True:
+        await trio.sleep(seconds)
+        node.chunks.save_recency()
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
     try:
         request = json.loads(raw)
-        op = request["op"]
-    except (ValueError, KeyError, TypeError):
+    except ValueError:
+        return None
+    return request if isinstance(request, dict) else None
+
+
+def _dispatch(raw: bytes, runtime: Runtime) -> dict[str, Any]:
+    request = _parse(raw)
+    if request is None or "op" not in request:
         return {"ok": False, "error": "malformed request"}
+    op = request["op"]
     handlers: dict[str, Callable[[], dict[str, Any]]] = {
         "addr": lambda: {"addr": str(runtime.transport.addr())},
         "status": runtime.status,
+        "peers": lambda: {"peers": runtime.peers_report()},
         "join": lambda: {"message": runtime.join(Ticket.decode(str(request.get("ticket", ""))))},
     }
     handler = handlers.get(op)
@@ -206,8 +323,12 @@ def _dispatch(raw: bytes, runtime: Runtime) -> dict[str, Any]:
         return {"ok": False, "error": str(exc)}
 
 
-def ask_daemon(home: Path, request: dict[str, Any], *, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any] | None:
-    """Send one request to the daemon of ``home``; None if no daemon is running there."""
+def ask_daemon(home: Path, request: dict[str, Any], *, timeout: float | None = CONTROL_TIMEOUT,
+               on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+    """Send one request to the daemon of ``home``; None if no daemon is running there.
+
+    Progress lines (``pull``) go to ``on_progress``; the last line is the reply.
+    """
     path = home / "control.sock"
     if not path.exists():
         return None
@@ -218,11 +339,13 @@ def ask_daemon(home: Path, request: dict[str, Any], *, timeout: float = CONTROL_
         except (ConnectionRefusedError, FileNotFoundError):
             return None  # a socket file left by a daemon that was killed
         s.sendall(json.dumps(request).encode() + b"\n")
-        raw = b""
-        while not raw.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            raw += chunk
-    reply: dict[str, Any] = json.loads(raw)
-    return reply
+        with s.makefile("rb") as lines:
+            for line in lines:
+                message = json.loads(line)
+                if "progress" in message:
+                    if on_progress is not None:
+                        on_progress(message["progress"])
+                    continue
+                reply: dict[str, Any] = message
+                return reply
+    raise ConnectionError("the daemon closed the control connection without a reply")

@@ -77,6 +77,9 @@ class Entry:
     seen: Mapping[bytes, int] = field(default_factory=dict)  # author -> latest timestamp seen for this path
     namespace_sig: bytes = b""  # ed25519 by the namespace key over canonical(); not part of it
     author_sig: bytes = b""  # ed25519 by the author over canonical(); not part of it
+    # entry_hash() is asked for several times per merge and re-encodes JSON each time:
+    # computed once. init=False: dataclasses.replace() never copies it to a changed entry.
+    _hash: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "meta", _frozen(self.meta))
@@ -160,7 +163,10 @@ class Entry:
         return cls.from_json(d)
 
     def entry_hash(self) -> bytes:
-        return blake3.blake3(self.canonical()).digest()
+        if self._hash is None:
+            object.__setattr__(self, "_hash", blake3.blake3(self.canonical()).digest())
+        assert self._hash is not None
+        return self._hash
 
     def lww_key(self) -> LwwKey:
         """Total order for last-writer-wins: the larger key wins, identically on every node."""

@@ -24,7 +24,7 @@ import errno
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -207,6 +207,9 @@ class Fetcher:
         self._limit = trio.CapacityLimiter(READ_AHEAD_PARALLEL)
         self._nursery: trio.Nursery | None = None
         self.bytes_fetched = 0
+        self.chunks_fetched = 0
+        # Called after each chunk is stored (the daemon enforces the cache budget there).
+        self.on_stored: Callable[[], object] | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -282,10 +285,13 @@ class Fetcher:
                     continue
                 self.peers.record_ok(peer, len(fetched.data), fetched.seconds)
                 self.bytes_fetched += len(fetched.data)
+                self.chunks_fetched += 1
                 try:
                     self.store.put(fetched.data, verified_id=cid)
                 except OSError as exc:  # full disk: still serve this read, from memory
                     log.warning("fetched chunk %s could not be stored: %s", short(cid), exc)
+                if self.on_stored is not None:
+                    self.on_stored()
                 return fetched.data
         detail = "; ".join(reasons) or "no holder known"
         log.error("chunk %s: no peer could serve it within %.0f s (tried: %s): %s", short(cid), self.fetch_timeout,

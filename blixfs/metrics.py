@@ -13,6 +13,7 @@ chunks_corrupt = Counter(
 )
 chunks_stored = Counter("blixfs_chunks_stored_total", "Chunks written to the local chunk store")
 chunk_bytes_stored = Counter("blixfs_chunk_bytes_stored_total", "Bytes written to the local chunk store")
+chunks_evicted = Counter("blixfs_chunks_evicted_total", "Fetched chunks evicted from the cache (LRU, over budget)")
 chunk_reads = Counter("blixfs_chunk_reads_total", "Chunks read from the local chunk store")
 commits = Counter("blixfs_commits_total", "File versions committed to the namespace")
 fuse_errors = Counter("blixfs_fuse_unexpected_errors_total", "Unexpected exceptions in FUSE handlers (answered EIO)")

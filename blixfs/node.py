@@ -9,7 +9,9 @@ Home layout (``--home``, ``$BLIXFS_HOME``, else ``$XDG_DATA_HOME/blixfs``)::
         namespace.key     its secret (mode 0600): present only with write capability
         namespace.db      the SqliteNamespaceStore
     peers.json            nodes to sync with (from tickets), "<node id>@ip:port,..." each
-    node.json             settings kept across restarts (the listen address, so tickets stay valid)
+    pins.json             namespace paths whose content is never evicted (`blixfs pin`)
+    node.json             settings kept across restarts: the listen address (so tickets stay
+                          valid), the cache budget
     daemon.lock           held (flock) by the one daemon using this home
     control.sock          the running daemon's control socket (`blixfs.daemon`)
 
@@ -22,6 +24,7 @@ and friends open it without the lock: SQLite WAL readers do not block the writer
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -35,7 +38,8 @@ from typing import Any
 
 from blixfs.chunkstore import DiskChunkStore
 from blixfs.errors import FsError
-from blixfs.manifest import DEFAULT_CHUNK_SIZE
+from blixfs.hashing import ChunkId
+from blixfs.manifest import DEFAULT_CHUNK_SIZE, Manifest, ManifestError
 from blixfs.namespace import SqliteNamespaceStore
 from blixfs.net.iroh_transport import load_or_create_secret_key
 from blixfs.net.transport import NodeAddr
@@ -44,6 +48,8 @@ from blixfs.ticket import Ticket
 from blixfs.vfs import Vfs
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_SIZE = 10 << 30
 
 
 def default_home() -> Path:
@@ -161,6 +167,57 @@ class Node:
         settings["listen"] = addr
         _write_json(self.home / "node.json", settings)
 
+    def cache_size(self) -> int:
+        """The chunk cache's byte budget (fetched chunks beyond it are evicted, LRU first)."""
+        value = self._settings().get("cache_size")
+        return int(value) if isinstance(value, int) and value > 0 else DEFAULT_CACHE_SIZE
+
+    def set_cache_size(self, size: int) -> None:
+        settings = self._settings()
+        settings["cache_size"] = size
+        _write_json(self.home / "node.json", settings)
+
+    def pins(self) -> list[str]:
+        """Namespace paths whose content is never evicted (`blixfs pin`)."""
+        try:
+            raw = json.loads((self.home / "pins.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return []
+        return [str(p) for p in raw] if isinstance(raw, list) else []
+
+    def set_pinned(self, path: str, pinned: bool) -> bool:
+        """Pin or unpin ``path``; False if nothing changed."""
+        pins = self.pins()
+        if (path in pins) == pinned:
+            return False
+        pins = [*pins, path] if pinned else [p for p in pins if p != path]
+        _write_json(self.home / "pins.json", sorted(pins))
+        return True
+
+    def pinned_chunks(self) -> set[ChunkId]:
+        """Chunks (and manifests) of the pinned paths' current versions that are held here."""
+        protected: set[ChunkId] = set()
+        for path in self.pins():
+            e = self.namespace.get(path)
+            if e is None or e.manifest is None:
+                continue
+            protected.add(ChunkId(e.manifest))
+            raw = self.chunks.get(ChunkId(e.manifest))
+            if raw is not None:
+                with contextlib.suppress(ManifestError):
+                    protected.update(Manifest.decode(raw).ids)
+        return protected
+
+    def enforce_cache_budget(self) -> list[ChunkId]:
+        """Evict fetched chunks beyond the budget (never pinned ones, never data written here)."""
+        if self.chunks.total_bytes <= self.cache_size():
+            return []
+        protected = self.pinned_chunks()
+        evicted = self.chunks.evict(self.cache_size(), protected.__contains__)
+        if evicted:
+            log.info("cache over budget: evicted %d chunks", len(evicted))
+        return evicted
+
     def peers(self) -> list[NodeAddr]:
         try:
             raw = json.loads((self.home / "peers.json").read_text())
@@ -229,7 +286,8 @@ class Node:
             "namespace": {"id": keys.id.hex(), "capability": "write" if keys.writable else "read",
                           "files": ns.files, "directories": ns.dirs, "symlinks": ns.symlinks,
                           "file_bytes": ns.file_bytes},
-            "store": {"chunks": cs.chunks, "bytes": cs.bytes},
+            "store": {"chunks": cs.chunks, "bytes": cs.bytes, "cache_budget": self.cache_size(),
+                      "pinned": self.pins()},
             "peers": [str(p) for p in self.peers()],
         }
 
