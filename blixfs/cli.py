@@ -87,12 +87,15 @@ def _open_node(ctx: click.Context, *, lock: bool) -> Node:
 @click.option("--cache-size", metavar="SIZE", default=None,
               help="Byte budget of the chunk cache, e.g. 20G [default: 10G, kept once set]. Fetched chunks "
                    "beyond it are evicted, least recently used first; pinned images and data written here never.")
+@click.option("--fetch-timeout", type=click.FloatRange(0.5, 3600), default=20.0, show_default=True,
+              metavar="SECONDS", help="How long a read waits for peers to serve a chunk before failing with EIO.")
 @click.option("--listen", metavar="IP:PORT", default=None,
               help="Where peers reach this node [default: 127.0.0.1 and a port chosen once and kept, "
                    "so tickets stay valid]. Use 0.0.0.0:PORT to serve other hosts.")
 @click.pass_context
 def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bool | None,
-          metrics_port: int | None, chunk_size: str | None, cache_size: str | None, listen: str | None) -> None:
+          metrics_port: int | None, chunk_size: str | None, cache_size: str | None, fetch_timeout: float,
+          listen: str | None) -> None:
     """Mount the namespace at MOUNTPOINT and serve it in the foreground until Ctrl-C or SIGTERM.
 
     The node syncs with the peers it joined through tickets. A stale mount left at
@@ -114,7 +117,8 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
         log.info("node %s, namespace %s (%s), home %s", node.node_id.hex(), keys.id.hex(),
                  "read-write" if keys.writable else "read-only", node.home)
         vfs = node.vfs(chunk_size=CHUNK_SIZES[chunk_size] if chunk_size else DEFAULT_CHUNK_SIZE)
-        run_mount(node, vfs, mountpoint.expanduser().absolute(), direct_io=direct_io, allow_other=allow_other)
+        run_mount(node, vfs, mountpoint.expanduser().absolute(), direct_io=direct_io, allow_other=allow_other,
+                  fetch_timeout=fetch_timeout)
     except MountError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -262,7 +266,7 @@ def peers(ctx: click.Context, as_json: bool, watch: bool) -> None:
         click.echo(json.dumps(fetch(), indent=2))
         return
     if not watch:
-        Console().print(table(fetch()))
+        Console(width=None if sys.stdout.isatty() else 160).print(table(fetch()))
         return
     import time
 

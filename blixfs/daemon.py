@@ -36,7 +36,7 @@ from blixfs.chunkproto import ALPN as CHUNKS_ALPN
 from blixfs.chunkproto import ChunkServer
 from blixfs.entry import Kind
 from blixfs.errors import FsError
-from blixfs.fetcher import READ_AHEAD_PARALLEL, Fetcher, Holdings, PeerBook
+from blixfs.fetcher import ATTEMPT_TIMEOUT, FETCH_TIMEOUT, READ_AHEAD_PARALLEL, Fetcher, Holdings, PeerBook
 from blixfs.hashing import HOLE, ChunkId
 from blixfs.manifest import Manifest, ManifestError
 from blixfs.net.iroh_transport import IrohTransport, open_iroh_transport
@@ -189,6 +189,7 @@ async def _load_own_holdings(node: Node, holdings: Holdings) -> None:
 
 
 async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None = None,
+                       fetch_timeout: float = FETCH_TIMEOUT,
                        task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the node's network services until cancelled; reports the `Runtime` when up."""
     bind = listen or node.listen_addr()
@@ -211,7 +212,8 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
         await _load_own_holdings(node, holdings)
         server = ChunkServer(node.chunks)
         transport.register(CHUNKS_ALPN, server.handle)
-        fetcher = Fetcher(node.chunks, transport, peers)
+        fetcher = Fetcher(node.chunks, transport, peers, fetch_timeout=fetch_timeout,
+                          attempt_timeout=min(ATTEMPT_TIMEOUT, fetch_timeout))
         sync = SyncService(node.replica, transport, holdings)
         sync.on_address = peers.learn
         transport.register(SYNC_ALPN, sync.handle)

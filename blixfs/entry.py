@@ -38,7 +38,7 @@ IMAGE_META_KEYS = frozenset({"name", "version", "os", "arch", "tags", "uploaded_
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 MAX_XATTR_VALUE = 64 * 1024
-MAX_XATTR_TOTAL = 256 * 1024
+MAX_XATTR_TOTAL = 128 * 1024  # hex-encoded on the wire: the largest entry still fits one frame
 
 
 class Kind(enum.Enum):

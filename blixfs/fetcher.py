@@ -126,7 +126,8 @@ class Holdings:
     def __init__(self, self_id: str) -> None:
         self.self_id = self_id
         self.nodes: dict[str, NodeHoldings] = {}
-        self.own = self.nodes.setdefault(self_id, NodeHoldings())
+        # seq starts from the clock: a restarted node's announcements must beat its old ones.
+        self.own = self.nodes.setdefault(self_id, NodeHoldings(seq=time.time_ns()))
         self._held: dict[bytes, int] = {}  # set bits of each of own.partial's bitmaps
         self.changed = trio.Event()  # set when this node's own holdings change (to announce them)
 

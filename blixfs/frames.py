@@ -128,6 +128,8 @@ class _Reader:
         out: dict[bytes, int] = {}
         for _ in range(count):
             author, ts = _VEC_ITEM.unpack(self.take(_VEC_ITEM.size, "vector item"))
+            if ts >= 1 << 63:  # timestamps are signed 64-bit nanoseconds everywhere they are stored
+                raise FrameError(f"vector timestamp {ts} out of range")
             out[author] = ts
         return out
 

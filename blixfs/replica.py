@@ -127,7 +127,14 @@ def check_entry(e: Entry, namespace_id: bytes, now_ns: int) -> str | None:
         return "xattrs out of bounds"
     if len(e.seen) > MAX_SEEN_AUTHORS or any(len(a) != 32 for a in e.seen):
         return "malformed causal context"
-    message = e.canonical()
+    # A writer saw only versions older than its own: a larger value would make later
+    # versions look stale forever, and two entries claiming each other break the merge.
+    if any(not 0 <= t < e.timestamp_ns for t in e.seen.values()):
+        return "causal context claims versions not older than the entry"
+    try:
+        message = e.canonical()
+    except UnicodeEncodeError:
+        return "text that is not valid UTF-8"
     if not crypto.verify(namespace_id, message, e.namespace_sig):
         return "namespace signature does not verify (writer lacks write capability)"
     if not crypto.verify(e.author, message, e.author_sig):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,7 +37,7 @@ from blixfs.entry import Entry
 from blixfs.fetcher import Holdings, NodeHoldings
 from blixfs.frames import Entries, ErrorFrame, FrameError, Hello, HoldingsFrame, Synced, encode, read_frame
 from blixfs.net.transport import CODE_APP_MIN, NodeAddr, Stream, Transport, TransportError
-from blixfs.replica import Replica
+from blixfs.replica import MAX_FUTURE_NS, Replica
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,16 @@ class _Session:
         self.scope = trio.CancelScope()
 
 
+MAX_ANNOUNCED = 20_000  # whole manifests per HOLDINGS frame (32 bytes each: the frame stays under 1 MiB)
+
+
 def holdings_frame(node_id: str, record: NodeHoldings) -> HoldingsFrame:
-    return HoldingsFrame(bytes.fromhex(node_id), record.seq, sorted(record.complete),
-                         sorted((m, bytes(b)) for m, b in record.partial.items()),
+    complete = sorted(record.complete)
+    partial = sorted((m, bytes(b)) for m, b in record.partial.items())
+    if len(complete) > MAX_ANNOUNCED or sum(36 + len(b) for _, b in partial) > MAX_ANNOUNCED * 32:
+        log.warning("holdings of %s too large for one frame: announcing part of them", node_id[:16])
+        complete, partial = complete[:MAX_ANNOUNCED], partial[: MAX_ANNOUNCED // 64]
+    return HoldingsFrame(bytes.fromhex(node_id), record.seq, complete, partial,
                          record.addr.to_bytes() if record.addr is not None else b"")
 
 
@@ -236,6 +244,18 @@ class SyncService:
                 await self._send(stream, encode(Entries(batch)))
                 session.info.entries_sent += len(batch)
 
+    def _advance(self, vector: dict[bytes, int], info: SessionInfo) -> None:
+        """Take a peer's SYNCED vector as our knowledge, with care: a peer vouches only for
+        entries it sent us. If we refused any (bad signature, clock skew), the vector stays:
+        the next reconciliation offers them again. Nobody speaks for our own author, and no
+        claim reaches past the future bound entries themselves must respect."""
+        if info.refused:
+            log.info("not advancing the version vector after %s: %d entries were refused", info.peer[:16],
+                     info.refused)
+            return
+        horizon = time.time_ns() + MAX_FUTURE_NS
+        self.replica.store.advance_vector({a: min(t, horizon) for a, t in vector.items() if a != self.replica.author})
+
     async def _receiver(self, stream: Stream, info: SessionInfo) -> None:
         while True:
             frame = await read_frame(stream)
@@ -246,7 +266,7 @@ class SyncService:
                 info.entries_received += len(frame.entries)
                 info.refused += refused
             elif isinstance(frame, Synced):
-                self.replica.store.advance_vector(frame.vector)
+                self._advance(frame.vector, info)
                 if not info.synced.is_set():
                     info.synced.set()
                     log.info("synced with %s: %d entries received", info.peer[:16], info.entries_received)
@@ -254,7 +274,10 @@ class SyncService:
                         self.on_session_synced(info)
             elif isinstance(frame, HoldingsFrame):
                 record = holdings_record(frame)
-                if self.holdings is not None and self.holdings.update(frame.node_id.hex(), record):
+                if record.seq > time.time_ns() + MAX_FUTURE_NS:
+                    log.warning("peer %s relayed holdings with a sequence number from the future: ignored",
+                                info.peer[:16])
+                elif self.holdings is not None and self.holdings.update(frame.node_id.hex(), record):
                     if record.addr is not None and self.on_address is not None:
                         self.on_address(record.addr)
                     self._send_to_all(frame, info.peer)  # relay: nodes that only know us learn it too

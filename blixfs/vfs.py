@@ -321,9 +321,11 @@ class Vfs:
         """The manifest of file entry ``e``, fetched from its holders when not held here."""
         assert e.manifest is not None
         mid = e.manifest
-        if mid not in self._manifests and not self.chunks.has(ChunkId(mid)):
-            await self._chunk_bytes(ChunkId(mid), None, lambda: self._holders(mid, e.author))
-        return self._manifest(mid)
+        if mid in self._manifests or self.chunks.has(ChunkId(mid)):
+            return self._manifest(mid)
+        # Decoded from the fetched bytes themselves: the cache may evict them at any time.
+        raw = bytes(await self._chunk_bytes(ChunkId(mid), None, lambda: self._holders(mid, e.author)))
+        return self._decode_manifest(mid, raw)
 
     def _manifest(self, mid: bytes) -> Manifest:
         cached: Manifest | None = self._manifests.get(mid)
@@ -331,9 +333,10 @@ class Vfs:
             return cached
         raw = self.chunks.get(ChunkId(mid))
         if raw is None:
-            log.error("manifest %s is not held by this node: the file's content is on peers, and fetching "
-                      "content from peers is not supported yet", short(mid))
             raise FsError(errno.EIO, f"manifest {short(mid)} is not held by this node")
+        return self._decode_manifest(mid, raw)
+
+    def _decode_manifest(self, mid: bytes, raw: bytes) -> Manifest:
         try:
             manifest = Manifest.decode(raw)
         except ManifestError as exc:

@@ -18,14 +18,16 @@ from dataclasses import replace
 import blake3
 
 from blixfs import crypto
+from blixfs.chunkproto import encode_request
 from blixfs.entry import Entry, Kind
+from blixfs.fetcher import Holdings
 from blixfs.frames import Entries, ErrorFrame, Hello, Synced, encode
 from blixfs.hashing import HOLE
 from blixfs.manifest import Manifest
 from blixfs.namespace import MemoryNamespaceStore
 from blixfs.net.transport import NodeAddr
 from blixfs.replica import NamespaceKeys, check_entry
-from blixfs.sync import CODE_WRONG_NAMESPACE
+from blixfs.sync import CODE_WRONG_NAMESPACE, holdings_frame
 from blixfs.ticket import Ticket
 
 SECTION = 16  # the section number of the test vectors in docs/protocol.md
@@ -38,6 +40,7 @@ AUTHOR_B_SEED = bytes([0x03]) * 32
 CHUNK_SIZE = 4096
 MANIFEST_CONTENT = bytes([0x61]) * 4096 + bytes(4096) + bytes([0x62]) * 1808  # 'a'*4096, zeros, 'b'*1808
 PEER_ADDRS = ("192.0.2.1:4433", "[2001:db8::1]:4433")
+OTHER_MANIFEST = bytes([0xEE]) * 32  # an arbitrary manifest id, partly held in the HOLDINGS vector
 HEX_LINE = 64  # hex digits per line in hex blocks
 
 
@@ -130,7 +133,7 @@ def build() -> _Doc:
     target = "../images/débian-12.qcow2"
     t2 = 1_700_000_001_000_000_000
     e2 = Entry(path='links/tab\there "quote" back\\slash \x01 €😀', kind=Kind.SYMLINK, mode=0o777, uid=0, gid=0,
-               size=len(target.encode()), mtime_ns=t2, ctime_ns=t2, author=b, timestamp_ns=t2, target=target)
+               size=0, mtime_ns=t2, ctime_ns=t2, author=b, timestamp_ns=t2, target=target)
     s1, s2 = _sign(e1, AUTHOR_A_SEED), _sign(e2, AUTHOR_B_SEED)
     for e in (s1, s2):
         problem = check_entry(e, ns.id, e.timestamp_ns)
@@ -195,6 +198,26 @@ def build() -> _Doc:
             "`unknown namespace`, exactly what a responder sends before resetting the stream:")
     doc.block("frame.error", _hex(error))
 
+    peer = NodeAddr(a.hex(), PEER_ADDRS)
+    holdings = Holdings(a.hex())
+    holdings.own.seq = 0  # fixed for the vector; a running node starts from its clock
+    holdings.own.addr = peer
+    holdings.note_complete(mid)
+    for index in (0, 1, 9):
+        holdings.note_chunk(OTHER_MANIFEST, index, 10)
+    held = encode(holdings_frame(a.hex(), holdings.own))
+    addr_len = len(peer.to_bytes())
+    doc.say(f"HOLDINGS of node A (`keys.author_a`), announcement number {holdings.own.seq}, with its node address of",
+            f"{SECTION}.6: it holds the manifest of {SECTION}.7 whole, and of a manifest of 10 chunks with id",
+            "32 bytes `ee` only chunks 0, 1 and 9 (bitmap `03 02`: bit i of byte i / 8, least",
+            "significant bit first):")
+    doc.block("frame.holdings", _hex(held))
+    doc.say(*_frame_table(held, [(4, "length"), (1, "type = 5 (HOLDINGS)"), (32, "node id"),
+                                 (8, f"seq = {holdings.own.seq}"), (2, f"address length = {addr_len}"),
+                                 (addr_len, "node address (as in tickets)"), (4, "complete count = 1"),
+                                 (32, "manifest id"), (4, "partial count = 1"), (32, "manifest id"),
+                                 (4, "bitmap length = 2"), (2, "bitmap")]))
+
     store = MemoryNamespaceStore()
     store.apply([s1, s2])
     behind = {a: t1}
@@ -211,7 +234,6 @@ def build() -> _Doc:
     doc.block("vector.diff", "\n".join(f"{e.entry_hash().hex()} {json.dumps(e.path, ensure_ascii=False)}"
                                         for e in diff))
 
-    peer = NodeAddr(a.hex(), PEER_ADDRS)
     ro = Ticket(NamespaceKeys(ns.id), peer)
     rw = Ticket(ns, peer)
     doc.say(f"### {SECTION}.6 Node address and tickets (e)", "",
@@ -235,6 +257,8 @@ def build() -> _Doc:
             "(BLAKE3-256 of those bytes), which is `manifest` in entry 1:")
     doc.block("manifest.encoded", _hex(mbytes))
     doc.block("manifest.id", _hex(mid))
+    doc.say("A `blixfs/chunks/1` request for the whole first chunk (offset 0, length 0):")
+    doc.block("chunks.request", _hex(encode_request(manifest.ids[0])))
     if sorted(chunks) != sorted(c for c in manifest.ids if c != HOLE):
         raise AssertionError("stored chunks are not the non-hole ids")
 

@@ -14,7 +14,7 @@ import trio
 
 from blixfs.crypto import generate_secret, sign
 from blixfs.entry import Entry, Kind
-from blixfs.frames import Entries, FrameError, Hello, encode, read_frame
+from blixfs.frames import Entries, FrameError, Hello, Synced, encode, read_frame
 from blixfs.net.memory import MemoryNetwork
 from blixfs.net.transport import NodeAddr, Transport, TransportError
 from blixfs.replica import MAX_FUTURE_NS, NamespaceKeys, Replica
@@ -162,3 +162,34 @@ async def test_a_read_only_replica_syncs_but_cannot_write() -> None:
         n.cancel_scope.cancel()
 
 
+
+
+async def test_a_peer_cannot_inflate_vectors_past_refused_entries_or_for_our_author() -> None:
+    net, keys = MemoryNetwork(), NamespaceKeys.generate()
+    async with peer(net, keys) as node, net.open_transport() as hostile:
+        node.write("mine")
+        own_before = node.replica.store.vector()[node.replica.author]
+        stream = await hostile.open_stream(node.addr, ALPN)
+        stranger = bytes([9]) * 32
+        async with stream:
+            await stream.send_all(encode(Hello(keys.id, {})))
+            await stream.send_all(encode(Synced({node.replica.author: (1 << 63) - 1, stranger: 5})))
+            await stream.send_eof()
+            with contextlib.suppress(TransportError, FrameError), trio.move_on_after(2):
+                while await read_frame(stream) is not None:
+                    pass
+        vector = node.replica.store.vector()
+        assert vector[node.replica.author] == own_before  # nobody speaks for our own author
+        assert vector[stranger] == 5
+        bogus = replace(Entry(path="x", kind=Kind.FILE, mode=0, uid=0, gid=0, size=0, mtime_ns=1, ctime_ns=1,
+                              author=stranger, timestamp_ns=50), namespace_sig=bytes(64), author_sig=bytes(64))
+        stream = await hostile.open_stream(node.addr, ALPN)
+        async with stream:
+            await stream.send_all(encode(Hello(keys.id, {})))
+            await stream.send_all(encode(Entries([bogus])))
+            await stream.send_all(encode(Synced({stranger: 100})))
+            await stream.send_eof()
+            with contextlib.suppress(TransportError, FrameError), trio.move_on_after(2):
+                while await read_frame(stream) is not None:
+                    pass
+        assert node.replica.store.vector()[stranger] == 5  # a session that refused entries advances nothing

@@ -92,3 +92,9 @@ def test_an_entry_too_large_for_a_frame_is_refused_when_encoding() -> None:
     big = entry().evolve(xattrs={"user.x": bytes(MAX_FRAME)})
     with pytest.raises(ValueError):
         encode(Entries([big]))
+
+
+def test_vector_timestamps_beyond_int64_are_refused() -> None:
+    payload = struct.pack(">I", 1) + bytes(32) + struct.pack(">Q", 1 << 63)
+    with pytest.raises(FrameError, match="out of range"):
+        decode(FrameType.SYNCED, payload)

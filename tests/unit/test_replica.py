@@ -74,3 +74,17 @@ def test_stamps_are_monotonic_and_beat_what_they_replace() -> None:
     ahead = local_entry(r, timestamp_ns=time.time_ns() + 5 * 10**9)  # a peer whose clock runs ahead
     first = r.stamp(ahead)
     assert first > ahead.timestamp_ns and r.stamp(None) > first
+
+
+async def test_hostile_contexts_and_text_are_refused(caplog: pytest.LogCaptureFixture) -> None:
+    keys = NamespaceKeys.generate()
+    node = generate_secret()
+    r = make_replica(keys=keys, node_secret=node)
+    e = local_entry(r, "f")
+    inflated = signed_by(keys, node, replace(e, seen={bytes(32): 10**30}))
+    self_future = signed_by(keys, node, replace(e, seen={r.author: e.timestamp_ns}))
+    target = make_replica(keys=NamespaceKeys(keys.id))
+    _, refused = await target.merge_remote([inflated, self_future], "peer")
+    assert refused == 2 and "causal context" in caplog.text
+    surrogate = replace(e, path="bad\udc80name", namespace_sig=bytes(64), author_sig=bytes(64))
+    assert check_entry(surrogate, keys.id, time.time_ns()) == "text that is not valid UTF-8"

@@ -1,0 +1,170 @@
+"""The test vectors of docs/protocol.md are what the code produces, and agree with each other.
+
+Every fenced block labelled ``vector=NAME`` in the document is compared with what
+scripts/protocol_vectors.py computes with the real code, so changing a wire format
+without changing the document fails here. The vectors are also checked against each
+other with the plain libraries (blake3, cryptography, base64) the way an independent
+implementation would use them.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import re
+import struct
+from pathlib import Path
+from types import ModuleType
+
+import blake3
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from blixfs.entry import Entry
+from blixfs.frames import Entries, ErrorFrame, Hello, HoldingsFrame, Synced, decode
+from blixfs.manifest import Manifest
+from blixfs.ticket import Ticket
+
+REPO = Path(__file__).resolve().parents[2]
+DOC = REPO / "docs" / "protocol.md"
+GENERATOR = REPO / "scripts" / "protocol_vectors.py"
+BLOCK = re.compile(r"^```\w+ vector=([\w.-]+)\n(.*?)\n```$", re.MULTILINE | re.DOTALL)
+
+
+def _generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("protocol_vectors", GENERATOR)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GEN = _generator()
+VECTORS: dict[str, str] = GEN.vectors()
+TEXT = DOC.read_text(encoding="utf-8")
+
+
+def documented() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for name, value in BLOCK.findall(TEXT):
+        assert name not in found, f"vector {name} appears twice in {DOC.name}"
+        found[name] = value
+    return found
+
+
+DOCUMENTED = documented()
+
+
+def raw(name: str) -> bytes:
+    """A hex vector's bytes (line breaks are not part of the value)."""
+    return bytes.fromhex("".join(DOCUMENTED[name].split()))
+
+
+def test_the_document_has_every_vector_and_no_other() -> None:
+    assert sorted(DOCUMENTED) == sorted(VECTORS)
+
+
+@pytest.mark.parametrize("name", sorted(VECTORS))
+def test_vector_is_what_the_code_produces(name: str) -> None:
+    assert DOCUMENTED.get(name) == VECTORS[name], (
+        f"vector {name} in {DOC.name} differs from the code's: a wire format changed? "
+        f"If on purpose, regenerate the section with scripts/protocol_vectors.py (and version the protocol)")
+
+
+def test_the_section_is_the_generator_output_verbatim() -> None:
+    assert TEXT.endswith(GEN.markdown()), (
+        f"the test-vector section of {DOC.name} was edited by hand or is stale: "
+        "paste the output of scripts/protocol_vectors.py over it")
+
+
+# --- the vectors agree with each other, checked with plain libraries --------------------
+
+
+def _public(seed: bytes) -> bytes:
+    return Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def test_keys_and_signatures() -> None:
+    for seed, public in [("keys.namespace_seed", "keys.namespace_id"), ("keys.author_a_seed", "keys.author_a"),
+                         ("keys.author_b_seed", "keys.author_b")]:
+        assert _public(raw(seed)) == raw(public)
+    for entry, author in [("entry1", "keys.author_a"), ("entry2", "keys.author_b")]:
+        message = DOCUMENTED[f"{entry}.canonical"].encode()
+        Ed25519PublicKey.from_public_bytes(raw("keys.namespace_id")).verify(raw(f"{entry}.namespace_sig"), message)
+        Ed25519PublicKey.from_public_bytes(raw(author)).verify(raw(f"{entry}.author_sig"), message)
+        assert blake3.blake3(message).digest() == raw(f"{entry}.hash")
+    assert DOCUMENTED["entry2.canonical"].encode() == raw("entry2.canonical_bytes")
+
+
+def test_serialized_is_canonical_plus_signatures() -> None:
+    for entry in ("entry1", "entry2"):
+        d = json.loads(DOCUMENTED[f"{entry}.serialized"])
+        assert bytes.fromhex(d.pop("namespace_sig")) == raw(f"{entry}.namespace_sig")
+        assert bytes.fromhex(d.pop("author_sig")) == raw(f"{entry}.author_sig")
+        again = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        assert again == DOCUMENTED[f"{entry}.canonical"]
+        e = Entry.deserialize(DOCUMENTED[f"{entry}.serialized"].encode())
+        assert e.serialize().decode() == DOCUMENTED[f"{entry}.serialized"]
+
+
+def test_frames_decode_to_the_documented_values() -> None:
+    vector = raw("vector.encoded")
+    entries = [DOCUMENTED["entry1.serialized"].encode(), DOCUMENTED["entry2.serialized"].encode()]
+    expected_payload = {
+        "frame.hello": b"\x01" + raw("keys.namespace_id") + vector,
+        "frame.entries": struct.pack(">I", 2) + b"".join(struct.pack(">I", len(e)) + e for e in entries),
+        "frame.entries_empty": struct.pack(">I", 0),
+        "frame.synced": vector,
+        "frame.error": struct.pack(">H", 0x102) + b"unknown namespace",
+    }
+    for name, payload in expected_payload.items():
+        frame = raw(name)
+        length, _ = struct.unpack_from(">IB", frame)
+        assert length == len(frame) - 4 and frame[5:] == payload, name
+    hello = decode(*_split(raw("frame.hello")))
+    assert isinstance(hello, Hello) and hello.namespace_id == raw("keys.namespace_id")
+    synced = decode(*_split(raw("frame.synced")))
+    assert isinstance(synced, Synced) and synced.vector == hello.vector and len(synced.vector) == 2
+    got = decode(*_split(raw("frame.entries")))
+    assert isinstance(got, Entries) and [e.entry_hash() for e in got.entries] == [raw("entry1.hash"),
+                                                                                   raw("entry2.hash")]
+    assert decode(*_split(raw("frame.error"))) == ErrorFrame(0x102, "unknown namespace")
+    assert decode(*_split(raw("frame.hello_minimal"))) == Hello(bytes(32), {bytes([1]) * 32: 7})
+    held = decode(*_split(raw("frame.holdings")))
+    assert isinstance(held, HoldingsFrame) and held.seq > 0
+    assert held == HoldingsFrame(raw("keys.author_a"), held.seq, [raw("manifest.id")],
+                                 [(bytes([0xEE]) * 32, b"\x03\x02")], raw("nodeaddr.bytes"))
+
+
+def _split(frame: bytes) -> tuple[int, bytes]:
+    return frame[4], frame[5:]
+
+
+def test_tickets() -> None:
+    for kind in ("read", "write"):
+        text = DOCUMENTED[f"ticket.{kind}"]
+        assert text.startswith("blixfs") and text == text.lower() and "=" not in text
+        body = raw(f"ticket.{kind}.body")
+        assert base64.b32encode(body).decode().rstrip("=").lower() == text[len("blixfs"):]
+        assert body.endswith(raw("nodeaddr.bytes"))
+        ticket = Ticket.decode(text)
+        assert ticket.keys.id == raw("keys.namespace_id")
+        assert ticket.keys.secret == (raw("keys.namespace_seed") if kind == "write" else None)
+        assert ticket.peer.to_bytes() == raw("nodeaddr.bytes")
+        assert ticket.peer.node_id == DOCUMENTED["keys.author_a"]
+
+
+def test_manifest() -> None:
+    encoded = raw("manifest.encoded")
+    assert blake3.blake3(encoded).digest() == raw("manifest.id")
+    assert json.loads(DOCUMENTED["entry1.canonical"])["manifest"] == DOCUMENTED["manifest.id"]
+    m = Manifest.decode(encoded)
+    assert [cid.hex() for cid in m.ids] == DOCUMENTED["manifest.chunk_ids"].split()
+    request = raw("chunks.request")
+    assert request == struct.pack(">BB32sQI", 1, 1, m.ids[0], 0, 0) and len(request) == 46
+    content = GEN.MANIFEST_CONTENT
+    for i, cid in enumerate(m.ids):
+        piece = content[i * m.chunk_size : (i + 1) * m.chunk_size]
+        assert cid == (bytes(32) if piece.count(0) == len(piece) else blake3.blake3(piece).digest())
