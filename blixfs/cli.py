@@ -393,6 +393,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
         f, sv = daemon["fetched"], daemon["served"]
         click.echo(f"transfers  fetched {f['chunks']} chunks ({_human(f['bytes'])}), {f['in_flight']} in flight; "
                    f"served {sv['requests']} requests ({_human(sv['bytes'])})")
+        for t in daemon["files"]:
+            click.echo(f"  file {t['path']}  {_human(t['bytes'])} in {t['chunks']} chunks at {t['rate_mbs']} MB/s"
+                       + (f" (idle {t['idle_s']} s)" if t["idle_s"] > 2 else ""))
         for p in daemon["peer_rates"]:
             click.echo(f"  from {p['id'][:16]}  {p['throughput_mbs']} MB/s, latency {p['latency_ms']} ms, "
                        f"{_human(p['bytes_received'])} received")

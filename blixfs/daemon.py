@@ -114,7 +114,7 @@ class Runtime:
             nonlocal done
             async with limit:
                 try:
-                    await self.fetcher.get(cid, vfs._holders(e.manifest, e.author, index))
+                    await self.fetcher.get(cid, vfs._holders(e.manifest, e.author, index), e.path)
                 except FsError as exc:
                     failed.append(str(exc))
                     return
@@ -147,6 +147,9 @@ class Runtime:
             "fetched": {"bytes": self.fetcher.bytes_fetched, "chunks": self.fetcher.chunks_fetched,
                         "in_flight": sum(st.inflight for st in self.peers.stats.values())},
             "served": {"bytes": self.server.bytes_served, "requests": self.server.requests},
+            "files": [{"path": path, "bytes": t.bytes, "chunks": t.chunks, "rate_mbs": round(t.rate() / 1e6, 1),
+                       "idle_s": round(time.monotonic() - t.updated, 1)}
+                      for path, t in sorted(self.fetcher.recent_transfers().items())],
             "peer_rates": [r for r in self.peers_report() if r["throughput_mbs"] is not None],
             "addr": str(self.transport.addr()),
             "sessions": [{"peer": s.peer, "synced": s.synced.is_set(), "seconds": round(now - s.started, 1),

@@ -185,6 +185,19 @@ class Holdings:
                 self._touched()
 
 
+@dataclass
+class Transfer:
+    """Progress of one file's content arriving from peers (reads and pulls)."""
+
+    bytes: int = 0
+    chunks: int = 0
+    started: float = field(default_factory=time.monotonic)
+    updated: float = field(default_factory=time.monotonic)
+
+    def rate(self) -> float:
+        return self.bytes / max(self.updated - self.started, 1e-3)
+
+
 class _Load:
     __slots__ = ("data", "done", "error")
 
@@ -209,6 +222,7 @@ class Fetcher:
         self._nursery: trio.Nursery | None = None
         self.bytes_fetched = 0
         self.chunks_fetched = 0
+        self.transfers: dict[str, Transfer] = {}  # by file path; see `recent_transfers`
         # Called after each chunk is stored (the daemon enforces the cache budget there).
         self.on_stored: Callable[[], object] | None = None
 
@@ -224,13 +238,28 @@ class Fetcher:
     def loading(self, cid: ChunkId) -> bool:
         return cid in self._loading
 
-    async def get(self, cid: ChunkId, holders: Sequence[str]) -> bytes:
-        """The verified chunk from a holder, stored locally; FsError(EIO) if none could serve it."""
+    def recent_transfers(self, seconds: float = 60.0) -> dict[str, Transfer]:
+        """Files that received content in the last ``seconds`` (older ones are forgotten)."""
+        now = time.monotonic()
+        for label in [k for k, t in self.transfers.items() if now - t.updated > seconds]:
+            del self.transfers[label]
+        return dict(self.transfers)
+
+    async def get(self, cid: ChunkId, holders: Sequence[str], label: str | None = None) -> bytes:
+        """The verified chunk from a holder, stored locally; FsError(EIO) if none could serve it.
+
+        ``label`` (a file path) counts the bytes towards that file's `Transfer`.
+        """
         pending = self._loading.get(cid)
         if pending is None:
             pending = self._loading[cid] = _Load()
             try:
                 pending.data = await self._fetch(cid, holders)
+                if label is not None:
+                    t = self.transfers.setdefault(label, Transfer())
+                    t.bytes += len(pending.data)
+                    t.chunks += 1
+                    t.updated = time.monotonic()
             except FsError as exc:
                 pending.error = exc
             finally:
@@ -242,18 +271,18 @@ class Fetcher:
             raise pending.error or FsError(errno.EIO, f"chunk {short(cid)} could not be fetched")
         return pending.data
 
-    def prefetch(self, items: Iterable[tuple[ChunkId, Sequence[str]]]) -> None:
+    def prefetch(self, items: Iterable[tuple[ChunkId, Sequence[str]]], label: str | None = None) -> None:
         """Fetch these chunks in the background (read-ahead); no-op until `serve` runs."""
         if self._nursery is None:
             return
         for cid, holders in items:
             if cid not in self._loading and not self.store.has(cid):
-                self._nursery.start_soon(self._prefetch_one, cid, holders)
+                self._nursery.start_soon(self._prefetch_one, cid, holders, label)
 
-    async def _prefetch_one(self, cid: ChunkId, holders: Sequence[str]) -> None:
+    async def _prefetch_one(self, cid: ChunkId, holders: Sequence[str], label: str | None) -> None:
         async with self._limit:
             try:
-                await self.get(cid, holders)
+                await self.get(cid, holders, label)
             except FsError as exc:
                 log.debug("read-ahead of chunk %s failed: %s", short(cid), exc)
 

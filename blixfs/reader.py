@@ -36,7 +36,8 @@ class ChunkReader:
         # not hold are fetched from their holders instead of reading as missing.
         self.fetcher: Fetcher | None = None
 
-    async def get(self, cid: ChunkId, holders: Callable[[], Sequence[str]] | None = None) -> bytes | None:
+    async def get(self, cid: ChunkId, holders: Callable[[], Sequence[str]] | None = None,
+                  label: str | None = None) -> bytes | None:
         """The chunk's verified bytes; None if this node does not hold it and cannot fetch it.
 
         With a fetcher and ``holders``, a chunk not held here is fetched (stored on disk
@@ -46,16 +47,18 @@ class ChunkReader:
         if data is None:
             data = self.store.get(cid)
             if data is None and self.fetcher is not None and holders is not None:
-                data = await self.fetcher.get(cid, holders())
+                data = await self.fetcher.get(cid, holders(), label)
             if data is not None:
                 self._cache[cid] = data
         return data
 
-    def prefetch(self, cids: Iterable[ChunkId], holders: Callable[[ChunkId], Sequence[str]] | None = None) -> None:
+    def prefetch(self, cids: Iterable[ChunkId], holders: Callable[[ChunkId], Sequence[str]] | None = None,
+                 label: str | None = None) -> None:
         """Hint that ``cids`` will be read soon: local ones are advised to the kernel, the
         others fetched in the background when ``holders`` says who has them."""
         wanted = [cid for cid in cids if cid not in self._cache]
         local = [cid for cid in wanted if self.store.has(cid)]
         self.store.advise(local)
         if self.fetcher is not None and holders is not None:
-            self.fetcher.prefetch((cid, holders(cid)) for cid in wanted if cid not in set(local))
+            held = set(local)
+            self.fetcher.prefetch(((cid, holders(cid)) for cid in wanted if cid not in held), label)

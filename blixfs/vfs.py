@@ -154,6 +154,9 @@ class InodeTable:
             self._by_ino[ino] = path
         return ino
 
+    def known_path(self, ino: int) -> str | None:
+        return self._by_ino.get(ino)
+
     def known(self, path: str) -> int | None:
         """The inode number of ``path`` if the kernel may know it (never allocates one)."""
         return self._by_path.get(path)
@@ -759,13 +762,13 @@ class Vfs:
         except KeyError:
             raise FsError(errno.EBADF, f"file handle {fh} is not open") from None
 
-    async def _chunk_bytes(self, cid: ChunkId, length: int | None,
-                           holders: Callable[[], list[str]] | None = None) -> bytes | memoryview:
+    async def _chunk_bytes(self, cid: ChunkId, length: int | None, holders: Callable[[], list[str]] | None = None,
+                           label: str | None = None) -> bytes | memoryview:
         """Verified bytes of a clean chunk (zeros for a hole), fetched from ``holders`` when not
         held here; EIO if it cannot be had. ``length`` (when known) is checked."""
         if cid == HOLE:
             return _zeros(length or 0)
-        data = await self.reader.get(cid, holders)
+        data = await self.reader.get(cid, holders, label)
         if data is None:
             log.error("chunk %s is not held by this node and no peer is known to hold it", short(cid))
             raise FsError(errno.EIO, f"chunk {short(cid)} is not available")
@@ -854,7 +857,9 @@ class Vfs:
         The plan (dirty bytes copied, clean chunk ids) is taken before any await, so the
         result is the file's content at one instant even if writes arrive meanwhile.
         """
-        content = self._handle(fh).content
+        handle = self._handle(fh)
+        content = handle.content
+        label = self.inodes.known_path(handle.ino)  # for per-file transfer progress
         end = min(offset + size, content.size)
         cs = content.chunk_size
         plan: list[bytes | tuple[int, ChunkId, int, int, int]] = []
@@ -879,7 +884,8 @@ class Vfs:
                 ahead = {cid: i for i, cid in enumerate(content.ids[first:last], first)
                          if cid != HOLE and i not in content.dirty}
                 content.read_ahead_end = last
-                self.reader.prefetch(ahead, lambda cid: self._holders(content.manifest, content.author, ahead[cid]))
+                self.reader.prefetch(ahead, lambda cid: self._holders(content.manifest, content.author, ahead[cid]),
+                                     label)
         content.last_read_end = max(end, content.last_read_end) if content.last_read_end >= 0 else end
         parts: list[bytes | memoryview] = []
         for item in plan:
@@ -887,7 +893,7 @@ class Vfs:
                 parts.append(item)
             else:
                 idx, cid, length, within, n = item
-                data = await self._chunk_bytes(cid, length, self._chunk_holders(content, idx))
+                data = await self._chunk_bytes(cid, length, self._chunk_holders(content, idx), label)
                 self._note_held(content, idx)
                 parts.append(memoryview(data)[within : within + n])
         return b"".join(parts)
