@@ -311,6 +311,13 @@ class DiskChunkStore:
         metrics.chunks_evicted.inc(len(evicted))
         return evicted
 
+    def index_rows(self, now: int) -> Iterator[tuple[ChunkId, int, int]]:
+        """(id, size, last use in ns) of every indexed chunk; chunks read since the last
+        `save_recency` count as used at ``now``."""
+        rows = self._db.execute("SELECT id, size, atime FROM chunks").fetchall()
+        for cid, size, atime in rows:
+            yield ChunkId(cid), size, now if cid in self._touched else atime
+
     def save_recency(self) -> None:
         """Persist access times of chunks read since the last call (recency survives restarts)."""
         if not self._touched:

@@ -18,6 +18,7 @@ import click
 
 from blixfs.daemon import ask_daemon
 from blixfs.entry import Kind
+from blixfs.gc import DEFAULT_GRACE_SECONDS, collect
 from blixfs.manifest import DEFAULT_CHUNK_SIZE
 from blixfs.net.transport import NodeAddr
 from blixfs.node import HomeLocked, JoinError, Node, default_home
@@ -305,6 +306,38 @@ def unpin(ctx: click.Context, path: str) -> None:
         click.echo(f"unpinned {rel}" if node.set_pinned(rel, False) else f"{rel} was not pinned")
     finally:
         node.close()
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Only report what would be freed.")
+@click.option("--grace", metavar="SECONDS", type=click.FloatRange(0), default=DEFAULT_GRACE_SECONDS,
+              show_default=True, help="Keep unreferenced chunks used more recently than this.")
+@click.pass_context
+def gc(ctx: click.Context, dry_run: bool, grace: float) -> None:
+    """Free chunks no live file or kept conflict version references (overwritten and deleted images).
+
+    Runs in the daemon when it is up (it fetches the manifests of live files it lacks, and
+    keeps what open files use); otherwise on the stopped node.
+    """
+    request = {"op": "gc", "dry_run": dry_run, "grace": grace}
+    reply = ask_daemon(ctx.obj["home"], request, timeout=None)
+    if reply is None:
+        node = _open_node(ctx, lock=True)
+        try:
+            reply = {"ok": True, **collect(node.namespace, node.chunks, grace_seconds=grace,
+                                           dry_run=dry_run).as_dict()}
+        finally:
+            node.close()
+    if not reply.get("ok"):
+        raise click.ClickException(str(reply.get("error")))
+    if reply["missing_manifests"]:
+        raise click.ClickException(
+            f"nothing freed: the manifests of {len(reply['missing_manifests'])} live files are not held here "
+            f"(e.g. {reply['missing_manifests'][0]}); run gc while the node is mounted so it can fetch them")
+    verb = "would free" if dry_run else "freed"
+    click.echo(f"{verb} {reply['freed_chunks']} chunks ({_human(reply['freed_bytes'])}); "
+               f"{reply['live_chunks']} chunks are referenced, {reply['kept_recent']} unreferenced ones are "
+               f"younger than the grace period")
 
 
 @main.command()

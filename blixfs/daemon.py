@@ -11,6 +11,7 @@ Control protocol: one JSON object per line each way, one request per connection:
     {"op": "status"}             -> {"ok": true, "addr": ..., "sessions": [...]}
     {"op": "join", "ticket": T}  -> {"ok": true, "message": "..."} | {"ok": false, "error": "..."}
     {"op": "peers"}              -> {"ok": true, "peers": [{id, addrs, session, latency_ms, ...}]}
+    {"op": "gc", "dry_run": b, "grace": s} -> {"ok": true, "freed_chunks", "freed_bytes", ...}
     {"op": "pull", "path": P}    -> {"progress": {"done": n, "total": n}} lines, then
                                     {"ok": true, "bytes", "total", "seconds", "peers": {id: bytes}}
 
@@ -37,6 +38,7 @@ from blixfs.chunkproto import ChunkServer
 from blixfs.entry import Kind
 from blixfs.errors import FsError
 from blixfs.fetcher import ATTEMPT_TIMEOUT, FETCH_TIMEOUT, READ_AHEAD_PARALLEL, Fetcher, Holdings, PeerBook
+from blixfs.gc import DEFAULT_GRACE_SECONDS, collect, live_versions
 from blixfs.hashing import HOLE, ChunkId
 from blixfs.manifest import Manifest, ManifestError
 from blixfs.net.iroh_transport import IrohTransport, open_iroh_transport
@@ -273,7 +275,9 @@ async def _answer(conn: trio.socket.SocketType, runtime: Runtime) -> None:
                         break
                     raw += chunk
                 request = _parse(raw)
-            if request is not None and request.get("op") == "pull":
+            if request is not None and request.get("op") == "gc":
+                reply = {"ok": True, **await _gc(runtime, request)}
+            elif request is not None and request.get("op") == "pull":
                 # Streams progress lines, then the final reply; no deadline (a big image takes a while).
                 async def progress(update: dict[str, Any]) -> None:
                     await stream.send_all(json.dumps({"progress": update}).encode() + b"\n")
@@ -288,6 +292,22 @@ async def _answer(conn: trio.socket.SocketType, runtime: Runtime) -> None:
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
             log.debug("control connection dropped: %s", exc)
+
+
+async def _gc(runtime: Runtime, request: dict[str, Any]) -> dict[str, Any]:
+    """Collect garbage, first fetching the manifests of live files this node lacks (they say
+    which chunks are referenced; without them nothing can be freed safely)."""
+    vfs, node = runtime.vfs, runtime.node
+    if vfs is not None:
+        for e in live_versions(node.namespace):
+            if e.manifest is not None and not node.chunks.has(ChunkId(e.manifest)):
+                with contextlib.suppress(FsError):
+                    await vfs._load_manifest(e)
+                    # keep it where collect() looks for it, even if the cache evicts it meanwhile
+    report = collect(node.namespace, node.chunks, grace_seconds=float(request.get("grace", DEFAULT_GRACE_SECONDS)),
+                     also_live=vfs.open_chunk_ids() if vfs is not None else (),
+                     dry_run=bool(request.get("dry_run", False)))
+    return report.as_dict()
 
 
 class PullError(Exception):

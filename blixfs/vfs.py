@@ -1019,6 +1019,10 @@ class Vfs:
                 self._contents.pop(h.ino, None)
                 metrics.open_files.set(len(self._contents))
 
+    def open_chunk_ids(self) -> set[ChunkId]:
+        """Chunks open files refer to (spilled but not yet committed ones too): GC keeps them."""
+        return {cid for content in self._contents.values() for cid in content.ids if cid != HOLE}
+
     async def flush_all(self, *, durable: bool = True) -> None:
         """Commit every open file (on unmount). Errors are logged, not raised, so every file gets its try."""
         for ino, content in list(self._contents.items()):
