@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import json
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
@@ -186,6 +186,32 @@ class Entry:
 def dominates(a: Entry, b: Entry) -> bool:
     """Whether ``a``'s writer had seen ``b`` (so ``b`` is history, not a concurrent version)."""
     return a.seen.get(b.author, -1) >= b.timestamp_ns
+
+
+def write_context(base: Entry | None, versions: Iterable[Entry]) -> dict[bytes, int]:
+    """The ``seen`` of a new version written over ``base``, given every version of the path
+    this node holds (the current one and the kept siblings).
+
+    Starting from ``base``'s successor context, the contexts of all held versions it
+    dominates are merged in until nothing changes. That keeps domination transitive (a
+    version covers all that the versions it replaces had seen), which is what makes the
+    kept siblings the same on every node whatever the order versions arrive in. Without
+    it an author's own old sibling version could be "seen" through the author's entry in
+    the vector without the versions that sibling had itself replaced.
+    """
+    seen = base.successor_context() if base is not None else {}
+    pending = [v for v in versions if v is not base]
+    changed = True
+    while changed:
+        changed = False
+        for v in list(pending):
+            if seen.get(v.author, -1) >= v.timestamp_ns:
+                pending.remove(v)
+                for author, ts in v.successor_context().items():
+                    if seen.get(author, -1) < ts:
+                        seen[author] = ts
+                        changed = True
+    return seen
 
 
 def shown_as_conflict(winner: Entry, sibling: Entry) -> bool:

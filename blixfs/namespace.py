@@ -90,6 +90,10 @@ class NamespaceStore(Protocol):
         shows those `entry.shown_as_conflict` picks)."""
         ...
 
+    def versions(self, path: str) -> list[Entry]:
+        """Every version of ``path`` held: the current one (tombstones too) and kept siblings."""
+        ...
+
     def entries(self) -> Iterator[Entry]:
         """Every current entry, tombstones included (for sync and GC)."""
         ...
@@ -146,6 +150,10 @@ class _Merging:
 
     def _drop_conflict(self, entry: Entry) -> None:
         raise NotImplementedError
+
+    def versions(self, path: str) -> list[Entry]:
+        cur = self._current(path)
+        return [cur, *self._conflicts_at(path)] if cur is not None else self._conflicts_at(path)
 
     def _merge(self, e: Entry) -> Outcome:
         cur = self._current(e.path)

@@ -51,6 +51,7 @@ from blixfs.entry import (
     join,
     parent_of,
     shown_as_conflict,
+    write_context,
 )
 from blixfs.errors import FsError, storage_errno
 from blixfs.fetcher import Holdings
@@ -232,14 +233,14 @@ class Vfs:
     def _successor(self, prev: Entry, **changes: Any) -> Entry:
         """The next version of ``prev`` by this node: a later timestamp, and a causal
         context that has seen ``prev`` (so it replaces it rather than conflicting)."""
-        changes.setdefault("seen", prev.successor_context())
+        changes.setdefault("seen", write_context(prev, self.namespace.versions(prev.path)))
         return prev.evolve(**changes, timestamp_ns=self.replica.stamp(prev), author=self.author)
 
     def _placed(self, content: Entry, path: str, **changes: Any) -> Entry:
         """``content`` as this node's new version at ``path``, over whatever version is there."""
         prev = self.namespace.get_any(path)
         return content.evolve(path=path, deleted=False, author=self.author, timestamp_ns=self.replica.stamp(prev),
-                              seen=prev.successor_context() if prev is not None else {}, **changes)
+                              seen=write_context(prev, self.namespace.versions(path)), **changes)
 
     def _entry(self, path: str) -> Entry:
         """The live entry at ``path`` (a kept conflict version for a conflict file name); ENOENT."""
@@ -526,7 +527,9 @@ class Vfs:
         seen = current.successor_context()
         for author, ts in version.successor_context().items():
             seen[author] = max(seen.get(author, -1), ts)
-        return self._successor(current, seen=seen)
+        # ...and the closure of what that covers, like any new version (entry.write_context).
+        base = current.evolve(seen=seen)
+        return self._successor(current, seen=write_context(base, self.namespace.versions(version.path)))
 
     def _remove(self, path: str, want_dir: bool) -> None:
         version = self._conflict_version(path) if self.namespace.get(path) is None else None

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from blixfs.crypto import generate_secret, sign
-from blixfs.entry import Entry, Kind
+from blixfs.entry import Entry, Kind, write_context
 from blixfs.frames import Entries, FrameError, Hello, Synced, encode, read_frame
 from blixfs.net.memory import MemoryNetwork
 from blixfs.net.transport import NodeAddr, Transport, TransportError
@@ -37,7 +37,7 @@ class Peer:
         ts = self.replica.stamp(prev)
         e = Entry(path=path, kind=Kind.FILE, mode=0o644, uid=0, gid=0, size=size, mtime_ns=ts, ctime_ns=ts,
                   author=self.replica.author, timestamp_ns=ts, manifest=bytes([size % 251 + 1]) * 32,
-                  seen=prev.successor_context() if prev else {})
+                  seen=write_context(prev, self.replica.store.versions(path)))
         self.replica.commit_local([e])
         return e
 
