@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 ALPN = b"blixfs/chunks/1"
 VERSION = 1
 OP_GET = 1
+OP_HOLD = 2  # "please hold this version whole for durability": chunk id = its manifest id, then u16 | path
+MAX_HOLD_PATH = 4096
 OK, DONT_HAVE, BAD_REQUEST = 0, 1, 2
 CODE_BAD_REQUEST = CODE_APP_MIN + 0x10
 _REQUEST = struct.Struct(">BB32sQI")
@@ -59,12 +62,28 @@ def encode_request(cid: ChunkId, offset: int = 0, length: int = 0) -> bytes:
 
 
 class ChunkServer:
-    """Serves this node's chunks. Register `handle` for `ALPN` on the transport."""
+    """Serves this node's chunks. Register `handle` for `ALPN` on the transport.
+
+    HOLD requests go to ``on_hold(manifest id, path, peer) -> accepted`` (the replicator);
+    without one they are refused.
+    """
 
     def __init__(self, store: ChunkStore) -> None:
         self.store = store
         self.bytes_served = 0
         self.requests = 0
+        self.on_hold: Callable[[ChunkId, str, str], bool] | None = None
+
+    async def _hold(self, stream: Stream, peer_id: str, manifest_id: ChunkId) -> None:
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                (size,) = struct.unpack(">H", await stream.receive_exactly(2))
+                path = (await stream.receive_exactly(size)).decode("utf-8") if size <= MAX_HOLD_PATH else None
+        except (trio.TooSlowError, UnexpectedEOF, UnicodeDecodeError):
+            path = None
+        accepted = path is not None and self.on_hold is not None and self.on_hold(manifest_id, path, peer_id)
+        await stream.send_all(_RESPONSE.pack(OK if accepted else BAD_REQUEST, 0))
+        await stream.send_eof()
 
     async def handle(self, stream: Stream, peer_id: str) -> None:
         try:
@@ -75,6 +94,9 @@ class ChunkServer:
             await stream.reset(CODE_BAD_REQUEST)
             return
         version, op, cid, offset, length = _REQUEST.unpack(raw)
+        if version == VERSION and op == OP_HOLD:
+            await self._hold(stream, peer_id, ChunkId(cid))
+            return
         if version != VERSION or op != OP_GET:
             log.warning("peer %s sent a chunk request of version %d op %d: refused", peer_id[:16], version, op)
             await stream.send_all(_RESPONSE.pack(BAD_REQUEST, 0))
@@ -122,4 +144,21 @@ async def fetch_chunk(transport: Transport, peer: NodeAddr, cid: ChunkId) -> Fet
     return Fetched(data, time.perf_counter() - started)
 
 
-__all__ = ["ALPN", "ChunkServer", "FetchFailed", "Fetched", "TransportError", "fetch_chunk"]
+async def request_hold(transport: Transport, peer: NodeAddr, manifest_id: ChunkId, path: str) -> bool:
+    """Ask ``peer`` to hold the version ``manifest_id`` of ``path`` whole; True if it accepted.
+
+    Raises transport errors; the caller sets the deadline."""
+    encoded = path.encode("utf-8")
+    stream = await transport.open_stream(peer, ALPN)
+    async with stream:
+        await stream.send_all(_REQUEST.pack(VERSION, OP_HOLD, manifest_id, 0, 0) + struct.pack(">H", len(encoded))
+                              + encoded)
+        await stream.send_eof()
+        try:
+            status, _ = _RESPONSE.unpack(await stream.receive_exactly(_RESPONSE.size))
+        except UnexpectedEOF:
+            return False
+    return bool(status == OK)
+
+
+__all__ = ["ALPN", "ChunkServer", "FetchFailed", "Fetched", "TransportError", "fetch_chunk", "request_hold"]

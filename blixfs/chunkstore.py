@@ -29,7 +29,7 @@ import sqlite3
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -193,6 +193,10 @@ class DiskChunkStore:
             self._recency[ChunkId(cid)] = size * 2 + fetched
             self._total += size
         self._touched: set[ChunkId] = set()
+        # The cache budget and what it must keep (pinned images); set by the node. None: no budget.
+        self.budget: int | None = None
+        self.keep: Callable[[ChunkId], bool] = lambda cid: False
+        self.on_evicted: Callable[[list[ChunkId]], None] | None = None  # e.g. to stop announcing them
 
     def _path(self, cid: ChunkId) -> Path:
         h = cid.hex()
@@ -242,6 +246,14 @@ class DiskChunkStore:
         path = self._path(cid)
         if path.exists():
             return cid
+        fetched = int(verified_id is not None)
+        if not fetched and self.budget is not None and self._total + len(data) > self.budget:
+            # Data written here may be the only copy: it is never evicted, so when the budget is
+            # full of it the writer gets ENOSPC, until replication makes some of it evictable.
+            self.evict(self.budget, self.keep, low_water=1.0, reserve=len(data))
+            if self._total + len(data) > self.budget:
+                raise OSError(errno.ENOSPC, f"the chunk cache is full of data not yet replicated "
+                                            f"({self._total} of {self.budget} bytes)")
         tmp = self._tmp / uuid.uuid4().hex
         header = _HEADER.pack(_MAGIC, len(data), xxhash.xxh3_64_intdigest(data))
         try:
@@ -254,7 +266,6 @@ class DiskChunkStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        fetched = int(verified_id is not None)
         self._db.execute(
             "INSERT OR IGNORE INTO chunks (id, size, atime, fetched) VALUES (?, ?, ?, ?)",
             (cid, len(data), time.time_ns(), fetched),
@@ -285,7 +296,8 @@ class DiskChunkStore:
     def total_bytes(self) -> int:
         return self._total
 
-    def evict(self, budget: int, keep: Callable[[ChunkId], bool], *, low_water: float = 0.9) -> list[ChunkId]:
+    def evict(self, budget: int, keep: Callable[[ChunkId], bool], *, low_water: float = 0.9,
+              reserve: int = 0) -> list[ChunkId]:
         """When over ``budget`` bytes, delete least recently used fetched chunks until under
         ``low_water`` x budget. Never deletes a chunk written here (it may be the only copy)
         nor one ``keep`` protects (a pinned image's). Returns what was deleted.
@@ -293,9 +305,9 @@ class DiskChunkStore:
         Runs inline (an unlink per chunk): a reader streaming far more than the budget
         pays a few milliseconds every tenth of the budget, and never stalls.
         """
-        if self._total <= budget:
+        if self._total + reserve <= budget:
             return []
-        target = int(budget * low_water)
+        target = int(budget * low_water) - reserve
         evicted: list[ChunkId] = []
         # items() lists the most recent first, without touching recency: walk from the other end.
         for cid, value in reversed(self._recency.items()):
@@ -305,11 +317,26 @@ class DiskChunkStore:
                 continue
             self.delete(cid)
             evicted.append(cid)
-        if self._total > budget:
-            log.warning("cache holds %d bytes, over its budget of %d: the rest is data written here or pinned",
-                        self._total, budget)
+        if self._total + reserve > budget:
+            log.warning("cache holds %d bytes, over its budget of %d: the rest is data written here (not yet "
+                        "replicated) or pinned", self._total, budget)
         metrics.chunks_evicted.inc(len(evicted))
+        if evicted and self.on_evicted is not None:
+            self.on_evicted(evicted)
         return evicted
+
+    def mark_replicated(self, cids: Iterable[ChunkId]) -> int:
+        """These chunks, written here, are now held whole by enough other nodes: the cache may
+        evict them like fetched ones. Returns how many changed."""
+        changed = []
+        for cid in cids:
+            value = self._recency.get(cid)  # also makes them recent: just written, likely read again
+            if value is not None and not value & 1:
+                self._recency[cid] = value | 1
+                changed.append((cid,))
+        if changed:
+            self._db.executemany("UPDATE chunks SET fetched = 1 WHERE id = ?", changed)
+        return len(changed)
 
     def index_rows(self, now: int) -> Iterator[tuple[ChunkId, int, int]]:
         """(id, size, last use in ns) of every indexed chunk; chunks read since the last

@@ -90,13 +90,19 @@ def _open_node(ctx: click.Context, *, lock: bool) -> Node:
                    "beyond it are evicted, least recently used first; pinned images and data written here never.")
 @click.option("--fetch-timeout", type=click.FloatRange(0.5, 3600), default=20.0, show_default=True,
               metavar="SECONDS", help="How long a read waits for peers to serve a chunk before failing with EIO.")
+@click.option("--copies", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="Replication factor of files without user.blixfs.copies: how many nodes hold each whole.")
+@click.option("--gc-interval", type=click.FloatRange(1), default=600.0, show_default=True, metavar="SECONDS",
+              help="How often unreferenced chunks are collected.")
+@click.option("--gc-grace", type=click.FloatRange(0), default=DEFAULT_GRACE_SECONDS, show_default=True,
+              metavar="SECONDS", help="Unreferenced chunks used more recently than this are kept.")
 @click.option("--listen", metavar="IP:PORT", default=None,
               help="Where peers reach this node [default: 127.0.0.1 and a port chosen once and kept, "
                    "so tickets stay valid]. Use 0.0.0.0:PORT to serve other hosts.")
 @click.pass_context
 def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bool | None,
           metrics_port: int | None, chunk_size: str | None, cache_size: str | None, fetch_timeout: float,
-          listen: str | None) -> None:
+          copies: int, gc_interval: float, gc_grace: float, listen: str | None) -> None:
     """Mount the namespace at MOUNTPOINT and serve it in the foreground until Ctrl-C or SIGTERM.
 
     The node syncs with the peers it joined through tickets. A stale mount left at
@@ -119,7 +125,7 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
                  "read-write" if keys.writable else "read-only", node.home)
         vfs = node.vfs(chunk_size=CHUNK_SIZES[chunk_size] if chunk_size else DEFAULT_CHUNK_SIZE)
         run_mount(node, vfs, mountpoint.expanduser().absolute(), direct_io=direct_io, allow_other=allow_other,
-                  fetch_timeout=fetch_timeout)
+                  fetch_timeout=fetch_timeout, copies=copies, gc_interval=gc_interval, gc_grace=gc_grace)
     except MountError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -281,6 +287,21 @@ def peers(ctx: click.Context, as_json: bool, watch: bool) -> None:
 
 
 @main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--copies", type=click.IntRange(1, 16), required=True, help="How many nodes must hold it whole.")
+def replicate(path: str, copies: int) -> None:
+    """Set how many nodes must hold PATH (a file in a blixfs mount) whole; replication follows.
+
+    The same as: setfattr -n user.blixfs.copies -v N PATH. Watch it with blixfs status.
+    """
+    try:
+        os.setxattr(path, "user.blixfs.copies", str(copies).encode())
+    except OSError as exc:
+        raise click.ClickException(f"cannot set copies on {path}: {exc.strerror} (is it in a blixfs mount?)") from None
+    click.echo(f"{path}: {copies} copies wanted")
+
+
+@main.command()
 @click.argument("path")
 @click.pass_context
 def pin(ctx: click.Context, path: str) -> None:
@@ -426,6 +447,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
         f, sv = daemon["fetched"], daemon["served"]
         click.echo(f"transfers  fetched {f['chunks']} chunks ({_human(f['bytes'])}), {f['in_flight']} in flight; "
                    f"served {sv['requests']} requests ({_human(sv['bytes'])})")
+        for r in daemon["replication"]:
+            targets = ", ".join(f"{p} {int(v * 100)}%" for p, v in r["targets"].items())
+            click.echo(f"  {r['state']:11} {r['path']}  {r['copies']}/{r['want']} copies" +
+                       (f"  (replicating to {targets})" if targets else ""))
         for t in daemon["files"]:
             click.echo(f"  file {t['path']}  {_human(t['bytes'])} in {t['chunks']} chunks at {t['rate_mbs']} MB/s"
                        + (f" (idle {t['idle_s']} s)" if t["idle_s"] > 2 else ""))

@@ -44,6 +44,7 @@ from blixfs.manifest import Manifest, ManifestError
 from blixfs.net.iroh_transport import IrohTransport, open_iroh_transport
 from blixfs.net.transport import TransportError
 from blixfs.node import JoinError, Node
+from blixfs.replication import DEFAULT_COPIES, Replicator
 from blixfs.sync import ALPN as SYNC_ALPN
 from blixfs.sync import SyncService
 from blixfs.ticket import Ticket, TicketError
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT = 10.0
 RECENCY_SAVE_SECONDS = 10.0
+GC_INTERVAL = 600.0
 MAX_REQUEST = 64 * 1024
 
 
@@ -69,6 +71,7 @@ class Runtime:
     fetcher: Fetcher
     server: ChunkServer
     vfs: Vfs | None = None
+    replicator: Replicator | None = None
 
     def peers_report(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -149,6 +152,7 @@ class Runtime:
             "fetched": {"bytes": self.fetcher.bytes_fetched, "chunks": self.fetcher.chunks_fetched,
                         "in_flight": sum(st.inflight for st in self.peers.stats.values())},
             "served": {"bytes": self.server.bytes_served, "requests": self.server.requests},
+            "replication": self.replicator.report() if self.replicator is not None else [],
             "files": [{"path": path, "bytes": t.bytes, "chunks": t.chunks, "rate_mbs": round(t.rate() / 1e6, 1),
                        "idle_s": round(time.monotonic() - t.updated, 1)}
                       for path, t in sorted(self.fetcher.recent_transfers().items())],
@@ -194,7 +198,8 @@ async def _load_own_holdings(node: Node, holdings: Holdings) -> None:
 
 
 async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None = None,
-                       fetch_timeout: float = FETCH_TIMEOUT,
+                       fetch_timeout: float = FETCH_TIMEOUT, copies: int = DEFAULT_COPIES,
+                       gc_interval: float = GC_INTERVAL, gc_grace: float = DEFAULT_GRACE_SECONDS,
                        task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the node's network services until cancelled; reports the `Runtime` when up."""
     bind = listen or node.listen_addr()
@@ -223,13 +228,27 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
         sync.on_address = peers.learn
         transport.register(SYNC_ALPN, sync.handle)
         fetcher.on_stored = node.enforce_cache_budget
+        node.apply_cache_budget()
+
+        def manifest_ids(mid: bytes) -> list[ChunkId] | None:
+            raw = node.chunks.get(ChunkId(mid))
+            try:
+                return list(Manifest.decode(raw).ids) if raw is not None else None
+            except ManifestError:
+                return None
+
+        node.chunks.on_evicted = lambda ids: holdings.evicted(set(ids), manifest_ids)
+        replicator = Replicator(node, transport, sync, holdings, peers, fetcher, default_copies=copies)
+        server.on_hold = replicator.on_hold
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.serve)
-            runtime = Runtime(node, transport, sync, nursery, peers, holdings, fetcher, server, vfs)
+            await nursery.start(replicator.run)
+            runtime = Runtime(node, transport, sync, nursery, peers, holdings, fetcher, server, vfs, replicator)
             if vfs is not None:
                 vfs.reader.fetcher = fetcher
                 vfs.holdings = holdings
             nursery.start_soon(_save_recency_every, node, RECENCY_SAVE_SECONDS)
+            nursery.start_soon(_collect_every, runtime, gc_interval, gc_grace)
             nursery.start_soon(sync.announce_holdings)
             for peer in node.peers():
                 nursery.start_soon(sync.maintain, peer)
@@ -312,6 +331,19 @@ async def _gc(runtime: Runtime, request: dict[str, Any]) -> dict[str, Any]:
 
 class PullError(Exception):
     """A pull that cannot complete, with the reason."""
+
+
+async def _collect_every(runtime: Runtime, interval: float, grace: float) -> None:
+    """Periodic GC on every node: versions nothing references any more (overwritten, deleted)
+    lose their replica records, then their chunks, once older than the grace period."""
+    while True:
+        await trio.sleep(interval)
+        try:
+            if runtime.replicator is not None:
+                runtime.replicator.drop_unreferenced_replicas()
+            await _gc(runtime, {"grace": grace})
+        except Exception:
+            log.exception("periodic gc failed")
 
 
 async def _save_recency_every(node: Node, seconds: float) -> None:

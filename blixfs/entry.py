@@ -33,8 +33,12 @@ import blake3
 
 LwwKey = tuple[int, bytes, bytes]  # (timestamp_ns, author, entry hash)
 
-# Image metadata readable and settable as user.blixfs.<key> (Blixard's VmImageMetadata).
+# Image metadata readable and settable as user.blixfs.<key> (Blixard's VmImageMetadata), and
+# "copies": the file's replication factor (1..MAX_COPIES; absent: the namespace default).
 IMAGE_META_KEYS = frozenset({"name", "version", "os", "arch", "tags", "uploaded_by"})
+COPIES_KEY = "copies"
+META_KEYS = IMAGE_META_KEYS | {COPIES_KEY}
+MAX_COPIES = 16
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 MAX_XATTR_VALUE = 64 * 1024

@@ -41,6 +41,7 @@ ATTEMPT_TIMEOUT = 5.0
 FETCH_TIMEOUT = 20.0
 PENALTY_SECONDS = 60.0
 FAILURE_PENALTY_SECONDS = 5.0
+STALE_SECONDS = 1.0
 READ_AHEAD_PARALLEL = 8
 _EWMA = 0.2
 
@@ -83,10 +84,12 @@ class PeerBook:
         return self.stats.setdefault(node_id, PeerStats())
 
     def rank(self, holders: Iterable[str]) -> list[str]:
-        """Holders best first; penalised ones only after all the others."""
+        """Holders best first: measured ones by expected time, then never-measured ones (a
+        holdings record names them, but nothing says they answer), penalised ones last."""
         now = time.monotonic()
         unique = [h for h in dict.fromkeys(holders) if h != self.self_id]
-        return sorted(unique, key=lambda h: (self.of(h).penalised_until > now, self.of(h).expected_seconds()))
+        return sorted(unique, key=lambda h: (self.of(h).penalised_until > now, self.of(h).chunks_received == 0,
+                                             self.of(h).expected_seconds()))
 
     def record_ok(self, node_id: str, nbytes: int, seconds: float) -> None:
         s = self.of(node_id)
@@ -177,11 +180,18 @@ class Holdings:
             self.own.complete.add(manifest_id)
             self._touched()
 
-    def forget_chunk_everywhere(self, manifest_ids: Iterable[bytes]) -> None:
-        """This node evicted a chunk of these manifests: it no longer holds them whole."""
-        for mid in manifest_ids:
-            if mid in self.own.complete:
+    def evicted(self, cids: set[ChunkId], manifest_ids: Callable[[bytes], Iterable[ChunkId] | None]) -> None:
+        """This node evicted ``cids``: versions it held whole that used one of them are no longer
+        announced (``manifest_ids`` gives a manifest's chunk ids, None if unknown: dropped too)."""
+        for mid in list(self.own.complete):
+            ids = manifest_ids(mid)
+            if ids is None or mid in cids or any(c in cids for c in ids):
                 self.own.complete.discard(mid)
+                self._touched()
+        for mid in list(self.own.partial):
+            if mid in cids:
+                del self.own.partial[mid]
+                self._held.pop(mid, None)
                 self._touched()
 
 
@@ -312,6 +322,8 @@ class Fetcher:
                     stats.inflight -= 1
                 if fetched is None:
                     reasons.append(f"{peer[:16]}: does not hold it (stale holdings)")
+                    # Asked again only after the others: its announcement is out of date.
+                    self.peers.penalise(peer, STALE_SECONDS, bad_data=False)
                     continue
                 self.peers.record_ok(peer, len(fetched.data), fetched.seconds)
                 self.bytes_fetched += len(fetched.data)

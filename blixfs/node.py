@@ -10,6 +10,7 @@ Home layout (``--home``, ``$BLIXFS_HOME``, else ``$XDG_DATA_HOME/blixfs``)::
         namespace.db      the SqliteNamespaceStore
     peers.json            nodes to sync with (from tickets), "<node id>@ip:port,..." each
     pins.json             namespace paths whose content is never evicted (`blixfs pin`)
+    replicas.json         versions this node holds for other nodes' durability (never evicted)
     node.json             settings kept across restarts: the listen address (so tickets stay
                           valid), the cache budget
     daemon.lock           held (flock) by the one daemon using this home
@@ -32,6 +33,8 @@ import logging
 import os
 import shutil
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,22 @@ def default_home() -> Path:
 
 class HomeLocked(Exception):
     """Another daemon holds this home directory."""
+
+
+class _Protected:
+    """`DiskChunkStore.keep` for a node: the pinned/replica chunk set, recomputed at most once
+    a second (an eviction run asks once per candidate chunk)."""
+
+    def __init__(self, compute: Callable[[], set[ChunkId]]) -> None:
+        self._compute = compute
+        self._at = -1.0
+        self._set: set[ChunkId] = set()
+
+    def __call__(self, cid: ChunkId) -> bool:
+        now = time.monotonic()
+        if now - self._at > 1.0:
+            self._set, self._at = self._compute(), now
+        return cid in self._set
 
 
 class JoinError(Exception):
@@ -195,14 +214,17 @@ class Node:
         return True
 
     def pinned_chunks(self) -> set[ChunkId]:
-        """Chunks (and manifests) of the pinned paths' current versions that are held here."""
-        protected: set[ChunkId] = set()
+        """Chunks (and manifests) never to evict: the pinned paths' current versions and the
+        replicas this node holds for others."""
+        manifests = {ChunkId(m) for m in self.replicas()}
         for path in self.pins():
             e = self.namespace.get(path)
-            if e is None or e.manifest is None:
-                continue
-            protected.add(ChunkId(e.manifest))
-            raw = self.chunks.get(ChunkId(e.manifest))
+            if e is not None and e.manifest is not None:
+                manifests.add(ChunkId(e.manifest))
+        protected: set[ChunkId] = set()
+        for mid in manifests:
+            protected.add(mid)
+            raw = self.chunks.get(mid)
             if raw is not None:
                 with contextlib.suppress(ManifestError):
                     protected.update(Manifest.decode(raw).ids)
@@ -212,11 +234,27 @@ class Node:
         """Evict fetched chunks beyond the budget (never pinned ones, never data written here)."""
         if self.chunks.total_bytes <= self.cache_size():
             return []
-        protected = self.pinned_chunks()
-        evicted = self.chunks.evict(self.cache_size(), protected.__contains__)
+        evicted = self.chunks.evict(self.cache_size(), self.chunks.keep)
         if evicted:
             log.info("cache over budget: evicted %d chunks", len(evicted))
         return evicted
+
+    def apply_cache_budget(self) -> None:
+        """Give the store its budget and what it must keep (pinned images, replicas held for
+        others); a write of unreplicated data over the budget then fails with ENOSPC."""
+        self.chunks.budget = self.cache_size()
+        self.chunks.keep = _Protected(self.pinned_chunks)
+
+    def replicas(self) -> dict[bytes, str]:
+        """Manifests this node holds for others' durability (manifest id -> path), kept from eviction."""
+        try:
+            raw = json.loads((self.home / "replicas.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {bytes.fromhex(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+    def set_replicas(self, replicas: dict[bytes, str]) -> None:
+        _write_json(self.home / "replicas.json", {k.hex(): v for k, v in sorted(replicas.items())})
 
     def peers(self) -> list[NodeAddr]:
         try:

@@ -30,7 +30,7 @@ from pathlib import Path
 import trio
 
 from blixfs import crypto
-from blixfs.entry import IMAGE_META_KEYS, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_XATTR_TOTAL, MAX_XATTR_VALUE, Entry
+from blixfs.entry import MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_XATTR_TOTAL, MAX_XATTR_VALUE, META_KEYS, Entry
 from blixfs.errors import FsError
 from blixfs.manifest import MAX_FILE_SIZE
 from blixfs.namespace import NamespaceStore, Outcome
@@ -120,7 +120,7 @@ def check_entry(e: Entry, namespace_id: bytes, now_ns: int) -> str | None:
         return "malformed manifest id"
     if len(e.target.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
         return "symlink target too long"
-    if not set(e.meta) <= IMAGE_META_KEYS or any(len(v) > MAX_META_VALUE for v in e.meta.values()):
+    if not set(e.meta) <= META_KEYS or any(len(v) > MAX_META_VALUE for v in e.meta.values()):
         return "unknown or oversized image metadata"
     if any(not k.startswith("user.") or len(k) > MAX_NAME_BYTES or len(v) > MAX_XATTR_VALUE
            for k, v in e.xattrs.items()) or sum(len(k) + len(v) for k, v in e.xattrs.items()) > MAX_XATTR_TOTAL:

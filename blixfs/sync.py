@@ -85,15 +85,22 @@ class _Session:
         self.scope = trio.CancelScope()
 
 
-MAX_ANNOUNCED = 20_000  # whole manifests per HOLDINGS frame (32 bytes each: the frame stays under 1 MiB)
+HOLDINGS_BUDGET = 900 * 1024  # bytes of manifest ids and bitmaps per HOLDINGS frame (frames are at most 1 MiB)
 
 
 def holdings_frame(node_id: str, record: NodeHoldings) -> HoldingsFrame:
-    complete = sorted(record.complete)
-    partial = sorted((m, bytes(b)) for m, b in record.partial.items())
-    if len(complete) > MAX_ANNOUNCED or sum(36 + len(b) for _, b in partial) > MAX_ANNOUNCED * 32:
+    """The frame announcing ``record``; what does not fit `HOLDINGS_BUDGET` is left out (whole
+    manifests first, then partial ones by size), with a log line: holdings are hints."""
+    complete = sorted(record.complete)[: HOLDINGS_BUDGET // 32]
+    room = HOLDINGS_BUDGET - 32 * len(complete)
+    partial: list[tuple[bytes, bytes]] = []
+    for mid, bits in sorted(record.partial.items()):
+        if 36 + len(bits) > room:
+            continue
+        partial.append((mid, bytes(bits)))
+        room -= 36 + len(bits)
+    if len(complete) < len(record.complete) or len(partial) < len(record.partial):
         log.warning("holdings of %s too large for one frame: announcing part of them", node_id[:16])
-        complete, partial = complete[:MAX_ANNOUNCED], partial[: MAX_ANNOUNCED // 64]
     return HoldingsFrame(bytes.fromhex(node_id), record.seq, complete, partial,
                          record.addr.to_bytes() if record.addr is not None else b"")
 

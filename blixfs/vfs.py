@@ -41,11 +41,13 @@ from lru import LRU
 from blixfs import metrics
 from blixfs.chunkstore import ChunkStore
 from blixfs.entry import (
-    IMAGE_META_KEYS,
+    COPIES_KEY,
+    MAX_COPIES,
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
     MAX_XATTR_TOTAL,
     MAX_XATTR_VALUE,
+    META_KEYS,
     Entry,
     Kind,
     join,
@@ -643,12 +645,14 @@ class Vfs:
             raise FsError(errno.E2BIG, f"xattr {name} too large")
         if name.startswith(META_XATTR_PREFIX):
             key = name[len(META_XATTR_PREFIX) :]
-            if key not in IMAGE_META_KEYS:
-                raise FsError(errno.EINVAL, f"unknown image metadata {key!r}; known: {sorted(IMAGE_META_KEYS)}")
+            if key not in META_KEYS:
+                raise FsError(errno.EINVAL, f"unknown image metadata {key!r}; known: {sorted(META_KEYS)}")
             try:
                 text = value.decode()
             except UnicodeDecodeError:
                 raise FsError(errno.EINVAL, f"image metadata {key} must be UTF-8") from None
+            if key == COPIES_KEY and not (text.isdigit() and 1 <= int(text) <= MAX_COPIES):
+                raise FsError(errno.EINVAL, f"copies must be a number from 1 to {MAX_COPIES}")
             changes: dict[str, object] = {"meta": {**e.meta, key: text}}
         elif name.startswith(USER_XATTR_PREFIX):
             xattrs = {**e.xattrs, name: bytes(value)}

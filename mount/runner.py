@@ -19,12 +19,12 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
 from blixfs.daemon import run_services
-from blixfs.fetcher import FETCH_TIMEOUT
 from blixfs.node import Node
 from blixfs.vfs import Vfs
 from mount.ops import BlixOperations
@@ -196,7 +196,7 @@ class KernelInvalidator:
                 pyfuse3.invalidate_inode(pyfuse3.InodeT(ino))
 
 
-async def _serve(node: Node, vfs: Vfs, path: Path, listen: str | None, fetch_timeout: float) -> None:
+async def _serve(node: Node, vfs: Vfs, path: Path, services: dict[str, Any]) -> None:
     async with trio.open_nursery() as nursery:
 
         async def watch_signals() -> None:
@@ -210,7 +210,7 @@ async def _serve(node: Node, vfs: Vfs, path: Path, listen: str | None, fetch_tim
         invalidator = KernelInvalidator()
         await nursery.start(invalidator.run)
         vfs.invalidator = invalidator
-        await nursery.start(functools.partial(run_services, node, vfs=vfs, listen=listen, fetch_timeout=fetch_timeout))
+        await nursery.start(functools.partial(run_services, node, vfs=vfs, **services))
         nursery.start_soon(trio.to_thread.run_sync, tune_kernel_side, path)
         log.info("blixfs mounted at %s", path)
         notify_systemd("READY=1")
@@ -221,9 +221,9 @@ async def _serve(node: Node, vfs: Vfs, path: Path, listen: str | None, fetch_tim
 
 
 def run_mount(node: Node, vfs: Vfs, path: Path, *, direct_io: bool = False, allow_other: bool | None = None,
-              listen: str | None = None, fetch_timeout: float = FETCH_TIMEOUT) -> None:
-    """Mount ``vfs`` at ``path``, run the node's services, and serve until SIGINT/SIGTERM
-    or an external unmount.
+              **services: Any) -> None:
+    """Mount ``vfs`` at ``path``, run the node's services (``services``: options of
+    `blixfs.daemon.run_services`), and serve until SIGINT/SIGTERM or an external unmount.
 
     Raises MountError (with an actionable message) if the mount cannot be made.
     """
@@ -239,7 +239,7 @@ def run_mount(node: Node, vfs: Vfs, path: Path, *, direct_io: bool = False, allo
                          f"(scripts/install.sh)? Non-root users need 'user_allow_other' in /etc/fuse.conf "
                          f"for allow_other.") from exc
     try:
-        trio.run(_serve, node, vfs, path, listen, fetch_timeout)
+        trio.run(_serve, node, vfs, path, services)
     finally:
         pyfuse3.close(unmount=True)
     log.info("unmounted %s", path)

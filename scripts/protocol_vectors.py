@@ -13,25 +13,31 @@ protocol a new version (see docs/protocol.md, "Versioning").
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 
 import blake3
+import trio
 
 from blixfs import crypto
-from blixfs.chunkproto import encode_request
+from blixfs.chunkproto import ALPN as CHUNKS_ALPN
+from blixfs.chunkproto import ChunkServer, encode_request
+from blixfs.chunkstore import MAX_CHUNK_BYTES, MemoryChunkStore
 from blixfs.entry import Entry, Kind
 from blixfs.fetcher import Holdings
 from blixfs.frames import Entries, ErrorFrame, Hello, Synced, encode
-from blixfs.hashing import HOLE
+from blixfs.hashing import HOLE, ChunkId
 from blixfs.manifest import Manifest
 from blixfs.namespace import MemoryNamespaceStore
+from blixfs.net.memory import MemoryNetwork
 from blixfs.net.transport import NodeAddr
 from blixfs.replica import NamespaceKeys, check_entry
-from blixfs.sync import CODE_WRONG_NAMESPACE, holdings_frame
+from blixfs.sync import CODE_WRONG_NAMESPACE, holdings_frame, holdings_record
 from blixfs.ticket import Ticket
 
 SECTION = 16  # the section number of the test vectors in docs/protocol.md
 MERGE_SECTION = 7  # "Merge rule and conflicts"
+CHUNKS_SECTION = "14.1"  # "blixfs/chunks/1"
 HEADING = f"## {SECTION}. Test vectors"
 
 NAMESPACE_SEED = bytes([0x01]) * 32
@@ -41,6 +47,8 @@ CHUNK_SIZE = 4096
 MANIFEST_CONTENT = bytes([0x61]) * 4096 + bytes(4096) + bytes([0x62]) * 1808  # 'a'*4096, zeros, 'b'*1808
 PEER_ADDRS = ("192.0.2.1:4433", "[2001:db8::1]:4433")
 OTHER_MANIFEST = bytes([0xEE]) * 32  # an arbitrary manifest id, partly held in the HOLDINGS vector
+HOLDINGS_START = 1_700_000_002_000_000_000  # node A's clock (ns) when it started: its first HOLDINGS seq
+RANGE = (4093, 16)  # offset and length of the range request: runs past the end of the 4096-byte chunk
 HEX_LINE = 64  # hex digits per line in hex blocks
 
 
@@ -88,6 +96,31 @@ def _frame_table(raw: bytes, parts: list[tuple[int, str]]) -> list[str]:
     if pos != len(raw):
         raise ValueError("frame table does not cover the frame")
     return rows
+
+
+def _served(store: MemoryChunkStore, requests: list[bytes]) -> list[bytes]:
+    """What blixfs's own chunk server sends back for each request (one stream each), over
+    the in-memory transport: the bytes up to its FIN."""
+
+    async def exchange() -> list[bytes]:
+        net = MemoryNetwork()
+        server = ChunkServer(store)
+        async with net.open_transport(handlers={CHUNKS_ALPN: server.handle}) as srv, net.open_transport() as cli:
+            answers = []
+            for request in requests:
+                async with await cli.open_stream(NodeAddr(srv.node_id), CHUNKS_ALPN) as stream:
+                    await stream.send_all(request)
+                    await stream.send_eof()
+                    answers.append(await stream.receive_to_eof(MAX_CHUNK_BYTES + 5))
+            return answers
+
+    quiet = logging.getLogger("blixfs.chunkproto")  # the refused request is logged: not part of the output
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return trio.run(exchange)
+    finally:
+        quiet.setLevel(level)
 
 
 def build() -> _Doc:
@@ -200,17 +233,22 @@ def build() -> _Doc:
 
     peer = NodeAddr(a.hex(), PEER_ADDRS)
     holdings = Holdings(a.hex())
-    holdings.own.seq = 0  # fixed for the vector; a running node starts from its clock
+    holdings.own.seq = HOLDINGS_START  # a running node takes its clock at start; fixed here
     holdings.own.addr = peer
     holdings.note_complete(mid)
     for index in (0, 1, 9):
         holdings.note_chunk(OTHER_MANIFEST, index, 10)
-    held = encode(holdings_frame(a.hex(), holdings.own))
+    changes = holdings.own.seq - HOLDINGS_START
+    frame = holdings_frame(a.hex(), holdings.own)
+    if holdings_record(frame).addr != peer:
+        raise AssertionError("the HOLDINGS vector's address does not decode to node A's")
+    held = encode(frame)
     addr_len = len(peer.to_bytes())
-    doc.say(f"HOLDINGS of node A (`keys.author_a`), announcement number {holdings.own.seq}, with its node address of",
-            f"{SECTION}.6: it holds the manifest of {SECTION}.7 whole, and of a manifest of 10 chunks with id",
-            "32 bytes `ee` only chunks 0, 1 and 9 (bitmap `03 02`: bit i of byte i / 8, least",
-            "significant bit first):")
+    doc.say(f"HOLDINGS of node A (`keys.author_a`) with its node address of {SECTION}.6. A started with",
+            f"its clock at {HOLDINGS_START} ns, its first `seq`; {changes} changes since (one per manifest",
+            f"or chunk it came to hold) make `seq` {holdings.own.seq}. It holds the manifest of {SECTION}.7",
+            "whole, and of a manifest of 10 chunks with id 32 bytes `ee` only chunks 0, 1 and 9",
+            "(bitmap `03 02`: bit i of byte i / 8, least significant bit first):")
     doc.block("frame.holdings", _hex(held))
     doc.say(*_frame_table(held, [(4, "length"), (1, "type = 5 (HOLDINGS)"), (32, "node id"),
                                  (8, f"seq = {holdings.own.seq}"), (2, f"address length = {addr_len}"),
@@ -257,13 +295,49 @@ def build() -> _Doc:
             "(BLAKE3-256 of those bytes), which is `manifest` in entry 1:")
     doc.block("manifest.encoded", _hex(mbytes))
     doc.block("manifest.id", _hex(mid))
-    doc.say("A `blixfs/chunks/1` request for the whole first chunk (offset 0, length 0):")
-    doc.block("chunks.request", _hex(encode_request(manifest.ids[0])))
     if sorted(chunks) != sorted(c for c in manifest.ids if c != HOLE):
         raise AssertionError("stored chunks are not the non-hole ids")
 
+    _chunks_example(doc, manifest, chunks, mbytes)
     _merge_example(doc, a, b)
     return doc
+
+
+def _chunks_example(doc: _Doc, manifest: Manifest, chunks: dict[ChunkId, bytes], mbytes: bytes) -> None:
+    store = MemoryChunkStore()
+    for data in [*chunks.values(), mbytes]:
+        store.put(data)
+    first = manifest.ids[0]
+    whole = encode_request(first)
+    ranged = encode_request(first, *RANGE)
+    bad = bytes([2]) + whole[1:]  # version 2
+    answers = _served(store, [whole, ranged, encode_request(ChunkId(OTHER_MANIFEST)), bad])
+    if answers[0] != bytes([0]) + len(chunks[first]).to_bytes(4, "big") + chunks[first]:
+        raise AssertionError("the server did not answer a whole-chunk GET with the chunk")
+    offset, length = RANGE
+    body = answers[1][5:]
+    doc.say(f"### {SECTION}.8 Chunk protocol `blixfs/chunks/1` (g)", "",
+            f"Requests (section {CHUNKS_SECTION}) for the first chunk of {SECTION}.7 (4096 bytes `0x61`), and",
+            "the answers blixfs's own chunk server (`ChunkServer`) sends, taken over the in-memory",
+            "transport: each answer is every byte the server sends on the stream before its FIN.",
+            "",
+            "GET of the whole chunk (offset 0, length 0: to the end); the answer is `00`,",
+            f"`{len(chunks[first]):08x}` and the chunk's {len(chunks[first])} bytes, which hash to the id:")
+    doc.block("chunks.request", _hex(whole))
+    doc.say(f"GET of a range: offset {offset}, length {length}. It runs past the end of the chunk, so",
+            f"the server sends the {len(body)} bytes that exist; the requester cannot verify them (a",
+            "range has no BLAKE3 id of its own):")
+    doc.block("chunks.request_range", _hex(ranged))
+    doc.say(*_frame_table(ranged, [(1, "version = 1"), (1, "op = 1 (GET)"), (32, "chunk id"),
+                                   (8, f"offset = {offset}"), (4, f"length = {length}")]))
+    doc.say(f"The answer to it: status OK (`00`), length {len(body)}, then the bytes:")
+    doc.block("chunks.response_ok", _hex(answers[1]))
+    doc.say("The answer to a GET of an id the server does not hold (32 bytes `ee`): status",
+            "DONT_HAVE (`01`), length 0, no body:")
+    doc.block("chunks.response_dont_have", _hex(answers[2]))
+    doc.say("The answer to `chunks.request` with its version byte set to 2: status BAD_REQUEST",
+            "(`02`), length 0, no body:")
+    doc.block("chunks.response_bad_request", _hex(answers[3]))
 
 
 def _merge_example(doc: _Doc, a: bytes, b: bytes) -> None:
@@ -287,7 +361,7 @@ def _merge_example(doc: _Doc, a: bytes, b: bytes) -> None:
         out += [f"shown as {e.conflict_name()}" for e in store.conflicts_under("")]
         return "\n".join(out)
 
-    doc.say(f"### {SECTION}.8 Merge (worked example of section {MERGE_SECTION})", "",
+    doc.say(f"### {SECTION}.9 Merge (worked example of section {MERGE_SECTION})", "",
             "Four versions of `vm.img` by authors A and B (timestamps shortened for reading):",
             "",
             "| version | author | timestamp_ns | seen | meaning |",

@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from blixfs.entry import Entry
 from blixfs.frames import Entries, ErrorFrame, Hello, HoldingsFrame, Synced, decode
 from blixfs.manifest import Manifest
+from blixfs.net.transport import NodeAddr
+from blixfs.sync import holdings_record
 from blixfs.ticket import Ticket
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,9 +135,13 @@ def test_frames_decode_to_the_documented_values() -> None:
     assert decode(*_split(raw("frame.error"))) == ErrorFrame(0x102, "unknown namespace")
     assert decode(*_split(raw("frame.hello_minimal"))) == Hello(bytes(32), {bytes([1]) * 32: 7})
     held = decode(*_split(raw("frame.holdings")))
-    assert isinstance(held, HoldingsFrame) and held.seq > 0
+    assert isinstance(held, HoldingsFrame) and held.seq == GEN.HOLDINGS_START + 4  # clock at start + 4 changes
     assert held == HoldingsFrame(raw("keys.author_a"), held.seq, [raw("manifest.id")],
                                  [(bytes([0xEE]) * 32, b"\x03\x02")], raw("nodeaddr.bytes"))
+    # the address names the announcing node, so a receiver keeps it and can dial the holder
+    addr = holdings_record(held).addr
+    assert addr is not None and addr.node_id == DOCUMENTED["keys.author_a"]
+    assert addr == NodeAddr.from_bytes(raw("nodeaddr.bytes"))
 
 
 def _split(frame: bytes) -> tuple[int, bytes]:
@@ -162,9 +168,23 @@ def test_manifest() -> None:
     assert json.loads(DOCUMENTED["entry1.canonical"])["manifest"] == DOCUMENTED["manifest.id"]
     m = Manifest.decode(encoded)
     assert [cid.hex() for cid in m.ids] == DOCUMENTED["manifest.chunk_ids"].split()
-    request = raw("chunks.request")
-    assert request == struct.pack(">BB32sQI", 1, 1, m.ids[0], 0, 0) and len(request) == 46
     content = GEN.MANIFEST_CONTENT
     for i, cid in enumerate(m.ids):
         piece = content[i * m.chunk_size : (i + 1) * m.chunk_size]
         assert cid == (bytes(32) if piece.count(0) == len(piece) else blake3.blake3(piece).digest())
+
+
+def test_chunk_protocol() -> None:
+    first = Manifest.decode(raw("manifest.encoded")).ids[0]
+    chunk = GEN.MANIFEST_CONTENT[:4096]
+    assert blake3.blake3(chunk).digest() == first
+    request = raw("chunks.request")
+    assert request == struct.pack(">BB32sQI", 1, 1, first, 0, 0) and len(request) == 46
+    version, op, cid, offset, length = struct.unpack(">BB32sQI", raw("chunks.request_range"))
+    assert (version, op, cid) == (1, 1, first) and length > 0 and offset + length > len(chunk)
+    # OK: status 0, u32 length, the bytes of the range, cut at the end of the chunk
+    ok = raw("chunks.response_ok")
+    status, n = struct.unpack_from(">BI", ok)
+    assert status == 0 and ok[5:] == chunk[offset : offset + length] and n == len(ok) - 5 > 0
+    assert raw("chunks.response_dont_have") == struct.pack(">BI", 1, 0)
+    assert raw("chunks.response_bad_request") == struct.pack(">BI", 2, 0)

@@ -1,0 +1,230 @@
+"""Replication: every file reaches R nodes holding all of it, and data written here is never
+the last copy the cache throws away.
+
+Writer side (`Replicator.run`, a reconcile loop, once a second): for each live file whose
+current version this node wrote and holds whole, count the nodes whose holdings say they
+hold that version whole. Below the file's R (`user.blixfs.copies`, else the namespace
+default), ask more peers to hold it (the HOLD request of ``blixfs/chunks/1``), best
+first: peers already holding part of it, then the lowest measured latency. A target that
+has not completed within `TARGET_PATIENCE` seconds, or has gone, is replaced. At R the
+version is *durable*: its chunks, written here, become evictable like fetched ones.
+Being a loop rather than a queue is what makes it resume after a crash: the state it
+needs is the namespace and the holdings, both rebuilt on start.
+
+Target side (`Replicator.on_hold`): record the version in ``replicas.json`` (its chunks
+are never evicted while it is referenced: `Node.pinned_chunks`), and pull it in the
+background from the asking node and the other holders.
+
+Placement rule (docs/design.md): a peer that reads an image keeps it in its cache and
+counts as a holder, so the images a host's VMs use are the ones it is asked to keep.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import trio
+
+from blixfs.chunkproto import request_hold
+from blixfs.entry import COPIES_KEY, Entry, Kind
+from blixfs.errors import FsError
+from blixfs.fetcher import READ_AHEAD_PARALLEL, Fetcher, Holdings, PeerBook
+from blixfs.hashing import HOLE, ChunkId, short
+from blixfs.manifest import Manifest
+from blixfs.net.transport import Transport, TransportError
+from blixfs.node import Node
+from blixfs.sync import SyncService
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COPIES = 2
+TICK_SECONDS = 1.0
+TARGET_PATIENCE = 60.0
+HOLD_TIMEOUT = 5.0
+
+
+@dataclass
+class FileReplication:
+    """Where one file's current version stands."""
+
+    path: str
+    manifest: bytes
+    want: int
+    holders: list[str] = field(default_factory=list)  # other nodes holding it whole
+    targets: dict[str, float] = field(default_factory=dict)  # asked peers -> when
+
+    @property
+    def state(self) -> str:
+        if len(self.holders) + 1 >= self.want:
+            return "durable"
+        return "replicating" if self.targets else "local-only"
+
+
+class Replicator:
+    def __init__(self, node: Node, transport: Transport, sync: SyncService, holdings: Holdings, peers: PeerBook,
+                 fetcher: Fetcher, *, default_copies: int = DEFAULT_COPIES) -> None:
+        self.node = node
+        self.transport = transport
+        self.sync = sync
+        self.holdings = holdings
+        self.peers = peers
+        self.fetcher = fetcher
+        self.default_copies = default_copies
+        self.files: dict[str, FileReplication] = {}
+        self._durable: set[bytes] = set()  # versions whose chunks were already marked evictable
+        self._pulling: set[bytes] = set()
+        self._nursery: trio.Nursery | None = None
+
+    # ----------------------------------------------------------------- writer side
+
+    def copies(self, e: Entry) -> int:
+        value = e.meta.get(COPIES_KEY)
+        return int(value) if value is not None and value.isdigit() else self.default_copies
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                try:
+                    await self.tick()
+                except Exception:  # one bad round must not stop replication for good
+                    log.exception("replication round failed")
+                await trio.sleep(TICK_SECONDS)
+
+    def _own_files(self) -> Iterable[Entry]:
+        me = self.node.node_id
+        for e in self.node.namespace.entries():
+            if not e.deleted and e.kind is Kind.FILE and e.manifest is not None and e.author == me:
+                yield e
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        seen: dict[str, FileReplication] = {}
+        for e in self._own_files():
+            assert e.manifest is not None
+            if e.manifest not in self.holdings.own.complete:
+                continue  # this node does not hold it whole (e.g. written over content only peers had)
+            rep = self.files.get(e.path)
+            if rep is None or rep.manifest != e.manifest:
+                rep = FileReplication(e.path, e.manifest, self.copies(e))
+            rep.want = self.copies(e)
+            rep.holders = self.holdings.holders(e.manifest)
+            rep.targets = {p: t for p, t in rep.targets.items() if now - t < TARGET_PATIENCE and p not in rep.holders}
+            seen[e.path] = rep
+            if rep.state == "durable":
+                self._mark_durable(e.manifest)
+            else:
+                await self._ask(rep, now)
+        self.files = seen
+
+    def _mark_durable(self, manifest_id: bytes) -> None:
+        if manifest_id in self._durable:
+            return
+        raw = self.node.chunks.get(ChunkId(manifest_id))
+        if raw is None:
+            return
+        ids = {c for c in Manifest.decode(raw).ids if c != HOLE} | {ChunkId(manifest_id)}
+        changed = self.node.chunks.mark_replicated(ids)
+        self._durable.add(manifest_id)
+        log.info("version %s is durable: %d chunks written here may now be evicted", short(manifest_id), changed)
+
+    def _candidates(self, rep: FileReplication) -> list[str]:
+        connected = {s.peer for s in self.sync.sessions() if s.synced.is_set()}
+        others = [p for p in connected if p not in rep.holders and p not in rep.targets]
+        partial = self.holdings.nodes
+
+        def held_part(peer: str) -> int:
+            bits = partial.get(peer)
+            got = bits.partial.get(rep.manifest) if bits is not None else None
+            return sum(bin(b).count("1") for b in got) if got else 0
+
+        # Peers already holding part of it first (they read it: placement by usage), then the fastest.
+        return sorted(others, key=lambda p: (-held_part(p), self.peers.of(p).expected_seconds()))
+
+    async def _ask(self, rep: FileReplication, now: float) -> None:
+        needed = rep.want - 1 - len(rep.holders) - len(rep.targets)
+        for peer in self._candidates(rep)[: max(0, needed)]:
+            try:
+                with trio.fail_after(HOLD_TIMEOUT):
+                    accepted = await request_hold(self.transport, self.peers.addr(peer), ChunkId(rep.manifest),
+                                                  rep.path)
+            except (TransportError, trio.TooSlowError) as exc:
+                log.info("peer %s could not be asked to hold %s: %s", peer[:16], rep.path, exc)
+                continue
+            if accepted:
+                rep.targets[peer] = now
+                log.info("asked %s to hold %s (%d of %d copies)", peer[:16], rep.path,
+                         1 + len(rep.holders) + len(rep.targets), rep.want)
+
+    def report(self) -> list[dict[str, object]]:
+        out = []
+        for rep in sorted(self.files.values(), key=lambda r: r.path):
+            progress = {p[:16]: self._progress(p, rep.manifest) for p in rep.targets}
+            out.append({"path": rep.path, "manifest": rep.manifest.hex(), "state": rep.state,
+                        "copies": 1 + len(rep.holders), "want": rep.want, "targets": progress})
+        return out
+
+    def _progress(self, peer: str, manifest_id: bytes) -> float:
+        record = self.holdings.nodes.get(peer)
+        if record is None:
+            return 0.0
+        if manifest_id in record.complete:
+            return 1.0
+        bits = record.partial.get(manifest_id)
+        raw = self.node.chunks.get(ChunkId(manifest_id))
+        if bits is None or raw is None:
+            return 0.0
+        total = sum(1 for c in Manifest.decode(raw).ids if c != HOLE) or 1
+        return round(sum(bin(b).count("1") for b in bits) / total, 3)
+
+    # ----------------------------------------------------------------- target side
+
+    def on_hold(self, manifest_id: ChunkId, path: str, peer: str) -> bool:
+        """A peer asks this node to hold a version whole. Accepted unless there is no room."""
+        if self._nursery is None:
+            return False
+        replicas = self.node.replicas()
+        if manifest_id not in replicas:
+            replicas[manifest_id] = path
+            self.node.set_replicas(replicas)
+        if manifest_id not in self.holdings.own.complete and manifest_id not in self._pulling:
+            self._pulling.add(manifest_id)
+            self._nursery.start_soon(self._pull, manifest_id, path, peer)
+        return True
+
+    async def _pull(self, manifest_id: ChunkId, path: str, asker: str) -> None:
+        try:
+            holders = [asker, *self.holdings.holders(manifest_id)]
+            raw = await self.fetcher.get(manifest_id, holders, path)
+            m = Manifest.decode(raw)
+            limit = trio.CapacityLimiter(READ_AHEAD_PARALLEL)
+
+            async def one(index: int, cid: ChunkId) -> None:
+                async with limit:
+                    if not self.node.chunks.has(cid):
+                        await self.fetcher.get(cid, [asker, *self.holdings.holders(manifest_id, index)], path)
+                    self.holdings.note_chunk(manifest_id, index, len(m.ids))
+
+            async with trio.open_nursery() as nursery:
+                for index, cid in enumerate(m.ids):
+                    if cid != HOLE:
+                        nursery.start_soon(one, index, cid)
+            self.holdings.note_complete(manifest_id)
+            log.info("now holding %s (%s) for durability", path, short(manifest_id))
+        except* FsError as group:
+            log.warning("could not pull %s to hold it: %s (will be asked again)", path, group.exceptions[0])
+        finally:
+            self._pulling.discard(manifest_id)
+
+    def drop_unreferenced_replicas(self) -> int:
+        """Forget replicas of versions no live file references any more (GC then frees them)."""
+        live = {e.manifest for e in self.node.namespace.entries_since({}) if not e.deleted and e.manifest}
+        replicas = self.node.replicas()
+        kept = {m: p for m, p in replicas.items() if m in live}
+        if len(kept) != len(replicas):
+            self.node.set_replicas(kept)
+        return len(replicas) - len(kept)
