@@ -382,6 +382,9 @@ class DiskChunkStore:
                     yield ChunkId(bytes.fromhex(name))
 
     def close(self) -> None:
-        self.save_recency()
+        try:
+            self.save_recency()
+        except (sqlite3.Error, OSError) as exc:  # a full disk: recency is worth less than a clean stop
+            log.warning("could not save chunk recency at close: %s", exc)
         self._db.close()
         os.close(self._dir_fd)

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -349,7 +350,10 @@ async def _collect_every(runtime: Runtime, interval: float, grace: float) -> Non
 async def _save_recency_every(node: Node, seconds: float) -> None:
     while True:
         await trio.sleep(seconds)
-        node.chunks.save_recency()
+        try:
+            node.chunks.save_recency()
+        except (sqlite3.Error, OSError) as exc:  # e.g. a full disk: try again next time
+            log.warning("could not save chunk recency: %s", exc)
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:

@@ -56,6 +56,8 @@ DEFAULT_POLL_SECONDS = 5.0
 """How often the interface addresses are re-read to notice a change."""
 RESOLVE_TIMEOUT_MS = 2000
 """How long one service resolution (SRV/TXT/A) may take before the service is dropped."""
+SETTLE_SECONDS = 1.2
+"""A peer is resolved again this long after a change: RFC 6762 keeps flushed records 1 s."""
 CLOSE_SECONDS = 1.0
 """Budget for goodbye packets and closing zeroconf when discovery is cancelled."""
 RETRY_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
@@ -435,7 +437,12 @@ class LanDiscovery:
                 while True:
                     again.discard(name)
                     await self._resolve(zc, name, networks)
+                    # Records replaced by a cache-flush announcement (a peer's new address)
+                    # stay in the cache for one more second; look again once they are gone.
+                    await trio.sleep(SETTLE_SECONDS)
                     if name not in again:
+                        if name in self._peers:
+                            await self._resolve(zc, name, networks)
                         return
             finally:
                 busy.discard(name)
@@ -513,16 +520,22 @@ def _restrict_multicast(zc: Zeroconf) -> None:
     Linux delivers to a socket bound to 0.0.0.0:5353 the mDNS traffic of every interface on
     which *any* socket of the host joined 224.0.0.251 (IP_MULTICAST_ALL, on by default), e.g.
     avahi on an interface we were told to stay off; zeroconf would answer unicast queries
-    arriving that way. Best effort: logged at debug level when not possible.
+    arriving that way. Best effort (zeroconf does not expose its sockets): logged at debug
+    level when not possible. Call right after the constructor, which returns with the sockets
+    in place.
     """
-    sock = getattr(zc.engine, "_listen_socket", None)
-    if not isinstance(sock, socket.socket):
-        logger.debug("mdns: no listen socket to restrict")
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_IP, _IP_MULTICAST_ALL, 0)
-    except OSError as exc:
-        logger.debug("mdns: cannot clear IP_MULTICAST_ALL: %s", exc)
+    restricted = 0
+    for reader in list(getattr(zc.engine, "readers", ())):
+        try:
+            sock = reader.transport.get_extra_info("socket")
+            host = sock.getsockname()[0] if sock is not None else None
+            if sock is not None and sock.family == socket.AF_INET and host == "0.0.0.0":
+                sock.setsockopt(socket.IPPROTO_IP, _IP_MULTICAST_ALL, 0)
+                restricted += 1
+        except (AttributeError, OSError) as exc:
+            logger.debug("mdns: cannot clear IP_MULTICAST_ALL: %s", exc)
+    if not restricted:
+        logger.debug("mdns: found no wildcard listen socket to restrict")
 
 
 def _close(zc: Zeroconf, browser: ServiceBrowser | None) -> None:

@@ -132,7 +132,7 @@ def test_corrupt_chunks_and_a_lying_peer_never_reach_the_reader(make_node: Facto
 
 
 def test_cache_stays_within_budget_keeps_pins_and_survives_restart(make_node: Factory) -> None:
-    a = make_node("a")
+    a = make_node("a", "--copies", "1")  # no replicas: b's cache holds only what b reads
     b = make_node("b", start=False)
     b.cli("join", ticket(a))
     b.extra_args = ["--cache-size", "100M"]
