@@ -123,8 +123,8 @@ async def fetch_chunk(transport: Transport, peer: NodeAddr, cid: ChunkId) -> Fet
     started = time.perf_counter()
     stream = await transport.open_stream(peer, ALPN)
     async with stream:
+        # No send_eof: the request has a fixed size, and a Rust round trip less per chunk counts.
         await stream.send_all(encode_request(cid))
-        await stream.send_eof()
         try:
             status, length = _RESPONSE.unpack(await stream.receive_exactly(_RESPONSE.size))
         except UnexpectedEOF:
