@@ -96,13 +96,16 @@ def _open_node(ctx: click.Context, *, lock: bool) -> Node:
               help="How often unreferenced chunks are collected.")
 @click.option("--gc-grace", type=click.FloatRange(0), default=DEFAULT_GRACE_SECONDS, show_default=True,
               metavar="SECONDS", help="Unreferenced chunks used more recently than this are kept.")
+@click.option("--internet/--offline", default=False, show_default=True,
+              help="Internet mode: iroh's n0 relays and DNS discovery, so nodes behind NAT reach each other "
+                   "(use with --listen 0.0.0.0:PORT). Offline (default): direct addresses only.")
 @click.option("--listen", metavar="IP:PORT", default=None,
               help="Where peers reach this node [default: 127.0.0.1 and a port chosen once and kept, "
                    "so tickets stay valid]. Use 0.0.0.0:PORT to serve other hosts.")
 @click.pass_context
 def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bool | None,
           metrics_port: int | None, chunk_size: str | None, cache_size: str | None, fetch_timeout: float,
-          copies: int, gc_interval: float, gc_grace: float, listen: str | None) -> None:
+          copies: int, gc_interval: float, gc_grace: float, internet: bool, listen: str | None) -> None:
     """Mount the namespace at MOUNTPOINT and serve it in the foreground until Ctrl-C or SIGTERM.
 
     The node syncs with the peers it joined through tickets. A stale mount left at
@@ -125,7 +128,8 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
                  "read-write" if keys.writable else "read-only", node.home)
         vfs = node.vfs(chunk_size=CHUNK_SIZES[chunk_size] if chunk_size else DEFAULT_CHUNK_SIZE)
         run_mount(node, vfs, mountpoint.expanduser().absolute(), direct_io=direct_io, allow_other=allow_other,
-                  fetch_timeout=fetch_timeout, copies=copies, gc_interval=gc_interval, gc_grace=gc_grace)
+                  fetch_timeout=fetch_timeout, copies=copies, gc_interval=gc_interval, gc_grace=gc_grace,
+                  internet=internet)
     except MountError as exc:
         raise click.ClickException(str(exc)) from None
     finally:

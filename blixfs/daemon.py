@@ -201,18 +201,21 @@ async def _load_own_holdings(node: Node, holdings: Holdings) -> None:
 async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None = None,
                        fetch_timeout: float = FETCH_TIMEOUT, copies: int = DEFAULT_COPIES,
                        gc_interval: float = GC_INTERVAL, gc_grace: float = DEFAULT_GRACE_SECONDS,
+                       internet: bool = False,
                        task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the node's network services until cancelled; reports the `Runtime` when up."""
     bind = listen or node.listen_addr()
     async with contextlib.AsyncExitStack() as stack:
         try:
-            transport = await stack.enter_async_context(open_iroh_transport(node.secret, bind_addr=bind))
+            transport = await stack.enter_async_context(
+                open_iroh_transport(node.secret, bind_addr=bind, internet=internet))
         except TransportError as exc:
             # The kept port was taken while we were down: take any, and keep that one.
             log.warning("cannot listen on %s (%s); listening on a new port: tickets given out before "
                         "must be given out again", bind, exc)
             host = bind.rsplit(":", 1)[0]
-            transport = await stack.enter_async_context(open_iroh_transport(node.secret, bind_addr=f"{host}:0"))
+            transport = await stack.enter_async_context(
+                open_iroh_transport(node.secret, bind_addr=f"{host}:0", internet=internet))
             node.set_listen_addr(transport.addr().addrs[0])
         self_id = node.node_id.hex()
         peers = PeerBook(self_id)

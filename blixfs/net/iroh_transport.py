@@ -702,6 +702,24 @@ class IrohTransport(Transport):
             self._forget(conn)
 
 
+def endpoint_options(*, internet: bool, bind_addr: str, secret_key: bytes | None, alpns: list[bytes]) -> Any:
+    """The iroh endpoint options for offline (default) or internet mode.
+
+    Offline: the minimal preset, relays disabled; peers are dialed at the addresses in
+    their tickets or learnt on the LAN. Internet (``blixfs mount --internet``): iroh's n0
+    preset, with n0's public relays (so nodes behind NAT reach each other, relayed when
+    no direct path can be punched) and its DNS discovery (a node id alone is enough to
+    dial). This workplace has no internet, so only the options are tested.
+    """
+    return _ffi.EndpointOptions(
+        preset=_ffi.preset_n0() if internet else _ffi.preset_minimal(),
+        relay_mode=_ffi.RelayMode.default_mode() if internet else _ffi.RelayMode.disabled(),
+        bind_addr=bind_addr,
+        secret_key=bytes(secret_key) if secret_key is not None else None,
+        alpns=alpns,
+    )
+
+
 @asynccontextmanager
 async def open_iroh_transport(
     secret_key: bytes | None = None,
@@ -712,6 +730,7 @@ async def open_iroh_transport(
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+    internet: bool = False,
 ) -> AsyncIterator[IrohTransport]:
     """Bind an offline iroh endpoint and run a `Transport` on it for the block's duration.
 
@@ -730,13 +749,7 @@ async def open_iroh_transport(
         raise ValueError(f"secret key must be {SECRET_KEY_LEN} bytes")
     handlers = dict(handlers or {})
     alpns = [validate_alpn(a) for a in handlers]
-    options = _ffi.EndpointOptions(
-        preset=_ffi.preset_minimal(),
-        relay_mode=_ffi.RelayMode.disabled(),
-        bind_addr=bind_addr,
-        secret_key=bytes(secret_key) if secret_key is not None else None,
-        alpns=alpns,
-    )
+    options = endpoint_options(internet=internet, bind_addr=bind_addr, secret_key=secret_key, alpns=alpns)
     try:
         endpoint = await _call(_ffi.Endpoint.bind, options)
     except TransportError as exc:
