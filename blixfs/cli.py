@@ -96,6 +96,11 @@ def _open_node(ctx: click.Context, *, lock: bool) -> Node:
               help="How often unreferenced chunks are collected.")
 @click.option("--gc-grace", type=click.FloatRange(0), default=DEFAULT_GRACE_SECONDS, show_default=True,
               metavar="SECONDS", help="Unreferenced chunks used more recently than this are kept.")
+@click.option("--mdns/--no-mdns", default=True, show_default=True,
+              help="Find nodes of this namespace on the LAN (mDNS), on the interfaces of --listen.")
+@click.option("--mdns-interface", "mdns_interfaces", multiple=True, metavar="NAME|IP",
+              help="Announce and listen on this interface only (repeatable) [default: those of --listen; "
+                   "none for 127.0.0.1].")
 @click.option("--internet/--offline", default=False, show_default=True,
               help="Internet mode: iroh's n0 relays and DNS discovery, so nodes behind NAT reach each other "
                    "(use with --listen 0.0.0.0:PORT). Offline (default): direct addresses only.")
@@ -105,7 +110,8 @@ def _open_node(ctx: click.Context, *, lock: bool) -> Node:
 @click.pass_context
 def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bool | None,
           metrics_port: int | None, chunk_size: str | None, cache_size: str | None, fetch_timeout: float,
-          copies: int, gc_interval: float, gc_grace: float, internet: bool, listen: str | None) -> None:
+          copies: int, gc_interval: float, gc_grace: float, mdns: bool, mdns_interfaces: tuple[str, ...],
+          internet: bool, listen: str | None) -> None:
     """Mount the namespace at MOUNTPOINT and serve it in the foreground until Ctrl-C or SIGTERM.
 
     The node syncs with the peers it joined through tickets. A stale mount left at
@@ -129,7 +135,7 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
         vfs = node.vfs(chunk_size=CHUNK_SIZES[chunk_size] if chunk_size else DEFAULT_CHUNK_SIZE)
         run_mount(node, vfs, mountpoint.expanduser().absolute(), direct_io=direct_io, allow_other=allow_other,
                   fetch_timeout=fetch_timeout, copies=copies, gc_interval=gc_interval, gc_grace=gc_grace,
-                  internet=internet)
+                  internet=internet, mdns=mdns, mdns_interfaces=list(mdns_interfaces) or None)
     except MountError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -138,8 +144,10 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
 
 @main.command()
 @click.option("--write", is_flag=True, help="Grant write capability (the namespace secret: share it with care).")
+@click.option("--id-only", is_flag=True, help="Leave this node's addresses out: nodes on the same LAN find each "
+                                              "other by mDNS (or iroh's DNS discovery in --internet mode).")
 @click.pass_context
-def share(ctx: click.Context, write: bool) -> None:
+def share(ctx: click.Context, write: bool, id_only: bool) -> None:
     """Print a ticket for this node's namespace, alone on the last line of standard output.
 
     Without --write the ticket grants read capability only. Another node joins with
@@ -153,6 +161,8 @@ def share(ctx: click.Context, write: bool) -> None:
         live = ask_daemon(node.home, {"op": "addr"})
         addr = NodeAddr.parse(live["addr"]) if live and live.get("ok") else NodeAddr(
             node.node_id.hex(), (node.listen_addr(),))
+        if id_only:
+            addr = NodeAddr(addr.node_id)
         ticket = Ticket(NamespaceKeys(keys.id, keys.secret if write else None), addr)
         click.echo(f"namespace {keys.id.hex()} ({'read-write' if write else 'read-only'} ticket), "
                    f"node {addr}" + ("" if live else " (not running: mount it so the ticket can be used)"))
@@ -249,7 +259,8 @@ def pull(ctx: click.Context, path: str) -> None:
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
 @click.pass_context
 def peers(ctx: click.Context, as_json: bool, watch: bool) -> None:
-    """Show peers: session, latency and throughput measured on transfers, and what they hold."""
+    """Show peers: state (connected/degraded/unreachable, why), RTT, loss, last seen, how found,
+    figures measured on transfers, and what they hold."""
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
@@ -262,10 +273,14 @@ def peers(ctx: click.Context, as_json: bool, watch: bool) -> None:
         return rows
 
     def table(rows: list[dict[str, Any]]) -> Table:
-        t = Table("peer", "address", "session", "latency", "throughput", "received", "in flight", "failures",
-                  "holds", box=None)
+        t = Table("peer", "address", "state", "rtt", "loss", "last seen", "found by", "session", "chunk latency",
+                  "throughput", "received", "in flight", "failures", "holds", box=None)
         for r in rows:
-            t.add_row(r["id"][:16], ",".join(r["addrs"]) or "-", r["session"],
+            state = r["state"] + (f" ({r['reason'][:40]})" if r["reason"] else "")
+            t.add_row(r["id"][:16], ",".join(r["addrs"]) or "-", state,
+                      f"{r['rtt_ms']} ms" if r["rtt_ms"] is not None else "-", f"{r['loss']:.1%}",
+                      f"{r['last_seen_s']} s ago" if r["last_seen_s"] is not None else "never", r["found_by"],
+                      r["session"],
                       f"{r['latency_ms']} ms" if r["latency_ms"] is not None else "-",
                       f"{r['throughput_mbs']} MB/s" if r["throughput_mbs"] is not None else "-",
                       _human(r["bytes_received"]), str(r["inflight"]),
@@ -277,7 +292,7 @@ def peers(ctx: click.Context, as_json: bool, watch: bool) -> None:
         click.echo(json.dumps(fetch(), indent=2))
         return
     if not watch:
-        Console(width=None if sys.stdout.isatty() else 160).print(table(fetch()))
+        Console(width=None if sys.stdout.isatty() else 220).print(table(fetch()))
         return
     import time
 

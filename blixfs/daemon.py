@@ -28,7 +28,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,16 @@ import trio
 
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
 from blixfs.chunkproto import ChunkServer
+from blixfs.discovery import LanDiscovery, interfaces_for_listen
 from blixfs.entry import Kind
 from blixfs.errors import FsError
 from blixfs.fetcher import ATTEMPT_TIMEOUT, FETCH_TIMEOUT, READ_AHEAD_PARALLEL, Fetcher, Holdings, PeerBook
 from blixfs.gc import DEFAULT_GRACE_SECONDS, collect, live_versions
 from blixfs.hashing import HOLE, ChunkId
+from blixfs.health import DEFAULT_EXPIRY, HealthMonitor
 from blixfs.manifest import Manifest, ManifestError
 from blixfs.net.iroh_transport import IrohTransport, open_iroh_transport
-from blixfs.net.transport import TransportError
+from blixfs.net.transport import NodeAddr, TransportError
 from blixfs.node import JoinError, Node
 from blixfs.replication import DEFAULT_COPIES, Replicator
 from blixfs.sync import ALPN as SYNC_ALPN
@@ -73,6 +75,7 @@ class Runtime:
     server: ChunkServer
     vfs: Vfs | None = None
     replicator: Replicator | None = None
+    maintained: set[str] = field(default_factory=set)  # peers a sync session is kept with
 
     def peers_report(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -85,6 +88,9 @@ class Runtime:
             held = self.holdings.nodes.get(node_id)
             out.append({
                 "id": node_id, "addrs": list(self.peers.addr(node_id).addrs),
+                "state": st.state, "reason": st.reason, "found_by": st.found_by or "incoming",
+                "rtt_ms": round(st.rtt_ms, 2) if st.rtt_ms is not None else None, "loss": round(st.loss, 4),
+                "last_seen_s": round(time.time() - st.last_seen, 1) if st.last_seen else None,
                 "session": "synced" if node_id in sessions and sessions[node_id].synced.is_set()
                 else "syncing" if node_id in sessions else "none",
                 "latency_ms": round(st.latency * 1000, 2) if st.chunks_received else None,
@@ -164,13 +170,20 @@ class Runtime:
                          for s in self.sync.sessions()],
         }
 
+    def keep_session(self, peer: NodeAddr) -> None:
+        """Keep a sync session with ``peer`` (one per peer, however it was found)."""
+        self.peers.learn(peer)
+        if peer.node_id not in self.maintained and peer.node_id != self.node.node_id.hex():
+            self.maintained.add(peer.node_id)
+            self.nursery.start_soon(self.sync.maintain, peer, self.peers.addr)
+
     def join(self, ticket: Ticket) -> str:
         if ticket.keys.id != self.node.replica.keys.id:
             raise JoinError(f"the running daemon serves namespace {self.node.replica.keys.id.hex()[:16]}; "
                             "stop it (Ctrl-C or SIGTERM), run blixfs join again, then mount")
         message = self.node.join(ticket)
-        self.peers.learn(ticket.peer)
-        self.nursery.start_soon(self.sync.maintain, ticket.peer)
+        self.peers.learn(ticket.peer, "ticket")
+        self.keep_session(ticket.peer)
         return message
 
 
@@ -201,7 +214,8 @@ async def _load_own_holdings(node: Node, holdings: Holdings) -> None:
 async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None = None,
                        fetch_timeout: float = FETCH_TIMEOUT, copies: int = DEFAULT_COPIES,
                        gc_interval: float = GC_INTERVAL, gc_grace: float = DEFAULT_GRACE_SECONDS,
-                       internet: bool = False,
+                       internet: bool = False, peer_expiry: float = DEFAULT_EXPIRY, mdns: bool = True,
+                       mdns_interfaces: list[str] | None = None,
                        task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the node's network services until cancelled; reports the `Runtime` when up."""
     bind = listen or node.listen_addr()
@@ -220,7 +234,7 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
         self_id = node.node_id.hex()
         peers = PeerBook(self_id)
         for known in node.peers():
-            peers.learn(known)
+            peers.learn(known, "ticket")
         holdings = Holdings(self_id)
         holdings.own.addr = transport.addr()
         await _load_own_holdings(node, holdings)
@@ -229,7 +243,7 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
         fetcher = Fetcher(node.chunks, transport, peers, fetch_timeout=fetch_timeout,
                           attempt_timeout=min(ATTEMPT_TIMEOUT, fetch_timeout))
         sync = SyncService(node.replica, transport, holdings)
-        sync.on_address = peers.learn
+        sync.on_address = lambda addr: peers.learn(addr, "exchange")
         transport.register(SYNC_ALPN, sync.handle)
         fetcher.on_stored = node.enforce_cache_budget
         node.apply_cache_budget()
@@ -251,11 +265,22 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
             if vfs is not None:
                 vfs.reader.fetcher = fetcher
                 vfs.holdings = holdings
+            await nursery.start(HealthMonitor(transport, peers, holdings, sync, expiry=peer_expiry).run)
             nursery.start_soon(_save_recency_every, node, RECENCY_SAVE_SECONDS)
             nursery.start_soon(_collect_every, runtime, gc_interval, gc_grace)
             nursery.start_soon(sync.announce_holdings)
             for peer in node.peers():
-                nursery.start_soon(sync.maintain, peer)
+                runtime.keep_session(peer)
+            if mdns:
+                port = int(transport.addr().addrs[0].rsplit(":", 1)[1])
+                interfaces = mdns_interfaces or interfaces_for_listen(bind.rsplit(":", 1)[0])
+
+                def on_lan_peer(addr: NodeAddr) -> None:
+                    peers.learn(addr, "mdns")
+                    runtime.keep_session(addr)
+
+                discovery = LanDiscovery(self_id, port, node.replica.keys.id, on_lan_peer, interfaces)
+                await nursery.start(discovery.run)
             await nursery.start(serve_control, node.home / "control.sock", runtime)
             log.info("node %s listening on %s", node.node_id.hex()[:16], transport.addr())
             task_status.started(runtime)

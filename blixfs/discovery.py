@@ -310,6 +310,10 @@ class LanDiscovery:
                 started = True
                 task_status.started()
 
+        if self.interfaces == []:
+            logger.info("mdns: no interfaces configured; LAN discovery is off")
+            mark_started()
+            await trio.sleep_forever()
         while True:
             try:
                 lan = await trio.to_thread.run_sync(lan_addresses, self.interfaces)
@@ -479,10 +483,10 @@ class LanDiscovery:
         if info is None:
             self._reject(name, f"did not resolve within {RESOLVE_TIMEOUT_MS} ms")
             return
-        properties = info.properties
-        if properties.get(b"id") == self.node_id.encode():
-            return  # ourselves, e.g. after a rename by zeroconf
         try:
+            properties = info.properties
+            if properties.get(b"id") == self.node_id.encode():
+                return  # ourselves, e.g. after a rename by zeroconf
             peer = check_announcement(
                 properties,
                 info.port,
@@ -492,6 +496,9 @@ class LanDiscovery:
             )
         except Rejected as exc:
             self._reject(name, str(exc))
+            return
+        except Exception as exc:  # zeroconf failing to parse what a stranger sent
+            self._reject(name, f"unreadable records ({type(exc).__name__}: {exc})")
             return
         self._rejected.pop(name, None)
         if self._peers.get(name) == peer:

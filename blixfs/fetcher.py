@@ -59,6 +59,13 @@ class PeerStats:
     bad_data: int = 0
     penalised_until: float = 0.0
     last_ok: float = 0.0
+    # Connection management (blixfs.health): the peer's state as last probed.
+    state: str = "unknown"  # connected / degraded / unreachable / unknown
+    reason: str = ""  # why degraded or unreachable
+    rtt_ms: float | None = None  # QUIC's RTT, else the probe's round trip
+    loss: float = 0.0
+    last_seen: float = 0.0  # wall clock of the last successful probe or transfer
+    found_by: str = ""  # ticket / mdns / exchange (holdings) / incoming
 
     def expected_seconds(self) -> float:
         return self.latency * (1 + self.inflight)
@@ -72,9 +79,19 @@ class PeerBook:
         self.stats: dict[str, PeerStats] = {}
         self.addrs: dict[str, NodeAddr] = {}
 
-    def learn(self, addr: NodeAddr) -> None:
+    def learn(self, addr: NodeAddr, found_by: str = "ticket") -> None:
+        """Remember how to reach a peer (a newer address replaces the old one)."""
+        if addr.node_id == self.self_id:
+            return
         if addr.addrs or addr.node_id not in self.addrs:
             self.addrs[addr.node_id] = addr
+        stats = self.of(addr.node_id)
+        if not stats.found_by:
+            stats.found_by = found_by
+
+    def forget(self, node_id: str) -> None:
+        self.stats.pop(node_id, None)
+        self.addrs.pop(node_id, None)
 
     def addr(self, node_id: str) -> NodeAddr:
         # Without an address the transport reuses a connection the peer opened to us.
@@ -88,8 +105,8 @@ class PeerBook:
         holdings record names them, but nothing says they answer), penalised ones last."""
         now = time.monotonic()
         unique = [h for h in dict.fromkeys(holders) if h != self.self_id]
-        return sorted(unique, key=lambda h: (self.of(h).penalised_until > now, self.of(h).chunks_received == 0,
-                                             self.of(h).expected_seconds()))
+        return sorted(unique, key=lambda h: (self.of(h).penalised_until > now or self.of(h).state == "unreachable",
+                                             self.of(h).chunks_received == 0, self.of(h).expected_seconds()))
 
     def record_ok(self, node_id: str, nbytes: int, seconds: float) -> None:
         s = self.of(node_id)
@@ -99,6 +116,7 @@ class PeerBook:
         s.bytes_received += nbytes
         s.chunks_received += 1
         s.last_ok = time.monotonic()
+        s.last_seen = time.time()
 
     def penalise(self, node_id: str, seconds: float, *, bad_data: bool) -> None:
         s = self.of(node_id)

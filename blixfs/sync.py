@@ -164,13 +164,18 @@ class SyncService:
         except TransportError as exc:  # the peer went away: it redials if it wants to
             log.info("session from %s ended: %s", peer_id[:16], exc)
 
-    async def maintain(self, peer: NodeAddr) -> None:
-        """Keep a session with ``peer`` open for as long as this runs: dial, sync, redial."""
+    async def maintain(self, peer: NodeAddr, resolve: Callable[[str], NodeAddr] | None = None) -> None:
+        """Keep a session with ``peer`` open for as long as this runs: dial, sync, redial.
+
+        ``resolve`` gives the peer's current address before each dial (an address learnt
+        later, e.g. on the LAN, or a node that moved); without it ``peer`` is used as is.
+        """
         backoff = BACKOFF_MIN
         while True:
             started = trio.current_time()
+            target = resolve(peer.node_id) if resolve is not None else peer
             try:
-                stream = await self.transport.open_stream(peer, ALPN)
+                stream = await self.transport.open_stream(target, ALPN)
                 async with stream:
                     await self._session(stream, peer.node_id, initiator=True)
             except (TransportError, FrameError) as exc:

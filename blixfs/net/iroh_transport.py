@@ -65,6 +65,7 @@ from blixfs.net.transport import (
     ConnectError,
     ConnectionLost,
     NodeAddr,
+    PathStats,
     Stream,
     StreamClosed,
     StreamHandler,
@@ -508,6 +509,24 @@ class IrohTransport(Transport):
         logger.debug("iroh transport %s closed", self._node_id[:10])
 
     # -- connections --
+
+    def path_stats(self, node_id: str) -> PathStats | None:
+        conns = [c for c in self._all_connections() if c.peer_id == node_id and c.alive()]
+        if not conns:
+            return None
+        rtts: list[float] = []
+        sent = lost = 0
+        for conn in conns:
+            try:
+                rtt = conn.raw.rtt()
+                stats = conn.raw.stats()
+            except (_ffi.IrohError, _ffi.InternalError):
+                continue
+            if rtt is not None:
+                rtts.append(float(rtt))
+            sent += int(stats.udp_tx_datagrams)
+            lost += int(stats.lost_packets)
+        return PathStats(min(rtts) if rtts else None, sent, lost)
 
     def _all_connections(self) -> list[_Connection]:
         return [c for conns in self._conns.values() for c in conns]

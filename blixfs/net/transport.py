@@ -616,6 +616,19 @@ class TransportStats:
     streams_accepted: int
 
 
+@dataclass(frozen=True)
+class PathStats:
+    """What the transport knows of its live connections to one peer."""
+
+    rtt_ms: float | None  # QUIC's smoothed RTT; None when unknown
+    sent_datagrams: int
+    lost_packets: int
+
+    @property
+    def loss(self) -> float:
+        return self.lost_packets / self.sent_datagrams if self.sent_datagrams else 0.0
+
+
 class Transport(abc.ABC):
     """A node's endpoint: opens streams to peers, and serves registered ALPNs.
 
@@ -660,6 +673,11 @@ class Transport(abc.ABC):
         `TransportClosed`. Cancellable at any point without affecting other callers:
         a dial in progress is shared by all callers for the same peer and ALPN.
         """
+
+    def path_stats(self, node_id: str) -> PathStats | None:
+        """RTT and loss of the live connections to ``node_id``; None when there are none
+        (or the implementation has no such figures)."""
+        return None
 
     @abc.abstractmethod
     def stats(self) -> TransportStats:

@@ -1,14 +1,19 @@
-"""The mDNS namespace tag and the checks on announcements (blixfs/discovery.py), without a network."""
+"""blixfs/discovery.py without a network: the namespace tag, the checks on announcements, and
+`LanDiscovery.run` starting, failing and stopping (nothing is sent: no interface matches, or
+zeroconf is replaced). The mDNS tests proper are in tests/netns."""
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 
 import pytest
+import trio
 
 from blixfs.discovery import (
     TAG_BYTES,
+    LanDiscovery,
     Rejected,
     _tag_key,
     check_announcement,
@@ -113,3 +118,67 @@ def test_interfaces_for_listen() -> None:
     assert interfaces_for_listen("198.51.100.4") == ["198.51.100.4"]
     with pytest.raises(ValueError):
         interfaces_for_listen("not-an-ip:1")
+
+
+# --- LanDiscovery.run without a network: it never raises, starts at once, stops at once ---------
+
+
+async def test_run_with_no_matching_interface_idles_and_cancels(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="blixfs.discovery")
+    disco = LanDiscovery(NODE_A, 4000, NS, lambda peer: None, ["no-such-interface0"], poll_seconds=0.05)
+    with trio.fail_after(2):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(disco.run)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    assert "no interface to announce on" in caplog.text
+    assert disco.peers == []
+
+
+async def test_zeroconf_failure_is_logged_and_retried(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import blixfs.discovery as discovery
+
+    attempts: list[object] = []
+
+    def broken_zeroconf(**kwargs: object) -> None:
+        attempts.append(kwargs)
+        raise OSError(19, "No such device")
+
+    fake = [discovery.LanAddress("bx9", ipaddress.IPv4Interface("198.51.100.9/24"))]
+    monkeypatch.setattr(discovery, "lan_addresses", lambda selection: fake)
+    monkeypatch.setattr(discovery, "Zeroconf", broken_zeroconf)
+    monkeypatch.setattr(discovery, "RETRY_SECONDS", (0.05,))
+    caplog.set_level(logging.WARNING, logger="blixfs.discovery")
+    disco = LanDiscovery(NODE_A, 4000, NS, lambda peer: None)
+    with trio.fail_after(2):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(disco.run)
+            await trio.sleep(0.3)
+            nursery.cancel_scope.cancel()
+    assert len(attempts) >= 2
+    assert attempts[0] == {"interfaces": ["198.51.100.9"], "ip_version": discovery.IPVersion.V4Only}
+    assert "mdns: discovery failed (OSError" in caplog.text
+
+
+def test_constructor_checks_its_arguments() -> None:
+    with pytest.raises(ValueError):
+        LanDiscovery("xyz", 4000, NS, lambda peer: None)
+    with pytest.raises(ValueError):
+        LanDiscovery(NODE_A, 0, NS, lambda peer: None)
+    with pytest.raises(ValueError):
+        LanDiscovery(NODE_A, 4000, NS[:16], lambda peer: None)
+    disco = LanDiscovery(NODE_A.upper(), 4000, NS, lambda peer: None)
+    assert disco.node_id == NODE_A and disco.instance_name == "blixfs-" + NODE_A[:16]
+    assert disco.tag == namespace_tag(NS, NODE_A)
+
+
+async def test_run_with_no_interfaces_is_off(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="blixfs.discovery")
+    disco = LanDiscovery(NODE_A, 4000, NS, lambda peer: None, interfaces_for_listen("127.0.0.1:4000"))
+    with trio.fail_after(2):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(disco.run)
+            nursery.cancel_scope.cancel()
+    assert "LAN discovery is off" in caplog.text

@@ -1,0 +1,98 @@
+"""Connection management: is each peer reachable, and how good is the path to it.
+
+`HealthMonitor.run` probes every known peer every `PROBE_INTERVAL` seconds (peers from
+tickets, LAN discovery, holdings announcements, and open sessions), all at once, each
+with a `PROBE_TIMEOUT` deadline. A probe is one chunk request for the zero id (a peer
+answers DONT_HAVE at once), which dials if needed; the round trip, and QUIC's RTT and
+loss over the live connections, give the figures. States, in the `PeerBook`:
+
+* ``connected``: the probe answered;
+* ``degraded``: it answered, but loss is above `DEGRADED_LOSS` or the RTT above
+  `DEGRADED_RTT_MS`;
+* ``unreachable``: it did not answer in time (the reason is kept); readers rank such
+  peers after every other holder.
+
+Peers unseen (no answer, no transfer) for ``expiry`` seconds leave the list, and their
+holdings are forgotten. Reconnecting is the sync sessions' job (`SyncService.maintain`,
+exponential backoff with jitter); this layer only tells everyone how things stand.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from blixfs.chunkproto import fetch_chunk
+from blixfs.fetcher import Holdings, PeerBook
+from blixfs.hashing import HOLE
+from blixfs.net.transport import Transport, TransportError
+from blixfs.sync import SyncService
+
+log = logging.getLogger(__name__)
+
+PROBE_INTERVAL = 2.0
+PROBE_TIMEOUT = 3.0
+DEGRADED_LOSS = 0.05
+DEGRADED_RTT_MS = 500.0
+DEFAULT_EXPIRY = 3600.0
+
+
+class HealthMonitor:
+    def __init__(self, transport: Transport, peers: PeerBook, holdings: Holdings, sync: SyncService,
+                 *, expiry: float = DEFAULT_EXPIRY) -> None:
+        self.transport = transport
+        self.peers = peers
+        self.holdings = holdings
+        self.sync = sync
+        self.expiry = expiry
+
+    def known(self) -> set[str]:
+        ids = set(self.peers.addrs) | set(self.peers.stats) | {s.peer for s in self.sync.sessions()}
+        ids |= set(self.holdings.nodes)
+        ids.discard(self.peers.self_id)
+        return ids
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            async with trio.open_nursery() as nursery:
+                for node_id in self.known():
+                    nursery.start_soon(self.probe, node_id)
+            self._expire()
+            await trio.sleep(PROBE_INTERVAL)
+
+    async def probe(self, node_id: str) -> None:
+        stats = self.peers.of(node_id)
+        before = stats.state
+        started = time.monotonic()
+        try:
+            with trio.fail_after(PROBE_TIMEOUT):
+                await fetch_chunk(self.transport, self.peers.addr(node_id), HOLE)
+        except (TransportError, trio.TooSlowError, Exception) as exc:  # any failure means "not reachable now"
+            stats.state = "unreachable"
+            stats.reason = str(exc) or f"no answer within {PROBE_TIMEOUT:.0f} s"
+        else:
+            path = self.transport.path_stats(node_id)
+            round_trip = (time.monotonic() - started) * 1000
+            stats.rtt_ms = path.rtt_ms if path is not None and path.rtt_ms is not None else round(round_trip, 2)
+            stats.loss = path.loss if path is not None else 0.0
+            stats.last_seen = time.time()
+            if stats.loss > DEGRADED_LOSS:
+                stats.state, stats.reason = "degraded", f"{stats.loss:.0%} packet loss"
+            elif stats.rtt_ms > DEGRADED_RTT_MS:
+                stats.state, stats.reason = "degraded", f"RTT {stats.rtt_ms:.0f} ms"
+            else:
+                stats.state, stats.reason = "connected", ""
+        if stats.state != before:
+            log.info("peer %s is %s%s", node_id[:16], stats.state, f" ({stats.reason})" if stats.reason else "")
+
+    def _expire(self) -> None:
+        now = time.time()
+        for node_id in list(self.peers.stats):
+            stats = self.peers.stats[node_id]
+            if stats.state == "unreachable" and stats.last_seen and now - stats.last_seen > self.expiry:
+                log.info("peer %s unseen for %.0f s: forgotten", node_id[:16], now - stats.last_seen)
+                self.peers.forget(node_id)
+                self.holdings.nodes.pop(node_id, None)
