@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 CONTROL_TIMEOUT = 10.0
 RECENCY_SAVE_SECONDS = 10.0
 GC_INTERVAL = 600.0
+# A dial started while a link was down lives this long (later callers share it); QUIC backs
+# off its handshake retransmits meanwhile. Short, so a peer is reconnected soon after it returns.
+CONNECT_TIMEOUT = 4.0
 MAX_REQUEST = 64 * 1024
 
 
@@ -222,14 +225,15 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
     async with contextlib.AsyncExitStack() as stack:
         try:
             transport = await stack.enter_async_context(
-                open_iroh_transport(node.secret, bind_addr=bind, internet=internet))
+                open_iroh_transport(node.secret, bind_addr=bind, internet=internet, connect_timeout=CONNECT_TIMEOUT))
         except TransportError as exc:
             # The kept port was taken while we were down: take any, and keep that one.
             log.warning("cannot listen on %s (%s); listening on a new port: tickets given out before "
                         "must be given out again", bind, exc)
             host = bind.rsplit(":", 1)[0]
             transport = await stack.enter_async_context(
-                open_iroh_transport(node.secret, bind_addr=f"{host}:0", internet=internet))
+                open_iroh_transport(node.secret, bind_addr=f"{host}:0", internet=internet,
+                                    connect_timeout=CONNECT_TIMEOUT))
             node.set_listen_addr(transport.addr().addrs[0])
         self_id = node.node_id.hex()
         peers = PeerBook(self_id)

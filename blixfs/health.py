@@ -27,7 +27,7 @@ import trio
 from blixfs.chunkproto import fetch_chunk
 from blixfs.fetcher import Holdings, PeerBook
 from blixfs.hashing import HOLE
-from blixfs.net.transport import Transport, TransportError
+from blixfs.net.transport import PathStats, Transport, TransportError
 from blixfs.sync import SyncService
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class HealthMonitor:
         self.holdings = holdings
         self.sync = sync
         self.expiry = expiry
+        self._counters: dict[str, tuple[int, int]] = {}  # per peer: (sent, lost) at the last probe
 
     def known(self) -> set[str]:
         ids = set(self.peers.addrs) | set(self.peers.stats) | {s.peer for s in self.sync.sessions()}
@@ -77,7 +78,7 @@ class HealthMonitor:
             path = self.transport.path_stats(node_id)
             round_trip = (time.monotonic() - started) * 1000
             stats.rtt_ms = path.rtt_ms if path is not None and path.rtt_ms is not None else round(round_trip, 2)
-            stats.loss = path.loss if path is not None else 0.0
+            stats.loss = self._recent_loss(node_id, path)
             stats.last_seen = time.time()
             if stats.loss > DEGRADED_LOSS:
                 stats.state, stats.reason = "degraded", f"{stats.loss:.0%} packet loss"
@@ -87,6 +88,19 @@ class HealthMonitor:
                 stats.state, stats.reason = "connected", ""
         if stats.state != before:
             log.info("peer %s is %s%s", node_id[:16], stats.state, f" ({stats.reason})" if stats.reason else "")
+
+    def _recent_loss(self, node_id: str, path: PathStats | None) -> float:
+        """Loss over the last probe interval: a connection's lifetime counters would keep an
+        outage that is over (its lost packets) in the figure for good."""
+        if path is None:
+            self._counters.pop(node_id, None)
+            return 0.0
+        sent0, lost0 = self._counters.get(node_id, (0, 0))
+        self._counters[node_id] = (path.sent_datagrams, path.lost_packets)
+        if path.sent_datagrams < sent0 or path.lost_packets < lost0:  # a new connection: counters restarted
+            sent0, lost0 = 0, 0
+        sent = path.sent_datagrams - sent0
+        return (path.lost_packets - lost0) / sent if sent > 0 else 0.0
 
     def _expire(self) -> None:
         now = time.time()

@@ -1,0 +1,141 @@
+"""Real blixfs nodes on test hosts in network namespaces: LAN discovery, link failures, moves.
+
+Each node is a ``blixfs mount`` daemon joined to its host's network namespace only
+(``nsenter --net``), so its FUSE mount is visible to the test as usual. The hosts' only
+network is the bridge the test built (198.51.100.0/24, `harness`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from blixfs.daemon import ask_daemon
+from tests.conftest import REPO, is_mounted, wait_for
+from tests.netns.harness import Host, Lan
+
+pytestmark = pytest.mark.mounted
+PORT = 7400
+
+
+@dataclass
+class LanNode:
+    host: Host
+    home: Path
+    mnt: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "blixfs.cli", "--home", str(self.home), *args], cwd=REPO,
+                              check=True, capture_output=True, text=True, timeout=60).stdout
+
+    def start(self) -> None:
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        with open(self.home.parent / f"{self.home.name}.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                ["nsenter", f"--net=/var/run/netns/{self.host.netns}", sys.executable, "-m", "blixfs.cli",
+                 "--home", str(self.home), "-v", "mount", str(self.mnt), "--listen", f"{self.host.ip}:{PORT}"],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.status() is not None and is_mounted(self.mnt), 20, f"node on {self.host.ip}")
+
+    def status(self) -> dict[str, object] | None:
+        with contextlib.suppress(OSError, ValueError):
+            return ask_daemon(self.home, {"op": "status"}, timeout=2)
+        return None
+
+    def peers(self) -> dict[str, dict[str, object]]:
+        reply = ask_daemon(self.home, {"op": "peers"}, timeout=5)
+        assert reply is not None
+        return {p["id"]: p for p in reply["peers"]}
+
+    def node_id(self) -> str:
+        return str(json.loads(self.cli("status", "--json"))["node_id"])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+        if is_mounted(self.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False, capture_output=True)
+
+
+@pytest.fixture
+def lan_nodes(lan: Lan, tmp_path: Path) -> Iterator[Callable[[int], list[LanNode]]]:
+    made: list[LanNode] = []
+
+    def make(count: int) -> list[LanNode]:
+        for _ in range(count):
+            host = lan.add_host()
+            made.append(LanNode(host, tmp_path / f"home-{host.index}", tmp_path / f"mnt-{host.index}"))
+        return made
+
+    yield make
+    for node in made:
+        node.stop()
+
+
+def test_three_hosts_find_each_other_and_sync_survive_a_cable_pull_and_a_move(
+    lan_nodes: Callable[[int], list[LanNode]],
+) -> None:
+    a, b, c = lan_nodes(3)
+    a.cli("status")  # creates a's namespace
+    ticket = a.cli("share", "--write", "--id-only").strip().splitlines()[-1]
+    for n in (b, c):
+        n.cli("join", ticket)  # the namespace and a's id: no address at all
+    ids = {}
+    for n in (a, b, c):
+        n.start()
+        ids[n.host.ip] = n.node_id()
+    started = time.monotonic()
+
+    def everyone_connected() -> bool:
+        for n in (a, b, c):
+            peers = n.peers()
+            others = [ids[m.host.ip] for m in (a, b, c) if m is not n]
+            if not all(o in peers and peers[o]["state"] == "connected" for o in others):
+                return False
+        return True
+
+    wait_for(everyone_connected, 5 + 10, "all three to find each other by mDNS and connect")
+    found_in = time.monotonic() - started
+    assert found_in < 15, found_in  # within 5 s of the last start, plus mount start-up of three daemons
+    assert b.peers()[ids[c.host.ip]]["found_by"] == "mdns"
+    (a.mnt / "hello.txt").write_text("from a")
+    wait_for(lambda: (b.mnt / "hello.txt").exists() and (c.mnt / "hello.txt").exists(), 10, "the file everywhere")
+
+    # c writes an image; with 2 copies it ends up on another node too
+    data = os.urandom(4 << 20)
+    (c.mnt / "c.img").write_bytes(data)
+    wait_for(lambda: any(r["state"] == "durable" for r in c.status()["replication"]), 20,  # type: ignore[index]
+             "c's image to be durable")
+    # pull c's cable: the others mark it unreachable within 10 s, and reads go to the other holder
+    c.host.set_link(False)
+    wait_for(lambda: a.peers()[ids[c.host.ip]]["state"] == "unreachable"
+             and b.peers()[ids[c.host.ip]]["state"] == "unreachable", 10, "c unreachable on a and b")
+    reader = b if "c.img" not in [r["path"] for r in b.status()["replication"]] else a  # type: ignore[index]
+    assert (reader.mnt / "c.img").read_bytes() == data
+    c.host.set_link(True)
+    wait_for(lambda: a.peers()[ids[c.host.ip]]["state"] == "connected", 10, "c reconnected within 10 s")
+
+    # b moves to a new address and restarts: found again without a new ticket
+    b_id = ids[b.host.ip]
+    b.stop()
+    b.host.set_address("198.51.100.200")
+    b.start()
+    wait_for(lambda: "198.51.100.200:7400" in a.peers()[b_id]["addrs"]  # type: ignore[operator]
+             and a.peers()[b_id]["state"] == "connected", 15, "b found at its new address")
+    (a.mnt / "after-move.txt").write_text("x")
+    wait_for(lambda: (b.mnt / "after-move.txt").exists(), 10, "sync with b after its move")
