@@ -131,6 +131,7 @@ class NodeHoldings:
     complete: set[bytes] = field(default_factory=set)
     partial: dict[bytes, bytearray] = field(default_factory=dict)  # manifest id -> bitmap of chunk indices
     addr: NodeAddr | None = None  # where the node says it can be reached
+    free: int = 0  # bytes its cache can still take, as it announced
 
     def holds(self, manifest_id: bytes, index: int | None) -> bool:
         if manifest_id in self.complete:
@@ -190,6 +191,12 @@ class Holdings:
             del self.own.partial[manifest_id], self._held[manifest_id]
             self.own.complete.add(manifest_id)
         self._touched()
+
+    def note_free(self, free: int) -> None:
+        """This node's cache room; announced when it moved by more than 1% of itself (or 64 MiB)."""
+        if abs(free - self.own.free) > max(64 << 20, self.own.free // 100):
+            self.own.free = free
+            self._touched()
 
     def note_complete(self, manifest_id: bytes) -> None:
         self.own.partial.pop(manifest_id, None)

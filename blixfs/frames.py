@@ -70,6 +70,7 @@ class HoldingsFrame:
     complete: list[bytes]
     partial: list[tuple[bytes, bytes]]
     addr: bytes = b""  # NodeAddr.to_bytes() of the node, so holders can be dialed (b"": unknown)
+    free: int = 0  # bytes the node's cache can still take (replica placement prefers room)
 
 
 Frame = Hello | Entries | Synced | ErrorFrame | HoldingsFrame
@@ -92,7 +93,7 @@ def encode(frame: Frame) -> bytes:
     elif isinstance(frame, Synced):
         kind, payload = FrameType.SYNCED, _vector(frame.vector)
     elif isinstance(frame, HoldingsFrame):
-        parts = [frame.node_id, struct.pack(">QH", frame.seq, len(frame.addr)), frame.addr,
+        parts = [frame.node_id, struct.pack(">QQH", frame.seq, frame.free, len(frame.addr)), frame.addr,
                  _U32.pack(len(frame.complete)), *frame.complete, _U32.pack(len(frame.partial))]
         for mid, bits in frame.partial:
             parts += [mid, _U32.pack(len(bits)), bits]
@@ -166,7 +167,7 @@ def decode(kind: int, payload: bytes) -> Frame:
         frame = Synced(r.vector())
     elif kind == FrameType.HOLDINGS:
         node_id = r.take(32, "node id")
-        seq, addr_len = struct.unpack(">QH", r.take(10, "seq"))
+        seq, free, addr_len = struct.unpack(">QQH", r.take(18, "seq, free space, address length"))
         addr = r.take(addr_len, "address")
         count = r.u32("complete count")
         if count * 32 > len(payload):
@@ -179,7 +180,7 @@ def decode(kind: int, payload: bytes) -> Frame:
         for _ in range(count):
             mid = r.take(32, "manifest id")
             partial.append((mid, r.take(r.u32("bitmap length"), "bitmap")))
-        frame = HoldingsFrame(node_id, seq, complete, partial, addr)
+        frame = HoldingsFrame(node_id, seq, complete, partial, addr, free)
     elif kind == FrameType.ERROR:
         (code,) = struct.unpack(">H", r.take(2, "error code"))
         frame = ErrorFrame(code, r.take(len(payload) - 2, "error text").decode("utf-8", "replace"))

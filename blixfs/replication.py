@@ -103,6 +103,7 @@ class Replicator:
 
     async def tick(self) -> None:
         now = time.monotonic()
+        self.holdings.note_free(max(0, self.node.cache_size() - self.node.chunks.total_bytes))
         seen: dict[str, FileReplication] = {}
         for e in self._own_files():
             assert e.manifest is not None
@@ -142,8 +143,17 @@ class Replicator:
             got = bits.partial.get(rep.manifest) if bits is not None else None
             return sum(bin(b).count("1") for b in got) if got else 0
 
-        # Peers already holding part of it first (they read it: placement by usage), then the fastest.
-        return sorted(others, key=lambda p: (-held_part(p), self.peers.of(p).expected_seconds()))
+        raw = self.node.chunks.get(ChunkId(rep.manifest))
+        size = Manifest.decode(raw).stored_bytes() if raw is not None else 0
+
+        def room(peer: str) -> int:
+            record = partial.get(peer)
+            return record.free if record is not None else 0
+
+        # Placement: peers that read it (they hold part: its VMs run there), then peers with room
+        # for all of it (most room first), then the fastest.
+        return sorted(others, key=lambda p: (-held_part(p), room(p) < size, -room(p),
+                                             self.peers.of(p).expected_seconds()))
 
     async def _ask(self, rep: FileReplication, now: float) -> None:
         needed = rep.want - 1 - len(rep.holders) - len(rep.targets)

@@ -102,7 +102,7 @@ def holdings_frame(node_id: str, record: NodeHoldings) -> HoldingsFrame:
     if len(complete) < len(record.complete) or len(partial) < len(record.partial):
         log.warning("holdings of %s too large for one frame: announcing part of them", node_id[:16])
     return HoldingsFrame(bytes.fromhex(node_id), record.seq, complete, partial,
-                         record.addr.to_bytes() if record.addr is not None else b"")
+                         record.addr.to_bytes() if record.addr is not None else b"", min(record.free, (1 << 64) - 1))
 
 
 def holdings_record(frame: HoldingsFrame) -> NodeHoldings:
@@ -113,7 +113,8 @@ def holdings_record(frame: HoldingsFrame) -> NodeHoldings:
         addr = None
     if addr is not None and addr.node_id != frame.node_id.hex():
         addr = None
-    return NodeHoldings(frame.seq, set(frame.complete), {m: bytearray(b) for m, b in frame.partial}, addr)
+    return NodeHoldings(frame.seq, set(frame.complete), {m: bytearray(b) for m, b in frame.partial}, addr,
+                        frame.free)
 
 
 class SyncService:

@@ -251,7 +251,8 @@ def build() -> _Doc:
             "(bitmap `03 02`: bit i of byte i / 8, least significant bit first):")
     doc.block("frame.holdings", _hex(held))
     doc.say(*_frame_table(held, [(4, "length"), (1, "type = 5 (HOLDINGS)"), (32, "node id"),
-                                 (8, f"seq = {holdings.own.seq}"), (2, f"address length = {addr_len}"),
+                                 (8, f"seq = {holdings.own.seq}"), (8, "free = 0 (cache room, bytes)"),
+                                 (2, f"address length = {addr_len}"),
                                  (addr_len, "node address (as in tickets)"), (4, "complete count = 1"),
                                  (32, "manifest id"), (4, "partial count = 1"), (32, "manifest id"),
                                  (4, "bitmap length = 2"), (2, "bitmap")]))
