@@ -96,6 +96,8 @@ def _open_node(ctx: click.Context, *, lock: bool) -> Node:
               help="How often unreferenced chunks are collected.")
 @click.option("--gc-grace", type=click.FloatRange(0), default=DEFAULT_GRACE_SECONDS, show_default=True,
               metavar="SECONDS", help="Unreferenced chunks used more recently than this are kept.")
+@click.option("--peer-expiry", type=click.FloatRange(10), default=3600.0, show_default=True, metavar="SECONDS",
+              help="Peers unreachable and unseen this long leave the peer list.")
 @click.option("--mdns/--no-mdns", default=True, show_default=True,
               help="Find nodes of this namespace on the LAN (mDNS), on the interfaces of --listen.")
 @click.option("--mdns-interface", "mdns_interfaces", multiple=True, metavar="NAME|IP",
@@ -110,7 +112,8 @@ def _open_node(ctx: click.Context, *, lock: bool) -> Node:
 @click.pass_context
 def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bool | None,
           metrics_port: int | None, chunk_size: str | None, cache_size: str | None, fetch_timeout: float,
-          copies: int, gc_interval: float, gc_grace: float, mdns: bool, mdns_interfaces: tuple[str, ...],
+          copies: int, gc_interval: float, gc_grace: float, peer_expiry: float, mdns: bool,
+          mdns_interfaces: tuple[str, ...],
           internet: bool, listen: str | None) -> None:
     """Mount the namespace at MOUNTPOINT and serve it in the foreground until Ctrl-C or SIGTERM.
 
@@ -135,7 +138,8 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
         vfs = node.vfs(chunk_size=CHUNK_SIZES[chunk_size] if chunk_size else DEFAULT_CHUNK_SIZE)
         run_mount(node, vfs, mountpoint.expanduser().absolute(), direct_io=direct_io, allow_other=allow_other,
                   fetch_timeout=fetch_timeout, copies=copies, gc_interval=gc_interval, gc_grace=gc_grace,
-                  internet=internet, mdns=mdns, mdns_interfaces=list(mdns_interfaces) or None)
+                  internet=internet, mdns=mdns, mdns_interfaces=list(mdns_interfaces) or None,
+                  peer_expiry=peer_expiry)
     except MountError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
