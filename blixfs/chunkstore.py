@@ -235,7 +235,8 @@ class DiskChunkStore:
         return None
 
     def has(self, cid: ChunkId) -> bool:
-        return self._path(cid).exists()
+        # The in-memory index, not a stat per call: read-ahead asks for every chunk it plans.
+        return cid in self._recency
 
     def put(self, data: bytes, *, verified_id: ChunkId | None = None) -> ChunkId:
         if is_zero(data):

@@ -101,12 +101,25 @@ class PeerBook:
         return self.stats.setdefault(node_id, PeerStats())
 
     def rank(self, holders: Iterable[str]) -> list[str]:
-        """Holders best first: measured ones by expected time, then never-measured ones (a
-        holdings record names them, but nothing says they answer), penalised ones last."""
+        """Holders best first by expected time = latency x (1 + requests in flight);
+        penalised and unreachable ones last.
+
+        A never-measured holder counts with the best measured latency: it is not preferred
+        over a proven one, but it is tried as soon as that one has requests queued, which
+        is how a sequential reader spreads over several holders and learns them.
+        """
         now = time.monotonic()
         unique = [h for h in dict.fromkeys(holders) if h != self.self_id]
-        return sorted(unique, key=lambda h: (self.of(h).penalised_until > now or self.of(h).state == "unreachable",
-                                             self.of(h).chunks_received == 0, self.of(h).expected_seconds()))
+        measured = [self.of(h).latency for h in unique if self.of(h).chunks_received]
+        prior = min(measured) if measured else PeerStats.latency
+
+        def key(h: str) -> tuple[bool, float, bool]:
+            st = self.of(h)
+            latency = st.latency if st.chunks_received else prior
+            return (st.penalised_until > now or st.state == "unreachable", latency * (1 + st.inflight),
+                    st.chunks_received == 0)
+
+        return sorted(unique, key=key)
 
     def record_ok(self, node_id: str, nbytes: int, seconds: float) -> None:
         s = self.of(node_id)
@@ -287,6 +300,9 @@ class Fetcher:
         """
         pending = self._loading.get(cid)
         if pending is None:
+            held = self.store.get(cid) if self.store.has(cid) else None
+            if held is not None:  # e.g. a read-ahead that waited for the limiter while a read fetched it
+                return held
             pending = self._loading[cid] = _Load()
             try:
                 pending.data = await self._fetch(cid, holders)

@@ -231,10 +231,14 @@ class Node:
         return protected
 
     def enforce_cache_budget(self) -> list[ChunkId]:
-        """Evict fetched chunks beyond the budget (never pinned ones, never data written here)."""
-        if self.chunks.total_bytes <= self.cache_size():
+        """Evict fetched chunks beyond the budget (never pinned ones, never data written here).
+
+        Called after every fetched chunk: the budget comes from memory (`apply_cache_budget`),
+        not from node.json."""
+        budget = self.chunks.budget if self.chunks.budget is not None else self.cache_size()
+        if self.chunks.total_bytes <= budget:
             return []
-        evicted = self.chunks.evict(self.cache_size(), self.chunks.keep)
+        evicted = self.chunks.evict(budget, self.chunks.keep)
         if evicted:
             log.info("cache over budget: evicted %d chunks", len(evicted))
         return evicted
