@@ -18,14 +18,18 @@ need_root() {
 
 # --- Debian packages -------------------------------------------------------
 debs=(fuse3 libfuse3-dev pkg-config qemu-utils gcc python3-dev iproute2 attr)
-# A Python 3.11 interpreter: use one on PATH (pyenv, a distro build), else Debian's.
+# A Python 3.11 interpreter that can make a venv: one on PATH (pyenv, a distro build),
+# else Debian's. Debian's python3 lacks ensurepip (so `python3 -m venv` fails) until
+# python3-venv is installed: that is checked, not just the version.
 py=""
 for cand in python3.11 python3; do
-  if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys, venv; assert sys.version_info[:2] == (3, 11)' 2>/dev/null; then
+  if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null; then
     py=$(command -v "$cand"); break
   fi
 done
-if [ -z "$py" ]; then debs+=(python3 python3-venv python3-dev); fi
+if [ -z "$py" ] || ! "$py" -c 'import venv, ensurepip' 2>/dev/null; then
+  debs+=(python3 python3-venv python3-dev)
+fi
 
 missing=()
 for p in "${debs[@]}"; do
