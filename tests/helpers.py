@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
+from pathlib import Path
 from typing import Any
 
 from blixfs.chunkstore import MemoryChunkStore
@@ -20,3 +23,20 @@ def make_replica(store: NamespaceStore | None = None, keys: NamespaceKeys | None
 def make_vfs(**kwargs: Any) -> Vfs:
     """A Vfs over in-memory stores with its own namespace (write capability)."""
     return Vfs(make_replica(), MemoryChunkStore(), **kwargs)
+
+
+MiB = 1 << 20
+
+
+def sha256(path: Path) -> str:
+    """The sha256 of a file, read in 4 MiB blocks (files here reach 1 GiB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 * MiB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sh(*cmd: str | Path, cwd: Path | None = None) -> str:
+    """Run a command (cp, qemu-img, ...), fail on a non-zero exit, return its output."""
+    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True, cwd=cwd).stdout

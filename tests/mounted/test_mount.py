@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -16,21 +15,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MountedNode, is_mounted, wait_for
+from tests.helpers import MiB, sh, sha256
 
 pytestmark = pytest.mark.mounted
-MiB = 1 << 20
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 * MiB):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sh(*cmd: str | Path, cwd: Path | None = None) -> str:
-    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True, cwd=cwd).stdout
 
 
 def status(node: MountedNode) -> dict[str, dict[str, int]]:

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, MountedNode, wait_for
+from tests.helpers import MiB, sh, sha256
 from tests.multinode.test_replication import joined, ticket
 
 pytestmark = pytest.mark.mounted
 Factory = Callable[..., MountedNode]
-MiB = 1 << 20
 
 
 def write_random(path: Path, size: int) -> str:
@@ -34,16 +34,6 @@ def write_random(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 * MiB):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sh(*cmd: str | Path) -> str:
-    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True).stdout
 
 
 def peers(node: MountedNode) -> list[dict[str, object]]:
