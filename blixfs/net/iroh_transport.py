@@ -62,6 +62,8 @@ from blixfs.net.transport import (
     CODE_NO_HANDLER,
     CODE_SHUTDOWN,
     MAX_ADDRS,
+    MUX_ALPN,
+    STREAM_HEADER_TIMEOUT,
     ConnectError,
     ConnectionLost,
     NodeAddr,
@@ -75,6 +77,7 @@ from blixfs.net.transport import (
     TransportError,
     TransportStats,
     UnsupportedProtocol,
+    encode_stream_header,
     run_stream_handler,
     validate_alpn,
 )
@@ -336,8 +339,8 @@ class _Connection:
 class IrohStream(Stream):
     """A QUIC bidirectional stream on an iroh connection. See `Stream` for the contract."""
 
-    def __init__(self, conn: _Connection, send: Any, recv: Any) -> None:
-        super().__init__(conn.peer_id, conn.alpn)
+    def __init__(self, conn: _Connection, send: Any, recv: Any, alpn: bytes) -> None:
+        super().__init__(conn.peer_id, alpn)
         self._conn = conn
         self._send = send
         self._recv = recv
@@ -449,11 +452,9 @@ class IrohTransport(Transport):
         if alpn in self._handlers:
             raise ValueError(f"ALPN {alpn!r} already registered")
         self._handlers[alpn] = handler
-        self._ep.set_alpns(list(self._handlers))
 
     def unregister(self, alpn: bytes) -> None:
-        if self._handlers.pop(bytes(alpn), None) is not None:
-            self._ep.set_alpns(list(self._handlers))
+        self._handlers.pop(bytes(alpn), None)
 
     def stats(self) -> TransportStats:
         return TransportStats(
@@ -469,7 +470,7 @@ class IrohTransport(Transport):
         for attempt in range(2):
             if self._closed:
                 raise TransportClosed("transport is closed")
-            conn = await self._connection(peer, alpn)
+            conn = await self._connection(peer, MUX_ALPN)  # one connection per peer, every protocol
             try:
                 bi = await _call(conn.raw.open_bi)
             except ConnectionLost:
@@ -480,8 +481,11 @@ class IrohTransport(Transport):
                     raise
                 continue
             self._streams_opened += 1
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return IrohStream(conn, bi.send(), bi.recv())
+            stream = IrohStream(conn, bi.send(), bi.recv(), alpn)
+            # The protocol name goes first (the peer dispatches on it); it also makes the
+            # stream appear at the peer at once (iroh shows a stream on its first byte).
+            await stream.send_all(encode_stream_header(alpn))
+            return stream
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
@@ -699,6 +703,26 @@ class IrohTransport(Transport):
         logger.debug("accepted %r", conn)
         await self._serve_connection(conn)
 
+    async def _dispatch(self, conn: _Connection, bi: Any) -> None:
+        """One incoming stream: read the protocol name it starts with, run that handler
+        (a reset with CODE_NO_HANDLER when none is registered, or no valid name comes)."""
+        stream = IrohStream(conn, bi.send(), bi.recv(), b"")
+        try:
+            with trio.fail_after(STREAM_HEADER_TIMEOUT):
+                size = (await stream.receive_exactly(1))[0]
+                alpn = _header_alpn(await stream.receive_exactly(size))
+        except (TransportError, trio.TooSlowError, ValueError) as exc:
+            logger.debug("stream from %s without a valid protocol name: %s", conn.peer_id[:10], exc)
+            await stream.reset(CODE_NO_HANDLER)
+            return
+        stream._alpn = alpn
+        handler = self._handlers.get(alpn)
+        if handler is None:
+            await stream.reset(CODE_NO_HANDLER)
+            return
+        self._streams_accepted += 1
+        await run_stream_handler(handler, stream, conn.peer_id)
+
     async def _serve_connection(self, conn: _Connection) -> None:
         """Accept the peer's streams on `conn` until it dies, one handler task each."""
         assert self._nursery is not None
@@ -709,16 +733,14 @@ class IrohTransport(Transport):
                 except TransportError as exc:
                     logger.debug("%r ended: %s", conn, exc)
                     return
-                stream = IrohStream(conn, bi.send(), bi.recv())
-                handler = self._handlers.get(conn.alpn)
-                if handler is None:
-                    self._nursery.start_soon(stream.reset, CODE_NO_HANDLER)
-                    continue
-                self._streams_accepted += 1
-                self._nursery.start_soon(run_stream_handler, handler, stream, conn.peer_id)
+                self._nursery.start_soon(self._dispatch, conn, bi)
         finally:
             conn.dead = True
             self._forget(conn)
+
+
+def _header_alpn(raw: bytes) -> bytes:
+    return validate_alpn(raw)
 
 
 def endpoint_options(*, internet: bool, bind_addr: str, secret_key: bytes | None, alpns: list[bytes]) -> Any:
@@ -767,8 +789,9 @@ async def open_iroh_transport(
     if secret_key is not None and len(secret_key) != SECRET_KEY_LEN:
         raise ValueError(f"secret key must be {SECRET_KEY_LEN} bytes")
     handlers = dict(handlers or {})
-    alpns = [validate_alpn(a) for a in handlers]
-    options = endpoint_options(internet=internet, bind_addr=bind_addr, secret_key=secret_key, alpns=alpns)
+    for alpn in handlers:
+        validate_alpn(alpn)
+    options = endpoint_options(internet=internet, bind_addr=bind_addr, secret_key=secret_key, alpns=[MUX_ALPN])
     try:
         endpoint = await _call(_ffi.Endpoint.bind, options)
     except TransportError as exc:

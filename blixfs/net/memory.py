@@ -21,6 +21,7 @@ import trio
 from blixfs.net.transport import (
     CODE_NO_HANDLER,
     CODE_SHUTDOWN,
+    MUX_ALPN,
     ConnectError,
     ConnectionLost,
     NodeAddr,
@@ -30,7 +31,6 @@ from blixfs.net.transport import (
     TransportClosed,
     TransportError,
     TransportStats,
-    UnsupportedProtocol,
     run_stream_handler,
     validate_alpn,
     validate_node_id,
@@ -273,7 +273,8 @@ class MemoryTransport(_Transport):
         await trio.lowlevel.checkpoint()
         if self._closed:
             raise TransportClosed("transport is closed")
-        conn = self._live_connection(peer.node_id, alpn) or self._dial(peer.node_id, alpn)
+        # One connection per peer carries every protocol (transport.MUX_ALPN), as with iroh.
+        conn = self._live_connection(peer.node_id, MUX_ALPN) or self._dial(peer.node_id, MUX_ALPN)
         remote = conn.other(self)
         ours, theirs = _Pipe(), _Pipe()
         conn.pipes.add(ours)
@@ -323,8 +324,6 @@ class MemoryTransport(_Transport):
         remote = self._network._lookup(peer_id)
         if remote is None or remote._closed:
             raise ConnectError(f"no route to node {peer_id[:10]}")
-        if alpn not in remote._handlers:
-            raise UnsupportedProtocol(f"peer {peer_id[:10]} does not serve {alpn!r}")
         conn = _MemConnection(self, remote, alpn)
         self._conns.setdefault((peer_id, alpn), []).append(conn)
         remote._conns.setdefault((self._node_id, alpn), []).append(conn)

@@ -66,6 +66,19 @@ DEFAULT_RECEIVE_SIZE = 256 * 1024
 # --- errors ----------------------------------------------------------------------------
 
 
+# Every connection between two blixfs nodes negotiates this one ALPN, and carries every
+# protocol (blixfs/sync/1, blixfs/chunks/1, ...): one connection per peer, pooled. Each
+# stream names its protocol first: `encode_stream_header`. (QUIC negotiates exactly one
+# ALPN per connection, so per-protocol ALPNs would mean a connection per protocol.)
+MUX_ALPN = b"blixfs/1"
+STREAM_HEADER_TIMEOUT = 10.0
+
+
+def encode_stream_header(alpn: bytes) -> bytes:
+    """What a stream opener sends first: u8 length | protocol name (a validated ALPN)."""
+    return bytes([len(alpn)]) + alpn
+
+
 class TransportError(Exception):
     """Base class of every error the transport raises about the network or a peer."""
 

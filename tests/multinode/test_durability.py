@@ -73,11 +73,11 @@ def test_overwriting_4k_moves_one_chunk(make_node: Factory) -> None:
     wait_for(lambda: durable(a, "disk.img"), 30, "the image durable")
     wait_for(lambda: visible(b, "disk.img", 64 * MiB), 10, "the image on b")
     before = served(a)
+    old = replication(a, "disk.img")["manifest"]  # type: ignore[index]  # before the write, not after
     fd = os.open(a.mnt / "disk.img", os.O_WRONLY)
     os.pwrite(fd, os.urandom(4096), 32 * MiB + 1000)
     os.fsync(fd)
     os.close(fd)
-    old = replication(a, "disk.img")["manifest"]  # type: ignore[index]
     wait_for(lambda: durable(a, "disk.img") and replication(a, "disk.img")["manifest"] != old,  # type: ignore[index]
              30, "the new version durable")
     sent = served(a) - before

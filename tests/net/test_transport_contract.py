@@ -43,7 +43,6 @@ from blixfs.net.transport import (
     Transport,
     TransportClosed,
     UnexpectedEOF,
-    UnsupportedProtocol,
 )
 
 ECHO = b"blixfs/test-echo/1"
@@ -205,14 +204,16 @@ async def test_peer_reuses_the_connection_we_dialed(harness: Harness) -> None:
         assert client.stats().streams_accepted == 1
 
 
-async def test_different_alpns_use_separate_connections(harness: Harness) -> None:
+async def test_every_protocol_shares_one_connection_per_peer(harness: Harness) -> None:
     async with harness.open({ECHO: echo, OTHER: echo}) as server, harness.open() as client:
         for alpn in (ECHO, OTHER, ECHO, OTHER):
             async with await client.open_stream(server.addr(), alpn) as stream:
+                assert stream.alpn == alpn
                 await stream.send_all(b"x")
                 await stream.send_eof()
                 assert await stream.receive_to_eof(10) == b"x"
-        assert client.stats().connections_dialed == 2
+        assert client.stats().connections_dialed == 1
+        assert client.stats().live_connections == 1
 
 
 async def test_reconnects_after_peer_restart(harness: Harness) -> None:
@@ -306,11 +307,14 @@ async def test_peer_closing_transport_gives_connection_lost(harness: Harness) ->
         await stream.aclose()
 
 
-async def test_unknown_alpn_is_a_clear_error(harness: Harness) -> None:
+async def test_unknown_protocol_is_a_clear_error(harness: Harness) -> None:
     echo2 = b"blixfs/test-echo/2"
     async with harness.open({ECHO: echo}) as server, harness.open() as client:
-        with trio.fail_after(5), pytest.raises(UnsupportedProtocol):
-            await client.open_stream(server.addr(), echo2)
+        async with await client.open_stream(server.addr(), echo2) as stream:
+            await stream.send_all(b"v1?")
+            with trio.fail_after(5), pytest.raises(StreamReset) as info:
+                await stream.receive_some()
+            assert info.value.code == CODE_NO_HANDLER  # the peer does not speak it: no hang
         assert await request(client, server.addr(), b"still fine") == b"still fine"
         server.register(echo2, echo)  # served from now on, on a running transport
         with pytest.raises(ValueError):
