@@ -250,15 +250,6 @@ class MemoryTransport(_Transport):
     def addr(self) -> NodeAddr:
         return NodeAddr(self._node_id)
 
-    def register(self, alpn: bytes, handler: StreamHandler) -> None:
-        alpn = validate_alpn(alpn)
-        if alpn in self._handlers:
-            raise ValueError(f"ALPN {alpn!r} already registered")
-        self._handlers[alpn] = handler
-
-    def unregister(self, alpn: bytes) -> None:
-        self._handlers.pop(bytes(alpn), None)
-
     def stats(self) -> TransportStats:
         return TransportStats(
             connections_dialed=self._dialed,

@@ -649,12 +649,17 @@ class Transport(abc.ABC):
     `MemoryNetwork.open_transport`), which also runs the accept loop and the handler
     tasks, and closes everything on exit.
 
-    Connection reuse: all streams to one peer for one ALPN go over one connection (a QUIC
-    connection negotiates exactly one ALPN, so different ALPNs use different
-    connections). A connection the peer dialed to us counts too: we open our streams to
-    that peer on it, so a peer that can reach us but not the reverse (NAT) still works.
-    A connection that died is replaced by a new dial on the next `open_stream`.
+    Connection reuse: all streams to one peer, for every protocol, go over one connection
+    (it negotiates `MUX_ALPN`; each stream names its protocol in a header, see
+    `encode_stream_header`). A connection the peer dialed to us counts too: we open our
+    streams to that peer on it, so a peer that can reach us but not the reverse (NAT)
+    still works. A connection that died is replaced by a new dial on the next `open_stream`.
+
+    The "ALPN" of `register` and `open_stream` is the protocol's name (``b"blixfs/sync/1"``).
+    Implementations keep their handlers in ``_handlers``.
     """
+
+    _handlers: dict[bytes, StreamHandler]
 
     @property
     @abc.abstractmethod
@@ -665,26 +670,30 @@ class Transport(abc.ABC):
     def addr(self) -> NodeAddr:
         """How peers can reach this node right now."""
 
-    @abc.abstractmethod
     def register(self, alpn: bytes, handler: StreamHandler) -> None:
-        """Serve `alpn`: run `handler` for each incoming stream on it.
+        """Serve protocol `alpn`: run `handler` for each incoming stream that names it.
 
         Raises ValueError if `alpn` is invalid or already registered.
         """
+        alpn = validate_alpn(alpn)
+        if alpn in self._handlers:
+            raise ValueError(f"ALPN {alpn!r} already registered")
+        self._handlers[alpn] = handler
 
-    @abc.abstractmethod
     def unregister(self, alpn: bytes) -> None:
-        """Stop serving `alpn` for new connections; new streams on old ones are reset
-        with `CODE_NO_HANDLER`. No-op if not registered."""
+        """Stop serving `alpn`: new streams naming it are reset with `CODE_NO_HANDLER`.
+        No-op if not registered."""
+        self._handlers.pop(bytes(alpn), None)
 
     @abc.abstractmethod
     async def open_stream(self, peer: NodeAddr, alpn: bytes) -> Stream:
-        """Open a new stream to `peer` for `alpn`, dialing a connection if none is alive.
+        """Open a new stream to `peer` for protocol `alpn`, dialing if no connection is alive.
 
-        Remember that the opener sends first. Raises `UnsupportedProtocol` (peer doesn't
-        serve `alpn`), `ConnectError` (unreachable, timed out), `ConnectionLost`,
-        `TransportClosed`. Cancellable at any point without affecting other callers:
-        a dial in progress is shared by all callers for the same peer and ALPN.
+        Remember that the opener sends first. A protocol the peer does not serve shows as
+        `StreamReset` with `CODE_NO_HANDLER` at the first read. Raises `UnsupportedProtocol`
+        (the peer does not speak `MUX_ALPN` at all), `ConnectError` (unreachable, timed out),
+        `ConnectionLost`, `TransportClosed`. Cancellable at any point without affecting other
+        callers: a dial in progress is shared by all callers for the same peer.
         """
 
     def path_stats(self, node_id: str) -> PathStats | None:
