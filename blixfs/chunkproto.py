@@ -1,15 +1,23 @@
 """The chunk protocol (``blixfs/chunks/1``): ask a peer for a chunk by id.
 
-One request per bidirectional stream (QUIC streams are cheap; concurrency is several
-streams on the one connection per peer)::
+A bidirectional stream carries a sequence of requests, one at a time: the requester
+sends the next request only once it has read the whole previous response (streams are
+cheap, and concurrency is several streams on the one connection per peer)::
 
     request  = version: u8 (1) | op: u8 (1 = GET) | chunk id: 32 bytes | offset: u64 | length: u32
     response = status: u8 (0 OK, 1 DONT_HAVE, 2 BAD_REQUEST) | length: u32 | bytes
 
 ``length`` 0 asks for the chunk from ``offset`` to its end. A requester that asks for a
-whole chunk verifies its BLAKE3 id before using it (`fetch_chunk` does); a range cannot
-be verified against a flat BLAKE3 id, so blixfs itself always fetches whole chunks
-(256 KiB: half a millisecond here) and ranges are for a future verified-streaming reader.
+whole chunk verifies its BLAKE3 id before using it (`ChunkClient.fetch` does); a range
+cannot be verified against a flat BLAKE3 id, so blixfs itself always fetches whole
+chunks (256 KiB: half a millisecond here) and ranges are for a future verified-streaming
+reader.
+
+Why streams are kept open: opening a stream, naming its protocol, accepting it and
+finishing it cost both sides several calls into iroh per chunk, as much CPU as moving
+the chunk's bytes (docs/design.md, "Lazy fetch"). `ChunkClient` keeps a few idle
+streams per peer; the server reads the next request on a stream until the requester
+finishes it or it stays idle for `IDLE_TIMEOUT`.
 
 The server answers from its local store, which checks its own xxh3 on read, so it
 never serves bytes it knows are damaged; it only serves chunks it holds (no relay).
@@ -27,7 +35,14 @@ import trio
 
 from blixfs.chunkstore import MAX_CHUNK_BYTES, ChunkStore
 from blixfs.hashing import ChunkId, chunk_id, short
-from blixfs.net.transport import CODE_APP_MIN, NodeAddr, Stream, Transport, TransportError, UnexpectedEOF
+from blixfs.net.transport import (
+    CODE_APP_MIN,
+    NodeAddr,
+    Stream,
+    Transport,
+    TransportError,
+    UnexpectedEOF,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +55,13 @@ OK, DONT_HAVE, BAD_REQUEST = 0, 1, 2
 CODE_BAD_REQUEST = CODE_APP_MIN + 0x10
 _REQUEST = struct.Struct(">BB32sQI")
 _RESPONSE = struct.Struct(">BI")
-REQUEST_TIMEOUT = 10.0  # a server gives a client this long to send its request
+REQUEST_TIMEOUT = 10.0  # a server gives a client this long to send a request once it has started it
+IDLE_TIMEOUT = 60.0  # a server waits this long for the next request on a stream, then finishes it
+POOL_IDLE_SECONDS = 20.0  # a requester reuses a stream idle for less than this (well under IDLE_TIMEOUT)
+POOL_STREAMS = 8  # idle streams a requester keeps per peer (the read-ahead runs 8 requests at once)
+# What the first read of a response asks for: the header and a default-size chunk. iroh
+# allocates (and zeroes) a buffer of the size asked for, so asking for far more costs.
+_FIRST_READ = _RESPONSE.size + 256 * 1024
 
 
 class FetchFailed(Exception):
@@ -49,6 +70,11 @@ class FetchFailed(Exception):
     def __init__(self, message: str, *, bad_data: bool = False) -> None:
         super().__init__(message)
         self.bad_data = bad_data
+
+
+class _StaleStream(Exception):
+    """A kept-open stream ended or failed before any byte of the answer: the server closed
+    it meanwhile (idle timeout, restart) or its connection is gone. Not the peer's fault."""
 
 
 @dataclass(frozen=True)
@@ -83,65 +109,173 @@ class ChunkServer:
             path = None
         accepted = path is not None and self.on_hold is not None and self.on_hold(manifest_id, path, peer_id)
         await stream.send_all(_RESPONSE.pack(OK if accepted else BAD_REQUEST, 0))
-        await stream.send_eof()
+
+    @staticmethod
+    async def _next_request(stream: Stream, first: bool) -> bytes | None:
+        """The next request's 46 bytes; None when the requester is done with the stream (EOF
+        or idle for IDLE_TIMEOUT after an earlier request). Raises ValueError for a request
+        that does not come whole within REQUEST_TIMEOUT (or a stream without any)."""
+        with trio.move_on_after(REQUEST_TIMEOUT if first else IDLE_TIMEOUT):
+            head = await stream.receive_some(_REQUEST.size)
+            if not head and not first:
+                return None
+            if head:
+                try:
+                    with trio.fail_after(REQUEST_TIMEOUT):
+                        return head + await stream.receive_exactly(_REQUEST.size - len(head))
+                except (trio.TooSlowError, UnexpectedEOF):
+                    pass
+            raise ValueError("no complete chunk request")
+        if first:
+            raise ValueError("no chunk request in time")
+        return None
 
     async def handle(self, stream: Stream, peer_id: str) -> None:
-        try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                raw = await stream.receive_exactly(_REQUEST.size)
-        except (trio.TooSlowError, UnexpectedEOF):
-            log.info("peer %s sent no complete chunk request: closing", peer_id[:16])
-            await stream.reset(CODE_BAD_REQUEST)
-            return
-        version, op, cid, offset, length = _REQUEST.unpack(raw)
-        if version == VERSION and op == OP_HOLD:
-            await self._hold(stream, peer_id, ChunkId(cid))
-            return
-        if version != VERSION or op != OP_GET:
-            log.warning("peer %s sent a chunk request of version %d op %d: refused", peer_id[:16], version, op)
-            await stream.send_all(_RESPONSE.pack(BAD_REQUEST, 0))
-            await stream.send_eof()
-            return
-        data = self.store.get(ChunkId(cid))
-        self.requests += 1
-        if data is None:
-            await stream.send_all(_RESPONSE.pack(DONT_HAVE, 0))
-        else:
-            end = len(data) if length == 0 else min(len(data), offset + length)
-            piece = memoryview(data)[min(offset, len(data)) : end]
-            await stream.send_all(_RESPONSE.pack(OK, len(piece)) + bytes(piece))
-            self.bytes_served += len(piece)
+        """Answer requests on ``stream`` in order until the requester finishes it or leaves it
+        idle (then FIN). A malformed or late request resets it with CODE_BAD_REQUEST; an
+        unknown version or op gets BAD_REQUEST and FIN (its layout is unknown, so nothing
+        after it can be read); a HOLD ends the stream after its answer."""
+        first = True
+        while True:
+            try:
+                raw = await self._next_request(stream, first)
+            except ValueError:
+                log.info("peer %s sent no complete chunk request: closing", peer_id[:16])
+                await stream.reset(CODE_BAD_REQUEST)
+                return
+            except TransportError as exc:
+                if first:
+                    raise
+                # A requester resets a kept-open stream when a fetch on it was cancelled.
+                log.debug("peer %s ended a chunk stream: %s", peer_id[:16], exc)
+                return
+            if raw is None:
+                break
+            first = False
+            version, op, cid, offset, length = _REQUEST.unpack(raw)
+            if version == VERSION and op == OP_HOLD:
+                await self._hold(stream, peer_id, ChunkId(cid))
+                break
+            if version != VERSION or op != OP_GET:
+                log.warning("peer %s sent a chunk request of version %d op %d: refused", peer_id[:16], version, op)
+                await stream.send_all(_RESPONSE.pack(BAD_REQUEST, 0))
+                break
+            data = await self.store.load(ChunkId(cid))
+            self.requests += 1
+            if data is None:
+                await stream.send_all(_RESPONSE.pack(DONT_HAVE, 0))
+                continue
+            if offset or length:
+                end = len(data) if length == 0 else min(len(data), offset + length)
+                data = data[min(offset, len(data)) : end]
+            await stream.send_all(_RESPONSE.pack(OK, len(data)) + data)
+            self.bytes_served += len(data)
         await stream.send_eof()
 
 
-async def fetch_chunk(transport: Transport, peer: NodeAddr, cid: ChunkId) -> Fetched | None:
-    """The whole chunk ``cid`` from ``peer``, verified; None if the peer does not hold it.
-
-    Raises FetchFailed (``bad_data`` set for bytes that do not hash to ``cid``) or a
-    transport error. The caller sets the deadline (trio cancel scope).
-    """
-    started = time.perf_counter()
-    stream = await transport.open_stream(peer, ALPN)
-    async with stream:
-        # No send_eof: the request has a fixed size, and a Rust round trip less per chunk counts.
+async def _exchange(stream: Stream, peer_id: str, cid: ChunkId) -> bytes | None:
+    """One GET of the whole blob ``cid`` on ``stream``: its bytes, unverified; None for
+    DONT_HAVE. Raises _StaleStream when nothing of an answer came, FetchFailed otherwise."""
+    try:
         await stream.send_all(encode_request(cid))
-        try:
-            status, length = _RESPONSE.unpack(await stream.receive_exactly(_RESPONSE.size))
-        except UnexpectedEOF:
-            raise FetchFailed(f"peer {peer.node_id[:16]} closed the stream without answering") from None
-        if status == DONT_HAVE:
+        first = await stream.receive_some(_FIRST_READ)
+    except TransportError as exc:
+        raise _StaleStream(str(exc)) from exc
+    if not first:
+        raise _StaleStream("the server finished the stream")
+    try:
+        if len(first) < _RESPONSE.size:
+            first += await stream.receive_exactly(_RESPONSE.size - len(first))
+        status, length = _RESPONSE.unpack_from(first)
+        if status == DONT_HAVE and len(first) == _RESPONSE.size:
             return None
         if status != OK:
-            raise FetchFailed(f"peer {peer.node_id[:16]} answered status {status}")
+            raise FetchFailed(f"peer {peer_id[:16]} answered status {status}")
         if length > MAX_CHUNK_BYTES:
-            raise FetchFailed(f"peer {peer.node_id[:16]} announced {length} bytes for one chunk", bad_data=True)
-        try:
-            data = await stream.receive_exactly(length)
-        except UnexpectedEOF as exc:
-            raise FetchFailed(f"peer {peer.node_id[:16]} sent {exc.received} of {length} bytes") from None
-    if chunk_id(data) != cid:
-        raise FetchFailed(f"peer {peer.node_id[:16]} sent bytes that are not chunk {short(cid)}", bad_data=True)
-    return Fetched(data, time.perf_counter() - started)
+            raise FetchFailed(f"peer {peer_id[:16]} announced {length} bytes for one chunk", bad_data=True)
+        body = memoryview(first)[_RESPONSE.size :]
+        if len(body) > length:
+            raise FetchFailed(f"peer {peer_id[:16]} sent more bytes than it announced", bad_data=True)
+        if len(body) == length:
+            return bytes(body)
+        # One copy joins the two parts; a call into iroh costs more than copying a chunk.
+        return b"".join((body, await stream.receive_exactly(length - len(body))))
+    except UnexpectedEOF as exc:
+        raise FetchFailed(f"peer {peer_id[:16]} ended the stream midway through an answer ({exc})") from None
+
+
+class ChunkClient:
+    """Asks peers for blobs over ``blixfs/chunks/1``, keeping streams open between requests.
+
+    Callers: the fetcher (reads, read-ahead, pulls) and the health monitor, on the trio
+    thread; they set the deadline (a trio cancel scope) around each `fetch`.
+
+    Invariants: a stream carries one request at a time and returns to its peer's pool of
+    idle streams only after its whole answer was read, so an answer always belongs to the
+    request before it. A stream that failed, was cancelled midway or carried bytes that are
+    not the chunk is reset, never reused. A pooled stream that the server has meanwhile
+    closed fails before any byte of the answer: the peer's pool is then dropped and the
+    request sent once more on a new stream, so a stale pool never costs the peer an attempt.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self._idle: dict[str, list[tuple[float, Stream]]] = {}
+        self.streams_opened = 0
+
+    async def _take(self, peer_id: str) -> Stream | None:
+        pool = self._idle.get(peer_id)
+        now = trio.current_time()
+        while pool:
+            since, stream = pool.pop()
+            if now - since < POOL_IDLE_SECONDS:
+                return stream
+            await stream.aclose()  # the server sees EOF and finishes its side
+        return None
+
+    async def _give_back(self, peer_id: str, stream: Stream) -> None:
+        pool = self._idle.setdefault(peer_id, [])
+        if len(pool) < POOL_STREAMS:
+            pool.append((trio.current_time(), stream))
+        else:
+            await stream.aclose()
+
+    async def drop(self, peer_id: str) -> None:
+        """Close the peer's idle streams."""
+        for _, stream in self._idle.pop(peer_id, []):
+            await stream.aclose()
+
+    async def fetch(self, peer: NodeAddr, cid: ChunkId) -> Fetched | None:
+        """The whole blob ``cid`` from ``peer``, verified; None if the peer does not hold it.
+
+        Raises FetchFailed (``bad_data`` set for bytes that do not hash to ``cid``) or a
+        transport error (no connection, no stream).
+        """
+        started = time.perf_counter()
+        while True:
+            stream = await self._take(peer.node_id)
+            reused = stream is not None
+            if stream is None:
+                stream = await self.transport.open_stream(peer, ALPN)
+                self.streams_opened += 1
+            try:
+                data = await _exchange(stream, peer.node_id, cid)
+            except _StaleStream as exc:
+                await stream.reset()
+                if reused:
+                    log.debug("kept-open stream to %s was closed (%s): asking on a new one", peer.node_id[:16], exc)
+                    await self.drop(peer.node_id)
+                    continue
+                raise FetchFailed(f"peer {peer.node_id[:16]} closed the stream without answering: {exc}") from None
+            except BaseException:
+                await stream.reset()  # completes even when cancelled; the peer never takes half an answer
+                raise
+            if data is not None and chunk_id(data) != cid:
+                await stream.reset()
+                raise FetchFailed(f"peer {peer.node_id[:16]} sent bytes that are not chunk {short(cid)}",
+                                  bad_data=True)
+            await self._give_back(peer.node_id, stream)
+            return None if data is None else Fetched(data, time.perf_counter() - started)
 
 
 async def request_hold(transport: Transport, peer: NodeAddr, manifest_id: ChunkId, path: str) -> bool:
@@ -161,4 +295,4 @@ async def request_hold(transport: Transport, peer: NodeAddr, manifest_id: ChunkI
     return bool(status == OK)
 
 
-__all__ = ["ALPN", "ChunkServer", "FetchFailed", "Fetched", "TransportError", "fetch_chunk", "request_hold"]
+__all__ = ["ALPN", "ChunkClient", "ChunkServer", "FetchFailed", "Fetched", "TransportError", "request_hold"]

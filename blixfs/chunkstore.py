@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import trio
 import xxhash
 from lru import LRU
 
@@ -59,6 +60,11 @@ class ChunkStore(Protocol):
 
     def get(self, cid: ChunkId) -> bytes | None:
         """The chunk's bytes, verified, or None when absent (or found corrupt and dropped)."""
+        ...
+
+    async def load(self, cid: ChunkId) -> bytes | None:
+        """`get` for callers on the event loop that must not wait on the disk (the chunk
+        server): what is in memory is returned at once, the rest is read by a worker thread."""
         ...
 
     def has(self, cid: ChunkId) -> bool:
@@ -108,6 +114,10 @@ class MemoryChunkStore:
     def get(self, cid: ChunkId) -> bytes | None:
         return self._chunks.get(cid)
 
+    async def load(self, cid: ChunkId) -> bytes | None:
+        await trio.lowlevel.checkpoint()
+        return self._chunks.get(cid)
+
     def has(self, cid: ChunkId) -> bool:
         return cid in self._chunks
 
@@ -139,14 +149,35 @@ class MemoryChunkStore:
         pass
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data``; a full disk shows as a short write first and ENOSPC on the next."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
+def _write_all(fd: int, header: bytes, data: bytes) -> None:
+    """Write ``header`` then ``data`` (one writev, no joined copy); a full disk shows as a
+    short write first and ENOSPC on the next."""
+    parts = [memoryview(header), memoryview(data)]
+    while parts:
+        written = os.writev(fd, parts)
         if written == 0:
             raise OSError(errno.ENOSPC, "No space left on device")
-        view = view[written:]
+        while parts and written >= len(parts[0]):
+            written -= len(parts.pop(0))
+        if parts:
+            parts[0] = parts[0][written:]
+
+
+def _check_size(data: bytes) -> None:
+    if len(data) > MAX_CHUNK_BYTES:
+        raise OSError(errno.EFBIG, f"chunk of {len(data)} bytes exceeds {MAX_CHUNK_BYTES}")
+
+
+def _read_into(fd: int, buf: bytearray, pos: int) -> None:
+    """Fill ``buf[pos:]`` from ``fd`` at offset ``pos`` (a worker thread's part of `load`)."""
+    view = memoryview(buf)
+    while pos < len(buf):
+        got = os.preadv(fd, [view[pos:]], pos)
+        if got == 0:  # the file shrank under us: the length check then reports it
+            del view
+            del buf[pos:]
+            return
+        pos += got
 
 
 def _syncfs(fd: int) -> None:
@@ -209,12 +240,37 @@ class DiskChunkStore:
                 raw = f.readall()
         except FileNotFoundError:
             return None
+        return self._checked(cid, path, raw)
+
+    async def load(self, cid: ChunkId) -> bytes | None:
+        path = self._path(cid)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            await trio.lowlevel.checkpoint()
+            return None
+        try:
+            raw = bytearray(os.fstat(fd).st_size)
+            try:  # RWF_NOWAIT reads only what the page cache has: no wait on the disk here
+                got = os.preadv(fd, [raw], 0, os.RWF_NOWAIT)
+            except BlockingIOError:
+                got = 0
+            if got < len(raw):
+                await trio.to_thread.run_sync(_read_into, fd, raw, got)  # not abandoned: fd stays open
+            else:
+                await trio.lowlevel.checkpoint()
+        finally:
+            os.close(fd)
+        return self._checked(cid, path, raw)
+
+    def _checked(self, cid: ChunkId, path: Path, raw: bytes | bytearray) -> bytes | None:
+        """The payload of a chunk file's bytes if its header and xxh3 check; else the file is removed."""
         metrics.chunk_reads.inc()
         problem = self._check(raw)
         if problem is None:
             if self._recency.get(cid) is not None:  # get() makes it the most recent
                 self._touched.add(cid)
-            return raw[_HEADER.size :]
+            return bytes(memoryview(raw)[_HEADER.size :])
         log.error("chunk %s is corrupt on disk (%s): removed, it reads as missing", short(cid), problem)
         metrics.chunks_corrupt.inc()
         path.unlink(missing_ok=True)
@@ -222,7 +278,7 @@ class DiskChunkStore:
         return None
 
     @staticmethod
-    def _check(raw: bytes) -> str | None:
+    def _check(raw: bytes | bytearray) -> str | None:
         if len(raw) < _HEADER.size:
             return "shorter than its header"
         magic, length, digest = _HEADER.unpack_from(raw)
@@ -241,13 +297,9 @@ class DiskChunkStore:
     def put(self, data: bytes, *, verified_id: ChunkId | None = None) -> ChunkId:
         if is_zero(data):
             return HOLE
-        if len(data) > MAX_CHUNK_BYTES:
-            raise OSError(errno.EFBIG, f"chunk of {len(data)} bytes exceeds {MAX_CHUNK_BYTES}")
+        _check_size(data)
         cid = verified_id or chunk_id(data)
-        path = self._path(cid)
-        if path.exists():
-            return cid
-        fetched = int(verified_id is not None)
+        fetched = verified_id is not None
         if not fetched and self.budget is not None and self._total + len(data) > self.budget:
             # Data written here may be the only copy: it is never evicted, so when the budget is
             # full of it the writer gets ENOSPC, until replication makes some of it evictable.
@@ -255,28 +307,39 @@ class DiskChunkStore:
             if self._total + len(data) > self.budget:
                 raise OSError(errno.ENOSPC, f"the chunk cache is full of data not yet replicated "
                                             f"({self._total} of {self.budget} bytes)")
+        if self._write_file(cid, data):
+            self._index(cid, len(data), fetched)
+        return cid
+
+    def _write_file(self, cid: ChunkId, data: bytes) -> bool:
+        """Write the chunk file (temp file, then rename); False if it was there already."""
+        path = self._path(cid)
+        if os.path.exists(path):  # the file, not the index: the files are the truth
+            return False
         tmp = self._tmp / uuid.uuid4().hex
         header = _HEADER.pack(_MAGIC, len(data), xxhash.xxh3_64_intdigest(data))
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                _write_all(fd, header + data)
+                _write_all(fd, header, data)
             finally:
                 os.close(fd)
             os.rename(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        return True
+
+    def _index(self, cid: ChunkId, size: int, fetched: bool) -> None:
         self._db.execute(
             "INSERT OR IGNORE INTO chunks (id, size, atime, fetched) VALUES (?, ?, ?, ?)",
-            (cid, len(data), time.time_ns(), fetched),
+            (cid, size, time.time_ns(), int(fetched)),
         )
         if cid not in self._recency:
-            self._total += len(data)
-        self._recency[cid] = len(data) * 2 + fetched
+            self._total += size
+        self._recency[cid] = size * 2 + int(fetched)
         metrics.chunks_stored.inc()
-        metrics.chunk_bytes_stored.inc(len(data))
-        return cid
+        metrics.chunk_bytes_stored.inc(size)
 
     def delete(self, cid: ChunkId) -> bool:
         self._forget(cid)

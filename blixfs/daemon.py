@@ -267,7 +267,7 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
             await nursery.start(replicator.run)
             runtime = Runtime(node, transport, sync, nursery, peers, holdings, fetcher, server, vfs, replicator)
             if vfs is not None:
-                vfs.reader.fetcher = fetcher
+                vfs.reader.use(fetcher)
                 vfs.holdings = holdings
             await nursery.start(HealthMonitor(transport, peers, holdings, sync, expiry=peer_expiry).run)
             nursery.start_soon(_save_recency_every, node, RECENCY_SAVE_SECONDS)

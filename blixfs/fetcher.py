@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from blixfs.chunkproto import FetchFailed, fetch_chunk
+from blixfs.chunkproto import ChunkClient, FetchFailed
 from blixfs.chunkstore import ChunkStore
 from blixfs.errors import FsError
 from blixfs.hashing import ChunkId, short
@@ -262,6 +262,7 @@ class Fetcher:
                  attempt_timeout: float = ATTEMPT_TIMEOUT, fetch_timeout: float = FETCH_TIMEOUT) -> None:
         self.store = store
         self.transport = transport
+        self.client = ChunkClient(transport)
         self.peers = peers
         self.attempt_timeout = attempt_timeout
         self.fetch_timeout = fetch_timeout
@@ -273,6 +274,8 @@ class Fetcher:
         self.transfers: dict[str, Transfer] = {}  # by file path; see `recent_transfers`
         # Called after each chunk is stored (the daemon enforces the cache budget there).
         self.on_stored: Callable[[], object] | None = None
+        # Called with each chunk fetched, so a reader keeps read-ahead in memory, not only on disk.
+        self.on_fetched: Callable[[ChunkId, bytes], object] | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -347,7 +350,7 @@ class Fetcher:
                 stats.inflight += 1
                 try:
                     with trio.fail_after(self.attempt_timeout):
-                        fetched = await fetch_chunk(self.transport, self.peers.addr(peer), cid)
+                        fetched = await self.client.fetch(self.peers.addr(peer), cid)
                 except FetchFailed as exc:
                     reasons.append(str(exc))
                     if exc.bad_data:
@@ -373,6 +376,8 @@ class Fetcher:
                     self.store.put(fetched.data, verified_id=cid)
                 except OSError as exc:  # full disk: still serve this read, from memory
                     log.warning("fetched chunk %s could not be stored: %s", short(cid), exc)
+                if self.on_fetched is not None:
+                    self.on_fetched(cid, fetched.data)
                 if self.on_stored is not None:
                     self.on_stored()
                 return fetched.data

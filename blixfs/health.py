@@ -24,7 +24,7 @@ import time
 
 import trio
 
-from blixfs.chunkproto import fetch_chunk
+from blixfs.chunkproto import ChunkClient
 from blixfs.fetcher import Holdings, PeerBook
 from blixfs.hashing import HOLE
 from blixfs.net.transport import PathStats, Transport, TransportError
@@ -43,6 +43,7 @@ class HealthMonitor:
     def __init__(self, transport: Transport, peers: PeerBook, holdings: Holdings, sync: SyncService,
                  *, expiry: float = DEFAULT_EXPIRY) -> None:
         self.transport = transport
+        self.client = ChunkClient(transport)  # a probe is a chunk request for the hole id: DONT_HAVE
         self.peers = peers
         self.holdings = holdings
         self.sync = sync
@@ -70,7 +71,7 @@ class HealthMonitor:
         started = time.monotonic()
         try:
             with trio.fail_after(PROBE_TIMEOUT):
-                await fetch_chunk(self.transport, self.peers.addr(node_id), HOLE)
+                await self.client.fetch(self.peers.addr(node_id), HOLE)
         except (TransportError, trio.TooSlowError, Exception) as exc:  # any failure means "not reachable now"
             stats.state = "unreachable"
             stats.reason = str(exc) or f"no answer within {PROBE_TIMEOUT:.0f} s"

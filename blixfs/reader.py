@@ -32,9 +32,15 @@ class ChunkReader:
     def __init__(self, store: ChunkStore, *, cache_chunks: int = 64) -> None:
         self.store = store
         self._cache: LRU[ChunkId, bytes] = LRU(cache_chunks)
-        # Set by the daemon once the node is on the network: then chunks this node does
-        # not hold are fetched from their holders instead of reading as missing.
         self.fetcher: Fetcher | None = None
+
+    def use(self, fetcher: Fetcher) -> None:
+        """Called by the daemon once the node is on the network: from then on chunks this
+        node does not hold are fetched from their holders instead of reading as missing.
+        Chunks fetched ahead are kept in memory too, so the read that wants one next does
+        not read back from disk what was just written there."""
+        self.fetcher = fetcher
+        fetcher.on_fetched = self._cache.__setitem__
 
     async def get(self, cid: ChunkId, holders: Callable[[], Sequence[str]] | None = None,
                   label: str | None = None) -> bytes | None:

@@ -209,7 +209,7 @@ class Vfs:
         # Called with (parent inode, name, inode or None) for every path a peer changed,
         # so the FUSE layer can drop the kernel's caches. None: nobody to tell.
         self.invalidator: Callable[[int, str, int | None], None] | None = None
-        # Who holds what, once the node is on the network (set by the daemon, with reader.fetcher).
+        # Who holds what, once the node is on the network (set by the daemon, with reader.use).
         self.holdings: Holdings | None = None
         replica.listeners.append(self._on_namespace_change)
         self._statfs_path = statfs_path

@@ -29,6 +29,13 @@ def test_put_get_round_trip(store: ChunkStore) -> None:
     assert store.has(cid)
 
 
+async def test_load_returns_what_get_returns(store: ChunkStore) -> None:
+    data = os.urandom(300_000)
+    cid = store.put(data)
+    assert await store.load(cid) == data
+    assert await store.load(chunk_id(b"nope")) is None
+
+
 def test_holes_are_never_stored(store: ChunkStore) -> None:
     assert store.put(bytes(65536)) == HOLE
     assert store.stats().chunks == 0
@@ -59,9 +66,32 @@ def _only_file(store: DiskChunkStore) -> Path:
     return store.root / cid.hex()[:2] / cid.hex()
 
 
+@pytest.mark.parametrize("cached", [0, 1000, "none"])
+async def test_load_reads_in_a_worker_what_the_page_cache_does_not_hold(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: int | str) -> None:
+    store = DiskChunkStore(tmp_path / "c")
+    data = os.urandom(256 * 1024)
+    cid = store.put(data)
+    real_preadv = os.preadv
+    worker_reads = []
+
+    def preadv(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
+        if flags & os.RWF_NOWAIT:  # as the kernel does for pages not in memory
+            if cached == "none":
+                raise BlockingIOError(errno.EAGAIN, "would block")
+            return int(real_preadv(fd, [memoryview(buffers[0])[:cached]], offset, flags))
+        worker_reads.append(offset)
+        return int(real_preadv(fd, buffers, offset, flags))
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    assert await store.load(cid) == data
+    assert worker_reads == [0 if cached == "none" else cached]
+
+
+@pytest.mark.parametrize("via", ["get", "load"])
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "extend"])
-def test_corrupt_chunk_reads_as_missing_logged_and_counted(
-    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+async def test_corrupt_chunk_reads_as_missing_logged_and_counted(
+    tmp_path: Path, damage: str, via: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = DiskChunkStore(tmp_path / "c")
     data = os.urandom(64 * 1024)
@@ -78,7 +108,7 @@ def test_corrupt_chunk_reads_as_missing_logged_and_counted(
         raw += b"\0"
     path.write_bytes(raw)
     before = metrics.counter_value(metrics.chunks_corrupt)
-    assert store.get(cid) is None
+    assert (store.get(cid) if via == "get" else await store.load(cid)) is None
     assert metrics.counter_value(metrics.chunks_corrupt) == before + 1
     assert "corrupt" in caplog.text and cid.hex()[:12] in caplog.text
     assert not path.exists()
@@ -112,12 +142,13 @@ def test_full_disk_raises_enospc_and_stores_nothing(tmp_path: Path, monkeypatch:
 
     real_write = os.write
 
-    def full(fd: int, data: bytes) -> int:
+    def full(fd: int, buffers: list[memoryview]) -> int:
+        data = b"".join(buffers)
         if len(data) > 100:
-            return real_write(fd, bytes(data)[:100])  # a full disk: first a short write...
+            return real_write(fd, data[:100])  # a full disk: first a short write...
         raise OSError(errno.ENOSPC, "No space left on device")  # ...then the error
 
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "writev", full)
     with pytest.raises(OSError) as info:
         store.put(os.urandom(1000))
     assert info.value.errno == errno.ENOSPC

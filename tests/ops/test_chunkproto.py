@@ -1,0 +1,178 @@
+"""The chunk protocol and the fetcher between in-process nodes over the in-memory transport:
+kept-open streams, stale pools, liars, cancellation, the server's request loop."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from blixfs import chunkproto
+from blixfs.chunkproto import ALPN, CODE_BAD_REQUEST, ChunkClient, ChunkServer, FetchFailed, encode_request
+from blixfs.chunkstore import MemoryChunkStore
+from blixfs.fetcher import PENALTY_SECONDS, Fetcher, PeerBook
+from blixfs.hashing import ChunkId, chunk_id
+from blixfs.net.memory import MemoryNetwork
+from blixfs.net.transport import NodeAddr, Stream, StreamReset, Transport
+
+
+@dataclass
+class Pair:
+    net: MemoryNetwork
+    store: MemoryChunkStore
+    server: ChunkServer
+    server_addr: NodeAddr
+    client_transport: Transport
+    chunks: list[ChunkId]
+
+
+@asynccontextmanager
+async def pair(n_chunks: int = 8, size: int = 4096) -> AsyncIterator[Pair]:
+    net = MemoryNetwork()
+    store = MemoryChunkStore()
+    chunks = [store.put(os.urandom(size)) for _ in range(n_chunks)]
+    server = ChunkServer(store)
+    async with net.open_transport(handlers={ALPN: server.handle}) as srv, net.open_transport() as cli:
+        yield Pair(net, store, server, NodeAddr(srv.node_id), cli, chunks)
+
+
+async def test_sequential_fetches_share_one_stream() -> None:
+    async with pair() as p:
+        client = ChunkClient(p.client_transport)
+        for cid in p.chunks:
+            got = await client.fetch(p.server_addr, cid)
+            assert got is not None and chunk_id(got.data) == cid and got.data == p.store.get(cid)
+        assert await client.fetch(p.server_addr, ChunkId(b"\xee" * 32)) is None  # DONT_HAVE keeps the stream
+        assert client.streams_opened == 1
+        assert p.server.requests == len(p.chunks) + 1
+
+
+async def test_concurrent_fetches_open_streams_then_reuse_them() -> None:
+    async with pair(n_chunks=4, size=256 * 1024) as p:
+        client = ChunkClient(p.client_transport)
+        results: dict[ChunkId, bytes] = {}
+
+        async def one(cid: ChunkId) -> None:
+            got = await client.fetch(p.server_addr, cid)
+            assert got is not None
+            results[cid] = got.data
+
+        for _ in range(3):
+            async with trio.open_nursery() as nursery:
+                for cid in p.chunks:
+                    nursery.start_soon(one, cid)
+        assert all(results[cid] == p.store.get(cid) for cid in p.chunks)
+        assert 1 <= client.streams_opened <= len(p.chunks)  # three rounds, no stream opened after the first
+
+
+async def test_stream_the_server_closed_for_idleness_is_replaced_without_error(
+        autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chunkproto, "POOL_IDLE_SECONDS", 10 * chunkproto.IDLE_TIMEOUT)  # keep it past the server's
+    async with pair() as p:
+        client = ChunkClient(p.client_transport)
+        assert await client.fetch(p.server_addr, p.chunks[0]) is not None
+        await trio.sleep(chunkproto.IDLE_TIMEOUT + 1)  # the server finishes the idle stream
+        got = await client.fetch(p.server_addr, p.chunks[1])
+        assert got is not None and got.data == p.store.get(p.chunks[1])
+        assert client.streams_opened == 2
+
+
+async def test_requester_drops_streams_idle_too_long(autojump_clock: trio.abc.Clock) -> None:
+    async with pair() as p:
+        client = ChunkClient(p.client_transport)
+        assert await client.fetch(p.server_addr, p.chunks[0]) is not None
+        await trio.sleep(chunkproto.POOL_IDLE_SECONDS + 1)
+        assert await client.fetch(p.server_addr, p.chunks[1]) is not None
+        assert client.streams_opened == 2
+
+
+async def test_lost_connection_under_a_pooled_stream_is_replaced() -> None:
+    async with pair() as p:
+        client = ChunkClient(p.client_transport)
+        assert await client.fetch(p.server_addr, p.chunks[0]) is not None
+        p.net.disconnect(p.client_transport.node_id, p.server_addr.node_id)
+        got = await client.fetch(p.server_addr, p.chunks[1])
+        assert got is not None and got.data == p.store.get(p.chunks[1])
+
+
+async def test_cancelled_fetch_never_leaves_half_an_answer_for_the_next() -> None:
+    async with pair(n_chunks=2, size=1 << 20) as p:
+        client = ChunkClient(p.client_transport)
+        with trio.move_on_after(0) as scope:
+            await client.fetch(p.server_addr, p.chunks[0])
+        assert scope.cancelled_caught
+        for cid in p.chunks:  # each answer is the chunk asked for, whatever stream it came on
+            got = await client.fetch(p.server_addr, cid)
+            assert got is not None and got.data == p.store.get(cid)
+
+
+async def _liar(stream: Stream, peer_id: str) -> None:
+    while await stream.receive_exactly(46):
+        junk = os.urandom(4096)
+        await stream.send_all(struct.pack(">BI", 0, len(junk)) + junk)
+
+
+async def test_liar_is_detected_and_its_stream_not_reused() -> None:
+    net = MemoryNetwork()
+    async with net.open_transport(handlers={ALPN: _liar}) as liar, net.open_transport() as cli:
+        client = ChunkClient(cli)
+        for _ in range(2):
+            with pytest.raises(FetchFailed) as info:
+                await client.fetch(NodeAddr(liar.node_id), chunk_id(b"x" * 4096))
+            assert info.value.bad_data
+        assert client.streams_opened == 2
+
+
+async def test_fetcher_gets_correct_bytes_past_a_liar_and_penalises_it() -> None:
+    net = MemoryNetwork()
+    store = MemoryChunkStore()
+    data = os.urandom(4096)
+    cid = store.put(data)
+    async with net.open_transport(handlers={ALPN: ChunkServer(store).handle}) as honest, \
+            net.open_transport(handlers={ALPN: _liar}) as liar, net.open_transport() as reader:
+        peers = PeerBook(reader.node_id)
+        peers.of(liar.node_id).latency = 0.0001  # the liar looks best: it is asked first
+        local = MemoryChunkStore()
+        fetcher = Fetcher(local, reader, peers)
+        assert await fetcher.get(cid, [liar.node_id, honest.node_id]) == data
+        assert local.get(cid) == data
+        assert peers.of(liar.node_id).bad_data == 1
+        assert peers.of(liar.node_id).penalised_until > time.monotonic() + PENALTY_SECONDS / 2
+        assert peers.rank([liar.node_id, honest.node_id])[0] == honest.node_id
+
+
+async def test_server_answers_requests_in_order_and_finishes_on_eof() -> None:
+    async with pair(n_chunks=3) as p:
+        stream = await p.client_transport.open_stream(p.server_addr, ALPN)
+        async with stream:
+            await stream.send_all(b"".join(encode_request(cid) for cid in p.chunks))  # pipelined
+            await stream.send_eof()
+            for cid in p.chunks:
+                status, length = struct.unpack(">BI", await stream.receive_exactly(5))
+                assert status == 0 and await stream.receive_exactly(length) == p.store.get(cid)
+            assert await stream.receive_some() == b""  # FIN after the requester's EOF
+
+
+async def test_server_resets_a_stream_with_a_partial_request(autojump_clock: trio.abc.Clock) -> None:
+    async with pair() as p:
+        stream = await p.client_transport.open_stream(p.server_addr, ALPN)
+        async with stream:
+            await stream.send_all(encode_request(p.chunks[0])[:20])
+            with pytest.raises(StreamReset) as info:
+                await stream.receive_some()
+            assert info.value.code == CODE_BAD_REQUEST
+
+
+async def test_server_refuses_an_unknown_version_and_finishes() -> None:
+    async with pair() as p:
+        stream = await p.client_transport.open_stream(p.server_addr, ALPN)
+        async with stream:
+            await stream.send_all(b"\x02" + encode_request(p.chunks[0])[1:])
+            assert await stream.receive_exactly(5) == b"\x02\x00\x00\x00\x00"
+            assert await stream.receive_some() == b""
