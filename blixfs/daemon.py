@@ -129,7 +129,7 @@ class Runtime:
             nonlocal done
             async with limit:
                 try:
-                    await self.fetcher.get(cid, vfs._holders(e.manifest, e.author, index), e.path)
+                    await self.fetcher.get(cid, vfs._holders(e.manifest, e.author, index), e.path, must_store=True)
                 except FsError as exc:
                     failed.append(str(exc))
                     return

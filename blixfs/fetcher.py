@@ -296,11 +296,22 @@ class Fetcher:
             del self.transfers[label]
         return dict(self.transfers)
 
-    async def get(self, cid: ChunkId, holders: Sequence[str], label: str | None = None) -> bytes:
+    async def get(self, cid: ChunkId, holders: Sequence[str], label: str | None = None, *,
+                  must_store: bool = False) -> bytes:
         """The verified chunk from a holder, stored locally; FsError(EIO) if none could serve it.
 
-        ``label`` (a file path) counts the bytes towards that file's `Transfer`.
+        A chunk the store refuses (a full disk) is still returned, for a read to be served
+        from memory, unless ``must_store``: then FsError(ENOSPC). Callers that announce or
+        promise to hold the chunk (pulls, replicas) must ask for that: holding it in memory
+        is not holding it. ``label`` (a file path) counts the bytes towards that file's
+        `Transfer`.
         """
+        data = await self._get(cid, holders, label)
+        if must_store and not self.store.has(cid):
+            raise FsError(errno.ENOSPC, f"chunk {short(cid)} was fetched but could not be stored")
+        return data
+
+    async def _get(self, cid: ChunkId, holders: Sequence[str], label: str | None) -> bytes:
         pending = self._loading.get(cid)
         if pending is None:
             held = self.store.get(cid) if self.store.has(cid) else None

@@ -209,14 +209,15 @@ class Replicator:
     async def _pull(self, manifest_id: ChunkId, path: str, asker: str) -> None:
         try:
             holders = [asker, *self.holdings.holders(manifest_id)]
-            raw = await self.fetcher.get(manifest_id, holders, path)
+            raw = await self.fetcher.get(manifest_id, holders, path, must_store=True)
             m = Manifest.decode(raw)
             limit = trio.CapacityLimiter(READ_AHEAD_PARALLEL)
 
             async def one(index: int, cid: ChunkId) -> None:
                 async with limit:
                     if not self.node.chunks.has(cid):
-                        await self.fetcher.get(cid, [asker, *self.holdings.holders(manifest_id, index)], path)
+                        await self.fetcher.get(cid, [asker, *self.holdings.holders(manifest_id, index)], path,
+                                               must_store=True)
                     self.holdings.note_chunk(manifest_id, index, len(m.ids))
 
             async with trio.open_nursery() as nursery:

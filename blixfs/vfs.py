@@ -787,8 +787,11 @@ class Vfs:
         return lambda: self._holders(content.manifest, content.author, index)
 
     def _note_held(self, content: OpenContent, index: int) -> None:
-        """Holdings: this node now holds chunk ``index`` of the version ``content`` came from."""
-        if self.holdings is not None and content.manifest is not None and not content.changed:
+        """Holdings: this node now holds chunk ``index`` of the version ``content`` came from
+        (on disk: a chunk served from memory because the disk was full is not announced)."""
+        cid = content.ids[index]
+        if (self.holdings is not None and content.manifest is not None and not content.changed
+                and (cid == HOLE or self.chunks.has(cid))):
             self.holdings.note_chunk(content.manifest, index, len(content.ids))
 
     async def _load_for_update(self, content: OpenContent, indices: Iterable[int]) -> dict[ChunkId, bytes]:

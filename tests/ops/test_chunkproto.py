@@ -3,6 +3,7 @@ kept-open streams, stale pools, liars, cancellation, the server's request loop."
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import time
@@ -16,6 +17,7 @@ import trio
 from blixfs import chunkproto
 from blixfs.chunkproto import ALPN, CODE_BAD_REQUEST, ChunkClient, ChunkServer, FetchFailed, encode_request
 from blixfs.chunkstore import MemoryChunkStore
+from blixfs.errors import FsError
 from blixfs.fetcher import PENALTY_SECONDS, Fetcher, PeerBook
 from blixfs.hashing import ChunkId, chunk_id
 from blixfs.net.memory import MemoryNetwork
@@ -176,3 +178,18 @@ async def test_server_refuses_an_unknown_version_and_finishes() -> None:
             await stream.send_all(b"\x02" + encode_request(p.chunks[0])[1:])
             assert await stream.receive_exactly(5) == b"\x02\x00\x00\x00\x00"
             assert await stream.receive_some() == b""
+
+
+async def test_a_chunk_the_store_refuses_is_served_but_never_taken_as_held() -> None:
+    async with pair(n_chunks=2) as p:
+        local = MemoryChunkStore()
+        local.fail_with = errno.ENOSPC
+        fetcher = Fetcher(local, p.client_transport, PeerBook(p.client_transport.node_id))
+        holder = [p.server_addr.node_id]
+        assert await fetcher.get(p.chunks[0], holder) == p.store.get(p.chunks[0])  # a read: from memory
+        with pytest.raises(FsError) as info:  # a pull or a replica: it must be on disk
+            await fetcher.get(p.chunks[1], holder, must_store=True)
+        assert info.value.errno == errno.ENOSPC and not local.has(p.chunks[1])
+        local.fail_with = None
+        assert await fetcher.get(p.chunks[1], holder, must_store=True) == p.store.get(p.chunks[1])
+        assert local.has(p.chunks[1])
