@@ -192,16 +192,23 @@ def dominates(a: Entry, b: Entry) -> bool:
     return a.seen.get(b.author, -1) >= b.timestamp_ns
 
 
-def write_context(base: Entry | None, versions: Iterable[Entry]) -> dict[bytes, int]:
-    """The ``seen`` of a new version written over ``base``, given every version of the path
-    this node holds (the current one and the kept siblings).
+def write_context(base: Entry | None, versions: Iterable[Entry], author: bytes) -> dict[bytes, int]:
+    """The ``seen`` of a new version by ``author`` written over ``base``, given every
+    version of the path this node holds (the current one and the kept siblings).
 
-    Starting from ``base``'s successor context, the contexts of all held versions it
-    dominates are merged in until nothing changes. That keeps domination transitive (a
-    version covers all that the versions it replaces had seen), which is what makes the
-    kept siblings the same on every node whatever the order versions arrive in. Without
-    it an author's own old sibling version could be "seen" through the author's entry in
-    the vector without the versions that sibling had itself replaced.
+    Domination must be transitive for the kept siblings to be the same on every node
+    whatever the order versions arrive in: a version that covers another must cover all
+    that one had seen. Two rules keep it so:
+
+    * starting from ``base``'s successor context, the contexts of all held versions it
+      covers are merged in until nothing changes (the closure);
+    * the author's own held versions are always covered. The new version's successor
+      context claims every version of its author up to its timestamp (one number per
+      author cannot say "A up to 13 except A5"), so it must have seen them: else a later
+      version that saw this one would cover the author's old conflict copy without the
+      versions that copy had replaced, and nodes would keep different siblings (the
+      history hypothesis found: seed 771). A node's new write therefore supersedes its
+      own earlier conflict copies of the path; renaming a conflict file keeps it.
     """
     seen = base.successor_context() if base is not None else {}
     pending = [v for v in versions if v is not base]
@@ -209,11 +216,11 @@ def write_context(base: Entry | None, versions: Iterable[Entry]) -> dict[bytes, 
     while changed:
         changed = False
         for v in list(pending):
-            if seen.get(v.author, -1) >= v.timestamp_ns:
+            if seen.get(v.author, -1) >= v.timestamp_ns or v.author == author:
                 pending.remove(v)
-                for author, ts in v.successor_context().items():
-                    if seen.get(author, -1) < ts:
-                        seen[author] = ts
+                for who, ts in v.successor_context().items():
+                    if seen.get(who, -1) < ts:
+                        seen[who] = ts
                         changed = True
     return seen
 

@@ -267,6 +267,7 @@ class Fetcher:
         self.attempt_timeout = attempt_timeout
         self.fetch_timeout = fetch_timeout
         self._loading: dict[ChunkId, _Load] = {}
+        self._queued: set[ChunkId] = set()  # read-ahead tasks not finished yet
         self._limit = trio.CapacityLimiter(READ_AHEAD_PARALLEL)
         self._nursery: trio.Nursery | None = None
         self.bytes_fetched = 0
@@ -337,19 +338,27 @@ class Fetcher:
         return pending.data
 
     def prefetch(self, items: Iterable[tuple[ChunkId, Sequence[str]]], label: str | None = None) -> None:
-        """Fetch these chunks in the background (read-ahead); no-op until `serve` runs."""
+        """Fetch these chunks in the background (read-ahead); no-op until `serve` runs.
+
+        A sequential reader asks for the same window on every read: a chunk already queued,
+        being fetched or held is skipped, so each chunk costs one task and one fetch."""
         if self._nursery is None:
             return
         for cid, holders in items:
-            if cid not in self._loading and not self.store.has(cid):
+            if cid not in self._queued and cid not in self._loading and not self.store.has(cid):
+                self._queued.add(cid)
                 self._nursery.start_soon(self._prefetch_one, cid, holders, label)
 
     async def _prefetch_one(self, cid: ChunkId, holders: Sequence[str], label: str | None) -> None:
-        async with self._limit:
-            try:
-                await self.get(cid, holders, label)
-            except FsError as exc:
-                log.debug("read-ahead of chunk %s failed: %s", short(cid), exc)
+        try:
+            async with self._limit:
+                # A read may have fetched it (or be fetching it) while this task waited its turn.
+                if cid not in self._loading and not self.store.has(cid):
+                    await self.get(cid, holders, label)
+        except FsError as exc:
+            log.debug("read-ahead of chunk %s failed: %s", short(cid), exc)
+        finally:
+            self._queued.discard(cid)
 
     async def _fetch(self, cid: ChunkId, holders: Sequence[str]) -> bytes:
         tried: list[str] = []

@@ -50,6 +50,7 @@ from blixfs.entry import (
     META_KEYS,
     Entry,
     Kind,
+    dominates,
     join,
     parent_of,
     shown_as_conflict,
@@ -235,14 +236,14 @@ class Vfs:
     def _successor(self, prev: Entry, **changes: Any) -> Entry:
         """The next version of ``prev`` by this node: a later timestamp, and a causal
         context that has seen ``prev`` (so it replaces it rather than conflicting)."""
-        changes.setdefault("seen", write_context(prev, self.namespace.versions(prev.path)))
+        changes.setdefault("seen", write_context(prev, self.namespace.versions(prev.path), self.author))
         return prev.evolve(**changes, timestamp_ns=self.replica.stamp(prev), author=self.author)
 
     def _placed(self, content: Entry, path: str, **changes: Any) -> Entry:
         """``content`` as this node's new version at ``path``, over whatever version is there."""
         prev = self.namespace.get_any(path)
         return content.evolve(path=path, deleted=False, author=self.author, timestamp_ns=self.replica.stamp(prev),
-                              seen=write_context(prev, self.namespace.versions(path)), **changes)
+                              seen=write_context(prev, self.namespace.versions(path), self.author), **changes)
 
     def _entry(self, path: str) -> Entry:
         """The live entry at ``path`` (a kept conflict version for a conflict file name); ENOENT."""
@@ -307,7 +308,11 @@ class Vfs:
         if self.read_only:
             raise FsError(errno.EROFS, "this node holds a read-only capability for the namespace")
 
-    def _commit_entries(self, entries: list[Entry], *, durable: bool = False) -> None:
+    def _commit_entries(self, entries: list[Entry], *, durable: bool = False, resolving: Entry | None = None) -> None:
+        """Commit this node's new versions, plus a file of its own for each of this node's
+        conflict copies they supersede (see `_kept_own_conflicts`); ``resolving`` is the
+        conflict version a delete or rename of its conflict file means to drop."""
+        entries = [*entries, *self._kept_own_conflicts(entries, resolving)]
         try:
             self.replica.commit_local(entries, durable=durable)
         except FsError:
@@ -521,6 +526,35 @@ class Vfs:
         fh = await self._open_handle(ino, e, flags)
         return fh, self._attr(ino, e)
 
+    def _kept_own_conflicts(self, entries: list[Entry], resolving: Entry | None) -> list[Entry]:
+        """This node's conflict copies that ``entries`` supersede, as files of their own.
+
+        A new version covers every earlier version by its author (entry.write_context),
+        its conflict copies included: the data of such a copy must not go with it. So a
+        copy shown as ``NAME.conflict-<author>-<time>`` becomes a plain file of that name
+        in the same commit, as if the user had renamed it (unless that name is taken).
+        """
+        kept: list[Entry] = []
+        now = self._clock()
+        for e in entries:
+            current = self.namespace.get_any(e.path)
+            for sibling in self.namespace.versions(e.path):
+                if (sibling is current or sibling.author != self.author
+                        or (resolving is not None and sibling.entry_hash() == resolving.entry_hash())
+                        or not dominates(e, sibling) or current is None
+                        or not shown_as_conflict(current, sibling)):
+                    continue
+                path = join(parent_of(sibling.path), sibling.conflict_name())
+                if len(path.encode("utf-8")) > MAX_PATH_BYTES or len(sibling.conflict_name().encode()) > MAX_NAME_BYTES:
+                    log.warning("conflict copy %s of %s is superseded and its name is too long to keep it as a file",
+                                sibling.conflict_name(), sibling.path)
+                    continue
+                if self.namespace.get(path) is None:
+                    log.info("%s: this node's conflict copy is superseded by its new version: kept as %s",
+                             e.path, path)
+                    kept.append(self._placed(sibling, path, ctime_ns=now))
+        return kept
+
     def _resolution(self, version: Entry) -> Entry:
         """A new version of ``version``'s path that has seen it: the conflict is resolved
         (on every node, once this replicates) and the current content stays."""
@@ -531,12 +565,13 @@ class Vfs:
             seen[author] = max(seen.get(author, -1), ts)
         # ...and the closure of what that covers, like any new version (entry.write_context).
         base = current.evolve(seen=seen)
-        return self._successor(current, seen=write_context(base, self.namespace.versions(version.path)))
+        return self._successor(current, seen=write_context(base, self.namespace.versions(version.path), self.author))
 
     def _remove(self, path: str, want_dir: bool) -> None:
         version = self._conflict_version(path) if self.namespace.get(path) is None else None
         if version is not None and not want_dir:
-            self._commit_entries([self._resolution(version)])  # deleting a conflict file drops that version
+            # deleting a conflict file drops that version
+            self._commit_entries([self._resolution(version)], resolving=version)
             self._forget_path(path)
             return
         e = self._entry(path)
@@ -584,7 +619,8 @@ class Vfs:
         if version is not None:  # keeping a conflict version: it becomes a file of its own
             if self.namespace.get(dst) is not None:
                 raise FsError(errno.EEXIST, f"{dst} exists: rename the conflict version to a new name")
-            self._commit_entries([self._placed(version, dst, ctime_ns=self._clock()), self._resolution(version)])
+            self._commit_entries([self._placed(version, dst, ctime_ns=self._clock()), self._resolution(version)],
+                                 resolving=version)
             self._forget_path(src)
             return
         if dst.startswith(src + "/"):

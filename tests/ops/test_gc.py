@@ -91,3 +91,49 @@ async def test_a_live_file_without_its_manifest_stops_gc(tmp_path: Path) -> None
     report = collect(vfs.namespace, store, grace_seconds=0)
     assert report.missing_manifests == ["a"] and report.freed_chunks == 0
     assert set(store.ids()) == before
+
+
+async def _own_version_loses_to_a_peer(vfs: Vfs, content: bytes) -> str:
+    """Write ``f`` here, then merge a concurrent, later version from another author: ours
+    becomes a conflict copy. Returns the conflict file's name."""
+    await write(vfs, "f", content)
+    mine = vfs.namespace.get("f")
+    assert mine is not None
+    other = make_replica(keys=vfs.replica.keys)
+    winner = mine.evolve(author=other.author, timestamp_ns=mine.timestamp_ns + 10, seen={}, size=1)
+    other.commit_local([winner])
+    (signed,) = [e for e in other.store.entries() if e.path == "f"]
+    await vfs.replica.merge_remote([signed], "peer")
+    assert [c.author for c in vfs.namespace.conflicts_under("")] == [vfs.author]
+    return mine.conflict_name()
+
+
+async def read_all(vfs: Vfs, name: str) -> bytes:
+    fh = await vfs.open((await vfs.lookup(ROOT_INO, name)).ino, os.O_RDONLY)
+    try:
+        return await vfs.read(fh, 0, 1 << 30)
+    finally:
+        await vfs.release(fh)
+
+
+async def test_a_new_write_keeps_this_nodes_superseded_conflict_copy_as_a_file(tmp_path: Path) -> None:
+    store = DiskChunkStore(tmp_path / "chunks")
+    vfs = Vfs(make_replica(SqliteNamespaceStore(tmp_path / "ns.db")), store, chunk_size=CS)
+    ours = os.urandom(CS + 100)
+    name = await _own_version_loses_to_a_peer(vfs, ours)
+    await write(vfs, "f", b"written again here")  # supersedes our own old version (entry.write_context)
+    assert vfs.namespace.conflicts_under("") == []
+    kept = vfs.namespace.get(name)
+    assert kept is not None and kept.author == vfs.author  # a plain file now, on every node
+    assert await read_all(vfs, name) == ours
+    assert await read_all(vfs, "f") == b"written again here"
+    assert collect(vfs.namespace, store, grace_seconds=0).missing_manifests == []
+    assert await read_all(vfs, name) == ours  # GC keeps its chunks
+
+
+async def test_deleting_this_nodes_conflict_file_drops_it_without_a_copy(tmp_path: Path) -> None:
+    store = DiskChunkStore(tmp_path / "chunks")
+    vfs = Vfs(make_replica(SqliteNamespaceStore(tmp_path / "ns.db")), store, chunk_size=CS)
+    name = await _own_version_loses_to_a_peer(vfs, os.urandom(100))
+    await vfs.unlink(ROOT_INO, name)
+    assert vfs.namespace.conflicts_under("") == [] and vfs.namespace.get(name) is None

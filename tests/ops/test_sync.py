@@ -37,7 +37,7 @@ class Peer:
         ts = self.replica.stamp(prev)
         e = Entry(path=path, kind=Kind.FILE, mode=0o644, uid=0, gid=0, size=size, mtime_ns=ts, ctime_ns=ts,
                   author=self.replica.author, timestamp_ns=ts, manifest=bytes([size % 251 + 1]) * 32,
-                  seen=write_context(prev, self.replica.store.versions(path)))
+                  seen=write_context(prev, self.replica.store.versions(path), self.replica.author))
         self.replica.commit_local([e])
         return e
 
