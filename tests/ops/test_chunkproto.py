@@ -1,5 +1,7 @@
-"""The chunk protocol and the fetcher between in-process nodes over the in-memory transport:
-kept-open streams, stale pools, liars, cancellation, the server's request loop."""
+"""The chunk protocol and the fetcher between in-process nodes: kept-open streams, stale
+pools, liars, cancellation, the server's request loop. The tests that take ``kind`` run
+over both transports (in memory, and real iroh endpoints on loopback); the ones that
+need a mock clock or a cut link run in memory only."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ import errno
 import os
 import struct
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -20,8 +22,21 @@ from blixfs.chunkstore import MemoryChunkStore
 from blixfs.errors import FsError
 from blixfs.fetcher import PENALTY_SECONDS, Fetcher, PeerBook
 from blixfs.hashing import ChunkId, chunk_id
+from blixfs.net.iroh_transport import open_iroh_transport
 from blixfs.net.memory import MemoryNetwork
-from blixfs.net.transport import NodeAddr, Stream, StreamReset, Transport
+from blixfs.net.transport import NodeAddr, Stream, StreamHandler, StreamReset, Transport
+
+
+@pytest.fixture(params=["memory", "iroh"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def node(kind: str, net: MemoryNetwork, handlers: Mapping[bytes, StreamHandler] | None = None
+         ) -> AbstractAsyncContextManager[Transport]:
+    if kind == "memory":
+        return net.open_transport(handlers=handlers)
+    return open_iroh_transport(None, handlers=handlers, connect_timeout=1.5)
 
 
 @dataclass
@@ -35,17 +50,17 @@ class Pair:
 
 
 @asynccontextmanager
-async def pair(n_chunks: int = 8, size: int = 4096) -> AsyncIterator[Pair]:
+async def pair(kind: str = "memory", n_chunks: int = 8, size: int = 4096) -> AsyncIterator[Pair]:
     net = MemoryNetwork()
     store = MemoryChunkStore()
     chunks = [store.put(os.urandom(size)) for _ in range(n_chunks)]
     server = ChunkServer(store)
-    async with net.open_transport(handlers={ALPN: server.handle}) as srv, net.open_transport() as cli:
-        yield Pair(net, store, server, NodeAddr(srv.node_id), cli, chunks)
+    async with node(kind, net, {ALPN: server.handle}) as srv, node(kind, net) as cli:
+        yield Pair(net, store, server, srv.addr(), cli, chunks)
 
 
-async def test_sequential_fetches_share_one_stream() -> None:
-    async with pair() as p:
+async def test_sequential_fetches_share_one_stream(kind: str) -> None:
+    async with pair(kind) as p:
         client = ChunkClient(p.client_transport)
         for cid in p.chunks:
             got = await client.fetch(p.server_addr, cid)
@@ -55,8 +70,8 @@ async def test_sequential_fetches_share_one_stream() -> None:
         assert p.server.requests == len(p.chunks) + 1
 
 
-async def test_concurrent_fetches_open_streams_then_reuse_them() -> None:
-    async with pair(n_chunks=4, size=256 * 1024) as p:
+async def test_concurrent_fetches_open_streams_then_reuse_them(kind: str) -> None:
+    async with pair(kind, n_chunks=4, size=256 * 1024) as p:
         client = ChunkClient(p.client_transport)
         results: dict[ChunkId, bytes] = {}
 
@@ -103,15 +118,32 @@ async def test_lost_connection_under_a_pooled_stream_is_replaced() -> None:
         assert got is not None and got.data == p.store.get(p.chunks[1])
 
 
-async def test_cancelled_fetch_never_leaves_half_an_answer_for_the_next() -> None:
-    async with pair(n_chunks=2, size=1 << 20) as p:
-        client = ChunkClient(p.client_transport)
-        with trio.move_on_after(0) as scope:
-            await client.fetch(p.server_addr, p.chunks[0])
-        assert scope.cancelled_caught
-        for cid in p.chunks:  # each answer is the chunk asked for, whatever stream it came on
-            got = await client.fetch(p.server_addr, cid)
-            assert got is not None and got.data == p.store.get(cid)
+async def test_cancelled_fetch_never_leaves_half_an_answer_for_the_next(kind: str) -> None:
+    net = MemoryNetwork()
+    store = MemoryChunkStore()
+    chunks = [store.put(os.urandom(256 * 1024)) for _ in range(2)]
+    server = ChunkServer(store)
+    stalled = trio.Event()
+
+    async def half_then_honest(stream: Stream, peer_id: str) -> None:
+        if not stalled.is_set():  # the first stream: half an answer, then nothing
+            stalled.set()
+            cid = ChunkId((await stream.receive_exactly(46))[2:34])
+            data = store.get(cid)
+            assert data is not None
+            await stream.send_all(struct.pack(">BI", 0, len(data)) + data[: len(data) // 2])
+            await trio.sleep_forever()
+        await server.handle(stream, peer_id)
+
+    async with node(kind, net, {ALPN: half_then_honest}) as srv, node(kind, net) as cli:
+        client = ChunkClient(cli)
+        with trio.move_on_after(0.5) as scope:  # a deadline in the middle of the answer
+            await client.fetch(srv.addr(), chunks[0])
+        assert scope.cancelled_caught and stalled.is_set()
+        for cid in chunks:  # each answer is the chunk asked for: the broken stream was not reused
+            got = await client.fetch(srv.addr(), cid)
+            assert got is not None and got.data == store.get(cid)
+        assert client.streams_opened == 2
 
 
 async def _liar(stream: Stream, peer_id: str) -> None:
@@ -120,25 +152,27 @@ async def _liar(stream: Stream, peer_id: str) -> None:
         await stream.send_all(struct.pack(">BI", 0, len(junk)) + junk)
 
 
-async def test_liar_is_detected_and_its_stream_not_reused() -> None:
+async def test_liar_is_detected_and_its_stream_not_reused(kind: str) -> None:
     net = MemoryNetwork()
-    async with net.open_transport(handlers={ALPN: _liar}) as liar, net.open_transport() as cli:
+    async with node(kind, net, {ALPN: _liar}) as liar, node(kind, net) as cli:
         client = ChunkClient(cli)
         for _ in range(2):
             with pytest.raises(FetchFailed) as info:
-                await client.fetch(NodeAddr(liar.node_id), chunk_id(b"x" * 4096))
+                await client.fetch(liar.addr(), chunk_id(b"x" * 4096))
             assert info.value.bad_data
         assert client.streams_opened == 2
 
 
-async def test_fetcher_gets_correct_bytes_past_a_liar_and_penalises_it() -> None:
+async def test_fetcher_gets_correct_bytes_past_a_liar_and_penalises_it(kind: str) -> None:
     net = MemoryNetwork()
     store = MemoryChunkStore()
     data = os.urandom(4096)
     cid = store.put(data)
-    async with net.open_transport(handlers={ALPN: ChunkServer(store).handle}) as honest, \
-            net.open_transport(handlers={ALPN: _liar}) as liar, net.open_transport() as reader:
+    async with node(kind, net, {ALPN: ChunkServer(store).handle}) as honest, \
+            node(kind, net, {ALPN: _liar}) as liar, node(kind, net) as reader:
         peers = PeerBook(reader.node_id)
+        peers.learn(honest.addr())
+        peers.learn(liar.addr())
         peers.of(liar.node_id).latency = 0.0001  # the liar looks best: it is asked first
         local = MemoryChunkStore()
         fetcher = Fetcher(local, reader, peers)
@@ -149,8 +183,8 @@ async def test_fetcher_gets_correct_bytes_past_a_liar_and_penalises_it() -> None
         assert peers.rank([liar.node_id, honest.node_id])[0] == honest.node_id
 
 
-async def test_server_answers_requests_in_order_and_finishes_on_eof() -> None:
-    async with pair(n_chunks=3) as p:
+async def test_server_answers_requests_in_order_and_finishes_on_eof(kind: str) -> None:
+    async with pair(kind, n_chunks=3) as p:
         stream = await p.client_transport.open_stream(p.server_addr, ALPN)
         async with stream:
             await stream.send_all(b"".join(encode_request(cid) for cid in p.chunks))  # pipelined
@@ -171,8 +205,8 @@ async def test_server_resets_a_stream_with_a_partial_request(autojump_clock: tri
             assert info.value.code == CODE_BAD_REQUEST
 
 
-async def test_server_refuses_an_unknown_version_and_finishes() -> None:
-    async with pair() as p:
+async def test_server_refuses_an_unknown_version_and_finishes(kind: str) -> None:
+    async with pair(kind) as p:
         stream = await p.client_transport.open_stream(p.server_addr, ALPN)
         async with stream:
             await stream.send_all(b"\x02" + encode_request(p.chunks[0])[1:])
@@ -180,11 +214,13 @@ async def test_server_refuses_an_unknown_version_and_finishes() -> None:
             assert await stream.receive_some() == b""
 
 
-async def test_a_chunk_the_store_refuses_is_served_but_never_taken_as_held() -> None:
-    async with pair(n_chunks=2) as p:
+async def test_a_chunk_the_store_refuses_is_served_but_never_taken_as_held(kind: str) -> None:
+    async with pair(kind, n_chunks=2) as p:
         local = MemoryChunkStore()
         local.fail_with = errno.ENOSPC
-        fetcher = Fetcher(local, p.client_transport, PeerBook(p.client_transport.node_id))
+        peers = PeerBook(p.client_transport.node_id)
+        peers.learn(p.server_addr)
+        fetcher = Fetcher(local, p.client_transport, peers)
         holder = [p.server_addr.node_id]
         assert await fetcher.get(p.chunks[0], holder) == p.store.get(p.chunks[0])  # a read: from memory
         with pytest.raises(FsError) as info:  # a pull or a replica: it must be on disk
