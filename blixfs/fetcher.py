@@ -104,20 +104,23 @@ class PeerBook:
         """Holders best first by expected time = latency x (1 + requests in flight);
         penalised and unreachable ones last.
 
-        A never-measured holder counts with the best measured latency: it is not preferred
-        over a proven one, but it is tried as soon as that one has requests queued, which
-        is how a sequential reader spreads over several holders and learns them.
+        A never-measured holder with no request in flight comes first: every holder is
+        asked once and measured, so the nearest one is found rather than assumed. While
+        that first request runs it counts with the best measured latency, so it is not
+        flooded before it has answered. Requests in flight are how a sequential reader's
+        read-ahead spreads over several holders.
         """
         now = time.monotonic()
         unique = [h for h in dict.fromkeys(holders) if h != self.self_id]
         measured = [self.of(h).latency for h in unique if self.of(h).chunks_received]
         prior = min(measured) if measured else PeerStats.latency
 
-        def key(h: str) -> tuple[bool, float, bool]:
+        def key(h: str) -> tuple[bool, bool, float]:
             st = self.of(h)
-            latency = st.latency if st.chunks_received else prior
-            return (st.penalised_until > now or st.state == "unreachable", latency * (1 + st.inflight),
-                    st.chunks_received == 0)
+            unmeasured = st.chunks_received == 0
+            latency = prior if unmeasured else st.latency
+            return (st.penalised_until > now or st.state == "unreachable", not (unmeasured and st.inflight == 0),
+                    latency * (1 + st.inflight))
 
         return sorted(unique, key=key)
 
