@@ -2,7 +2,8 @@
 """Benchmark lazy fetching between blixfs nodes on loopback, one run, figures side by side.
 
     .venv/bin/python scripts/bench_fetch.py [--size-mib 1024] [--random-mib 256] [--random-reads 300]
-                                            [--rounds 3] [--workdir DIR] [--profile OUT.txt [--profile-node a|b]]
+                                            [--rounds 3] [--chunk-size 256K] [--workdir DIR]
+                                            [--profile OUT.txt [--profile-node a|b]]
 
 Needs root (FUSE, drop_caches); about a minute. Not a test: the figures depend on the
 machine and its neighbours. It starts four nodes, each a real ``blixfs mount`` process
@@ -202,6 +203,7 @@ class BenchNode:
     home: Path
     mnt: Path
     log_path: Path
+    mount_args: tuple[str, ...] = MOUNT_ARGS
     proc: subprocess.Popen[bytes] | None = None
     notify: socket.socket | None = None
 
@@ -215,7 +217,7 @@ class BenchNode:
             # Its own session: a Ctrl-C reaches only the benchmark, which then stops the nodes in order.
             self.proc = subprocess.Popen(
                 [sys.executable, str(SCRIPT), "--as-node", "--home", str(self.home), "mount", str(self.mnt),
-                 *MOUNT_ARGS],
+                 *self.mount_args],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "NOTIFY_SOCKET": "@" + name},
                 start_new_session=True,
             )
@@ -569,6 +571,8 @@ def main() -> None:
     ap.add_argument("--random-reads", type=int, default=300, help="cold 4 KiB reads (default 300)")
     ap.add_argument("--raw-mib", type=int, default=256, help="MiB per raw stream run (default 256)")
     ap.add_argument("--rounds", type=int, default=3, help="warm/local rounds; medians (default 3)")
+    ap.add_argument("--chunk-size", choices=["64K", "128K", "256K", "512K", "1024K"], default="256K",
+                    help="chunk size the nodes write with (mount --chunk-size; default 256K)")
     ap.add_argument("--workdir", type=Path, default=None, help="where homes and files go (default: /var/tmp)")
     ap.add_argument("--profile", type=Path, default=None, metavar="OUT",
                     help="py-spy record B's daemon during (b) into OUT (raw format) and summarise it")
@@ -579,7 +583,8 @@ def main() -> None:
         raise SystemExit("run as root: the benchmark mounts FUSE filesystems and drops the page cache")
     signal.signal(signal.SIGTERM, _interrupt)
     work = Path(tempfile.mkdtemp(prefix="blixfs-fetch-", dir=args.workdir or "/var/tmp"))
-    nodes = {n: BenchNode(n, work / f"home-{n}", work / f"mnt-{n}", work / f"{n}.log") for n in "abcd"}
+    mount_args = (*MOUNT_ARGS, "--chunk-size", args.chunk_size)
+    nodes = {n: BenchNode(n, work / f"home-{n}", work / f"mnt-{n}", work / f"{n}.log", mount_args) for n in "abcd"}
     try:
         run(args, work, nodes)
     except KeyboardInterrupt:
@@ -598,14 +603,15 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, work: Path, nodes: dict[str, BenchNode]) -> None:
-    from blixfs.manifest import DEFAULT_CHUNK_SIZE
+    from blixfs.cli import CHUNK_SIZES
     from blixfs.vfs import READ_AHEAD_BYTES
 
+    chunk_size = CHUNK_SIZES[args.chunk_size]
     a, b, c, d = (nodes[n] for n in "abcd")
     size, rsize = args.size_mib * MiB, args.random_mib * MiB
     rng = random.Random(1)
     load_at_start = Path("/proc/loadavg").read_text().split()[0]  # other work on the machine skews everything
-    offsets = cold_offsets(rsize, DEFAULT_CHUNK_SIZE, args.random_reads + 1, READ_AHEAD_BYTES, random.Random(2))
+    offsets = cold_offsets(rsize, chunk_size, args.random_reads + 1, READ_AHEAD_BYTES, random.Random(2))
     note(f"workdir {work}; starting node a")
     a.launch()
     wait_ready([a])
@@ -711,7 +717,7 @@ def run(args: argparse.Namespace, work: Path, nodes: dict[str, BenchNode]) -> No
     w, loc = statistics.median(warm), statistics.median(local)
     print(f"\nblixfs lazy fetch, 4 nodes on loopback, {os.cpu_count()} CPUs (load average {load_at_start} at the "
           f"start, {Path('/proc/loadavg').read_text().split()[0]} at the end); files of {args.size_mib} MiB "
-          f"(seq) and {args.random_mib} MiB (random), chunks {DEFAULT_CHUNK_SIZE // 1024} KiB, workdir {work.parent}")
+          f"(seq) and {args.random_mib} MiB (random), chunks {chunk_size // 1024} KiB, workdir {work.parent}")
     print(f"\n{'':50}{'figure':>11}{'ratio':>7}  {'goal':<22}{'met':>4}")
     def row(label: str, value: str, ratio: str = "", goal: str = "", met: bool | None = None) -> None:
         print(f"{label:50}{value:>11}{ratio:>7}  {goal:<22}{'' if met is None else 'yes' if met else 'NO':>4}")
@@ -731,7 +737,7 @@ def run(args: argparse.Namespace, work: Path, nodes: dict[str, BenchNode]) -> No
     secs1, secs2 = size / cold1 / 1e6, size / cold2 / 1e6
     row("(b) cold seq read on b, from a", f"{cold1:.0f} {mb}", f"{cold1 / ref:.2f}", ">= 0.8x (a)", cold1 >= 0.8 * ref)
     more(f"b fetched {b_fetched / MiB:.0f} MiB in {b_chunks} chunks to read {size // MiB} MiB "
-         f"({b_chunks - size // DEFAULT_CHUNK_SIZE:+d} chunks); CPU ms per chunk fetched: "
+         f"({b_chunks - size // chunk_size:+d} chunks); CPU ms per chunk fetched: "
          f"a {cpu1['a'] * 1e3 / b_chunks:.2f}, b {cpu1['b'] * 1e3 / b_chunks:.2f}")
     spied = f"; {args.profile_node} sampled by py-spy meanwhile (slower)" if args.profile else ""
     more(cpu_text(cpu1, secs1) + spied)
