@@ -87,6 +87,14 @@ def encode_request(cid: ChunkId, offset: int = 0, length: int = 0) -> bytes:
     return _REQUEST.pack(VERSION, OP_GET, cid, offset, length)
 
 
+def encode_hold(manifest_id: ChunkId, path: str) -> bytes:
+    """A HOLD request: hold the version ``manifest_id`` of ``path`` whole (protocol.md 14.1)."""
+    encoded = path.encode("utf-8")
+    if len(encoded) > MAX_HOLD_PATH:
+        raise ValueError(f"a HOLD path has at most {MAX_HOLD_PATH} bytes")
+    return _REQUEST.pack(VERSION, OP_HOLD, manifest_id, 0, 0) + struct.pack(">H", len(encoded)) + encoded
+
+
 class ChunkServer:
     """Serves this node's chunks. Register `handle` for `ALPN` on the transport.
 
@@ -282,11 +290,9 @@ async def request_hold(transport: Transport, peer: NodeAddr, manifest_id: ChunkI
     """Ask ``peer`` to hold the version ``manifest_id`` of ``path`` whole; True if it accepted.
 
     Raises transport errors; the caller sets the deadline."""
-    encoded = path.encode("utf-8")
     stream = await transport.open_stream(peer, ALPN)
     async with stream:
-        await stream.send_all(_REQUEST.pack(VERSION, OP_HOLD, manifest_id, 0, 0) + struct.pack(">H", len(encoded))
-                              + encoded)
+        await stream.send_all(encode_hold(manifest_id, path))
         await stream.send_eof()
         try:
             status, _ = _RESPONSE.unpack(await stream.receive_exactly(_RESPONSE.size))
@@ -295,4 +301,5 @@ async def request_hold(transport: Transport, peer: NodeAddr, manifest_id: ChunkI
     return bool(status == OK)
 
 
-__all__ = ["ALPN", "ChunkClient", "ChunkServer", "FetchFailed", "Fetched", "TransportError", "request_hold"]
+__all__ = ["ALPN", "ChunkClient", "ChunkServer", "FetchFailed", "Fetched", "TransportError", "encode_hold",
+           "encode_request", "request_hold"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 
 import blake3
@@ -21,7 +22,7 @@ import trio
 
 from blixfs import crypto
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
-from blixfs.chunkproto import ChunkServer, encode_request
+from blixfs.chunkproto import ChunkServer, encode_hold, encode_request
 from blixfs.chunkstore import MAX_CHUNK_BYTES, MemoryChunkStore
 from blixfs.entry import Entry, Kind
 from blixfs.fetcher import Holdings
@@ -98,13 +99,15 @@ def _frame_table(raw: bytes, parts: list[tuple[int, str]]) -> list[str]:
     return rows
 
 
-def _served(store: MemoryChunkStore, requests: list[bytes]) -> list[bytes]:
+def _served(store: MemoryChunkStore, requests: list[bytes],
+            on_hold: Callable[[ChunkId, str, str], bool] | None = None) -> list[bytes]:
     """What blixfs's own chunk server sends back for each request (one stream each), over
     the in-memory transport: the bytes up to its FIN."""
 
     async def exchange() -> list[bytes]:
         net = MemoryNetwork()
         server = ChunkServer(store)
+        server.on_hold = on_hold
         async with net.open_transport(handlers={CHUNKS_ALPN: server.handle}) as srv, net.open_transport() as cli:
             answers = []
             for request in requests:
@@ -299,12 +302,13 @@ def build() -> _Doc:
     if sorted(chunks) != sorted(c for c in manifest.ids if c != HOLE):
         raise AssertionError("stored chunks are not the non-hole ids")
 
-    _chunks_example(doc, manifest, chunks, mbytes)
+    _chunks_example(doc, manifest, chunks, mbytes, ChunkId(mid))
     _merge_example(doc, a, b)
     return doc
 
 
-def _chunks_example(doc: _Doc, manifest: Manifest, chunks: dict[ChunkId, bytes], mbytes: bytes) -> None:
+def _chunks_example(doc: _Doc, manifest: Manifest, chunks: dict[ChunkId, bytes], mbytes: bytes,
+                    mid: ChunkId) -> None:
     store = MemoryChunkStore()
     for data in [*chunks.values(), mbytes]:
         store.put(data)
@@ -339,6 +343,20 @@ def _chunks_example(doc: _Doc, manifest: Manifest, chunks: dict[ChunkId, bytes],
     doc.say("The answer to `chunks.request` with its version byte set to 2: status BAD_REQUEST",
             "(`02`), length 0, no body:")
     doc.block("chunks.response_bad_request", _hex(answers[3]))
+    hold = encode_hold(mid, "vm.img")
+    held: list[tuple[ChunkId, str, str]] = []
+    accepted = _served(store, [hold], on_hold=lambda mid, name, peer: held.append((mid, name, peer)) is None)
+    refused = _served(store, [hold])
+    if [(m, n) for m, n, _ in held] != [(mid, "vm.img")]:
+        raise AssertionError("the server did not pass the HOLD request on")
+    doc.say(f"HOLD of the {SECTION}.7 manifest as the version of `vm.img` (op 2: the request's id is the",
+            "manifest id, offset and length are 0, then the path's length as a u16 and its UTF-8 bytes):")
+    doc.block("chunks.request_hold", _hex(hold))
+    doc.say("The answer of a node that accepts (it will pull the version and keep it): status OK,",
+            "length 0; then FIN:")
+    doc.block("chunks.response_hold_accepted", _hex(accepted[0]))
+    doc.say("The answer of a node that refuses (here: one without a replicator): BAD_REQUEST:")
+    doc.block("chunks.response_hold_refused", _hex(refused[0]))
 
 
 def _merge_example(doc: _Doc, a: bytes, b: bytes) -> None:

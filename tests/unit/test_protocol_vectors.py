@@ -188,3 +188,13 @@ def test_chunk_protocol() -> None:
     assert status == 0 and ok[5:] == chunk[offset : offset + length] and n == len(ok) - 5 > 0
     assert raw("chunks.response_dont_have") == struct.pack(">BI", 1, 0)
     assert raw("chunks.response_bad_request") == struct.pack(">BI", 2, 0)
+
+
+def test_hold_request() -> None:
+    hold = raw("chunks.request_hold")
+    version, op, mid, offset, length = struct.unpack_from(">BB32sQI", hold)
+    (size,) = struct.unpack_from(">H", hold, 46)
+    assert (version, op, mid, offset, length) == (1, 2, raw("manifest.id"), 0, 0)
+    assert hold[48:].decode("utf-8") == "vm.img" and size == len(hold) - 48
+    assert raw("chunks.response_hold_accepted") == struct.pack(">BI", 0, 0)
+    assert raw("chunks.response_hold_refused") == struct.pack(">BI", 2, 0)
