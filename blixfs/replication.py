@@ -194,8 +194,18 @@ class Replicator:
     # ----------------------------------------------------------------- target side
 
     def on_hold(self, manifest_id: ChunkId, path: str, peer: str) -> bool:
-        """A peer asks this node to hold a version whole. Accepted unless there is no room."""
+        """A peer asks this node to hold a version whole (the chunk server's HOLD).
+
+        Accepted only for a version of ``path`` that this node's namespace holds, live or
+        kept as a conflict: the chunk protocol is not bound to a namespace, and a stranger
+        must not make this node fetch and keep data. A writer's HOLD that arrives before
+        its entry is refused and asked again on its next round (every second).
+        """
         if self._nursery is None:
+            return False
+        if not any(v.manifest == manifest_id and not v.deleted for v in self.node.namespace.versions(path)):
+            log.info("peer %s asked this node to hold %s of %r, which the namespace does not reference: refused",
+                     peer[:16], short(manifest_id), path)
             return False
         replicas = self.node.replicas()
         if manifest_id not in replicas:

@@ -11,19 +11,9 @@ from blixfs.hashing import HOLE, ChunkId
 from blixfs.manifest import MIN_CHUNK_SIZE
 from blixfs.namespace import SqliteNamespaceStore
 from blixfs.vfs import ROOT_INO, Vfs
-from tests.helpers import make_replica
+from tests.helpers import make_replica, write_file
 
 CS = MIN_CHUNK_SIZE
-
-
-async def write(vfs: Vfs, name: str, data: bytes) -> None:
-    try:
-        ino = (await vfs.lookup(ROOT_INO, name)).ino
-        fh = await vfs.open(ino, os.O_WRONLY | os.O_TRUNC)
-    except Exception:
-        fh, _ = await vfs.create(ROOT_INO, name, 0o644, os.O_WRONLY, 0, 0)
-    await vfs.write(fh, 0, data)
-    await vfs.release(fh)
 
 
 def ids_of(vfs: Vfs, name: str) -> set[ChunkId]:
@@ -36,11 +26,11 @@ async def test_overwritten_and_deleted_content_is_freed_shared_chunks_stay(tmp_p
     store = DiskChunkStore(tmp_path / "chunks")
     vfs = Vfs(make_replica(SqliteNamespaceStore(tmp_path / "ns.db")), store, chunk_size=CS)
     shared = os.urandom(CS)
-    await write(vfs, "img", shared + os.urandom(3 * CS))
+    await write_file(vfs, "img", shared + os.urandom(3 * CS))
     old = ids_of(vfs, "img")
-    await write(vfs, "img", shared + os.urandom(2 * CS))  # overwritten: keeps the shared first chunk
+    await write_file(vfs, "img", shared + os.urandom(2 * CS))  # overwritten: keeps the shared first chunk
     new = ids_of(vfs, "img")
-    await write(vfs, "gone", os.urandom(2 * CS))
+    await write_file(vfs, "gone", os.urandom(2 * CS))
     gone = ids_of(vfs, "gone")
     await vfs.unlink(ROOT_INO, "gone")
 
@@ -60,12 +50,12 @@ async def test_overwritten_and_deleted_content_is_freed_shared_chunks_stay(tmp_p
 async def test_conflict_versions_keep_their_content(tmp_path: Path) -> None:
     store = DiskChunkStore(tmp_path / "chunks")
     vfs = Vfs(make_replica(SqliteNamespaceStore(tmp_path / "ns.db")), store, chunk_size=CS)
-    await write(vfs, "f", os.urandom(CS))
+    await write_file(vfs, "f", os.urandom(CS))
     loser = vfs.namespace.get("f")
     assert loser is not None
     # a concurrent version from another author that wins: ours becomes a kept sibling
     other = make_replica(keys=vfs.replica.keys)
-    await write(vfs, "tmp", os.urandom(CS))
+    await write_file(vfs, "tmp", os.urandom(CS))
     tmp = vfs.namespace.get("tmp")
     assert tmp is not None
     winner = tmp.evolve(path="f", author=other.author, timestamp_ns=loser.timestamp_ns + 10, seen={})
@@ -82,8 +72,8 @@ async def test_conflict_versions_keep_their_content(tmp_path: Path) -> None:
 async def test_a_live_file_without_its_manifest_stops_gc(tmp_path: Path) -> None:
     store = DiskChunkStore(tmp_path / "chunks")
     vfs = Vfs(make_replica(SqliteNamespaceStore(tmp_path / "ns.db")), store, chunk_size=CS)
-    await write(vfs, "a", os.urandom(2 * CS))
-    await write(vfs, "b", os.urandom(2 * CS))
+    await write_file(vfs, "a", os.urandom(2 * CS))
+    await write_file(vfs, "b", os.urandom(2 * CS))
     e = vfs.namespace.get("a")
     assert e is not None and e.manifest is not None
     store.delete(ChunkId(e.manifest))  # as if its manifest lived on a peer only
@@ -96,7 +86,7 @@ async def test_a_live_file_without_its_manifest_stops_gc(tmp_path: Path) -> None
 async def _own_version_loses_to_a_peer(vfs: Vfs, content: bytes) -> str:
     """Write ``f`` here, then merge a concurrent, later version from another author: ours
     becomes a conflict copy. Returns the conflict file's name."""
-    await write(vfs, "f", content)
+    await write_file(vfs, "f", content)
     mine = vfs.namespace.get("f")
     assert mine is not None
     other = make_replica(keys=vfs.replica.keys)
@@ -121,7 +111,7 @@ async def test_a_new_write_keeps_this_nodes_superseded_conflict_copy_as_a_file(t
     vfs = Vfs(make_replica(SqliteNamespaceStore(tmp_path / "ns.db")), store, chunk_size=CS)
     ours = os.urandom(CS + 100)
     name = await _own_version_loses_to_a_peer(vfs, ours)
-    await write(vfs, "f", b"written again here")  # supersedes our own old version (entry.write_context)
+    await write_file(vfs, "f", b"written again here")  # supersedes our own old version (entry.write_context)
     assert vfs.namespace.conflicts_under("") == []
     kept = vfs.namespace.get(name)
     assert kept is not None and kept.author == vfs.author  # a plain file now, on every node

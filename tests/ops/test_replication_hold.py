@@ -1,0 +1,41 @@
+"""The replica target's side of HOLD: what it accepts to keep."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+
+from blixfs.fetcher import Fetcher, Holdings, PeerBook
+from blixfs.hashing import ChunkId
+from blixfs.net.memory import MemoryNetwork
+from blixfs.node import Node
+from blixfs.replication import Replicator
+from blixfs.sync import SyncService
+from tests.helpers import write_file
+
+
+async def test_hold_is_accepted_only_for_a_version_the_namespace_holds(tmp_path: Path) -> None:
+    node = Node.open(tmp_path / "home", lock=False)
+    try:
+        vfs = node.vfs()
+        await write_file(vfs, "img", os.urandom(100_000))
+        e = node.namespace.get("img")
+        assert e is not None and e.manifest is not None
+        async with MemoryNetwork().open_transport(node.node_id.hex()) as transport:
+            holdings = Holdings(node.node_id.hex())
+            peers = PeerBook(node.node_id.hex())
+            replicator = Replicator(node, transport, SyncService(node.replica, transport, holdings), holdings, peers,
+                                    Fetcher(node.chunks, transport, peers))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(replicator.run)
+                stranger = "ab" * 32
+                assert not replicator.on_hold(ChunkId(os.urandom(32)), "img", stranger)  # not a version of img
+                assert not replicator.on_hold(ChunkId(e.manifest), "other", stranger)  # not at that path
+                assert node.replicas() == {}
+                assert replicator.on_hold(ChunkId(e.manifest), "img", stranger)
+                assert node.replicas() == {e.manifest: "img"}
+                nursery.cancel_scope.cancel()
+    finally:
+        node.close()
