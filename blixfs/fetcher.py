@@ -222,18 +222,44 @@ class Holdings:
             self._touched()
 
     def evicted(self, cids: set[ChunkId], manifest_ids: Callable[[bytes], Iterable[ChunkId] | None]) -> None:
-        """This node evicted ``cids``: versions it held whole that used one of them are no longer
-        announced (``manifest_ids`` gives a manifest's chunk ids, None if unknown: dropped too)."""
-        for mid in list(self.own.complete):
+        """This node evicted ``cids``; what it announces follows, so peers do not ask it for them.
+
+        A version held whole that lost chunks is announced as partial, with the chunks it
+        still holds; a partial one loses those bits. A version whose manifest went, or is
+        unknown (``manifest_ids`` gives a manifest's chunk ids, None if unknown), is dropped.
+        """
+        for mid in [*self.own.complete, *self.own.partial]:
             ids = manifest_ids(mid)
-            if ids is None or mid in cids or any(c in cids for c in ids):
+            if ids is None or mid in cids:
+                self._drop(mid)
+                continue
+            ids = list(ids)
+            lost = [i for i, c in enumerate(ids) if c in cids]
+            if not lost:
+                continue
+            if mid in self.own.complete:
                 self.own.complete.discard(mid)
-                self._touched()
-        for mid in list(self.own.partial):
-            if mid in cids:
-                del self.own.partial[mid]
-                self._held.pop(mid, None)
-                self._touched()
+                bits = self.own.partial[mid] = bytearray(b"\xff" * (len(ids) // 8))
+                if len(ids) % 8:
+                    bits.append((1 << (len(ids) % 8)) - 1)
+                self._held[mid] = len(ids)
+            bits = self.own.partial[mid]
+            for i in lost:
+                mask = 1 << (i % 8)
+                if bits[i // 8] & mask:
+                    bits[i // 8] &= ~mask
+                    self._held[mid] -= 1
+            if self._held[mid] == 0:
+                self._drop(mid)
+            self._touched()
+
+    def _drop(self, manifest_id: bytes) -> None:
+        """Stop announcing ``manifest_id`` at all."""
+        if manifest_id in self.own.complete or manifest_id in self.own.partial:
+            self.own.complete.discard(manifest_id)
+            self.own.partial.pop(manifest_id, None)
+            self._held.pop(manifest_id, None)
+            self._touched()
 
 
 @dataclass
