@@ -92,7 +92,7 @@ def test_the_serving_node_dies_mid_read_and_the_read_completes_from_another_hold
 
 
 def test_corrupt_chunks_and_a_lying_peer_never_reach_the_reader(make_node: Factory) -> None:
-    a = make_node("a")
+    a = make_node("a", "--copies", "1")  # no replica: c must read through the network, after the rot
     b = joined(make_node, "b", a)
     liar = subprocess.Popen([sys.executable, "-m", "tests.multinode.liar_peer", ticket(a, write=False), "120"],
                             cwd=REPO, stdout=subprocess.PIPE, text=True)
