@@ -73,7 +73,7 @@ def test_a_1gib_image_written_on_a_reads_on_b(make_node: Factory, tmp_path: Path
 
 
 def test_the_serving_node_dies_mid_read_and_the_read_completes_from_another_holder(make_node: Factory) -> None:
-    a = make_node("a")
+    a = make_node("a", "--copies", "1")  # no replica: c must not hold the image before it reads
     b = joined(make_node, "b", a)
     c = joined(make_node, "c", a)  # c knows only a; it learns b from the holdings a relays
     digest = write_random(a.mnt / "img", 256 * MiB)
@@ -146,7 +146,7 @@ def test_cache_stays_within_budget_keeps_pins_and_survives_restart(make_node: Fa
 
 
 def test_no_reachable_holder_fails_with_eio_within_the_deadline_and_the_mount_stays_up(make_node: Factory) -> None:
-    a = make_node("a")
+    a = make_node("a", "--copies", "1")  # no replica: b must not hold the image when a stops
     b = make_node("b", start=False)
     b.cli("join", ticket(a))
     b.extra_args = ["--fetch-timeout", "3"]
