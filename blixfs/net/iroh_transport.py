@@ -75,7 +75,6 @@ from blixfs.net.transport import (
     Transport,
     TransportClosed,
     TransportError,
-    TransportStats,
     UnsupportedProtocol,
     encode_stream_header,
     run_stream_handler,
@@ -414,22 +413,15 @@ class IrohTransport(Transport):
         probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
+        super().__init__()
         self._ep = endpoint
         self._close_timeout = close_timeout
         self._node_id: str = str(endpoint.id())
         self._connect_timeout = connect_timeout
         self._handshake_timeout = handshake_timeout
         self._probe_timeout = probe_timeout
-        self._handlers: dict[bytes, StreamHandler] = {}
         self._conns: dict[tuple[str, bytes], list[_Connection]] = {}
         self._dials: dict[tuple[str, bytes], _PendingDial] = {}
-        self._closed = False
-        self._nursery: trio.Nursery | None = None
-        self._tasks_scope: trio.CancelScope | None = None
-        self._dialed = 0
-        self._accepted = 0
-        self._streams_opened = 0
-        self._streams_accepted = 0
 
     # -- Transport API --
 
@@ -452,14 +444,8 @@ class IrohTransport(Transport):
             found.append(parsed)
         return NodeAddr(self._node_id, tuple(found[:MAX_ADDRS]))
 
-    def stats(self) -> TransportStats:
-        return TransportStats(
-            connections_dialed=self._dialed,
-            connections_accepted=self._accepted,
-            live_connections=sum(1 for c in self._all_connections() if c.alive()),
-            streams_opened=self._streams_opened,
-            streams_accepted=self._streams_accepted,
-        )
+    def _live_connections(self) -> int:
+        return sum(1 for c in self._all_connections() if c.alive())
 
     async def open_stream(self, peer: NodeAddr, alpn: bytes) -> Stream:
         alpn = validate_alpn(alpn)
@@ -657,18 +643,8 @@ class IrohTransport(Transport):
 
     # -- background tasks --
 
-    async def _run_tasks(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        with trio.CancelScope() as scope:
-            self._tasks_scope = scope
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._accept_loop)
-                task_status.started()
-        self._nursery = None
-
-    async def _accept_loop(self) -> None:
+    async def _serve(self) -> None:
+        """The accept loop."""
         assert self._nursery is not None
         while True:
             try:

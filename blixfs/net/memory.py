@@ -30,7 +30,6 @@ from blixfs.net.transport import (
     StreamReset,
     TransportClosed,
     TransportError,
-    TransportStats,
     run_stream_handler,
     validate_alpn,
     validate_node_id,
@@ -231,17 +230,10 @@ class MemoryTransport(_Transport):
     """A `Transport` on a `MemoryNetwork`. Create with `MemoryNetwork.open_transport`."""
 
     def __init__(self, network: MemoryNetwork, node_id: str) -> None:
+        super().__init__()
         self._network = network
         self._node_id = node_id
-        self._handlers: dict[bytes, StreamHandler] = {}
         self._conns: dict[tuple[str, bytes], list[_MemConnection]] = {}
-        self._closed = False
-        self._nursery: trio.Nursery | None = None
-        self._tasks_scope: trio.CancelScope | None = None
-        self._dialed = 0
-        self._accepted = 0
-        self._streams_opened = 0
-        self._streams_accepted = 0
 
     @property
     def node_id(self) -> str:
@@ -250,14 +242,8 @@ class MemoryTransport(_Transport):
     def addr(self) -> NodeAddr:
         return NodeAddr(self._node_id)
 
-    def stats(self) -> TransportStats:
-        return TransportStats(
-            connections_dialed=self._dialed,
-            connections_accepted=self._accepted,
-            live_connections=sum(len(v) for v in self._conns.values()),
-            streams_opened=self._streams_opened,
-            streams_accepted=self._streams_accepted,
-        )
+    def _live_connections(self) -> int:
+        return sum(len(v) for v in self._conns.values())
 
     async def open_stream(self, peer: NodeAddr, alpn: bytes) -> Stream:
         alpn = validate_alpn(alpn)
@@ -289,16 +275,9 @@ class MemoryTransport(_Transport):
 
     # -- internals --
 
-    async def _run_tasks(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        with trio.CancelScope() as scope:
-            self._tasks_scope = scope
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(trio.sleep_forever)
-                task_status.started()
-        self._nursery = None
+    async def _serve(self) -> None:
+        # Streams are delivered by the dialing side (`_deliver`): nothing to accept here.
+        await trio.sleep_forever()
 
     def _all_connections(self) -> list[_MemConnection]:
         return [c for conns in self._conns.values() for c in conns]

@@ -656,10 +656,21 @@ class Transport(abc.ABC):
     still works. A connection that died is replaced by a new dial on the next `open_stream`.
 
     The "ALPN" of `register` and `open_stream` is the protocol's name (``b"blixfs/sync/1"``).
-    Implementations keep their handlers in ``_handlers``.
+
+    Implementations call ``super().__init__()``, which sets the state they share: the
+    handlers, the closed flag, the nursery of handler tasks that `_run_tasks` runs, and
+    the counters `stats` reports (they count connections and streams as they go).
     """
 
-    _handlers: dict[bytes, StreamHandler]
+    def __init__(self) -> None:
+        self._handlers: dict[bytes, StreamHandler] = {}
+        self._closed = False
+        self._nursery: trio.Nursery | None = None
+        self._tasks_scope: trio.CancelScope | None = None
+        self._dialed = 0
+        self._accepted = 0
+        self._streams_opened = 0
+        self._streams_accepted = 0
 
     @property
     @abc.abstractmethod
@@ -701,9 +712,35 @@ class Transport(abc.ABC):
         (or the implementation has no such figures)."""
         return None
 
-    @abc.abstractmethod
     def stats(self) -> TransportStats:
         """Current counters."""
+        return TransportStats(
+            connections_dialed=self._dialed,
+            connections_accepted=self._accepted,
+            live_connections=self._live_connections(),
+            streams_opened=self._streams_opened,
+            streams_accepted=self._streams_accepted,
+        )
+
+    @abc.abstractmethod
+    def _live_connections(self) -> int:
+        """How many connections are open now, both directions."""
+
+    async def _run_tasks(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The nursery of handler tasks, with `_serve` in it, until `aclose` cancels it.
+
+        Started by the implementation's context manager (``nursery.start``)."""
+        with trio.CancelScope() as scope:
+            self._tasks_scope = scope
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._serve)
+                task_status.started()
+        self._nursery = None
+
+    @abc.abstractmethod
+    async def _serve(self) -> None:
+        """What runs in the tasks nursery for the transport's life (e.g. the accept loop)."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:
