@@ -189,12 +189,6 @@ def run_as_node(argv: list[str]) -> None:
 # --- the nodes, seen from the benchmark ------------------------------------------------------
 
 
-def is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
-
-
 @dataclass
 class BenchNode:
     """One ``blixfs mount`` process (through `run_as_node`) with its own home."""
@@ -252,14 +246,16 @@ class BenchNode:
                     self.proc.kill()
                     self.proc.wait(10)
         finally:
+            from mount.runner import find_mount
+
             self.proc = None
             if self.notify is not None:
                 self.notify.close()
                 self.notify = None
-            if is_mounted(self.mnt):
+            if find_mount(self.mnt) is not None:
                 result = subprocess.run([sys.executable, "-m", "blixfs.cli", "unmount", str(self.mnt)],
                                         capture_output=True, cwd=REPO, check=False, timeout=30)
-                if result.returncode != 0 or is_mounted(self.mnt):
+                if result.returncode != 0 or find_mount(self.mnt) is not None:
                     subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True, check=False)
 
 

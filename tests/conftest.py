@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from mount.runner import find_mount
+
 REPO = Path(__file__).resolve().parent.parent
 BLIXFS = [sys.executable, "-m", "blixfs.cli"]
 
@@ -42,9 +44,7 @@ def fuse_available() -> str | None:
 
 
 def is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
+    return find_mount(path) is not None
 
 
 @dataclass
