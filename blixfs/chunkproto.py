@@ -55,7 +55,7 @@ OK, DONT_HAVE, BAD_REQUEST = 0, 1, 2
 CODE_BAD_REQUEST = CODE_APP_MIN + 0x10
 _REQUEST = struct.Struct(">BB32sQI")
 _RESPONSE = struct.Struct(">BI")
-REQUEST_TIMEOUT = 10.0  # a server gives a client this long to send a request once it has started it
+REQUEST_TIMEOUT = 10.0  # a server waits this long for a new stream's first request, and for a started one to be whole
 IDLE_TIMEOUT = 60.0  # a server waits this long for the next request on a stream, then finishes it
 POOL_IDLE_SECONDS = 20.0  # a requester reuses a stream idle for less than this (well under IDLE_TIMEOUT)
 POOL_STREAMS = 8  # idle streams a requester keeps per peer (the read-ahead runs 8 requests at once)
@@ -120,23 +120,22 @@ class ChunkServer:
 
     @staticmethod
     async def _next_request(stream: Stream, first: bool) -> bytes | None:
-        """The next request's 46 bytes; None when the requester is done with the stream (EOF
-        or idle for IDLE_TIMEOUT after an earlier request). Raises ValueError for a request
-        that does not come whole within REQUEST_TIMEOUT (or a stream without any)."""
+        """The next request's 46 bytes; None when the requester is done with the stream (EOF,
+        or idle for IDLE_TIMEOUT, after an earlier request). Raises ValueError for a stream
+        without a first request in REQUEST_TIMEOUT, or a request not whole REQUEST_TIMEOUT
+        after its first byte."""
+        head = b""
         with trio.move_on_after(REQUEST_TIMEOUT if first else IDLE_TIMEOUT):
             head = await stream.receive_some(_REQUEST.size)
-            if not head and not first:
-                return None
-            if head:
-                try:
-                    with trio.fail_after(REQUEST_TIMEOUT):
-                        return head + await stream.receive_exactly(_REQUEST.size - len(head))
-                except (trio.TooSlowError, UnexpectedEOF):
-                    pass
-            raise ValueError("no complete chunk request")
-        if first:
-            raise ValueError("no chunk request in time")
-        return None
+        if not head:  # EOF or no byte in time
+            if first:
+                raise ValueError("no chunk request")
+            return None
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                return head + await stream.receive_exactly(_REQUEST.size - len(head))
+        except (trio.TooSlowError, UnexpectedEOF):
+            raise ValueError("incomplete chunk request") from None
 
     async def handle(self, stream: Stream, peer_id: str) -> None:
         """Answer requests on ``stream`` in order until the requester finishes it or leaves it
@@ -248,7 +247,7 @@ class ChunkClient:
         else:
             await stream.aclose()
 
-    async def drop(self, peer_id: str) -> None:
+    async def _drop(self, peer_id: str) -> None:
         """Close the peer's idle streams."""
         for _, stream in self._idle.pop(peer_id, []):
             await stream.aclose()
@@ -272,7 +271,7 @@ class ChunkClient:
                 await stream.reset()
                 if reused:
                     log.debug("kept-open stream to %s was closed (%s): asking on a new one", peer.node_id[:16], exc)
-                    await self.drop(peer.node_id)
+                    await self._drop(peer.node_id)
                     continue
                 raise FetchFailed(f"peer {peer.node_id[:16]} closed the stream without answering: {exc}") from None
             except BaseException:
