@@ -7,6 +7,12 @@ cheap, and concurrency is several streams on the one connection per peer)::
     request  = version: u8 (1) | op: u8 (1 = GET) | chunk id: 32 bytes | offset: u64 | length: u32
     response = status: u8 (0 OK, 1 DONT_HAVE, 2 BAD_REQUEST) | length: u32 | bytes
 
+    HAVE     = version | op 3 | 32 zero bytes | offset 0 | count: u32 (1..MAX_HAVE) | count x chunk id
+    response = status OK | length ceil(count / 8) | bitmap (bit i, LSB first: holds id i)
+
+HAVE asks which of a batch of chunk ids the peer holds now: holders found by content,
+whatever version the requester read (`blixfs.content`). Like GET it keeps the stream.
+
 ``length`` 0 asks for the chunk from ``offset`` to its end. A requester that asks for a
 whole chunk verifies its BLAKE3 id before using it (`ChunkClient.fetch` does); a range
 cannot be verified against a flat BLAKE3 id, so blixfs itself always fetches whole
@@ -50,7 +56,9 @@ ALPN = b"blixfs/chunks/1"
 VERSION = 1
 OP_GET = 1
 OP_HOLD = 2  # "please hold this version whole for durability": chunk id = its manifest id, then u16 | path
+OP_HAVE = 3  # "which of these chunk ids do you hold?": count in the length field, then the ids
 MAX_HOLD_PATH = 4096
+MAX_HAVE = 1024  # ids in one HAVE: 32 KiB of request, a 128-byte answer
 OK, DONT_HAVE, BAD_REQUEST = 0, 1, 2
 CODE_BAD_REQUEST = CODE_APP_MIN + 0x10
 _REQUEST = struct.Struct(">BB32sQI")
@@ -87,6 +95,22 @@ def encode_request(cid: ChunkId, offset: int = 0, length: int = 0) -> bytes:
     return _REQUEST.pack(VERSION, OP_GET, cid, offset, length)
 
 
+def encode_have(cids: list[ChunkId]) -> bytes:
+    """A HAVE request for ``cids`` (1 to MAX_HAVE ids; protocol.md 14.1)."""
+    if not 1 <= len(cids) <= MAX_HAVE:
+        raise ValueError(f"a HAVE asks about 1 to {MAX_HAVE} chunk ids, not {len(cids)}")
+    return _REQUEST.pack(VERSION, OP_HAVE, bytes(32), 0, len(cids)) + b"".join(cids)
+
+
+def encode_have_answer(held: list[bool]) -> bytes:
+    """The answer to a HAVE: a bitmap, bit i (LSB first within each byte) set when id i is held."""
+    bits = bytearray((len(held) + 7) // 8)
+    for i, h in enumerate(held):
+        if h:
+            bits[i // 8] |= 1 << (i % 8)
+    return _RESPONSE.pack(OK, len(bits)) + bytes(bits)
+
+
 def encode_hold(manifest_id: ChunkId, path: str) -> bytes:
     """A HOLD request: hold the version ``manifest_id`` of ``path`` whole (protocol.md 14.1)."""
     encoded = path.encode("utf-8")
@@ -106,6 +130,7 @@ class ChunkServer:
         self.store = store
         self.bytes_served = 0
         self.requests = 0
+        self.have_requests = 0
         self.on_hold: Callable[[ChunkId, str, str], bool] | None = None
 
     async def _hold(self, stream: Stream, peer_id: str, manifest_id: ChunkId) -> None:
@@ -117,6 +142,25 @@ class ChunkServer:
             path = None
         accepted = path is not None and self.on_hold is not None and self.on_hold(manifest_id, path, peer_id)
         await stream.send_all(_RESPONSE.pack(OK if accepted else BAD_REQUEST, 0))
+
+    async def _have(self, stream: Stream, peer_id: str, count: int) -> bool:
+        """Answer a HAVE of ``count`` ids from the store's index (no disk read). False when the
+        request was malformed and the stream was reset."""
+        if not 1 <= count <= MAX_HAVE:
+            log.info("peer %s sent a HAVE of %d ids: refused", peer_id[:16], count)
+            await stream.reset(CODE_BAD_REQUEST)
+            return False
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                raw = await stream.receive_exactly(32 * count)
+        except (trio.TooSlowError, UnexpectedEOF):
+            log.info("peer %s sent an incomplete HAVE: closing", peer_id[:16])
+            await stream.reset(CODE_BAD_REQUEST)
+            return False
+        self.have_requests += 1
+        held = [self.store.has(ChunkId(raw[i : i + 32])) for i in range(0, len(raw), 32)]
+        await stream.send_all(encode_have_answer(held))
+        return True
 
     @staticmethod
     async def _next_request(stream: Stream, first: bool) -> bytes | None:
@@ -163,6 +207,10 @@ class ChunkServer:
             if version == VERSION and op == OP_HOLD:
                 await self._hold(stream, peer_id, ChunkId(cid))
                 break
+            if version == VERSION and op == OP_HAVE:
+                if not await self._have(stream, peer_id, length):
+                    return
+                continue
             if version != VERSION or op != OP_GET:
                 log.warning("peer %s sent a chunk request of version %d op %d: refused", peer_id[:16], version, op)
                 await stream.send_all(_RESPONSE.pack(BAD_REQUEST, 0))
@@ -252,6 +300,48 @@ class ChunkClient:
         for _, stream in self._idle.pop(peer_id, []):
             await stream.aclose()
 
+    async def have(self, peer: NodeAddr, cids: list[ChunkId]) -> list[bool]:
+        """Which of ``cids`` (at most MAX_HAVE) ``peer`` holds now. Raises FetchFailed for a
+        malformed answer, or a transport error; the caller sets the deadline."""
+        request = encode_have(cids)
+        want = (len(cids) + 7) // 8
+        while True:
+            stream = await self._take(peer.node_id)
+            reused = stream is not None
+            if stream is None:
+                stream = await self.transport.open_stream(peer, ALPN)
+                self.streams_opened += 1
+            try:
+                try:
+                    await stream.send_all(request)
+                    head = await stream.receive_some(_RESPONSE.size + want)
+                except TransportError as exc:
+                    raise _StaleStream(str(exc)) from exc
+                if not head:
+                    raise _StaleStream("the server finished the stream")
+                if len(head) < _RESPONSE.size + want:
+                    head += await stream.receive_exactly(_RESPONSE.size + want - len(head))
+                status, length = _RESPONSE.unpack_from(head)
+                if status != OK or length != want:
+                    raise FetchFailed(f"peer {peer.node_id[:16]} answered a HAVE with status {status}, "
+                                      f"{length} bytes")
+            except _StaleStream as exc:
+                await stream.reset()
+                if reused:
+                    await self._drop(peer.node_id)
+                    continue
+                raise FetchFailed(f"peer {peer.node_id[:16]} closed the stream without answering: {exc}") from None
+            except UnexpectedEOF as exc:
+                await stream.reset()
+                raise FetchFailed(f"peer {peer.node_id[:16]} ended the stream midway through an answer ({exc})") \
+                    from None
+            except BaseException:
+                await stream.reset()
+                raise
+            await self._give_back(peer.node_id, stream)
+            bits = head[_RESPONSE.size :]
+            return [bool(bits[i // 8] >> (i % 8) & 1) for i in range(len(cids))]
+
     async def fetch(self, peer: NodeAddr, cid: ChunkId) -> Fetched | None:
         """The whole blob ``cid`` from ``peer``, verified; None if the peer does not hold it.
 
@@ -300,5 +390,5 @@ async def request_hold(transport: Transport, peer: NodeAddr, manifest_id: ChunkI
     return bool(status == OK)
 
 
-__all__ = ["ALPN", "ChunkClient", "ChunkServer", "FetchFailed", "Fetched", "TransportError", "encode_hold",
-           "encode_request", "request_hold"]
+__all__ = ["ALPN", "ChunkClient", "ChunkServer", "FetchFailed", "Fetched", "TransportError", "encode_have",
+           "encode_have_answer", "encode_hold", "encode_request", "request_hold"]

@@ -82,7 +82,20 @@ class ChunkStore(Protocol):
         ...
 
     def delete(self, cid: ChunkId) -> bool:
-        """Remove a chunk; True if it was there."""
+        """Remove a chunk; True if it was there. ``on_removed`` hears of it."""
+        ...
+
+    def note_written_version(self, manifest_id: bytes) -> None:
+        """A version whose content this node wrote (a commit): its replication is this node's
+        duty until it is durable (`blixfs.replication`), whoever later changes its metadata."""
+        ...
+
+    def written_versions(self) -> dict[bytes, bool]:
+        """Versions this node wrote (manifest id -> durable yet)."""
+        ...
+
+    def set_written_versions(self, durable: Iterable[bytes] = (), forget: Iterable[bytes] = ()) -> None:
+        """Mark written versions durable, or forget them (no longer live)."""
         ...
 
     def sync(self) -> None:
@@ -109,7 +122,9 @@ class MemoryChunkStore:
 
     def __init__(self) -> None:
         self._chunks: dict[ChunkId, bytes] = {}
+        self._written: dict[bytes, bool] = {}
         self.fail_with: int | None = None  # set to an errno to make put() fail, e.g. ENOSPC
+        self.on_removed: Callable[[list[ChunkId]], None] | None = None
 
     def get(self, cid: ChunkId) -> bytes | None:
         return self._chunks.get(cid)
@@ -131,7 +146,23 @@ class MemoryChunkStore:
         return cid
 
     def delete(self, cid: ChunkId) -> bool:
-        return self._chunks.pop(cid, None) is not None
+        found = self._chunks.pop(cid, None) is not None
+        if found and self.on_removed is not None:
+            self.on_removed([cid])
+        return found
+
+    def note_written_version(self, manifest_id: bytes) -> None:
+        self._written.setdefault(manifest_id, False)
+
+    def written_versions(self) -> dict[bytes, bool]:
+        return dict(self._written)
+
+    def set_written_versions(self, durable: Iterable[bytes] = (), forget: Iterable[bytes] = ()) -> None:
+        for mid in durable:
+            if mid in self._written:
+                self._written[mid] = True
+        for mid in forget:
+            self._written.pop(mid, None)
 
     def sync(self) -> None:
         pass
@@ -213,6 +244,8 @@ class DiskChunkStore:
             "CREATE TABLE IF NOT EXISTS chunks (id BLOB PRIMARY KEY, size INTEGER NOT NULL,"
             " atime INTEGER NOT NULL, fetched INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID"
         )
+        self._db.execute("CREATE TABLE IF NOT EXISTS written_versions (manifest BLOB PRIMARY KEY,"
+                         " durable INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID")
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(chunks)")}
         if "fetched" not in columns:  # an index from before the cache budget: all chunks were written here
             self._db.execute("ALTER TABLE chunks ADD COLUMN fetched INTEGER NOT NULL DEFAULT 0")
@@ -224,10 +257,12 @@ class DiskChunkStore:
             self._recency[ChunkId(cid)] = size * 2 + fetched
             self._total += size
         self._touched: set[ChunkId] = set()
-        # The cache budget and what it must keep (pinned images); set by the node. None: no budget.
-        self.budget: int | None = None
-        self.keep: Callable[[ChunkId], bool] = lambda cid: False
-        self.on_evicted: Callable[[list[ChunkId]], None] | None = None  # e.g. to stop announcing them
+        # Asked before data written here is stored (the node's `blixfs.cache.CachePolicy`):
+        # raises ENOSPC when the budget is full of data that may be the only copy. None: no budget.
+        self.admit: Callable[[int], None] | None = None
+        # Told of every chunk removed (evicted, collected, found corrupt): holdings follow.
+        self.on_removed: Callable[[list[ChunkId]], None] | None = None
+        self.written_generation = 0  # bumped by each new written version (the cache policy recomputes)
 
     def _path(self, cid: ChunkId) -> Path:
         h = cid.hex()
@@ -275,6 +310,7 @@ class DiskChunkStore:
         metrics.chunks_corrupt.inc()
         path.unlink(missing_ok=True)
         self._forget(cid)
+        self._removed([cid])
         return None
 
     @staticmethod
@@ -300,13 +336,8 @@ class DiskChunkStore:
         _check_size(data)
         cid = verified_id or chunk_id(data)
         fetched = verified_id is not None
-        if not fetched and self.budget is not None and self._total + len(data) > self.budget:
-            # Data written here may be the only copy: it is never evicted, so when the budget is
-            # full of it the writer gets ENOSPC, until replication makes some of it evictable.
-            self.evict(self.budget, self.keep, low_water=1.0, reserve=len(data))
-            if self._total + len(data) > self.budget:
-                raise OSError(errno.ENOSPC, f"the chunk cache is full of data not yet replicated "
-                                            f"({self._total} of {self.budget} bytes)")
+        if not fetched and self.admit is not None and cid not in self._recency:
+            self.admit(len(data))
         if self._write_file(cid, data):
             self._index(cid, len(data), fetched)
         return cid
@@ -342,12 +373,41 @@ class DiskChunkStore:
         metrics.chunk_bytes_stored.inc(size)
 
     def delete(self, cid: ChunkId) -> bool:
+        found = self._delete(cid)
+        if found:
+            self._removed([cid])
+        return found
+
+    def delete_many(self, cids: Iterable[ChunkId]) -> list[ChunkId]:
+        """Remove these chunks; ``on_removed`` hears of them once. Returns those that were there."""
+        gone = [cid for cid in cids if self._delete(cid)]
+        self._removed(gone)
+        return gone
+
+    def _delete(self, cid: ChunkId) -> bool:
         self._forget(cid)
         try:
             self._path(cid).unlink()
         except FileNotFoundError:
             return False
         return True
+
+    def _removed(self, cids: list[ChunkId]) -> None:
+        if cids and self.on_removed is not None:
+            self.on_removed(cids)
+
+    def note_written_version(self, manifest_id: bytes) -> None:
+        cur = self._db.execute("INSERT OR IGNORE INTO written_versions (manifest, durable) VALUES (?, 0)",
+                               (manifest_id,))
+        if cur.rowcount:
+            self.written_generation += 1
+
+    def written_versions(self) -> dict[bytes, bool]:
+        return {bytes(m): bool(d) for m, d in self._db.execute("SELECT manifest, durable FROM written_versions")}
+
+    def set_written_versions(self, durable: Iterable[bytes] = (), forget: Iterable[bytes] = ()) -> None:
+        self._db.executemany("UPDATE written_versions SET durable = 1 WHERE manifest = ?", [(m,) for m in durable])
+        self._db.executemany("DELETE FROM written_versions WHERE manifest = ?", [(m,) for m in forget])
 
     def _forget(self, cid: ChunkId) -> None:
         self._db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
@@ -364,7 +424,8 @@ class DiskChunkStore:
               reserve: int = 0) -> list[ChunkId]:
         """When over ``budget`` bytes, delete least recently used fetched chunks until under
         ``low_water`` x budget. Never deletes a chunk written here (it may be the only copy)
-        nor one ``keep`` protects (a pinned image's). Returns what was deleted.
+        nor one ``keep`` protects (the cache policy decides: `blixfs.cache`). Returns what
+        was deleted.
 
         Runs inline (an unlink per chunk): a reader streaming far more than the budget
         pays a few milliseconds every tenth of the budget, and never stalls.
@@ -379,14 +440,13 @@ class DiskChunkStore:
                 break
             if not value & 1 or keep(cid):
                 continue
-            self.delete(cid)
+            self._delete(cid)
             evicted.append(cid)
         if self._total + reserve > budget:
             log.warning("cache holds %d bytes, over its budget of %d: the rest is data written here (not yet "
                         "replicated) or pinned", self._total, budget)
         metrics.chunks_evicted.inc(len(evicted))
-        if evicted and self.on_evicted is not None:
-            self.on_evicted(evicted)
+        self._removed(evicted)
         return evicted
 
     def mark_replicated(self, cids: Iterable[ChunkId]) -> int:

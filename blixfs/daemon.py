@@ -36,17 +36,19 @@ import trio
 
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
 from blixfs.chunkproto import ChunkServer
+from blixfs.content import Content, read_manifest
 from blixfs.discovery import LanDiscovery, interfaces_for_listen
 from blixfs.entry import Kind
 from blixfs.errors import FsError
-from blixfs.fetcher import ATTEMPT_TIMEOUT, FETCH_TIMEOUT, READ_AHEAD_PARALLEL, Fetcher, Holdings, PeerBook
+from blixfs.fetcher import ATTEMPT_TIMEOUT, FETCH_TIMEOUT, Fetcher
 from blixfs.gc import DEFAULT_GRACE_SECONDS, collect, live_versions
 from blixfs.hashing import HOLE, ChunkId
 from blixfs.health import DEFAULT_EXPIRY, HealthMonitor
-from blixfs.manifest import Manifest, ManifestError
-from blixfs.net.iroh_transport import IrohTransport, open_iroh_transport
-from blixfs.net.transport import NodeAddr, TransportError
+from blixfs.holdings import Holdings
+from blixfs.net.iroh_transport import open_iroh_transport
+from blixfs.net.transport import NodeAddr, Transport, TransportError
 from blixfs.node import JoinError, Node
+from blixfs.peers import PeerBook
 from blixfs.replication import DEFAULT_COPIES, Replicator
 from blixfs.sync import ALPN as SYNC_ALPN
 from blixfs.sync import SyncService
@@ -69,13 +71,14 @@ class Runtime:
     """What the running daemon offers the mount and the control socket."""
 
     node: Node
-    transport: IrohTransport
+    transport: Transport
     sync: SyncService
     nursery: trio.Nursery
     peers: PeerBook
     holdings: Holdings
     fetcher: Fetcher
     server: ChunkServer
+    content: Content
     vfs: Vfs | None = None
     replicator: Replicator | None = None
     maintained: set[str] = field(default_factory=set)  # peers a sync session is kept with
@@ -106,55 +109,37 @@ class Runtime:
 
     async def pull(self, path: str, progress: Callable[[dict[str, Any]], Awaitable[None]]) -> dict[str, Any]:
         """Fetch every chunk of the file at ``path`` this node lacks, reporting progress."""
-        vfs = self.vfs
-        if vfs is None:
-            raise PullError("this daemon serves no mount")
         e = self.node.namespace.get(path.strip("/"))
         if e is None or e.kind is not Kind.FILE:
             raise PullError(f"no file {path!r} in the namespace")
         started, before = time.monotonic(), {p: s.bytes_received for p, s in self.peers.stats.items()}
         if e.manifest is None:
             return {"path": e.path, "bytes": 0, "total": 0, "seconds": 0.0, "peers": {}}
-        try:
-            m = await vfs._load_manifest(e)
-        except FsError as exc:
-            raise PullError(str(exc)) from None
-        missing = [(i, cid) for i, cid in enumerate(m.ids) if cid != HOLE and not self.node.chunks.has(cid)]
-        total = sum(m.length(i) for i, _ in missing)
-        done = 0
-        limit = trio.CapacityLimiter(READ_AHEAD_PARALLEL)
-        failed: list[str] = []
+        figures = {"done": 0, "total": 0}
 
-        async def one(index: int, cid: ChunkId) -> None:
-            nonlocal done
-            async with limit:
-                try:
-                    await self.fetcher.get(cid, vfs._holders(e.manifest, e.author, index), e.path, must_store=True)
-                except FsError as exc:
-                    failed.append(str(exc))
-                    return
-            if self.holdings is not None and e.manifest is not None:
-                self.holdings.note_chunk(e.manifest, index, len(m.ids))
-            done += m.length(index)
+        def count(done: int, total: int) -> None:
+            figures.update(done=done, total=total)
 
         async def report() -> None:
             while True:
                 await trio.sleep(0.25)
-                await progress({"done": done, "total": total})
+                await progress(dict(figures))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report)
-            async with trio.open_nursery() as fetches:
-                for index, cid in missing:
-                    fetches.start_soon(one, index, cid)
-            nursery.cancel_scope.cancel()
-        if failed:
-            raise PullError(f"{len(failed)} chunks could not be fetched: {failed[0]}")
-        self.holdings.note_complete(e.manifest)
+            try:
+                result = await self.content.fetch_version(e.manifest, author=e.author, label=e.path, progress=count)
+            except FsError as exc:
+                raise PullError(str(exc)) from None
+            finally:
+                nursery.cancel_scope.cancel()
+        if result.failed:
+            raise PullError(f"{len(result.failed)} chunks could not be fetched: {result.failed[0]}")
         seconds = time.monotonic() - started
         used = {p[:16]: s.bytes_received - before.get(p, 0) for p, s in self.peers.stats.items()
                 if s.bytes_received > before.get(p, 0)}
-        return {"path": e.path, "bytes": done, "total": m.size, "seconds": round(seconds, 3), "peers": used}
+        return {"path": e.path, "bytes": result.fetched_bytes, "total": result.manifest.size,
+                "seconds": round(seconds, 3), "peers": used}
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()
@@ -199,14 +184,8 @@ async def _load_own_holdings(node: Node, holdings: Holdings) -> None:
         complete = []
         for e in files:
             assert e.manifest is not None
-            raw = node.chunks.get(ChunkId(e.manifest))
-            if raw is None:
-                continue
-            try:
-                ids = Manifest.decode(raw).ids
-            except ManifestError:
-                continue
-            if all(node.chunks.has(c) for c in set(ids) if c != HOLE):
+            m = read_manifest(node.chunks, e.manifest)
+            if m is not None and all(node.chunks.has(c) for c in set(m.ids) if c != HOLE):
                 complete.append(e.manifest)
         return complete
 
@@ -235,59 +214,69 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
                 open_iroh_transport(node.secret, bind_addr=f"{host}:0", internet=internet,
                                     connect_timeout=CONNECT_TIMEOUT))
             node.set_listen_addr(transport.addr().addrs[0])
-        self_id = node.node_id.hex()
-        peers = PeerBook(self_id)
-        for known in node.peers():
-            peers.learn(known, "ticket")
-        holdings = Holdings(self_id)
-        holdings.own.addr = transport.addr()
-        await _load_own_holdings(node, holdings)
-        server = ChunkServer(node.chunks)
-        transport.register(CHUNKS_ALPN, server.handle)
-        fetcher = Fetcher(node.chunks, transport, peers, fetch_timeout=fetch_timeout,
-                          attempt_timeout=min(ATTEMPT_TIMEOUT, fetch_timeout))
-        sync = SyncService(node.replica, transport, holdings)
-        sync.on_address = lambda addr: peers.learn(addr, "exchange")
-        transport.register(SYNC_ALPN, sync.handle)
-        fetcher.on_stored = node.enforce_cache_budget
-        node.apply_cache_budget()
+        await serve_node(node, transport, vfs=vfs, fetch_timeout=fetch_timeout, copies=copies,
+                         gc_interval=gc_interval, gc_grace=gc_grace, peer_expiry=peer_expiry,
+                         mdns_interfaces=(mdns_interfaces or interfaces_for_listen(bind.rsplit(":", 1)[0]))
+                         if mdns else None, task_status=task_status)
 
-        def manifest_ids(mid: bytes) -> list[ChunkId] | None:
-            raw = node.chunks.get(ChunkId(mid))
-            try:
-                return list(Manifest.decode(raw).ids) if raw is not None else None
-            except ManifestError:
-                return None
 
-        node.chunks.on_evicted = lambda ids: holdings.evicted(set(ids), manifest_ids)
-        replicator = Replicator(node, transport, sync, holdings, peers, fetcher, default_copies=copies)
-        server.on_hold = replicator.on_hold
-        async with trio.open_nursery() as nursery:
-            await nursery.start(fetcher.serve)
-            await nursery.start(replicator.run)
-            runtime = Runtime(node, transport, sync, nursery, peers, holdings, fetcher, server, vfs, replicator)
-            if vfs is not None:
-                vfs.reader.use(fetcher)
-                vfs.holdings = holdings
-            await nursery.start(HealthMonitor(transport, peers, holdings, sync, expiry=peer_expiry).run)
-            nursery.start_soon(_save_recency_every, node, RECENCY_SAVE_SECONDS)
-            nursery.start_soon(_collect_every, runtime, gc_interval, gc_grace)
-            nursery.start_soon(sync.announce_holdings)
-            for peer in node.peers():
-                runtime.keep_session(peer)
-            if mdns:
-                port = int(transport.addr().addrs[0].rsplit(":", 1)[1])
-                interfaces = mdns_interfaces or interfaces_for_listen(bind.rsplit(":", 1)[0])
+async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None,
+                     fetch_timeout: float = FETCH_TIMEOUT, copies: int = DEFAULT_COPIES,
+                     gc_interval: float = GC_INTERVAL, gc_grace: float = DEFAULT_GRACE_SECONDS,
+                     peer_expiry: float = DEFAULT_EXPIRY, mdns_interfaces: list[str] | None = None,
+                     control: bool = True,
+                     task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
+    """The node's services on ``transport`` (iroh for a daemon, the in-memory network for
+    in-process tests): sync, chunk server, fetcher, replication, health, GC, LAN discovery
+    on ``mdns_interfaces`` (None: off) and, with ``control``, the control socket. Runs until
+    cancelled; reports the `Runtime` when up."""
+    self_id = node.node_id.hex()
+    peers = PeerBook(self_id)
+    for known in node.peers():
+        peers.learn(known, "ticket")
+    holdings = Holdings(self_id)
+    holdings.own.addr = transport.addr()
+    await _load_own_holdings(node, holdings)
+    server = ChunkServer(node.chunks)
+    transport.register(CHUNKS_ALPN, server.handle)
+    fetcher = Fetcher(node.chunks, transport, peers, fetch_timeout=fetch_timeout,
+                      attempt_timeout=min(ATTEMPT_TIMEOUT, fetch_timeout))
+    sync = SyncService(node.replica, transport, holdings)
+    sync.on_address = lambda addr: peers.learn(addr, "exchange")
+    transport.register(SYNC_ALPN, sync.handle)
+    fetcher.on_stored = node.open_cache().enforce
+    content = vfs.content if vfs is not None else Content(node.chunks)
+    content.attach(fetcher, holdings, peers,
+                   lambda: [s.peer for s in sync.sessions() if s.synced.is_set()])
+    # Whatever removes chunks (eviction, GC, a corrupt file), this node stops claiming them.
+    node.chunks.on_removed = lambda ids: holdings.evicted(set(ids), content.chunk_ids)
+    replicator = Replicator(node, transport, sync, holdings, peers, content, default_copies=copies)
+    server.on_hold = replicator.on_hold
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fetcher.serve)
+        await nursery.start(replicator.run)
+        runtime = Runtime(node, transport, sync, nursery, peers, holdings, fetcher, server, content, vfs,
+                          replicator)
+        await nursery.start(HealthMonitor(transport, peers, holdings, sync, expiry=peer_expiry).run)
+        nursery.start_soon(_save_recency_every, node, RECENCY_SAVE_SECONDS)
+        nursery.start_soon(_collect_every, runtime, gc_interval, gc_grace)
+        nursery.start_soon(sync.announce_holdings)
+        for peer in node.peers():
+            runtime.keep_session(peer)
+        if mdns_interfaces is not None:
+            port = int(transport.addr().addrs[0].rsplit(":", 1)[1])
+            interfaces = mdns_interfaces
 
-                def on_lan_peer(addr: NodeAddr) -> None:
-                    peers.learn(addr, "mdns")
-                    runtime.keep_session(addr)
+            def on_lan_peer(addr: NodeAddr) -> None:
+                peers.learn(addr, "mdns")
+                runtime.keep_session(addr)
 
-                discovery = LanDiscovery(self_id, port, node.replica.keys.id, on_lan_peer, interfaces)
-                await nursery.start(discovery.run)
+            discovery = LanDiscovery(self_id, port, node.replica.keys.id, on_lan_peer, interfaces)
+            await nursery.start(discovery.run)
+        if control:
             await nursery.start(serve_control, node.home / "control.sock", runtime)
-            log.info("node %s listening on %s", node.node_id.hex()[:16], transport.addr())
-            task_status.started(runtime)
+        log.info("node %s listening on %s", node.node_id.hex()[:16], transport.addr())
+        task_status.started(runtime)
 
 
 async def serve_control(path: Path, runtime: Runtime,
@@ -354,8 +343,7 @@ async def _gc(runtime: Runtime, request: dict[str, Any]) -> dict[str, Any]:
         for e in live_versions(node.namespace):
             if e.manifest is not None and not node.chunks.has(ChunkId(e.manifest)):
                 with contextlib.suppress(FsError):
-                    await vfs._load_manifest(e)
-                    # keep it where collect() looks for it, even if the cache evicts it meanwhile
+                    await runtime.content.load(e.manifest, e.author)
     report = collect(node.namespace, node.chunks, grace_seconds=float(request.get("grace", DEFAULT_GRACE_SECONDS)),
                      also_live=vfs.open_chunk_ids() if vfs is not None else (),
                      dry_run=bool(request.get("dry_run", False)))

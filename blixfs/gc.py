@@ -22,9 +22,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from blixfs.chunkstore import DiskChunkStore
+from blixfs.content import read_manifest
 from blixfs.entry import Entry
 from blixfs.hashing import HOLE, ChunkId
-from blixfs.manifest import Manifest, ManifestError
 from blixfs.namespace import NamespaceStore
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,11 @@ def live_chunks(namespace: NamespaceStore, chunks: DiskChunkStore) -> tuple[set[
         assert e.manifest is not None
         mid = ChunkId(e.manifest)
         live.add(mid)
-        raw = chunks.get(mid)
-        if raw is None:
+        m = read_manifest(chunks, mid)
+        if m is None:
             missing.append(e.path)
             continue
-        try:
-            live.update(c for c in Manifest.decode(raw).ids if c != HOLE)
-        except ManifestError:
-            missing.append(e.path)
+        live.update(c for c in m.ids if c != HOLE)
     return live, missing
 
 
@@ -83,16 +80,20 @@ def collect(namespace: NamespaceStore, chunks: DiskChunkStore, *, grace_seconds:
         return report
     now = time.time_ns()
     cutoff = now - int(grace_seconds * 1e9)
+    doomed: list[ChunkId] = []
     for cid, size, atime in chunks.index_rows(now):
         if cid in live:
             continue
         if atime > cutoff:
             report.kept_recent += 1
             continue
-        if not dry_run:
-            chunks.delete(cid)
+        doomed.append(cid)
         report.freed_chunks += 1
         report.freed_bytes += size
+    if not dry_run:
+        chunks.delete_many(doomed)  # one notice to the holdings: this node no longer holds them
+        gone = [m for m in chunks.written_versions() if m not in live]
+        chunks.set_written_versions(forget=gone)  # versions written here that nothing references
     if report.freed_chunks and not dry_run:
         log.info("gc freed %d chunks (%d bytes)", report.freed_chunks, report.freed_bytes)
     return report

@@ -25,9 +25,10 @@ import time
 import trio
 
 from blixfs.chunkproto import ChunkClient
-from blixfs.fetcher import Holdings, PeerBook
 from blixfs.hashing import HOLE
+from blixfs.holdings import Holdings
 from blixfs.net.transport import PathStats, Transport, TransportError
+from blixfs.peers import PeerBook
 from blixfs.sync import SyncService
 
 log = logging.getLogger(__name__)

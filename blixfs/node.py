@@ -25,7 +25,6 @@ and friends open it without the lock: SQLite WAL readers do not block the writer
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -33,16 +32,16 @@ import logging
 import os
 import shutil
 import socket
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blixfs.cache import CachePolicy
 from blixfs.chunkstore import DiskChunkStore
+from blixfs.content import read_manifest
 from blixfs.errors import FsError
 from blixfs.hashing import ChunkId
-from blixfs.manifest import DEFAULT_CHUNK_SIZE, Manifest, ManifestError
+from blixfs.manifest import DEFAULT_CHUNK_SIZE
 from blixfs.namespace import SqliteNamespaceStore
 from blixfs.net.iroh_transport import load_or_create_secret_key
 from blixfs.net.transport import NodeAddr
@@ -65,22 +64,6 @@ def default_home() -> Path:
 
 class HomeLocked(Exception):
     """Another daemon holds this home directory."""
-
-
-class _Protected:
-    """`DiskChunkStore.keep` for a node: the pinned/replica chunk set, recomputed at most once
-    a second (an eviction run asks once per candidate chunk)."""
-
-    def __init__(self, compute: Callable[[], set[ChunkId]]) -> None:
-        self._compute = compute
-        self._at = -1.0
-        self._set: set[ChunkId] = set()
-
-    def __call__(self, cid: ChunkId) -> bool:
-        now = time.monotonic()
-        if now - self._at > 1.0:
-            self._set, self._at = self._compute(), now
-        return cid in self._set
 
 
 class JoinError(Exception):
@@ -106,6 +89,7 @@ class Node:
     replica: Replica
     secret: bytes = field(repr=False)
     _lock_fd: int | None = None
+    cache: CachePolicy | None = None  # set by `open_cache` (the daemon)
 
     @property
     def node_id(self) -> bytes:
@@ -213,10 +197,12 @@ class Node:
         _write_json(self.home / "pins.json", sorted(pins))
         return True
 
-    def pinned_chunks(self) -> set[ChunkId]:
-        """Chunks (and manifests) never to evict: the pinned paths' current versions and the
-        replicas this node holds for others."""
+    def protected_chunks(self) -> set[ChunkId]:
+        """Chunks (and manifests) never to evict (`blixfs.cache`): the pinned paths' current
+        versions, the replicas this node holds for others, and the versions this node wrote
+        that are not durable yet (every chunk of them, cache copies of older versions' too)."""
         manifests = {ChunkId(m) for m in self.replicas()}
+        manifests.update(ChunkId(m) for m, durable in self.chunks.written_versions().items() if not durable)
         for path in self.pins():
             e = self.namespace.get(path)
             if e is not None and e.manifest is not None:
@@ -224,30 +210,16 @@ class Node:
         protected: set[ChunkId] = set()
         for mid in manifests:
             protected.add(mid)
-            raw = self.chunks.get(mid)
-            if raw is not None:
-                with contextlib.suppress(ManifestError):
-                    protected.update(Manifest.decode(raw).ids)
+            m = read_manifest(self.chunks, mid)
+            if m is not None:
+                protected.update(m.ids)
         return protected
 
-    def enforce_cache_budget(self) -> list[ChunkId]:
-        """Evict fetched chunks beyond the budget (never pinned ones, never data written here).
-
-        Called after every fetched chunk: the budget comes from memory (`apply_cache_budget`),
-        not from node.json."""
-        budget = self.chunks.budget if self.chunks.budget is not None else self.cache_size()
-        if self.chunks.total_bytes <= budget:
-            return []
-        evicted = self.chunks.evict(budget, self.chunks.keep)
-        if evicted:
-            log.info("cache over budget: evicted %d chunks", len(evicted))
-        return evicted
-
-    def apply_cache_budget(self) -> None:
-        """Give the store its budget and what it must keep (pinned images, replicas held for
-        others); a write of unreplicated data over the budget then fails with ENOSPC."""
-        self.chunks.budget = self.cache_size()
-        self.chunks.keep = _Protected(self.pinned_chunks)
+    def open_cache(self) -> CachePolicy:
+        """The cache policy over this node's store, with the budget from node.json; from then
+        on a write of unreplicated data over the budget fails with ENOSPC."""
+        self.cache = CachePolicy(self.chunks, self.cache_size(), self.protected_chunks)
+        return self.cache
 
     def replicas(self) -> dict[bytes, str]:
         """Manifests this node holds for others' durability (manifest id -> path), kept from eviction."""

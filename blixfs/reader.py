@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from lru import LRU
 
 from blixfs.chunkstore import ChunkStore
-from blixfs.fetcher import Fetcher
+from blixfs.fetcher import Fetcher, Locate
 from blixfs.hashing import ChunkId
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class ChunkReader:
         fetcher.on_fetched = self._cache.__setitem__
 
     async def get(self, cid: ChunkId, holders: Callable[[], Sequence[str]] | None = None,
-                  label: str | None = None) -> bytes | None:
+                  label: str | None = None, locate: Locate | None = None) -> bytes | None:
         """The chunk's verified bytes; None if this node does not hold it and cannot fetch it.
 
         With a fetcher and ``holders``, a chunk not held here is fetched (stored on disk
@@ -53,18 +53,20 @@ class ChunkReader:
         if data is None:
             data = self.store.get(cid)
             if data is None and self.fetcher is not None and holders is not None:
-                data = await self.fetcher.get(cid, holders(), label)
+                data = await self.fetcher.get(cid, holders(), label, locate=locate)
             if data is not None:
                 self._cache[cid] = data
         return data
 
-    def prefetch(self, cids: Iterable[ChunkId], holders: Callable[[ChunkId], Sequence[str]] | None = None,
+    def prefetch(self, cids: Iterable[ChunkId],
+                 holders: Callable[[ChunkId], tuple[Sequence[str], Locate | None]] | None = None,
                  label: str | None = None) -> None:
         """Hint that ``cids`` will be read soon: local ones are advised to the kernel, the
-        others fetched in the background when ``holders`` says who has them."""
+        others fetched in the background when ``holders`` says who has them (and how to
+        find more)."""
         wanted = [cid for cid in cids if cid not in self._cache]
         local = [cid for cid in wanted if self.store.has(cid)]
         self.store.advise(local)
         if self.fetcher is not None and holders is not None:
             held = set(local)
-            self.fetcher.prefetch(((cid, holders(cid)) for cid in wanted if cid not in held), label)
+            self.fetcher.prefetch(((cid, *holders(cid)) for cid in wanted if cid not in held), label)

@@ -2,18 +2,25 @@
 the last copy the cache throws away.
 
 Writer side (`Replicator.run`, a reconcile loop, once a second): for each live file whose
-current version this node wrote and holds whole, count the nodes whose holdings say they
-hold that version whole. Below the file's R (`user.blixfs.copies`, else the namespace
-default), ask more peers to hold it (the HOLD request of ``blixfs/chunks/1``), best
-first: peers already holding part of it, then the lowest measured latency. A target that
-has not completed within `TARGET_PATIENCE` seconds, or has gone, is replaced. At R the
-version is *durable*: its chunks, written here, become evictable like fetched ones.
+current version's content this node wrote (the store's written versions: a chmod or xattr
+set on another node makes that node the entry's author, not the data's), count the nodes
+whose holdings say they hold that version whole, this one included when it does (a node
+that wrote 4 KiB into an image it never held holds only what it wrote). Below the file's
+R (`user.blixfs.copies`, else the namespace default), ask more peers to hold it (the HOLD
+request of ``blixfs/chunks/1``), best first: peers already holding part of it, then the
+lowest measured latency. A target that has not completed within `TARGET_PATIENCE`
+seconds, or has gone, is replaced. At R the version is *durable*: its chunks, written
+here, become evictable like fetched ones.
 Being a loop rather than a queue is what makes it resume after a crash: the state it
 needs is the namespace and the holdings, both rebuilt on start.
 
 Target side (`Replicator.on_hold`): record the version in ``replicas.json`` (its chunks
-are never evicted while it is referenced: `Node.pinned_chunks`), and pull it in the
-background from the asking node and the other holders.
+are never evicted while it is referenced: `Node.protected_chunks`), and pull it in the
+background from the asking node and the other holders, found by content
+(`blixfs.content`). A replica follows its file: when the version it holds is superseded,
+the target holds the new version too (usually a few changed chunks) and lets the old one
+go only once the new one is whole here, so the chunks both share are never the last copy
+nobody keeps.
 
 Placement rule (docs/design.md): a peer that reads an image keeps it in its cache and
 counts as a holder, so the images a host's VMs use are the ones it is asked to keep.
@@ -29,13 +36,14 @@ from dataclasses import dataclass, field
 import trio
 
 from blixfs.chunkproto import request_hold
+from blixfs.content import Content
 from blixfs.entry import COPIES_KEY, Entry, Kind
 from blixfs.errors import FsError
-from blixfs.fetcher import READ_AHEAD_PARALLEL, Fetcher, Holdings, PeerBook
 from blixfs.hashing import HOLE, ChunkId, short
-from blixfs.manifest import Manifest
+from blixfs.holdings import Holdings
 from blixfs.net.transport import Transport, TransportError
 from blixfs.node import Node
+from blixfs.peers import PeerBook
 from blixfs.sync import SyncService
 
 log = logging.getLogger(__name__)
@@ -55,23 +63,28 @@ class FileReplication:
     want: int
     holders: list[str] = field(default_factory=list)  # other nodes holding it whole
     targets: dict[str, float] = field(default_factory=dict)  # asked peers -> when
+    here: bool = True  # this node holds it whole
+
+    @property
+    def copies(self) -> int:
+        return len(self.holders) + int(self.here)
 
     @property
     def state(self) -> str:
-        if len(self.holders) + 1 >= self.want:
+        if self.copies >= self.want:
             return "durable"
         return "replicating" if self.targets else "local-only"
 
 
 class Replicator:
     def __init__(self, node: Node, transport: Transport, sync: SyncService, holdings: Holdings, peers: PeerBook,
-                 fetcher: Fetcher, *, default_copies: int = DEFAULT_COPIES) -> None:
+                 content: Content, *, default_copies: int = DEFAULT_COPIES) -> None:
         self.node = node
         self.transport = transport
         self.sync = sync
         self.holdings = holdings
         self.peers = peers
-        self.fetcher = fetcher
+        self.content = content
         self.default_copies = default_copies
         self.files: dict[str, FileReplication] = {}
         self._durable: set[bytes] = set()  # versions whose chunks were already marked evictable
@@ -96,23 +109,25 @@ class Replicator:
                 await trio.sleep(TICK_SECONDS)
 
     def _own_files(self) -> Iterable[Entry]:
-        me = self.node.node_id
+        """Live files whose current content this node wrote (whoever authored the entry)."""
+        written = self.node.chunks.written_versions()
         for e in self.node.namespace.entries():
-            if not e.deleted and e.kind is Kind.FILE and e.manifest is not None and e.author == me:
+            if not e.deleted and e.kind is Kind.FILE and e.manifest is not None and e.manifest in written:
                 yield e
 
     async def tick(self) -> None:
         now = time.monotonic()
+        if self.node.replicas():
+            self.drop_unreferenced_replicas()  # replicas follow their files (see the module docstring)
         self.holdings.note_free(max(0, self.node.cache_size() - self.node.chunks.total_bytes))
         seen: dict[str, FileReplication] = {}
         for e in self._own_files():
             assert e.manifest is not None
-            if e.manifest not in self.holdings.own.complete:
-                continue  # this node does not hold it whole (e.g. written over content only peers had)
             rep = self.files.get(e.path)
             if rep is None or rep.manifest != e.manifest:
                 rep = FileReplication(e.path, e.manifest, self.copies(e))
             rep.want = self.copies(e)
+            rep.here = e.manifest in self.holdings.own.complete
             rep.holders = self.holdings.holders(e.manifest)
             rep.targets = {p: t for p, t in rep.targets.items() if now - t < TARGET_PATIENCE and p not in rep.holders}
             seen[e.path] = rep
@@ -125,11 +140,12 @@ class Replicator:
     def _mark_durable(self, manifest_id: bytes) -> None:
         if manifest_id in self._durable:
             return
-        raw = self.node.chunks.get(ChunkId(manifest_id))
-        if raw is None:
-            return
-        ids = {c for c in Manifest.decode(raw).ids if c != HOLE} | {ChunkId(manifest_id)}
-        changed = self.node.chunks.mark_replicated(ids)
+        m = self.content.manifest(manifest_id) if self.node.chunks.has(ChunkId(manifest_id)) else None
+        ids = {c for c in m.ids if c != HOLE} if m is not None else set()
+        # The cache policy stops protecting its chunks (those of versions written here that
+        # are not durable yet stay protected), and the ones written here become evictable.
+        self.node.chunks.set_written_versions(durable=[manifest_id])
+        changed = self.node.chunks.mark_replicated(ids | {ChunkId(manifest_id)})
         self._durable.add(manifest_id)
         log.info("version %s is durable: %d chunks written here may now be evicted", short(manifest_id), changed)
 
@@ -143,8 +159,8 @@ class Replicator:
             got = bits.partial.get(rep.manifest) if bits is not None else None
             return sum(bin(b).count("1") for b in got) if got else 0
 
-        raw = self.node.chunks.get(ChunkId(rep.manifest))
-        size = Manifest.decode(raw).stored_bytes() if raw is not None else 0
+        m = self.content.cached_manifest(rep.manifest)
+        size = m.stored_bytes() if m is not None else 0
 
         def room(peer: str) -> int:
             record = partial.get(peer)
@@ -156,7 +172,7 @@ class Replicator:
                                              self.peers.of(p).expected_seconds()))
 
     async def _ask(self, rep: FileReplication, now: float) -> None:
-        needed = rep.want - 1 - len(rep.holders) - len(rep.targets)
+        needed = rep.want - rep.copies - len(rep.targets)
         for peer in self._candidates(rep)[: max(0, needed)]:
             try:
                 with trio.fail_after(HOLD_TIMEOUT):
@@ -175,7 +191,7 @@ class Replicator:
         for rep in sorted(self.files.values(), key=lambda r: r.path):
             progress = {p[:16]: self._progress(p, rep.manifest) for p in rep.targets}
             out.append({"path": rep.path, "manifest": rep.manifest.hex(), "state": rep.state,
-                        "copies": 1 + len(rep.holders), "want": rep.want, "targets": progress})
+                        "copies": rep.copies, "want": rep.want, "targets": progress})
         return out
 
     def _progress(self, peer: str, manifest_id: bytes) -> float:
@@ -185,10 +201,10 @@ class Replicator:
         if manifest_id in record.complete:
             return 1.0
         bits = record.partial.get(manifest_id)
-        raw = self.node.chunks.get(ChunkId(manifest_id))
-        if bits is None or raw is None:
+        m = self.content.cached_manifest(manifest_id)
+        if bits is None or m is None:
             return 0.0
-        total = sum(1 for c in Manifest.decode(raw).ids if c != HOLE) or 1
+        total = sum(1 for c in m.ids if c != HOLE) or 1
         return round(sum(bin(b).count("1") for b in bits) / total, 3)
 
     # ----------------------------------------------------------------- target side
@@ -216,36 +232,45 @@ class Replicator:
             self._nursery.start_soon(self._pull, manifest_id, path, peer)
         return True
 
-    async def _pull(self, manifest_id: ChunkId, path: str, asker: str) -> None:
+    async def _pull(self, manifest_id: ChunkId, path: str, asker: str | None) -> None:
         try:
-            holders = [asker, *self.holdings.holders(manifest_id)]
-            raw = await self.fetcher.get(manifest_id, holders, path, must_store=True)
-            m = Manifest.decode(raw)
-            limit = trio.CapacityLimiter(READ_AHEAD_PARALLEL)
-
-            async def one(index: int, cid: ChunkId) -> None:
-                async with limit:
-                    if not self.node.chunks.has(cid):
-                        await self.fetcher.get(cid, [asker, *self.holdings.holders(manifest_id, index)], path,
-                                               must_store=True)
-                    self.holdings.note_chunk(manifest_id, index, len(m.ids))
-
-            async with trio.open_nursery() as nursery:
-                for index, cid in enumerate(m.ids):
-                    if cid != HOLE:
-                        nursery.start_soon(one, index, cid)
-            self.holdings.note_complete(manifest_id)
-            log.info("now holding %s (%s) for durability", path, short(manifest_id))
-        except* FsError as group:
-            log.warning("could not pull %s to hold it: %s (will be asked again)", path, group.exceptions[0])
+            author = next((v.author for v in self.node.namespace.versions(path) if v.manifest == manifest_id), None)
+            result = await self.content.fetch_version(manifest_id, author=author, label=path,
+                                                      extra_holders=[asker] if asker else [])
+            if result.failed:
+                log.warning("could not pull %s to hold it: %d chunks failed, e.g. %s (will try again)", path,
+                            len(result.failed), result.failed[0])
+            else:
+                log.info("now holding %s (%s) for durability", path, short(manifest_id))
+        except FsError as exc:
+            log.warning("could not pull %s to hold it: %s (will be asked again)", path, exc)
         finally:
             self._pulling.discard(manifest_id)
 
     def drop_unreferenced_replicas(self) -> int:
-        """Forget replicas of versions no live file references any more (GC then frees them)."""
-        live = {e.manifest for e in self.node.namespace.entries_since({}) if not e.deleted and e.manifest}
+        """Replicas follow their files: a held version that is superseded makes this node hold
+        the file's current version too, and the old record goes once the new one is whole
+        here (until then its chunks stay protected: the new version may need them and be
+        held nowhere else). Versions of files that are gone are forgotten (GC then frees
+        them). Returns how many records were dropped."""
         replicas = self.node.replicas()
-        kept = {m: p for m, p in replicas.items() if m in live}
-        if len(kept) != len(replicas):
+        live = {e.manifest for e in self.node.namespace.entries_since({}) if not e.deleted and e.manifest}
+        kept: dict[bytes, str] = {}
+        for mid, path in replicas.items():
+            if mid in live:
+                kept[mid] = path
+                continue
+            current = self.node.namespace.get(path)
+            if current is None or current.kind is not Kind.FILE or current.manifest is None:
+                continue  # the file is gone (or empty): nothing of it to keep
+            kept[current.manifest] = path
+            if current.manifest not in self.holdings.own.complete:
+                kept[mid] = path  # until the new version is whole here
+                if self._nursery is not None and current.manifest not in self._pulling:
+                    self._pulling.add(current.manifest)
+                    self._nursery.start_soon(self._pull, ChunkId(current.manifest), path, None)
+        if kept != replicas:
             self.node.set_replicas(kept)
-        return len(replicas) - len(kept)
+            if self.node.cache is not None:
+                self.node.cache.invalidate()
+        return len(set(replicas) - set(kept))

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import trio
 
 from blixfs.entry import Entry
-from blixfs.fetcher import Holdings, NodeHoldings
 from blixfs.frames import Entries, ErrorFrame, FrameError, Hello, HoldingsFrame, Synced, encode, read_frame
+from blixfs.holdings import Holdings, NodeHoldings
 from blixfs.net.transport import CODE_APP_MIN, NodeAddr, Stream, Transport, TransportError
 from blixfs.replica import MAX_FUTURE_NS, Replica
 

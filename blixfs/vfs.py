@@ -36,10 +36,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lru import LRU
-
 from blixfs import metrics
 from blixfs.chunkstore import ChunkStore
+from blixfs.content import Content
 from blixfs.entry import (
     COPIES_KEY,
     MAX_COPIES,
@@ -57,11 +56,9 @@ from blixfs.entry import (
     write_context,
 )
 from blixfs.errors import FsError, storage_errno
-from blixfs.fetcher import Holdings
 from blixfs.hashing import HOLE, ChunkId, short
-from blixfs.manifest import DEFAULT_CHUNK_SIZE, Manifest, ManifestError, chunk_count, chunk_length
+from blixfs.manifest import DEFAULT_CHUNK_SIZE, Manifest, chunk_count, chunk_length
 from blixfs.namespace import NamespaceStore
-from blixfs.reader import ChunkReader
 from blixfs.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -125,6 +122,10 @@ class OpenContent:
     read_ahead_end: int = 0  # chunks below this index were already read ahead
     manifest: bytes | None = None  # the stored version ``ids`` came from (for holders and holdings)
     author: bytes = b""  # who wrote that version: it holds the content
+    # The entry this content was read from or last committed as. A commit supersedes only
+    # what this node had seen: a peer's version that arrived meanwhile with other content
+    # stays a concurrent version (a conflict copy), never silently overwritten.
+    base: Entry | None = None
 
     def dirty_bytes(self) -> int:
         return sum(map(len, self.dirty.values()))
@@ -210,8 +211,6 @@ class Vfs:
         # Called with (parent inode, name, inode or None) for every path a peer changed,
         # so the FUSE layer can drop the kernel's caches. None: nobody to tell.
         self.invalidator: Callable[[int, str, int | None], None] | None = None
-        # Who holds what, once the node is on the network (set by the daemon, with reader.use).
-        self.holdings: Holdings | None = None
         replica.listeners.append(self._on_namespace_change)
         self._statfs_path = statfs_path
         self._max_dirty = max_dirty_bytes
@@ -222,10 +221,10 @@ class Vfs:
         self._contents: dict[int, OpenContent] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
-        self._manifests: LRU[bytes, Manifest] = LRU(256)
-        # A FUSE read is at most 1 MiB and usually 128 KiB, so a sequential reader asks
-        # for each chunk several times in a row: the reader keeps recent chunks in memory.
-        self.reader = ChunkReader(chunks, cache_chunks=max(16, (64 << 20) // chunk_size))
+        # Manifests, holders by content, fetching (attached to the network by the daemon). A
+        # FUSE read is at most 1 MiB and usually 128 KiB, so a sequential reader asks for each
+        # chunk several times in a row: the content layer keeps recent chunks in memory.
+        self.content = Content(chunks, cache_chunks=max(16, (64 << 20) // chunk_size))
 
     # ----------------------------------------------------------------- helpers
 
@@ -322,38 +321,10 @@ class Vfs:
             log.error("namespace commit of %s failed: %s", [e.path for e in entries], exc)
             raise FsError(err, f"namespace commit failed: {exc}") from exc
 
-    def _holders(self, manifest: bytes | None, author: bytes, index: int | None = None) -> list[str]:
-        """Nodes that should hold chunk ``index`` of ``manifest`` (or the manifest itself): the
-        ones whose holdings say so, then the version's author."""
-        found = self.holdings.holders(manifest, index) if self.holdings is not None and manifest else []
-        return [*found, author.hex()]
-
     async def _load_manifest(self, e: Entry) -> Manifest:
         """The manifest of file entry ``e``, fetched from its holders when not held here."""
         assert e.manifest is not None
-        mid = e.manifest
-        if mid in self._manifests or self.chunks.has(ChunkId(mid)):
-            return self._manifest(mid)
-        # Decoded from the fetched bytes themselves: the cache may evict them at any time.
-        raw = bytes(await self._chunk_bytes(ChunkId(mid), None, lambda: self._holders(mid, e.author)))
-        return self._decode_manifest(mid, raw)
-
-    def _manifest(self, mid: bytes) -> Manifest:
-        cached: Manifest | None = self._manifests.get(mid)
-        if cached is not None:
-            return cached
-        raw = self.chunks.get(ChunkId(mid))
-        if raw is None:
-            raise FsError(errno.EIO, f"manifest {short(mid)} is not held by this node")
-        return self._decode_manifest(mid, raw)
-
-    def _decode_manifest(self, mid: bytes, raw: bytes) -> Manifest:
-        try:
-            manifest = Manifest.decode(raw)
-        except ManifestError as exc:
-            raise FsError(errno.EIO, f"manifest {short(mid)} is invalid: {exc}") from exc
-        self._manifests[mid] = manifest
-        return manifest
+        return await self.content.load(e.manifest, e.author)
 
     def _stored_bytes(self, e: Entry) -> int:
         """Bytes the file's chunks take (holes none); its size while the manifest is on peers only.
@@ -361,10 +332,10 @@ class Vfs:
         Attributes never need content: listing a directory must work before any chunk is here.
         """
         assert e.manifest is not None
-        cached: Manifest | None = self._manifests.get(e.manifest)
+        cached = self.content.cached_manifest(e.manifest)
         if cached is None and self.chunks.has(ChunkId(e.manifest)):
             with contextlib.suppress(FsError):
-                cached = self._manifest(e.manifest)
+                cached = self.content.manifest(e.manifest)
         return cached.stored_bytes() if cached is not None else e.size
 
     def _attr(self, ino: int, e: Entry) -> Attr:
@@ -738,11 +709,14 @@ class Vfs:
 
     def _follow(self, content: OpenContent, current: Entry) -> None:
         try:
-            m = self._manifest(current.manifest) if current.manifest is not None else None
+            m = self.content.manifest(current.manifest) if current.manifest is not None else None
+            if current.manifest is not None and m is None:
+                raise FsError(errno.EIO, "not held here")
         except FsError as exc:
             log.warning("%s changed on a peer, but its new manifest is not here (%s): open handles keep the "
                         "version they had", current.path, exc)
             return
+        content.manifest, content.author, content.base = current.manifest, current.author, current
         content.size = m.size if m is not None else 0
         content.ids = list(m.ids) if m is not None else []
         content.chunk_size = m.chunk_size if m is not None else content.chunk_size
@@ -762,7 +736,7 @@ class Vfs:
             return existing, False
         if e.manifest is None or emptied:
             content = OpenContent(chunk_size=self.chunk_size, size=0, ids=[], mtime_ns=e.mtime_ns,
-                                  changed=e.size > 0)
+                                  changed=e.size > 0, base=e)
         else:
             m = await self._load_manifest(e)
             if m.size != e.size:
@@ -771,7 +745,7 @@ class Vfs:
             if existing is not None:
                 return existing, False
             content = OpenContent(chunk_size=m.chunk_size, size=m.size, ids=list(m.ids), mtime_ns=e.mtime_ns,
-                                  manifest=e.manifest, author=e.author)
+                                  manifest=e.manifest, author=e.author, base=e)
         self._contents[ino] = content
         return content, True
 
@@ -805,30 +779,30 @@ class Vfs:
         except KeyError:
             raise FsError(errno.EBADF, f"file handle {fh} is not open") from None
 
-    async def _chunk_bytes(self, cid: ChunkId, length: int | None, holders: Callable[[], list[str]] | None = None,
+    async def _chunk_bytes(self, content: OpenContent, index: int, cid: ChunkId, length: int,
                            label: str | None = None) -> bytes | memoryview:
-        """Verified bytes of a clean chunk (zeros for a hole), fetched from ``holders`` when not
-        held here; EIO if it cannot be had. ``length`` (when known) is checked."""
+        """Verified bytes of clean chunk ``cid``, ``index`` of ``content`` (zeros for a hole),
+        fetched from its holders when not held here; EIO if it cannot be had or has the wrong
+        length. ``cid`` and ``length`` come from the caller's plan: ``content`` may change
+        while this awaits."""
         if cid == HOLE:
-            return _zeros(length or 0)
-        data = await self.reader.get(cid, holders, label)
+            return _zeros(length)
+        data = await self.content.chunk(cid, content.manifest, index, content.author or None, label)
         if data is None:
             log.error("chunk %s is not held by this node and no peer is known to hold it", short(cid))
             raise FsError(errno.EIO, f"chunk {short(cid)} is not available")
-        if length is not None and len(data) != length:
+        if len(data) != length:
             raise FsError(errno.EIO, f"chunk {short(cid)} has {len(data)} bytes, manifest says {length}")
         return data
-
-    def _chunk_holders(self, content: OpenContent, index: int) -> Callable[[], list[str]]:
-        return lambda: self._holders(content.manifest, content.author, index)
 
     def _note_held(self, content: OpenContent, index: int) -> None:
         """Holdings: this node now holds chunk ``index`` of the version ``content`` came from
         (on disk: a chunk served from memory because the disk was full is not announced)."""
         cid = content.ids[index]
-        if (self.holdings is not None and content.manifest is not None and not content.changed
+        holdings = self.content.holdings
+        if (holdings is not None and content.manifest is not None and not content.changed
                 and (cid == HOLE or self.chunks.has(cid))):
-            self.holdings.note_chunk(content.manifest, index, len(content.ids))
+            holdings.note_chunk(content.manifest, index, len(content.ids))
 
     async def _load_for_update(self, content: OpenContent, indices: Iterable[int]) -> dict[ChunkId, bytes]:
         """Load the stored bytes of the clean chunks at ``indices`` before a synchronous update.
@@ -845,7 +819,7 @@ class Vfs:
             if not need:
                 return loaded
             for i, cid, length in need:
-                loaded[cid] = bytes(await self._chunk_bytes(cid, length, self._chunk_holders(content, i)))
+                loaded[cid] = bytes(await self._chunk_bytes(content, i, cid, length))
 
     def _load_chunk(self, content: OpenContent, index: int, length: int, loaded: dict[ChunkId, bytes]) -> bytearray:
         """The chunk at ``index`` as a dirty buffer, cut or zero-padded to ``length``.
@@ -930,8 +904,7 @@ class Vfs:
                 ahead = {cid: i for i, cid in enumerate(content.ids[first:last], first)
                          if cid != HOLE and i not in content.dirty}
                 content.read_ahead_end = last
-                self.reader.prefetch(ahead, lambda cid: self._holders(content.manifest, content.author, ahead[cid]),
-                                     label)
+                self.content.prefetch(ahead, content.manifest, content.author or None, label)
         content.last_read_end = max(end, content.last_read_end) if content.last_read_end >= 0 else end
         parts: list[bytes | memoryview] = []
         for item in plan:
@@ -939,7 +912,7 @@ class Vfs:
                 parts.append(item)
             else:
                 idx, cid, length, within, n = item
-                data = await self._chunk_bytes(cid, length, self._chunk_holders(content, idx), label)
+                data = await self._chunk_bytes(content, idx, cid, length, label)
                 self._note_held(content, idx)
                 parts.append(memoryview(data)[within : within + n])
         return b"".join(parts)
@@ -1012,25 +985,34 @@ class Vfs:
         self._store_dirty(content, sorted(content.dirty))
         manifest_id: bytes | None = None
         try:
+            manifest = Manifest(content.size, content.chunk_size, tuple(content.ids))
             if content.size:
-                manifest_id = self.chunks.put(
-                    Manifest(content.size, content.chunk_size, tuple(content.ids)).encode())
+                manifest_id = self.chunks.put(manifest.encode())
             if durable:
                 self.chunks.sync()
         except OSError as exc:
             raise FsError(storage_errno(exc), f"cannot store the manifest of {path}: {exc.strerror}") from exc
         # Over a tombstone too: a peer deleted the file while this node was writing it, and
         # the data written here is newer than that delete (the delete stays in history).
-        new = self._successor(e, deleted=False, size=content.size, manifest=manifest_id, mtime_ns=content.mtime_ns,
-                              ctime_ns=max(e.ctime_ns, content.mtime_ns))
+        changes: dict[str, Any] = dict(deleted=False, size=content.size, manifest=manifest_id,
+                                       mtime_ns=content.mtime_ns, ctime_ns=max(e.ctime_ns, content.mtime_ns))
+        base = content.base
+        if base is not None and not e.deleted and e.author != self.author and (e.manifest, e.size) != (
+                base.manifest, base.size):
+            # A peer's version with other content arrived while this was open with unsaved
+            # writes: this version supersedes only what was read here, so the peer's stays a
+            # concurrent version, shown as a conflict copy (the merge contract), not dropped.
+            log.warning("%s: a peer's version arrived while it had unsaved writes here: both are kept "
+                        "(the peer's as a conflict copy)", path)
+            changes["seen"] = write_context(base, self.namespace.versions(path), self.author)
+        new = self._successor(e, **changes)
         self._commit_entries([new], durable=durable)
-        holdings = self.holdings
-        whole = content.manifest is None or (holdings is not None and content.manifest in holdings.own.complete)
         content.changed = False
-        content.manifest, content.author = manifest_id, self.author
-        if self.holdings is not None and manifest_id is not None and (
-                whole or all(self.chunks.has(c) for c in set(content.ids) if c != HOLE)):
-            self.holdings.note_complete(manifest_id)
+        content.manifest, content.author, content.base = manifest_id, self.author, new
+        if manifest_id is not None:
+            self.content.remember(manifest_id, manifest)
+            self.content.note_held(manifest_id, content.ids)
+            self.chunks.note_written_version(manifest_id)
         metrics.commits.inc()
 
     async def flush(self, fh: int) -> None:

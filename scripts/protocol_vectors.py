@@ -25,9 +25,9 @@ from blixfs.chunkproto import ALPN as CHUNKS_ALPN
 from blixfs.chunkproto import ChunkServer, encode_hold, encode_request
 from blixfs.chunkstore import MAX_CHUNK_BYTES, MemoryChunkStore
 from blixfs.entry import Entry, Kind
-from blixfs.fetcher import Holdings
 from blixfs.frames import Entries, ErrorFrame, Hello, Synced, encode
 from blixfs.hashing import HOLE, ChunkId
+from blixfs.holdings import Holdings
 from blixfs.manifest import Manifest
 from blixfs.namespace import MemoryNamespaceStore
 from blixfs.net.memory import MemoryNetwork

@@ -16,7 +16,7 @@ import trio
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
 from blixfs.crypto import generate_secret
 from blixfs.entry import Entry
-from blixfs.fetcher import Holdings
+from blixfs.holdings import Holdings
 from blixfs.namespace import MemoryNamespaceStore
 from blixfs.net.iroh_transport import open_iroh_transport
 from blixfs.net.transport import Stream

@@ -20,11 +20,12 @@ from blixfs import chunkproto
 from blixfs.chunkproto import ALPN, CODE_BAD_REQUEST, ChunkClient, ChunkServer, FetchFailed, encode_request
 from blixfs.chunkstore import MemoryChunkStore
 from blixfs.errors import FsError
-from blixfs.fetcher import PENALTY_SECONDS, Fetcher, PeerBook
+from blixfs.fetcher import PENALTY_SECONDS, Fetcher
 from blixfs.hashing import ChunkId, chunk_id
 from blixfs.net.iroh_transport import open_iroh_transport
 from blixfs.net.memory import MemoryNetwork
 from blixfs.net.transport import NodeAddr, Stream, StreamHandler, StreamReset, Transport
+from blixfs.peers import PeerBook
 
 
 @pytest.fixture(params=["memory", "iroh"])

@@ -19,7 +19,7 @@ CS = MIN_CHUNK_SIZE
 def ids_of(vfs: Vfs, name: str) -> set[ChunkId]:
     e = vfs.namespace.get(name)
     assert e is not None and e.manifest is not None
-    return {c for c in vfs._manifest(e.manifest).ids if c != HOLE} | {ChunkId(e.manifest)}
+    return {c for c in vfs.content.manifest(e.manifest).ids if c != HOLE} | {ChunkId(e.manifest)}
 
 
 async def test_overwritten_and_deleted_content_is_freed_shared_chunks_stay(tmp_path: Path) -> None:

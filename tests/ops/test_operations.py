@@ -210,7 +210,7 @@ async def test_missing_chunk_reads_eio_never_wrong_bytes(ops: BlixOperations, ca
     await ops.release(fh)
     entry = ops.vfs.namespace.get("f")
     assert entry is not None and entry.manifest is not None
-    manifest = ops.vfs._manifest(entry.manifest)
+    manifest = ops.vfs.content.manifest(entry.manifest)
     ops.vfs.chunks.delete(manifest.ids[1])
     fi = await ops.open(ino, os.O_RDONLY, CTX)
     assert len(await ops.read(fi.fh, 0, CS)) == CS

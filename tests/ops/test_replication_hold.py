@@ -7,10 +7,12 @@ from pathlib import Path
 
 import trio
 
-from blixfs.fetcher import Fetcher, Holdings, PeerBook
+from blixfs.fetcher import Fetcher
 from blixfs.hashing import ChunkId
+from blixfs.holdings import Holdings
 from blixfs.net.memory import MemoryNetwork
 from blixfs.node import Node
+from blixfs.peers import PeerBook
 from blixfs.replication import Replicator
 from blixfs.sync import SyncService
 from tests.helpers import write_file
@@ -26,8 +28,9 @@ async def test_hold_is_accepted_only_for_a_version_the_namespace_holds(tmp_path:
         async with MemoryNetwork().open_transport(node.node_id.hex()) as transport:
             holdings = Holdings(node.node_id.hex())
             peers = PeerBook(node.node_id.hex())
-            replicator = Replicator(node, transport, SyncService(node.replica, transport, holdings), holdings, peers,
-                                    Fetcher(node.chunks, transport, peers))
+            sync = SyncService(node.replica, transport, holdings)
+            vfs.content.attach(Fetcher(node.chunks, transport, peers), holdings, peers, list)
+            replicator = Replicator(node, transport, sync, holdings, peers, vfs.content)
             async with trio.open_nursery() as nursery:
                 await nursery.start(replicator.run)
                 stranger = "ab" * 32

@@ -75,7 +75,7 @@ async def _run(ops: list[tuple[object, ...]]) -> None:
     fh = await vfs.open(ino, os.O_RDONLY)
     assert await vfs.read(fh, 0, MAX * 2) == bytes(model)
     if entry.manifest is not None:  # zero chunks are holes: never stored
-        m = vfs._manifest(entry.manifest)
+        m = vfs.content.manifest(entry.manifest)
         for i, cid in enumerate(m.ids):
             chunk = bytes(model[i * CS : (i + 1) * CS])
             assert (cid == HOLE) == (chunk == bytes(len(chunk)))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from blixfs.fetcher import Holdings
 from blixfs.hashing import ChunkId
+from blixfs.holdings import Holdings
 
 MID = b"\x01" * 32
 IDS = [ChunkId(bytes([i + 10]) * 32) for i in range(10)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from blixfs.fetcher import PeerBook
+from blixfs.peers import PeerBook
 
 
 def test_a_holder_never_measured_is_asked_first_once() -> None:

@@ -1,0 +1,315 @@
+"""The content of file versions: manifests, holders found by content, and fetching.
+
+One place for what the VFS, the daemon (`blixfs pull`), replication and GC need to know
+about a version's content:
+
+* **Manifests.** `manifest(mid)` decodes a manifest held here (cached, LRU);
+  `load(mid, holders)` fetches it first when only peers hold it. A manifest that does
+  not decode is EIO, never a crash.
+* **Holders by content** (docs/protocol.md 14.2). Whoever holds the *bytes* of a chunk
+  can serve it, whatever version it read them under. `holders(cid, manifest, index,
+  author)` gathers, cheapest first: the nodes whose holdings say they hold chunk
+  ``index`` of ``manifest``; those holding the same chunk at the same index of any other
+  version whose manifest is decoded here (a VM image changes in place: its versions
+  share most chunks at the same places); peers that answered HAVE for it; and the
+  version's author. When all of them fail, `locate` asks the connected peers with one
+  HAVE for a window of the version's missing chunks, so a node that writes 4 KiB into a
+  file it never held, and every node that reads the version it committed, find the
+  unchanged chunks on whichever nodes hold them.
+* **Fetching a version whole** (`fetch_version`): every missing chunk, stored (not only
+  read), with progress; used by `blixfs pull` and by replica targets.
+
+Callers: `Vfs` (reads, writes, commits), the daemon, the replicator, on the trio thread.
+Before the daemon attaches the network (`attach`), only what is held here is readable.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import trio
+from lru import LRU
+
+from blixfs.chunkstore import ChunkStore
+from blixfs.errors import FsError
+from blixfs.fetcher import ATTEMPT_TIMEOUT, READ_AHEAD_PARALLEL, Fetcher, Locate
+from blixfs.hashing import HOLE, ChunkId, short
+from blixfs.holdings import Holdings
+from blixfs.manifest import Manifest, ManifestError
+from blixfs.net.transport import TransportError
+from blixfs.peers import PeerBook
+from blixfs.reader import ChunkReader
+
+log = logging.getLogger(__name__)
+
+MANIFEST_CACHE = 256  # decoded manifests kept in memory
+HINT_CAPACITY = 1 << 17  # chunk ids whose HAVE answers are remembered (128 Ki x 256 KiB = 32 GiB of content)
+LOCATE_WINDOW = 256  # chunks of a version asked about in one HAVE (64 MiB at 256 KiB)
+LOCATE_PEERS = 16  # connected peers asked at once
+
+Progress = Callable[[int, int], Awaitable[None] | None]
+
+
+@dataclass
+class VersionFetch:
+    """What `Content.fetch_version` did."""
+
+    manifest: Manifest
+    fetched_bytes: int = 0
+    missing_bytes: int = 0  # what was missing when it started
+    failed: list[str] = field(default_factory=list)
+
+
+def read_manifest(store: ChunkStore, mid: bytes) -> Manifest | None:
+    """The manifest ``mid`` decoded from ``store``; None if not held there or invalid (logged).
+    For callers without a `Content` (offline GC, the cache policy); the rest use `Content`."""
+    raw = store.get(ChunkId(mid))
+    if raw is None:
+        return None
+    try:
+        return Manifest.decode(raw)
+    except ManifestError as exc:
+        log.error("manifest %s held here is invalid: %s", short(mid), exc)
+        return None
+
+
+class Content:
+    """See the module docstring. One per node (the VFS's chunk store)."""
+
+    def __init__(self, store: ChunkStore, *, cache_chunks: int = 64) -> None:
+        self.store = store
+        self.reader = ChunkReader(store, cache_chunks=cache_chunks)
+        self.holdings: Holdings | None = None
+        self.fetcher: Fetcher | None = None
+        self.peers: PeerBook | None = None
+        self._connected: Callable[[], list[str]] = list
+        self._manifests: LRU[bytes, Manifest] = LRU(MANIFEST_CACHE)
+        self._hints: LRU[ChunkId, tuple[str, ...]] = LRU(HINT_CAPACITY)
+        self._locating: dict[ChunkId, trio.Event] = {}
+        self.have_queries = 0
+
+    def attach(self, fetcher: Fetcher, holdings: Holdings, peers: PeerBook,
+               connected: Callable[[], list[str]]) -> None:
+        """Called by the daemon once the node is on the network: chunks not held here are
+        fetched from holders; ``connected`` lists the peers a HAVE may be sent to."""
+        self.fetcher, self.holdings, self.peers, self._connected = fetcher, holdings, peers, connected
+        self.reader.use(fetcher)
+        fetcher.on_dont_have = self._forget_hint
+
+    # ------------------------------------------------------------------ manifests
+
+    def manifest(self, mid: bytes) -> Manifest | None:
+        """The decoded manifest if held here (or cached); None if not. EIO if it does not decode."""
+        cached: Manifest | None = self._manifests.get(mid)
+        if cached is not None:
+            return cached
+        raw = self.store.get(ChunkId(mid))
+        return None if raw is None else self._decode(mid, raw)
+
+    def cached_manifest(self, mid: bytes) -> Manifest | None:
+        """The manifest if decoded already: never reads the disk (attributes, listings)."""
+        cached: Manifest | None = self._manifests.get(mid)
+        return cached
+
+    def chunk_ids(self, mid: bytes) -> list[ChunkId] | None:
+        """A held manifest's chunk ids (holes included); None if not held or invalid."""
+        try:
+            m = self.manifest(mid)
+        except FsError:
+            return None
+        return list(m.ids) if m is not None else None
+
+    async def load(self, mid: bytes, author: bytes | None = None, holders: Sequence[str] = ()) -> Manifest:
+        """The manifest, fetched from its holders when not held here; EIO if it cannot be had."""
+        m = self.manifest(mid)
+        if m is not None:
+            return m
+        cid = ChunkId(mid)
+        everyone = [*holders, *self._version_holders(mid, None, author)]
+        raw = await self.reader.get(cid, lambda: everyone, None, self._locator(cid, None, 0, author))
+        if raw is None:
+            raise FsError(errno.EIO, f"manifest {short(mid)} is not held by this node and no peer is known to hold it")
+        return self._decode(mid, bytes(raw))
+
+    def _decode(self, mid: bytes, raw: bytes) -> Manifest:
+        try:
+            m = Manifest.decode(raw)
+        except ManifestError as exc:
+            raise FsError(errno.EIO, f"manifest {short(mid)} is invalid: {exc}") from exc
+        self._manifests[mid] = m
+        return m
+
+    def remember(self, mid: bytes, m: Manifest) -> None:
+        """A manifest this node just stored (a commit): decoded already, keep it."""
+        self._manifests[mid] = m
+
+    # ------------------------------------------------------------------ holders
+
+    def _version_holders(self, mid: bytes, index: int | None, author: bytes | None) -> list[str]:
+        found = self.holdings.holders(mid, index) if self.holdings is not None else []
+        return [*found, author.hex()] if author is not None else found
+
+    def holders(self, cid: ChunkId, mid: bytes | None, index: int, author: bytes | None) -> list[str]:
+        """Nodes likely to hold chunk ``cid`` (chunk ``index`` of version ``mid``), best
+        evidence first; see the module docstring. Cheap: no I/O, no network."""
+        out: list[str] = []
+        holdings = self.holdings
+        if holdings is not None:
+            if mid is not None:
+                out += holdings.holders(mid, index)
+            for other, m in self._manifests.items():
+                if other != mid and index < len(m.ids) and m.ids[index] == cid:
+                    out += holdings.holders(other, index)
+        out += self._hints.get(cid, ())
+        if author is not None:
+            out.append(author.hex())
+        return list(dict.fromkeys(out))
+
+    def _locator(self, cid: ChunkId, manifest: Manifest | None, index: int, author: bytes | None) -> Locate:
+        async def locate(tried: frozenset[str]) -> list[str]:
+            return await self.locate(cid, manifest, index, tried)
+        return locate
+
+    def _forget_hint(self, peer: str, cid: ChunkId) -> None:
+        hinted = self._hints.get(cid)
+        if hinted is not None and peer in hinted:
+            rest = tuple(p for p in hinted if p != peer)
+            if rest:
+                self._hints[cid] = rest
+            else:
+                del self._hints[cid]
+
+    async def locate(self, cid: ChunkId, manifest: Manifest | None, index: int, tried: frozenset[str]) -> list[str]:
+        """Holders of ``cid`` not in ``tried``, found by asking connected peers (HAVE) about a
+        window of ``manifest``'s missing chunks from ``index`` on; concurrent locates of
+        overlapping windows share one round of questions."""
+        pending = self._locating.get(cid)
+        if pending is not None:
+            await pending.wait()
+            return [p for p in self._hints.get(cid, ()) if p not in tried]
+        if self.fetcher is None or self.peers is None:
+            return []
+        window = [cid]
+        if manifest is not None:
+            for c in manifest.ids[index + 1 : index + LOCATE_WINDOW]:
+                if c != HOLE and c != cid and c not in self._locating and c not in self._hints \
+                        and not self.store.has(c):
+                    window.append(c)
+        window = list(dict.fromkeys(window))
+        asked = [p for p in self.peers.rank(self._connected()) if p not in tried][:LOCATE_PEERS]
+        if not asked:
+            return []
+        done = trio.Event()
+        for c in window:
+            self._locating[c] = done
+        try:
+            async with trio.open_nursery() as nursery:
+                for peer in asked:
+                    nursery.start_soon(self._ask_have, peer, window)
+        finally:
+            for c in window:
+                if self._locating.get(c) is done:
+                    del self._locating[c]
+            done.set()
+        found = [p for p in self._hints.get(cid, ()) if p not in tried]
+        log.debug("chunk %s: %d holders found by asking %d peers about %d chunks", short(cid), len(found),
+                  len(asked), len(window))
+        return found
+
+    async def _ask_have(self, peer: str, window: list[ChunkId]) -> None:
+        assert self.fetcher is not None and self.peers is not None
+        self.have_queries += 1
+        try:
+            with trio.fail_after(ATTEMPT_TIMEOUT):
+                answer = await self.fetcher.client.have(self.peers.addr(peer), window)
+        except (TransportError, trio.TooSlowError, Exception) as exc:
+            log.debug("HAVE to %s failed: %s", peer[:16], exc)
+            return
+        for c, held in zip(window, answer, strict=True):
+            if held:
+                hinted = self._hints.get(c, ())
+                if peer not in hinted:
+                    self._hints[c] = (*hinted, peer)
+
+    # ------------------------------------------------------------------ chunks
+
+    async def chunk(self, cid: ChunkId, mid: bytes | None, index: int, author: bytes | None,
+                    label: str | None = None) -> bytes | None:
+        """The verified bytes of chunk ``index`` of version ``mid``: from memory, the store,
+        or its holders; None if not held and no network; FsError(EIO) if no holder could
+        serve it in time."""
+        manifest = self._manifests.get(mid) if mid is not None else None
+        return await self.reader.get(cid, lambda: self.holders(cid, mid, index, author), label,
+                                     self._locator(cid, manifest, index, author))
+
+    def prefetch(self, wanted: dict[ChunkId, int], mid: bytes | None, author: bytes | None,
+                 label: str | None = None) -> None:
+        """Read-ahead: chunks (id -> index in version ``mid``) a sequential reader wants next."""
+        manifest = self._manifests.get(mid) if mid is not None else None
+        self.reader.prefetch(
+            wanted, lambda cid: (self.holders(cid, mid, wanted[cid], author),
+                                 self._locator(cid, manifest, wanted[cid], author)), label)
+
+    # ------------------------------------------------------------------ whole versions
+
+    async def fetch_version(self, mid: bytes, *, author: bytes | None, label: str | None,
+                            extra_holders: Sequence[str] = (), progress: Progress | None = None,
+                            parallel: int = READ_AHEAD_PARALLEL) -> VersionFetch:
+        """Fetch and store every chunk of version ``mid`` not held here, announcing each in
+        the holdings, then the version as held whole. Failures are collected, not raised
+        (the caller decides); FsError only when the manifest itself cannot be had."""
+        fetcher = self.fetcher
+        if fetcher is None:
+            raise FsError(errno.EIO, "this node is not on the network")
+        m = await self.load(mid, author, extra_holders)
+        if not self.store.has(ChunkId(mid)):  # held in memory only (full disk): not held
+            raise FsError(errno.ENOSPC, f"manifest {short(mid)} could not be stored")
+        missing = [(i, cid) for i, cid in enumerate(m.ids) if cid != HOLE and not self.store.has(cid)]
+        report = VersionFetch(m, missing_bytes=sum(m.length(i) for i, _ in missing))
+        limit = trio.CapacityLimiter(parallel)
+
+        async def one(index: int, cid: ChunkId) -> None:
+            async with limit:
+                try:
+                    if not self.store.has(cid):
+                        holders = [*extra_holders, *self.holders(cid, mid, index, author)]
+                        await fetcher.get(cid, holders, label, must_store=True,
+                                          locate=self._locator(cid, m, index, author))
+                except FsError as exc:
+                    report.failed.append(str(exc))
+                    return
+            report.fetched_bytes += m.length(index)
+            if self.holdings is not None:
+                self.holdings.note_chunk(mid, index, len(m.ids))
+            if progress is not None:
+                result = progress(report.fetched_bytes, report.missing_bytes)
+                if result is not None:
+                    await result
+
+        async with trio.open_nursery() as nursery:
+            for index, cid in missing:
+                nursery.start_soon(one, index, cid)
+        if not report.failed and self.holdings is not None:
+            self.holdings.note_complete(mid)
+        return report
+
+    def holds_whole(self, mid: bytes) -> bool:
+        """Whether every chunk of held manifest ``mid`` is in the store."""
+        ids = self.chunk_ids(mid)
+        return ids is not None and all(self.store.has(c) for c in set(ids) if c != HOLE)
+
+    def note_held(self, mid: bytes, ids: Iterable[ChunkId]) -> None:
+        """Announce which chunks of version ``mid`` (chunk list ``ids``) this node holds:
+        whole, or the chunks held (a commit over content only partly held here)."""
+        if self.holdings is None:
+            return
+        ids = list(ids)
+        held = [i for i, c in enumerate(ids) if c == HOLE or self.store.has(c)]
+        if len(held) == len(ids):
+            self.holdings.note_complete(mid)
+            return
+        for i in held:
+            self.holdings.note_chunk(mid, i, len(ids))

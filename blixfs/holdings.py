@@ -1,0 +1,145 @@
+"""Holdings: which file versions (manifests) each node holds, whole or in part.
+
+Every node announces its own on its sync sessions (HOLDINGS frames: the manifests it holds
+whole, a bitmap of chunk indices for the others, its address and cache room), relayed to
+every other session. A holdings record is a hint: a stale one costs one DONT_HAVE and the
+next holder, never an error. Holders of a chunk are found by content, not only by the
+version being read: see `blixfs.content`.
+
+Callers: the sync service (announcing and taking records), the content layer and the
+replicator (who holds what), the VFS and the store (this node's own changes). All on the
+trio thread.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import trio
+
+from blixfs.hashing import ChunkId
+from blixfs.net.transport import NodeAddr
+
+
+@dataclass
+class NodeHoldings:
+    seq: int = 0
+    complete: set[bytes] = field(default_factory=set)
+    partial: dict[bytes, bytearray] = field(default_factory=dict)  # manifest id -> bitmap of chunk indices
+    addr: NodeAddr | None = None  # where the node says it can be reached
+    free: int = 0  # bytes its cache can still take, as it announced
+
+    def holds(self, manifest_id: bytes, index: int | None) -> bool:
+        if manifest_id in self.complete:
+            return True
+        bits = self.partial.get(manifest_id)
+        if bits is None or index is None:
+            return False
+        return index // 8 < len(bits) and bool(bits[index // 8] >> (index % 8) & 1)
+
+
+class Holdings:
+    """Who holds which manifests. See the module docstring."""
+
+    def __init__(self, self_id: str) -> None:
+        self.self_id = self_id
+        self.nodes: dict[str, NodeHoldings] = {}
+        # seq starts from the clock: a restarted node's announcements must beat its old ones.
+        self.own = self.nodes.setdefault(self_id, NodeHoldings(seq=time.time_ns()))
+        self._held: dict[bytes, int] = {}  # set bits of each of own.partial's bitmaps
+        self.changed = trio.Event()  # set when this node's own holdings change (to announce them)
+
+    def holders(self, manifest_id: bytes, index: int | None = None) -> list[str]:
+        return [n for n, h in self.nodes.items() if n != self.self_id and h.holds(manifest_id, index)]
+
+    def update(self, node_id: str, record: NodeHoldings) -> bool:
+        """Take a peer's announcement if it is newer than what we have; True if taken."""
+        if node_id == self.self_id:
+            return False
+        current = self.nodes.get(node_id)
+        if current is not None and current.seq >= record.seq:
+            return False
+        self.nodes[node_id] = record
+        return True
+
+    def _touched(self) -> None:
+        self.own.seq += 1
+        self.changed.set()
+
+    def note_chunk(self, manifest_id: bytes, index: int, count: int) -> None:
+        """This node now holds chunk ``index`` of a manifest of ``count`` chunks.
+
+        Called on every read of a fetched file, so it is O(1): a bit already set returns at
+        once, and a count of set bits says when the manifest is complete.
+        """
+        if manifest_id in self.own.complete or not 0 <= index < count:
+            return
+        bits = self.own.partial.get(manifest_id)
+        if bits is None:
+            bits = self.own.partial[manifest_id] = bytearray(math.ceil(count / 8))
+            self._held[manifest_id] = 0
+        mask = 1 << (index % 8)
+        if bits[index // 8] & mask:
+            return
+        bits[index // 8] |= mask
+        self._held[manifest_id] += 1
+        if self._held[manifest_id] == count:
+            del self.own.partial[manifest_id], self._held[manifest_id]
+            self.own.complete.add(manifest_id)
+        self._touched()
+
+    def note_free(self, free: int) -> None:
+        """This node's cache room; announced when it moved by more than 1% of itself (or 64 MiB)."""
+        if abs(free - self.own.free) > max(64 << 20, self.own.free // 100):
+            self.own.free = free
+            self._touched()
+
+    def note_complete(self, manifest_id: bytes) -> None:
+        self.own.partial.pop(manifest_id, None)
+        self._held.pop(manifest_id, None)
+        if manifest_id not in self.own.complete:
+            self.own.complete.add(manifest_id)
+            self._touched()
+
+    def evicted(self, cids: set[ChunkId], manifest_ids: Callable[[bytes], Iterable[ChunkId] | None]) -> None:
+        """This node evicted ``cids``; what it announces follows, so peers do not ask it for them.
+
+        A version held whole that lost chunks is announced as partial, with the chunks it
+        still holds; a partial one loses those bits. A version whose manifest went, or is
+        unknown (``manifest_ids`` gives a manifest's chunk ids, None if unknown), is dropped.
+        """
+        for mid in [*self.own.complete, *self.own.partial]:
+            ids = manifest_ids(mid)
+            if ids is None or mid in cids:
+                self._drop(mid)
+                continue
+            ids = list(ids)
+            lost = [i for i, c in enumerate(ids) if c in cids]
+            if not lost:
+                continue
+            if mid in self.own.complete:
+                self.own.complete.discard(mid)
+                bits = self.own.partial[mid] = bytearray(b"\xff" * (len(ids) // 8))
+                if len(ids) % 8:
+                    bits.append((1 << (len(ids) % 8)) - 1)
+                self._held[mid] = len(ids)
+            bits = self.own.partial[mid]
+            for i in lost:
+                mask = 1 << (i % 8)
+                if bits[i // 8] & mask:
+                    bits[i // 8] &= ~mask
+                    self._held[mid] -= 1
+            if self._held[mid] == 0:
+                self._drop(mid)
+            self._touched()
+
+    def _drop(self, manifest_id: bytes) -> None:
+        """Stop announcing ``manifest_id`` at all."""
+        if manifest_id in self.own.complete or manifest_id in self.own.partial:
+            self.own.complete.discard(manifest_id)
+            self.own.partial.pop(manifest_id, None)
+            self._held.pop(manifest_id, None)
+            self._touched()

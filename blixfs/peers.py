@@ -1,0 +1,111 @@
+"""Peers as this node measured them: request latency and throughput (EWMA), requests in
+flight, failures, a penalty box, connection state (set by `blixfs.health`), and addresses.
+
+Callers: the fetcher (ranking holders, recording outcomes), the health monitor, the
+replicator (placement), the daemon's reports. All on the trio thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from blixfs.net.transport import NodeAddr
+
+_EWMA = 0.2
+
+
+@dataclass
+class PeerStats:
+    """What this node measured about one peer."""
+
+    latency: float = 0.002  # seconds per chunk request (EWMA), a guess until measured
+    throughput: float = 0.0  # bytes/s (EWMA)
+    inflight: int = 0
+    bytes_received: int = 0
+    chunks_received: int = 0
+    failures: int = 0
+    bad_data: int = 0
+    penalised_until: float = 0.0
+    last_ok: float = 0.0
+    # Connection management (blixfs.health): the peer's state as last probed.
+    state: str = "unknown"  # connected / degraded / unreachable / unknown
+    reason: str = ""  # why degraded or unreachable
+    rtt_ms: float | None = None  # QUIC's RTT, else the probe's round trip
+    loss: float = 0.0
+    last_seen: float = 0.0  # wall clock of the last successful probe or transfer
+    found_by: str = ""  # ticket / mdns / exchange (holdings) / incoming
+
+    def expected_seconds(self) -> float:
+        return self.latency * (1 + self.inflight)
+
+
+class PeerBook:
+    """Peers' measured figures and addresses (see the module docstring)."""
+
+    def __init__(self, self_id: str) -> None:
+        self.self_id = self_id
+        self.stats: dict[str, PeerStats] = {}
+        self.addrs: dict[str, NodeAddr] = {}
+
+    def learn(self, addr: NodeAddr, found_by: str = "ticket") -> None:
+        """Remember how to reach a peer (a newer address replaces the old one)."""
+        if addr.node_id == self.self_id:
+            return
+        if addr.addrs or addr.node_id not in self.addrs:
+            self.addrs[addr.node_id] = addr
+        stats = self.of(addr.node_id)
+        if not stats.found_by:
+            stats.found_by = found_by
+
+    def forget(self, node_id: str) -> None:
+        self.stats.pop(node_id, None)
+        self.addrs.pop(node_id, None)
+
+    def addr(self, node_id: str) -> NodeAddr:
+        # Without an address the transport reuses a connection the peer opened to us.
+        return self.addrs.get(node_id) or NodeAddr(node_id)
+
+    def of(self, node_id: str) -> PeerStats:
+        return self.stats.setdefault(node_id, PeerStats())
+
+    def rank(self, holders: Iterable[str]) -> list[str]:
+        """Holders best first by expected time = latency x (1 + requests in flight);
+        penalised and unreachable ones last.
+
+        A never-measured holder with no request in flight comes first: every holder is
+        asked once and measured, so the nearest one is found rather than assumed. While
+        that first request runs it counts with the best measured latency, so it is not
+        flooded before it has answered. Requests in flight are how a sequential reader's
+        read-ahead spreads over several holders.
+        """
+        now = time.monotonic()
+        unique = [h for h in dict.fromkeys(holders) if h != self.self_id]
+        measured = [self.of(h).latency for h in unique if self.of(h).chunks_received]
+        prior = min(measured) if measured else PeerStats.latency
+
+        def key(h: str) -> tuple[bool, bool, float]:
+            st = self.of(h)
+            unmeasured = st.chunks_received == 0
+            latency = prior if unmeasured else st.latency
+            return (st.penalised_until > now or st.state == "unreachable", not (unmeasured and st.inflight == 0),
+                    latency * (1 + st.inflight))
+
+        return sorted(unique, key=key)
+
+    def record_ok(self, node_id: str, nbytes: int, seconds: float) -> None:
+        s = self.of(node_id)
+        s.latency = seconds if s.chunks_received == 0 else (1 - _EWMA) * s.latency + _EWMA * seconds
+        rate = nbytes / max(seconds, 1e-6)
+        s.throughput = rate if s.chunks_received == 0 else (1 - _EWMA) * s.throughput + _EWMA * rate
+        s.bytes_received += nbytes
+        s.chunks_received += 1
+        s.last_ok = time.monotonic()
+        s.last_seen = time.time()
+
+    def penalise(self, node_id: str, seconds: float, *, bad_data: bool) -> None:
+        s = self.of(node_id)
+        s.failures += 1
+        s.bad_data += int(bad_data)
+        s.penalised_until = time.monotonic() + seconds
