@@ -91,3 +91,52 @@ async def test_a_chunk_shared_with_a_durable_version_stays_while_the_new_version
         cache.enforce()
         assert all(a.node.chunks.has(c) for c in shared), "the new version's only copy was evicted"
         assert a.node.chunks.has(ChunkId(new.manifest))
+
+
+async def test_a_peers_version_arriving_during_unsaved_writes_is_kept_as_a_conflict(tmp_path: Path) -> None:
+    async with cluster(tmp_path, ["a", "b"]) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        await a.write("img", 0, os.urandom(SIZE), create=True)
+        await wait_until(lambda: b.entry("img") == a.entry("img"), "the image on b")
+        fh = await a.open_for_write("img")
+        ours = os.urandom(4096)
+        await a.vfs.write(fh, 0, ours)  # not flushed yet
+        await b.write("img", 2 * CHUNK, os.urandom(4096))
+        theirs = await b.read("img")
+        await wait_until(lambda: a.entry("img") == b.entry("img"), "b's version on a")
+        await a.vfs.release(fh)  # the commit of a's writes must not drop b's version
+        for node in (a, b):
+            await wait_until(lambda n=node: len([e for e in n.node.namespace.versions("img") if not e.deleted]) == 2,
+                             f"both versions kept on {node.name}")
+            names = [name for name, _ in await node.vfs.readdir(1)]
+            conflict = [n for n in names if n.startswith("img.conflict-")]
+            assert len(conflict) == 1, names
+            assert await node.read(conflict[0]) == theirs
+            assert (await node.read("img"))[:4096] == ours
+
+
+async def test_removed_chunks_leave_this_nodes_holdings_gc_and_corruption_alike(tmp_path: Path) -> None:
+    from blixfs.gc import collect
+
+    async with cluster(tmp_path, ["a"]) as nodes:
+        a = nodes["a"]
+        await a.write("img", 0, os.urandom(SIZE), create=True)
+        old = a.entry("img")
+        assert old is not None and old.manifest is not None
+        holdings = a.runtime.holdings
+        assert old.manifest in holdings.own.complete
+        # a chunk rots on disk: reading it finds and removes it; this node stops claiming it
+        m = a.vfs.content.manifest(old.manifest)
+        assert m is not None
+        path = a.node.chunks._path(m.ids[4])
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 1
+        path.write_bytes(bytes(raw))
+        assert a.node.chunks.get(m.ids[4]) is None
+        assert old.manifest not in holdings.own.complete
+        assert not holdings.own.holds(old.manifest, 4) and holdings.own.holds(old.manifest, 3)
+        # an overwrite leaves the old version to GC: once collected, it is not claimed at all
+        await a.write("img", 0, os.urandom(SIZE))
+        collect(a.node.namespace, a.node.chunks, grace_seconds=0)
+        assert not a.node.chunks.has(ChunkId(old.manifest))
+        assert old.manifest not in holdings.own.complete and old.manifest not in holdings.own.partial
