@@ -22,7 +22,7 @@ import trio
 
 from blixfs import crypto
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
-from blixfs.chunkproto import ChunkServer, encode_hold, encode_request
+from blixfs.chunkproto import ChunkServer, encode_have, encode_hold, encode_request
 from blixfs.chunkstore import MAX_CHUNK_BYTES, MemoryChunkStore
 from blixfs.entry import Entry, Kind
 from blixfs.frames import Entries, ErrorFrame, Hello, Synced, encode
@@ -357,6 +357,17 @@ def _chunks_example(doc: _Doc, manifest: Manifest, chunks: dict[ChunkId, bytes],
     doc.block("chunks.response_hold_accepted", _hex(accepted[0]))
     doc.say("The answer of a node that refuses (here: one without a replicator): BAD_REQUEST:")
     doc.block("chunks.response_hold_refused", _hex(refused[0]))
+    have = encode_have([manifest.ids[0], ChunkId(OTHER_MANIFEST), mid])
+    (have_answer,) = _served(store, [have])
+    if have_answer != bytes([0, 0, 0, 0, 1, 0b101]):
+        raise AssertionError("the server did not answer the HAVE with the ids it holds")
+    doc.say(f"HAVE (op 3) of three ids: the first chunk of {SECTION}.7, an id the server does not hold",
+            f"(32 bytes `ee`) and the {SECTION}.7 manifest. The request's id is 32 zero bytes, its offset",
+            "0 and its length the number of ids, which follow:")
+    doc.block("chunks.request_have", _hex(have))
+    doc.say("The answer: status OK, length 1, and a bitmap whose bit i (least significant first) is",
+            "set when the server holds id i: here `05`, ids 0 and 2:")
+    doc.block("chunks.response_have", _hex(have_answer))
 
 
 def _merge_example(doc: _Doc, a: bytes, b: bytes) -> None:

@@ -230,3 +230,42 @@ async def test_a_chunk_the_store_refuses_is_served_but_never_taken_as_held(kind:
         local.fail_with = None
         assert await fetcher.get(p.chunks[1], holder, must_store=True) == p.store.get(p.chunks[1])
         assert local.has(p.chunks[1])
+
+
+async def test_have_answers_which_chunks_are_held_on_a_kept_stream(kind: str) -> None:
+    async with pair(kind, n_chunks=3) as p:
+        client = ChunkClient(p.client_transport)
+        unknown = [ChunkId(os.urandom(32)) for _ in range(9)]
+        asked = [p.chunks[0], *unknown[:4], p.chunks[2], *unknown[4:], p.chunks[1]]
+        assert await client.have(p.server_addr, asked) == [c in p.chunks for c in asked]
+        fetched = await client.fetch(p.server_addr, p.chunks[1])  # same stream, next request
+        assert fetched is not None and chunk_id(fetched.data) == p.chunks[1]
+        assert client.streams_opened == 1 and p.server.have_requests == 1
+
+
+@pytest.mark.parametrize("count", [0, chunkproto.MAX_HAVE + 1, 0xFFFFFFFF])
+async def test_server_resets_a_have_of_a_bad_count(count: int) -> None:
+    async with pair() as p:
+        stream = await p.client_transport.open_stream(p.server_addr, ALPN)
+        async with stream:
+            await stream.send_all(struct.pack(">BB32sQI", 1, chunkproto.OP_HAVE, bytes(32), 0, count))
+            with pytest.raises(StreamReset) as info:
+                await stream.receive_some()
+            assert info.value.code == CODE_BAD_REQUEST
+
+
+async def test_fetcher_finds_holders_by_locate_when_the_given_ones_fail(kind: str) -> None:
+    async with pair(kind, n_chunks=1) as p, node(kind, p.net, {ALPN: ChunkServer(MemoryChunkStore()).handle}) as empty:
+        peers = PeerBook(p.client_transport.node_id)
+        peers.learn(p.server_addr)
+        peers.learn(empty.addr())
+        fetcher = Fetcher(MemoryChunkStore(), p.client_transport, peers)
+        asked: list[frozenset[str]] = []
+
+        async def locate(tried: frozenset[str]) -> list[str]:
+            asked.append(tried)
+            return [p.server_addr.node_id]
+
+        data = await fetcher.get(p.chunks[0], [empty.addr().node_id], locate=locate)
+        assert chunk_id(data) == p.chunks[0]
+        assert asked == [frozenset({empty.addr().node_id})]  # asked once, after the given holder lacked it

@@ -198,3 +198,16 @@ def test_hold_request() -> None:
     assert hold[48:].decode("utf-8") == "vm.img" and size == len(hold) - 48
     assert raw("chunks.response_hold_accepted") == struct.pack(">BI", 0, 0)
     assert raw("chunks.response_hold_refused") == struct.pack(">BI", 2, 0)
+
+
+def test_have_request() -> None:
+    have = raw("chunks.request_have")
+    version, op, zero, offset, count = struct.unpack_from(">BB32sQI", have)
+    assert (version, op, zero, offset, count) == (1, 3, bytes(32), 0, 3) and len(have) == 46 + 32 * count
+    ids = [have[46 + 32 * i : 78 + 32 * i] for i in range(count)]
+    assert ids[1] == b"\xee" * 32
+    assert ids[2] == raw("manifest.id") and ids[0] == blake3.blake3(b"a" * 4096).digest()
+    status, length = struct.unpack_from(">BI", raw("chunks.response_have"))
+    bits = raw("chunks.response_have")[5:]
+    assert (status, length, len(bits)) == (0, 1, 1)
+    assert [bool(bits[0] >> i & 1) for i in range(count)] == [True, False, True]
