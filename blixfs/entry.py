@@ -17,6 +17,11 @@ other data (`shown_as_conflict`).
 sorted keys and no insignificant whitespace, bytes as lowercase hex, signatures
 left out. It is deterministic for equal entries. `Entry.serialize` adds the two
 signatures (namespace, author) for storage and the wire.
+
+``atime_ns`` is optional: None (the default) means "the same as ``mtime_ns``" and is
+left out of the canonical form, so entries written before the field existed keep
+their hashes and signatures. Only an explicitly set access time (utimensat, ``touch
+-a``) is stored; reads never change it (the mount behaves like ``noatime``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 MAX_XATTR_VALUE = 64 * 1024
 MAX_XATTR_TOTAL = 128 * 1024  # hex-encoded on the wire: the largest entry still fits one frame
+MAX_TIME_NS = 2**63 - 1  # times are signed 64-bit nanoseconds elsewhere (year 2262); atime_ns is checked against it
 
 
 class Kind(enum.Enum):
@@ -79,6 +85,7 @@ class Entry:
     xattrs: Mapping[str, bytes] = field(default_factory=dict)  # other user.* attributes
     deleted: bool = False
     seen: Mapping[bytes, int] = field(default_factory=dict)  # author -> latest timestamp seen for this path
+    atime_ns: int | None = None  # an explicitly set access time; None: the same as mtime_ns (not in canonical())
     namespace_sig: bytes = b""  # ed25519 by the namespace key over canonical(); not part of it
     author_sig: bytes = b""  # ed25519 by the author over canonical(); not part of it
     # entry_hash() is asked for several times per merge and re-encodes JSON each time:
@@ -102,8 +109,12 @@ class Entry:
         """A copy with ``changes`` applied, unsigned (the caller sets a new timestamp)."""
         return replace(self, namespace_sig=b"", author_sig=b"", **changes)
 
+    @property
+    def effective_atime_ns(self) -> int:
+        return self.mtime_ns if self.atime_ns is None else self.atime_ns
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "path": self.path,
             "kind": self.kind.value,
             "mode": self.mode,
@@ -121,11 +132,16 @@ class Entry:
             "deleted": self.deleted,
             "seen": {a.hex(): t for a, t in self.seen.items()},
         }
+        # Only when set: an entry without it encodes exactly as before the field existed.
+        if self.atime_ns is not None:
+            d["atime_ns"] = self.atime_ns
+        return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Entry:
         """Inverse of `to_json`; raises KeyError/ValueError/TypeError on malformed input."""
         manifest = d["manifest"]
+        atime = d.get("atime_ns")
         return cls(
             path=str(d["path"]),
             kind=Kind(d["kind"]),
@@ -143,6 +159,7 @@ class Entry:
             xattrs={str(k): bytes.fromhex(v) for k, v in d["xattrs"].items()},
             deleted=bool(d["deleted"]),
             seen={bytes.fromhex(a): int(t) for a, t in d.get("seen", {}).items()},
+            atime_ns=int(atime) if atime is not None else None,
             namespace_sig=bytes.fromhex(d.get("namespace_sig", "")),
             author_sig=bytes.fromhex(d.get("author_sig", "")),
         )

@@ -30,7 +30,15 @@ from pathlib import Path
 import trio
 
 from blixfs import crypto
-from blixfs.entry import MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_XATTR_TOTAL, MAX_XATTR_VALUE, META_KEYS, Entry
+from blixfs.entry import (
+    MAX_NAME_BYTES,
+    MAX_PATH_BYTES,
+    MAX_TIME_NS,
+    MAX_XATTR_TOTAL,
+    MAX_XATTR_VALUE,
+    META_KEYS,
+    Entry,
+)
 from blixfs.errors import FsError
 from blixfs.manifest import MAX_FILE_SIZE
 from blixfs.namespace import NamespaceStore, Outcome
@@ -109,6 +117,9 @@ def check_entry(e: Entry, namespace_id: bytes, now_ns: int) -> str | None:
         return f"timestamp {(e.timestamp_ns - now_ns) / 1e9:.0f} s in the future"
     if e.timestamp_ns < 0 or e.mtime_ns < 0 or e.ctime_ns < 0:
         return "negative time"
+    # A new field gets an upper bound from the start (mtime/ctime have none, protocol.md 15.1).
+    if e.atime_ns is not None and not 0 <= e.atime_ns <= MAX_TIME_NS:
+        return "atime out of bounds"
     problem = _path_problem(e.path)
     if problem:
         return problem

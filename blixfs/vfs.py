@@ -44,6 +44,7 @@ from blixfs.entry import (
     MAX_COPIES,
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
+    MAX_TIME_NS,
     MAX_XATTR_TOTAL,
     MAX_XATTR_VALUE,
     META_KEYS,
@@ -352,9 +353,12 @@ class Vfs:
         elif e.kind is Kind.SYMLINK:
             size = len(e.target.encode())
         mode = e.st_mode & ~0o222 if ".conflict-" in e.path and self.namespace.get(e.path) is None else e.st_mode
+        # A directory's links: its name, its '.', and each subdirectory's '..' (find relies on it).
+        nlink = 2 + self.namespace.count_subdirs(e.path) if e.kind is Kind.DIR else 1
         return Attr(
-            ino=ino, mode=mode, nlink=1, uid=e.uid, gid=e.gid, size=size, blocks=blocks,
-            atime_ns=mtime, mtime_ns=mtime, ctime_ns=max(e.ctime_ns, mtime),
+            ino=ino, mode=mode, nlink=nlink, uid=e.uid, gid=e.gid, size=size, blocks=blocks,
+            atime_ns=e.atime_ns if e.atime_ns is not None else mtime, mtime_ns=mtime,
+            ctime_ns=max(e.ctime_ns, mtime),
         )
 
     def _new_entry(self, path: str, kind: Kind, mode: int, uid: int, gid: int, **extra: Any) -> Entry:
@@ -363,12 +367,24 @@ class Vfs:
                       ctime_ns=now, author=self.author, timestamp_ns=0)
         return self._placed(blank, path, **extra)
 
-    def _touch_parent(self, path: str) -> list[Entry]:
-        """The parent directory's new entry with mtime/ctime now (creating a name changes it)."""
-        parent = parent_of(path)
-        e = self._entry(parent)
+    def _touch_parent(self, *paths: str) -> list[Entry]:
+        """The new entries of the parent directories of ``paths`` (each once) with mtime/ctime
+        now: adding or removing a name changes them (mkdir, create, symlink, unlink, rmdir,
+        both sides of a rename; never an open of an existing file). Committed in the same
+        batch as the change itself."""
         now = self._clock()
-        return [self._successor(e, mtime_ns=now, ctime_ns=now)]
+        parents = dict.fromkeys(parent_of(p) for p in paths)
+        return [self._successor(self._entry(p), mtime_ns=now, ctime_ns=now) for p in parents]
+
+    @staticmethod
+    def _check_time(what: str, ns: int | None) -> None:
+        """Times an entry can hold (protocol.md 5.1): EINVAL before 1970, EOVERFLOW after 2262."""
+        if ns is None:
+            return
+        if ns < 0:
+            raise FsError(errno.EINVAL, f"{what} {ns} is before 1970: entries hold times from 1970 on")
+        if ns > MAX_TIME_NS:
+            raise FsError(errno.EOVERFLOW, f"{what} {ns} is past 2262: entries hold 64-bit nanoseconds")
 
     # ------------------------------------------------------- lookup and attrs
 
@@ -404,7 +420,18 @@ class Vfs:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
     ) -> Attr:
-        """chmod, chown, utimens and truncate. ``atime_ns`` is accepted and not kept (noatime)."""
+        """chmod, chown, utimensat and truncate (FUSE setattr, after the kernel's lookup).
+
+        Times are nanoseconds, kept exactly; UTIME_NOW arrives as the current time (pyfuse3
+        fills it in) and UTIME_OMIT as None. EINVAL for a time before 1970, EOVERFLOW past
+        2262 (`_check_time`), EISDIR/EINVAL for truncating a non-file, EROFS when read-only.
+        An access time is kept only when set here: reads never change it (``noatime``), and
+        while it was never set it reads as mtime. Setting mtime alone therefore keeps the
+        access time the file had (``touch -m``); an access time equal to the new mtime is
+        stored as "same as mtime" so the entry stays readable by nodes that predate atime.
+        """
+        self._check_time("atime", atime_ns)
+        self._check_time("mtime", mtime_ns)
         path = self.inodes.path(ino)
         e = self._mutable_entry(path)
         now = self._clock()
@@ -428,11 +455,17 @@ class Vfs:
             changes["uid"] = uid
         if gid is not None:
             changes["gid"] = gid
-        if mtime_ns is not None:
-            changes["mtime_ns"] = mtime_ns
+        if atime_ns is not None or mtime_ns is not None:
             open_content = self._contents.get(ino)
-            if open_content is not None:
-                open_content.mtime_ns = mtime_ns
+            current_mtime = open_content.mtime_ns if open_content is not None else e.mtime_ns
+            new_mtime = mtime_ns if mtime_ns is not None else current_mtime
+            new_atime = atime_ns if atime_ns is not None else (
+                e.atime_ns if e.atime_ns is not None else current_mtime)
+            changes["atime_ns"] = None if new_atime == new_mtime else new_atime
+            if mtime_ns is not None:
+                changes["mtime_ns"] = mtime_ns
+                if open_content is not None:
+                    open_content.mtime_ns = mtime_ns
         if len(changes) > 1 or size is None:
             self._commit_entries([self._successor(e, **changes)])
         return await self.getattr(ino)
@@ -486,11 +519,21 @@ class Vfs:
         return self._attr(self.inodes.ino(path), e)
 
     async def create(self, parent_ino: int, name: str, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
-        """Create and open a file; EEXIST if it exists (the kernel sends O_EXCL semantics here)."""
+        """Create and open a file (FUSE create: open(O_CREAT) of a name the kernel's lookup
+        did not find); ENAMETOOLONG/EINVAL for bad names, EROFS when read-only.
+
+        If the name exists after all (a peer created it since the lookup): EEXIST with
+        O_EXCL, else the existing file is opened as `open` would, and its directory's
+        times do not change (only adding a name changes them).
+        """
         self._writable()
         path = self._child_path(parent_ino, name)
         if self.namespace.get(path) is not None:
-            raise FsError(errno.EEXIST, f"{path} exists")
+            if flags & os.O_EXCL:
+                raise FsError(errno.EEXIST, f"{path} exists")
+            ino = self.inodes.ino(path)
+            fh = await self.open(ino, flags)
+            return fh, await self.getattr(ino)
         e = self._new_entry(path, Kind.FILE, mode, uid, gid)
         self._commit_entries([e, *self._touch_parent(path)])
         ino = self.inodes.ino(path)
@@ -542,7 +585,7 @@ class Vfs:
         version = self._conflict_version(path) if self.namespace.get(path) is None else None
         if version is not None and not want_dir:
             # deleting a conflict file drops that version
-            self._commit_entries([self._resolution(version)], resolving=version)
+            self._commit_entries([self._resolution(version), *self._touch_parent(path)], resolving=version)
             self._forget_path(path)
             return
         e = self._entry(path)
@@ -590,12 +633,17 @@ class Vfs:
         if version is not None:  # keeping a conflict version: it becomes a file of its own
             if self.namespace.get(dst) is not None:
                 raise FsError(errno.EEXIST, f"{dst} exists: rename the conflict version to a new name")
-            self._commit_entries([self._placed(version, dst, ctime_ns=self._clock()), self._resolution(version)],
-                                 resolving=version)
+            self._commit_entries([self._placed(version, dst, ctime_ns=self._clock()), self._resolution(version),
+                                  *self._touch_parent(src, dst)], resolving=version)
             self._forget_path(src)
             return
         if dst.startswith(src + "/"):
             raise FsError(errno.EINVAL, f"cannot move {src} into itself")
+        moved = [e, *self.namespace.descendants(src)] if e.kind is Kind.DIR else [e]
+        # Every moved path must stay within what an entry may hold (peers refuse longer ones).
+        longest = max(len(m.path.encode("utf-8")) for m in moved) - len(src.encode("utf-8"))
+        if longest + len(dst.encode("utf-8")) > MAX_PATH_BYTES:
+            raise FsError(errno.ENAMETOOLONG, f"moving {src} to {dst} makes paths longer than {MAX_PATH_BYTES} bytes")
         target = self.namespace.get(dst)
         if target is not None:
             if noreplace:
@@ -609,16 +657,11 @@ class Vfs:
                 raise FsError(errno.ENOTDIR, f"{dst} is not a directory")
         now = self._clock()
         batch: list[Entry] = []
-        moved = [e, *self.namespace.descendants(src)] if e.kind is Kind.DIR else [e]
         for old in moved:
             new_path = dst + old.path[len(src) :]
             batch.append(self._successor(old, deleted=True))
             batch.append(self._placed(old, new_path, ctime_ns=now if old is e else old.ctime_ns))
-        parents = {parent_of(src), parent_of(dst)}
-        for p in parents:
-            pe = self._entry(p)
-            batch.append(self._successor(pe, mtime_ns=now, ctime_ns=now))
-        self._commit_entries(batch)
+        self._commit_entries([*batch, *self._touch_parent(src, dst)])
         if target is not None:
             self._forget_path(dst)
         self.inodes.move(src, dst)

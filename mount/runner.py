@@ -156,7 +156,9 @@ def notify_systemd(state: str) -> None:
 
 def mount_options(*, allow_other: bool) -> set[str]:
     opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks mode bits
-    opts |= {f"fsname={FSNAME}", f"subtype={FSNAME}"}
+    # noatime: reads never change an access time (Vfs.setattr keeps only explicitly set
+    # ones); saying so lets the kernel skip atime updates and tools see it in mountinfo.
+    opts |= {f"fsname={FSNAME}", f"subtype={FSNAME}", "noatime"}
     if os.getuid() == 0:
         # DESIGN.md: as root, auto_unmount removes the mount ~1 ms after the daemon dies,
         # so a kill -9 leaves no ENOTCONN behind.

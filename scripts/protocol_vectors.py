@@ -170,8 +170,11 @@ def build() -> _Doc:
     t2 = 1_700_000_001_000_000_000
     e2 = Entry(path='links/tab\there "quote" back\\slash \x01 €😀', kind=Kind.SYMLINK, mode=0o777, uid=0, gid=0,
                size=0, mtime_ns=t2, ctime_ns=t2, author=b, timestamp_ns=t2, target=target)
-    s1, s2 = _sign(e1, AUTHOR_A_SEED), _sign(e2, AUTHOR_B_SEED)
-    for e in (s1, s2):
+    t3 = 1_700_000_002_000_000_000
+    e3 = Entry(path="images", kind=Kind.DIR, mode=0o755, uid=0, gid=0, size=0, mtime_ns=t3, ctime_ns=t3,
+               author=a, timestamp_ns=t3, atime_ns=1_600_000_000_000_000_001)
+    s1, s2, s3 = _sign(e1, AUTHOR_A_SEED), _sign(e2, AUTHOR_B_SEED), _sign(e3, AUTHOR_A_SEED)
+    for e in (s1, s2, s3):
         problem = check_entry(e, ns.id, e.timestamp_ns)
         if problem:
             raise AssertionError(f"vector entry {e.path!r} is invalid: {problem}")
@@ -190,6 +193,11 @@ def build() -> _Doc:
     doc.block("entry2.canonical", e2.canonical().decode(), "json")
     doc.block("entry2.hash", _hex(e2.entry_hash()))
     doc.block("entry2.canonical_bytes", _hex(e2.canonical()))
+    doc.say("Entry 3: a directory by author A with an access time of its own (`touch -a`): the",
+            "optional `atime_ns` key is present, sorted first. Entries 1 and 2 have none, and",
+            "their encodings have no such key.")
+    doc.block("entry3.canonical", e3.canonical().decode(), "json")
+    doc.block("entry3.hash", _hex(e3.entry_hash()))
 
     doc.say(f"### {SECTION}.3 Signed entries (b)", "",
             "ed25519 is deterministic: these signatures are the only correct ones. Each entry is",
@@ -203,6 +211,9 @@ def build() -> _Doc:
     doc.block("entry2.namespace_sig", _hex(s2.namespace_sig))
     doc.block("entry2.author_sig", _hex(s2.author_sig))
     doc.block("entry2.serialized", s2.serialize().decode(), "json")
+    doc.block("entry3.namespace_sig", _hex(s3.namespace_sig))
+    doc.block("entry3.author_sig", _hex(s3.author_sig))
+    doc.block("entry3.serialized", s3.serialize().decode(), "json")
 
     vector = {b: t2, a: t1}
     hello_min = encode(Hello(bytes(32), {bytes([0x01]) * 32: 7}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +80,33 @@ def test_stats(ns: NamespaceStore) -> None:
               entry("l", kind=Kind.SYMLINK, target="g")])
     st = ns.stats()
     assert (st.files, st.dirs, st.symlinks, st.file_bytes) == (2, 1, 1, 15)
+
+
+def test_count_subdirs_counts_live_directories_only(ns: NamespaceStore) -> None:
+    ns.apply([entry("", kind=Kind.DIR), entry("d", kind=Kind.DIR), entry("d/s", kind=Kind.DIR),
+              entry("d/t", kind=Kind.DIR), entry("d/t/u", kind=Kind.DIR), entry("d/f"),
+              entry("d/l", kind=Kind.SYMLINK, target="f"), entry("e", kind=Kind.DIR)])
+    assert ns.count_subdirs("") == 2  # the root's own entry is not its child
+    assert ns.count_subdirs("d") == 2 and ns.count_subdirs("d/t") == 1 and ns.count_subdirs("e") == 0
+    ns.apply([entry("d/s", ts=2, kind=Kind.DIR, deleted=True)])
+    assert ns.count_subdirs("d") == 1
+
+
+def test_sqlite_counts_subdirs_in_a_database_made_before_the_kind_column(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "n.db")
+    db.execute("CREATE TABLE entries (path TEXT PRIMARY KEY, parent TEXT NOT NULL, deleted INTEGER NOT NULL,"
+               " timestamp INTEGER NOT NULL, author BLOB NOT NULL, hash BLOB NOT NULL, data BLOB NOT NULL)"
+               " WITHOUT ROWID")
+    for e in (entry("d", kind=Kind.DIR), entry("d/s", kind=Kind.DIR), entry("d/f")):
+        db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (e.path, e.path.rpartition("/")[0], 0, e.timestamp_ns, e.author, e.entry_hash(), e.serialize()))
+    db.commit()
+    db.close()
+    s = SqliteNamespaceStore(tmp_path / "n.db")
+    assert s.count_subdirs("d") == 1 and s.count_subdirs("") == 1
+    s.apply([entry("d/t", kind=Kind.DIR)])
+    assert s.count_subdirs("d") == 2
+    s.close()
 
 
 def test_sqlite_persists_and_rolls_back(tmp_path: Path) -> None:

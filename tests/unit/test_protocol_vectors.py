@@ -92,7 +92,7 @@ def test_keys_and_signatures() -> None:
     for seed, public in [("keys.namespace_seed", "keys.namespace_id"), ("keys.author_a_seed", "keys.author_a"),
                          ("keys.author_b_seed", "keys.author_b")]:
         assert _public(raw(seed)) == raw(public)
-    for entry, author in [("entry1", "keys.author_a"), ("entry2", "keys.author_b")]:
+    for entry, author in [("entry1", "keys.author_a"), ("entry2", "keys.author_b"), ("entry3", "keys.author_a")]:
         message = DOCUMENTED[f"{entry}.canonical"].encode()
         Ed25519PublicKey.from_public_bytes(raw("keys.namespace_id")).verify(raw(f"{entry}.namespace_sig"), message)
         Ed25519PublicKey.from_public_bytes(raw(author)).verify(raw(f"{entry}.author_sig"), message)
@@ -101,7 +101,7 @@ def test_keys_and_signatures() -> None:
 
 
 def test_serialized_is_canonical_plus_signatures() -> None:
-    for entry in ("entry1", "entry2"):
+    for entry in ("entry1", "entry2", "entry3"):
         d = json.loads(DOCUMENTED[f"{entry}.serialized"])
         assert bytes.fromhex(d.pop("namespace_sig")) == raw(f"{entry}.namespace_sig")
         assert bytes.fromhex(d.pop("author_sig")) == raw(f"{entry}.author_sig")

@@ -88,3 +88,22 @@ async def test_hostile_contexts_and_text_are_refused(caplog: pytest.LogCaptureFi
     assert refused == 2 and "causal context" in caplog.text
     surrogate = replace(e, path="bad\udc80name", namespace_sig=bytes(64), author_sig=bytes(64))
     assert check_entry(surrogate, keys.id, time.time_ns()) == "text that is not valid UTF-8"
+
+
+def test_atime_is_optional_in_the_canonical_form_and_checked_when_present() -> None:
+    keys = NamespaceKeys.generate()
+    node = generate_secret()
+    r = make_replica(keys=keys, node_secret=node)
+    plain = local_entry(r, "f")
+    # Unset: the canonical form is what it was before the field existed, and decodes back to None.
+    assert b"atime_ns" not in plain.canonical()
+    assert Entry.deserialize(plain.serialize()).atime_ns is None
+    assert plain.effective_atime_ns == plain.mtime_ns
+    set_ = signed_by(keys, node, replace(plain, atime_ns=-1 + 2**63))
+    assert set_.canonical().startswith(b'{"atime_ns":9223372036854775807,"author":')
+    back = Entry.deserialize(set_.serialize())
+    assert back == set_ and back.entry_hash() == set_.entry_hash()
+    assert check_entry(back, keys.id, time.time_ns()) is None
+    for bad in (-1, 2**63):
+        e = signed_by(keys, node, replace(plain, atime_ns=bad))
+        assert check_entry(e, keys.id, time.time_ns()) == "atime out of bounds"
