@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<4sIQ")
 _MAGIC = b"BXC1"
 MAX_CHUNK_BYTES = 16 << 20  # manifests can exceed a data chunk; nothing legitimate is larger
+DISK_RESERVE_MIN = 1 << 20  # free bytes chunks never take (2% of the disk, within these bounds)
+DISK_RESERVE_MAX = 64 << 20
 RECENCY_CAPACITY = 1 << 24  # lru-dict drops entries beyond its size: far more chunks than any cache holds
 
 
@@ -343,10 +345,19 @@ class DiskChunkStore:
         return cid
 
     def _write_file(self, cid: ChunkId, data: bytes) -> bool:
-        """Write the chunk file (temp file, then rename); False if it was there already."""
+        """Write the chunk file (temp file, then rename); False if it was there already.
+
+        ENOSPC when the write would leave less than the reserve free on the filesystem:
+        chunks never take the last of the disk, so the namespace (SQLite) can still commit a
+        delete, a rename or a small write that frees or needs little room."""
         path = self._path(cid)
         if os.path.exists(path):  # the file, not the index: the files are the truth
             return False
+        st = os.statvfs(self._dir_fd)
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        if free - len(data) < max(DISK_RESERVE_MIN, min(DISK_RESERVE_MAX, total // 50)):
+            raise OSError(errno.ENOSPC, f"No space left on device (keeping the last {free} bytes of the disk "
+                                        "for metadata)")
         tmp = self._tmp / uuid.uuid4().hex
         header = _HEADER.pack(_MAGIC, len(data), xxhash.xxh3_64_intdigest(data))
         try:

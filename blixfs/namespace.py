@@ -398,7 +398,7 @@ class SqliteNamespaceStore(_Merging):
                 outcomes = [self._merge(e) for e in entries]
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
             # only after COMMIT: a rolled-back batch must not reach the cache
             for path, e in self._pending.items():
@@ -436,8 +436,14 @@ class SqliteNamespaceStore(_Merging):
             )
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._rollback()
             raise
+
+    def _rollback(self) -> None:
+        # SQLite rolls back by itself on some errors ("database or disk is full"): a second
+        # ROLLBACK would raise "no transaction is active" and hide the real error.
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def entries(self) -> Iterator[Entry]:
         for (data,) in self._db.execute("SELECT data FROM entries ORDER BY path"):
