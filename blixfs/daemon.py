@@ -36,13 +36,13 @@ import trio
 
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
 from blixfs.chunkproto import ChunkServer
-from blixfs.content import Content, read_manifest
+from blixfs.content import Content
 from blixfs.discovery import LanDiscovery, interfaces_for_listen
 from blixfs.entry import Kind
 from blixfs.errors import FsError
 from blixfs.fetcher import ATTEMPT_TIMEOUT, FETCH_TIMEOUT, Fetcher
 from blixfs.gc import DEFAULT_GRACE_SECONDS, collect, live_versions
-from blixfs.hashing import HOLE, ChunkId
+from blixfs.hashing import ChunkId
 from blixfs.health import DEFAULT_EXPIRY, HealthMonitor
 from blixfs.holdings import Holdings
 from blixfs.net.iroh_transport import open_iroh_transport
@@ -175,22 +175,16 @@ class Runtime:
         return message
 
 
-async def _load_own_holdings(node: Node, holdings: Holdings) -> None:
-    """Which files' content this node holds whole, from its store (in a worker thread: it
-    stats every chunk file of every file)."""
-    files = [e for e in node.namespace.entries() if not e.deleted and e.manifest is not None]
-
-    def scan() -> list[bytes]:
-        complete = []
-        for e in files:
-            assert e.manifest is not None
-            m = read_manifest(node.chunks, e.manifest)
-            if m is not None and all(node.chunks.has(c) for c in set(m.ids) if c != HOLE):
-                complete.append(e.manifest)
-        return complete
-
-    for mid in await trio.to_thread.run_sync(scan):
-        holdings.note_complete(mid)
+async def _load_own_holdings(node: Node, content: Content) -> None:
+    """What this node holds of each live version, from its store: whole, or which chunks
+    (a version written here over content it did not hold is partial). On the trio thread
+    (the store's index is in memory; worker threads touch files only), one version at a time."""
+    for e in [e for e in node.namespace.entries_since({}) if not e.deleted and e.manifest is not None]:
+        assert e.manifest is not None
+        ids = content.chunk_ids(e.manifest)
+        if ids is not None:
+            content.note_held(e.manifest, ids)
+        await trio.lowlevel.checkpoint()
 
 
 async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None = None,
@@ -236,7 +230,6 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
         peers.learn(known, "ticket")
     holdings = Holdings(self_id)
     holdings.own.addr = transport.addr()
-    await _load_own_holdings(node, holdings)
     server = ChunkServer(node.chunks)
     transport.register(CHUNKS_ALPN, server.handle)
     fetcher = Fetcher(node.chunks, transport, peers, fetch_timeout=fetch_timeout,
@@ -248,6 +241,7 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     content = vfs.content if vfs is not None else Content(node.chunks)
     content.attach(fetcher, holdings, peers,
                    lambda: [s.peer for s in sync.sessions() if s.synced.is_set()])
+    await _load_own_holdings(node, content)
     # Whatever removes chunks (eviction, GC, a corrupt file), this node stops claiming them.
     node.chunks.on_removed = lambda ids: holdings.evicted(set(ids), content.chunk_ids)
     replicator = Replicator(node, transport, sync, holdings, peers, content, default_copies=copies)
