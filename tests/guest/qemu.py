@@ -102,16 +102,19 @@ class BootResult:
                 f"qemu exit={self.returncode} after {self.exit_s:.1f} s\n--- serial console ---\n{self.serial}")
 
 
-def qemu_command(guest: Guest, image: Path, serial_log: Path, *, cache: str | None = None) -> list[str]:
-    """The qemu command line: TCG, 256 MiB, no default devices, the disk read-write (never -snapshot)."""
+def qemu_command(guest: Guest, image: Path, serial_log: Path, *, cache: str | None = None,
+                 snapshot: bool = False) -> list[str]:
+    """The qemu command line: TCG, 256 MiB, no default devices, the disk read-write unless
+    ``snapshot`` (qemu -snapshot: writes go to a temp overlay, the image is only read)."""
     drive = f"file={image},if=virtio,format=qcow2" + (f",cache={cache}" if cache else "")
     return [QEMU, "-accel", "tcg", "-m", "256", "-nodefaults", "-display", "none", "-no-reboot",
             "-serial", f"file:{serial_log}", "-monitor", "none",
             "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", guest.cmdline,
-            "-drive", drive]
+            "-drive", drive, *(["-snapshot"] if snapshot else [])]
 
 
-def boot(guest: Guest, image: Path, serial_log: Path, *, timeout: float = 300, cache: str | None = None) -> BootResult:
+def boot(guest: Guest, image: Path, serial_log: Path, *, timeout: float = 300, cache: str | None = None,
+         snapshot: bool = False) -> BootResult:
     """Boot ``guest`` with ``image`` as its root disk; return once qemu has exited.
 
     Polls the serial log for the marker (never sleeps on a guess); gives qemu ``timeout``
@@ -120,7 +123,7 @@ def boot(guest: Guest, image: Path, serial_log: Path, *, timeout: float = 300, c
     """
     serial_log.unlink(missing_ok=True)
     qemu_out = serial_log.with_suffix(".qemu.txt")
-    cmd = qemu_command(guest, image, serial_log, cache=cache)
+    cmd = qemu_command(guest, image, serial_log, cache=cache, snapshot=snapshot)
     logger.info("booting: %s", " ".join(cmd))
     marker_s: float | None = None
     text = ""
