@@ -28,6 +28,7 @@
 # fresh clone on the same machine, only prints the path. The cache is $BLIXFS_GUEST_CACHE,
 # else /var/cache/blixfs-guest (root), else ${XDG_CACHE_HOME:-~/.cache}/blixfs-guest.
 # Concurrent runs are serialised by a lock; a build is moved into place only when complete.
+# A build removes the guests of other versions of this script not used for a week.
 # Needs apt-get (to download), dpkg-deb, mkfs.ext4, qemu-img, cpio, gzip (scripts/install.sh).
 set -euo pipefail
 
@@ -60,6 +61,7 @@ mkdir -p "$cache"
 exec 9>"$cache/.lock"
 flock 9  # another run building the same guest: wait for it, then use its result
 if [ -f "$out/.complete" ]; then
+  touch "$out"  # in use: not pruned below by a build of another version of this script
   log "cached: $out"
   echo "$out"
   exit 0
@@ -74,13 +76,31 @@ trap 'rm -rf "$work"' EXIT
 cd "$work"
 
 # --- packages: downloaded into the build dir only ----------------------------------------
-kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-[ -n "$kpkg" ] || { log "cannot resolve linux-image-amd64 (apt-get update?)"; exit 1; }
+# A fresh machine may have no package lists yet, or stale ones (a download then 404s): both
+# are fixed by one apt-get update (root), then the step is tried again.
+resolve_kernel() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
+download() {
+  # apt drops to the _apt user to download; it cannot write here (a root-owned temp dir) and
+  # then downloads as root with a warning: harmless, so the warning is filtered out.
+  apt-get download -q "$kpkg" busybox-static 2>&1 | { grep -v 'unsandboxed as root' || true; } >&2
+  return "${PIPESTATUS[0]}"
+}
+update_lists() {
+  [ "$(id -u)" -eq 0 ] || { log "apt-get update needs root"; return 1; }
+  log "apt-get update"
+  apt-get update -qq >&2
+}
+kpkg=$(resolve_kernel || true)
+if [ -z "$kpkg" ]; then
+  update_lists
+  kpkg=$(resolve_kernel || true)
+fi
+[ -n "$kpkg" ] || { log "cannot resolve linux-image-amd64 to a kernel package"; exit 1; }
 log "downloading $kpkg busybox-static"
-# apt drops to the _apt user to download; it cannot write here (a root-owned temp dir) and
-# then downloads as root with a warning: harmless, so the warning is filtered out.
-chmod 755 "$work"
-apt-get download -q "$kpkg" busybox-static 2>&1 | grep -v 'unsandboxed as root' >&2 || true
+if ! download; then
+  update_lists
+  download
+fi
 ls ./linux-image-*.deb ./busybox-static_*.deb >/dev/null
 dpkg-deb -x ./linux-image-*.deb kernel
 dpkg-deb -x ./busybox-static_*.deb busybox
@@ -194,5 +214,8 @@ mv vmlinux initrd.gz root.qcow2 seed.sha256 cmdline versions "$out.new"/
 touch "$out.new/.complete"
 rm -rf "$out"
 mv "$out.new" "$out"
+# Guests of other versions of this script (other branches, older commits) unused for a week.
+find "$cache" -mindepth 1 -maxdepth 1 -type d \( -name '[0-9a-f]*' -o -name '.build-*' \) ! -path "$out" ! -path "$work" \
+  -mtime +7 -exec rm -rf {} + || true  # (and builds killed before their trap ran)
 log "built: $out ($(du -sh "$out" | cut -f1): $(cat "$out/versions"))"
 echo "$out"
