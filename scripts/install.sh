@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything blixfs needs on Debian 12, idempotently:
-#   Debian packages (fuse3, libfuse3-dev, pkg-config, qemu-utils, a C compiler),
+#   Debian packages (fuse3, libfuse3-dev, pkg-config, qemu-utils, a C compiler; qemu-system-x86,
+#   e2fsprogs and cpio for the guest that scripts/build_guest.sh builds and the guest tests boot),
 #   a venv at .venv in the repository, and blixfs with its dev extras into it.
 # Fast when everything is already there: apt and pip are skipped when nothing is missing.
 set -euo pipefail
@@ -18,6 +19,10 @@ need_root() {
 
 # --- Debian packages -------------------------------------------------------
 debs=(fuse3 libfuse3-dev pkg-config qemu-utils gcc python3-dev iproute2 attr)
+# The bootable guest (scripts/build_guest.sh, tests/guest, scripts/bench_vm.py): qemu to boot it
+# under TCG, mkfs.ext4 -d to make its root without a loop mount, cpio for its initramfs.
+# Its kernel and busybox are only downloaded (apt-get download), never installed here.
+debs+=(qemu-system-x86 e2fsprogs cpio)
 # A Python 3.11 interpreter that can make a venv: one on PATH (pyenv, a distro build),
 # else Debian's. Debian's python3 lacks ensurepip (so `python3 -m venv` fails) until
 # python3-venv is installed: that is checked, not just the version.
