@@ -72,10 +72,6 @@ def test_the_writer_boots_the_guest_from_its_own_mount(make_node: Factory, guest
     assert written_in_image(a.mnt / IMAGE, tmp_path) == result.written
 
 
-# Passes with main's b60e00c ("Writes on any node: holders found by content") merged in.
-@pytest.mark.xfail(strict=False, reason="core bug fixed on main (b60e00c), not on this branch's base: a node that "
-                   "writes part of a file it does not hold cannot find holders of the unchanged chunks after its "
-                   "commit (EIO 'no holder known'); remove this marker when merging with the fix")
 def test_a_node_that_held_nothing_boots_the_guest_writing_and_another_reads_its_result(
         make_node: Factory, guest: Guest, tmp_path: Path) -> None:
     # --copies 1 everywhere: nothing is replicated, so c holds none of the image when it boots,
