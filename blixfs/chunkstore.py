@@ -52,12 +52,13 @@ from lru import LRU
 
 from blixfs import metrics
 from blixfs.hashing import HOLE, ChunkId, chunk_id, is_zero, short
+from blixfs.manifest import MAX_MANIFEST_BYTES
 
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<4sIQ")
 _MAGIC = b"BXC1"
-MAX_CHUNK_BYTES = 16 << 20  # manifests can exceed a data chunk; nothing legitimate is larger
+MAX_CHUNK_BYTES = MAX_MANIFEST_BYTES  # manifests can exceed a data chunk; nothing legitimate is larger
 RECENCY_CAPACITY = 1 << 24  # lru-dict drops entries beyond its size: far more chunks than any cache holds
 
 

@@ -59,7 +59,7 @@ from blixfs.entry import (
 from blixfs.errors import FsError, storage_errno
 from blixfs.fetcher import Holdings
 from blixfs.hashing import HOLE, ChunkId, short
-from blixfs.manifest import DEFAULT_CHUNK_SIZE, Manifest, ManifestError, chunk_count, chunk_length
+from blixfs.manifest import DEFAULT_CHUNK_SIZE, Manifest, ManifestError, check_file_size, chunk_count, chunk_length
 from blixfs.namespace import NamespaceStore
 from blixfs.reader import ChunkReader
 from blixfs.replica import Replica
@@ -440,8 +440,10 @@ class Vfs:
         if size is not None:
             if e.kind is not Kind.FILE:
                 raise FsError(errno.EISDIR if e.kind is Kind.DIR else errno.EINVAL, f"cannot truncate {path}")
+            check_file_size(size)  # before loading anything for an absurd size
             content, temporary = await self._content_for(ino, e, emptied=size == 0)
             try:
+                check_file_size(size, content.chunk_size)
                 await self._truncate(content, size)
                 content.mtime_ns = mtime_ns if mtime_ns is not None else now
                 if temporary:
@@ -954,6 +956,7 @@ class Vfs:
         cs = content.chunk_size
         if not data:
             return 0
+        check_file_size(end, cs)
         # The first and last chunk may be partly overwritten: their old bytes are needed.
         loaded = await self._load_for_update(
             content, [offset // cs, (end - 1) // cs, *self._resize_loads(content, max(end, content.size))])

@@ -270,3 +270,25 @@ def test_cli_status_identity_and_errors(make_node: Callable[..., MountedNode], t
         assert "Usage:" in node.cli(*args).stdout
     bad = node.cli("status", "--bogus", check=False)
     assert bad.returncode == 2 and "No such option" in bad.stderr
+
+
+def test_huge_sizes_give_efbig_and_the_mount_stays_usable(mounted: MountedNode) -> None:
+    path = mounted.mnt / "huge.img"
+    path.write_bytes(b"abc")
+    with pytest.raises(OSError) as info:
+        os.truncate(path, 1 << 50)
+    assert info.value.errno == errno.EFBIG
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as info:
+            os.pwrite(fd, b"x", 1 << 50)
+        assert info.value.errno == errno.EFBIG
+        with pytest.raises(OSError) as info:
+            os.ftruncate(fd, 1 << 50)
+        assert info.value.errno == errno.EFBIG
+        assert os.pwrite(fd, b"def", 3) == 3
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"abcdef" and path.stat().st_size == 6
+    (mounted.mnt / "after").write_bytes(b"still usable")
+    assert (mounted.mnt / "after").read_bytes() == b"still usable"
