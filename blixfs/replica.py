@@ -30,7 +30,7 @@ from pathlib import Path
 import trio
 
 from blixfs import crypto
-from blixfs.entry import MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_XATTR_TOTAL, MAX_XATTR_VALUE, META_KEYS, Entry
+from blixfs.entry import MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_XATTR_TOTAL, MAX_XATTR_VALUE, META_KEYS, Entry, Kind
 from blixfs.errors import FsError
 from blixfs.manifest import MAX_FILE_SIZE
 from blixfs.namespace import NamespaceStore, Outcome
@@ -100,6 +100,14 @@ def _path_problem(path: str) -> str | None:
     return None
 
 
+def _root_problem(e: Entry) -> str | None:
+    """The root's own entry (path "") may only change the root directory's attributes: as a
+    file, a symlink or a tombstone it would replace or remove the whole tree on every node."""
+    if e.path == "" and (e.kind is not Kind.DIR or e.deleted):
+        return "the root can only be a directory" if not e.deleted else "the root cannot be deleted"
+    return None
+
+
 def check_entry(e: Entry, namespace_id: bytes, now_ns: int) -> str | None:
     """Why ``e`` must be refused, or None if it is valid for namespace ``namespace_id``.
 
@@ -109,7 +117,7 @@ def check_entry(e: Entry, namespace_id: bytes, now_ns: int) -> str | None:
         return f"timestamp {(e.timestamp_ns - now_ns) / 1e9:.0f} s in the future"
     if e.timestamp_ns < 0 or e.mtime_ns < 0 or e.ctime_ns < 0:
         return "negative time"
-    problem = _path_problem(e.path)
+    problem = _path_problem(e.path) or _root_problem(e)
     if problem:
         return problem
     if len(e.author) != 32 or len(e.namespace_sig) != 64 or len(e.author_sig) != 64:
@@ -179,10 +187,16 @@ class Replica:
     def commit_local(self, entries: Sequence[Entry], *, durable: bool = False) -> None:
         """Sign and apply this node's new versions in one transaction.
 
-        Raises FsError(EROFS) without write capability; storage errors propagate.
+        Raises FsError(EROFS) without write capability, FsError(EINVAL) (nothing applied) for a
+        root entry that is not a live directory (peers would refuse it); storage errors propagate.
         """
         if not self.keys.writable:
             raise FsError(errno.EROFS, "this node holds a read-only capability for the namespace")
+        for e in entries:
+            problem = _root_problem(e)
+            if problem:
+                log.error("refused a local change of the root: %s", problem)
+                raise FsError(errno.EINVAL, problem)
         signed = [self._sign(e) for e in entries]
         outcomes = self.store.apply(signed, durable=durable)
         own = max((e.timestamp_ns for e in signed if e.author == self.author), default=None)

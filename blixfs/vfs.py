@@ -248,7 +248,8 @@ class Vfs:
     def _entry(self, path: str) -> Entry:
         """The live entry at ``path`` (a kept conflict version for a conflict file name); ENOENT."""
         if path == "":
-            return self.namespace.get("") or self._root_entry()
+            root = self.namespace.get("")  # not a directory only in a store older than replica._root_problem
+            return root if root is not None and root.kind is Kind.DIR else self._root_entry()
         e = self.namespace.get(path)
         if e is None:
             version = self._conflict_version(path)

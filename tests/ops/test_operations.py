@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,12 +14,13 @@ import pytest
 
 from blixfs import metrics
 from blixfs.chunkstore import DiskChunkStore, MemoryChunkStore
+from blixfs.entry import Entry, Kind
 from blixfs.errors import FsError
 from blixfs.manifest import MAX_FILE_SIZE, MIN_CHUNK_SIZE, max_file_size
 from blixfs.replica import NamespaceKeys
 from blixfs.vfs import ROOT_INO, Vfs
 from mount.ops import BlixOperations
-from tests.helpers import make_replica, make_vfs
+from tests.helpers import make_replica, make_vfs, write_file
 
 CS = MIN_CHUNK_SIZE
 
@@ -279,3 +281,18 @@ async def test_large_sparse_files_within_the_maximum_are_accepted() -> None:
     await vfs.release(fh)
     entry = vfs.namespace.get("disk.img")
     assert entry is not None and entry.size == 100 << 30
+
+
+async def test_a_stored_root_that_is_not_a_directory_never_replaces_the_root() -> None:
+    # A store can hold one from a peer older than the check that now refuses it (replica.check_entry).
+    vfs = make_vfs()
+    await write_file(vfs, "kept", b"data")
+    ts = time.time_ns()
+    vfs.namespace.apply([Entry(path="", kind=Kind.FILE, mode=0o644, uid=0, gid=0, size=0, mtime_ns=ts,
+                               ctime_ns=ts, author=bytes(32), timestamp_ns=ts)])
+    attr = await vfs.getattr(ROOT_INO)
+    assert stat.S_ISDIR(attr.mode)
+    assert [name for name, _ in await vfs.readdir(ROOT_INO)] == ["kept"]
+    await vfs.setattr(ROOT_INO, mode=0o700)  # a local change of the root supersedes it with a directory
+    root = vfs.namespace.get("")
+    assert root is not None and root.kind is Kind.DIR and stat.S_IMODE(root.mode) == 0o700
