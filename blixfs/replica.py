@@ -35,6 +35,7 @@ from blixfs.errors import FsError
 from blixfs.manifest import MAX_FILE_SIZE
 from blixfs.namespace import NamespaceStore, Outcome
 from blixfs.net.iroh_transport import load_or_create_secret_key, write_secret_key
+from blixfs.statefile import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class NamespaceKeys:
     def save(self, directory: Path) -> None:
         """Store as ``directory/namespace.id`` (+ ``namespace.key``, mode 0600, with write capability)."""
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "namespace.id").write_text(self.id.hex() + "\n")
+        write_atomic(directory / "namespace.id", (self.id.hex() + "\n").encode(), keep_backup=False)
         if self.secret is not None:
             write_secret_key(directory / "namespace.key", self.secret)
 
