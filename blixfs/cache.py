@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from blixfs.chunkstore import DiskChunkStore
 from blixfs.hashing import ChunkId
+from blixfs.statefile import StateFileError
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,12 @@ class CachePolicy:
         """Whether ``cid`` must stay (see the module docstring)."""
         now = time.monotonic()
         if now - self._at > RECOMPUTE_SECONDS or self._generation != self.store.written_generation:
+            try:
+                self._set, self._at = self._compute(), now
+            except StateFileError:  # pins or replicas unknown (logged): evicting anything could lose a copy
+                self._at = -1.0  # asked again next time: the file may have been repaired
+                return True
             self._generation = self.store.written_generation
-            self._set, self._at = self._compute(), now
         return cid in self._set
 
     def invalidate(self) -> None:

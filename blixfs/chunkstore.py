@@ -14,6 +14,17 @@ local integrity (bit rot, torn writes), not trust: a mismatch on read is logged,
 counted in ``blixfs_chunks_corrupt_total``, the file is removed, and the chunk
 reads as missing so it can be restored from a peer or rewritten.
 
+The index (SQLite) can disagree with the files after a crash: a chunk file renamed into
+place just before the crash has no row, and a row can outlive its file (a rename lost to a
+power cut, a file removed by hand). Each open store holds a marker file
+``<root>/open/<pid>-<random>`` under an exclusive flock and removes it at a clean close;
+a marker nobody holds locked is a store that crashed. The next store opened while no other
+process has the store open then reconciles once (`DiskChunkStore._reconcile`: one scandir
+of the 256 directories): files without rows are indexed as written here (never evicted:
+they may be the only copy), rows without files are forgotten. Between reconciliations a
+`put` of a chunk whose file exists without a row indexes it, and a `get`/`load` that finds
+an indexed file gone forgets the row, so neither kind of disagreement lasts.
+
 Callers: `blixfs.vfs.Vfs` on the trio thread (puts of dirty chunks, gets for
 reads). Methods are synchronous: local disk I/O of one chunk costs tens of
 microseconds, less than a hop to a worker thread.
@@ -23,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import sqlite3
@@ -40,12 +52,13 @@ from lru import LRU
 
 from blixfs import metrics
 from blixfs.hashing import HOLE, ChunkId, chunk_id, is_zero, short
+from blixfs.manifest import MAX_MANIFEST_BYTES
 
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<4sIQ")
 _MAGIC = b"BXC1"
-MAX_CHUNK_BYTES = 16 << 20  # manifests can exceed a data chunk; nothing legitimate is larger
+MAX_CHUNK_BYTES = MAX_MANIFEST_BYTES  # manifests can exceed a data chunk; nothing legitimate is larger
 DISK_RESERVE_MIN = 1 << 20  # free bytes chunks never take (2% of the disk, within these bounds)
 DISK_RESERVE_MAX = 64 << 20
 RECENCY_CAPACITY = 1 << 24  # lru-dict drops entries beyond its size: far more chunks than any cache holds
@@ -70,7 +83,9 @@ class ChunkStore(Protocol):
         ...
 
     def has(self, cid: ChunkId) -> bool:
-        """Whether a chunk file exists (cheap; not verified)."""
+        """Whether the store holds the chunk (cheap: from its index, not verified). A chunk
+        whose file vanished behind the store's back counts until a `get`/`load` finds it
+        missing; from then on it does not."""
         ...
 
     def put(self, data: bytes, *, verified_id: ChunkId | None = None) -> ChunkId:
@@ -234,10 +249,13 @@ class DiskChunkStore:
         self.root = root
         self._tmp = root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
-        for name in os.listdir(self._tmp):  # leftovers of puts a crash interrupted
-            (self._tmp / name).unlink(missing_ok=True)
         for i in range(256):
             (root / f"{i:02x}").mkdir(exist_ok=True)
+        self._marker_fds: list[int] = []
+        crashed = self._claim_marker()
+        if crashed is not None:
+            for name in os.listdir(self._tmp):  # leftovers of puts a crash interrupted
+                (self._tmp / name).unlink(missing_ok=True)
         self._dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         self._db = sqlite3.connect(root / "index.db", isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -259,12 +277,114 @@ class DiskChunkStore:
             self._recency[ChunkId(cid)] = size * 2 + fetched
             self._total += size
         self._touched: set[ChunkId] = set()
+        if crashed:
+            self._reconcile()
+            for marker in crashed:  # only now: a crash during the scan leaves them for the next open
+                marker.unlink(missing_ok=True)
         # Asked before data written here is stored (the node's `blixfs.cache.CachePolicy`):
         # raises ENOSPC when the budget is full of data that may be the only copy. None: no budget.
         self.admit: Callable[[int], None] | None = None
         # Told of every chunk removed (evicted, collected, found corrupt): holdings follow.
         self.on_removed: Callable[[list[ChunkId]], None] | None = None
         self.written_generation = 0  # bumped by each new written version (the cache policy recomputes)
+
+    def _claim_marker(self) -> list[Path] | None:
+        """Create and lock this store's open marker. Returns the markers of stores that crashed
+        (nobody holds their lock) when no other process has the store open, else None: a live
+        store may be mid-put (a temp file not yet renamed, a file not yet indexed)."""
+        markers = self.root / "open"
+        markers.mkdir(exist_ok=True)
+        crashed: list[Path] = []
+        live = False
+        for name in os.listdir(markers):
+            path = markers / name
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # its store closed meanwhile
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                live = True
+            else:
+                crashed.append(path)
+            finally:
+                os.close(fd)
+        path = markers / f"{os.getpid()}-{uuid.uuid4().hex}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._marker_fds.append(fd)
+        self._marker = path
+        # The marker must survive a power cut that chunk files written from now on survive.
+        dir_fd = os.open(markers, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return None if live else crashed
+
+    def _reconcile(self) -> None:
+        """After a crash: index chunk files that have no row, forget rows whose file is gone.
+
+        One scandir per directory, one header read per file without a row: seconds for
+        millions of chunks, paid only after an unclean shutdown."""
+        started = time.monotonic()
+        indexed: list[tuple[ChunkId, int, int]] = []
+        gone: list[ChunkId] = []
+        by_dir: dict[int, list[ChunkId]] = {}
+        for cid in list(self._recency.keys()):  # lru-dict: keys() is a list, and no __iter__
+            by_dir.setdefault(cid[0], []).append(cid)
+        for i in range(256):
+            present: set[bytes] = set()
+            with os.scandir(self.root / f"{i:02x}") as it:
+                for item in it:
+                    try:
+                        cid = ChunkId(bytes.fromhex(item.name))
+                    except ValueError:
+                        continue
+                    if len(cid) != 32:
+                        continue
+                    present.add(cid)
+                    if cid not in self._recency:
+                        size = self._header_length(Path(item.path))
+                        if size is not None:
+                            indexed.append((cid, size, item.stat().st_mtime_ns))
+            gone.extend(cid for cid in by_dir.get(i, ()) if cid not in present)
+        for cid in gone:
+            self._forget(cid)
+        self._db.execute("BEGIN")
+        self._db.executemany("INSERT OR IGNORE INTO chunks (id, size, atime, fetched) VALUES (?, ?, ?, 0)",
+                             indexed)
+        self._db.execute("COMMIT")
+        for cid, size, _ in indexed:  # as written here: it may be the only copy, so never evicted
+            self._recency[cid] = size * 2
+            self._total += size
+        log.warning("chunk store %s was not closed cleanly: indexed %d chunk files that had no index row, "
+                    "forgot %d rows whose file was gone (%.1f s)", self.root, len(indexed), len(gone),
+                    time.monotonic() - started)
+
+    @staticmethod
+    def _header_length(path: Path) -> int | None:
+        """The payload length a chunk file's header states, or None if it has no valid header
+        (a torn file: removed, as a read would remove it)."""
+        try:
+            with open(path, "rb", buffering=0) as f:
+                raw = f.read(_HEADER.size)
+        except FileNotFoundError:
+            return None
+        if len(raw) == _HEADER.size:
+            magic, length, _ = _HEADER.unpack(raw)
+            if magic == _MAGIC:
+                return int(length)
+        log.error("chunk file %s has no valid header: removed", path.name[:12])
+        path.unlink(missing_ok=True)
+        return None
+
+    def _missing(self, cid: ChunkId) -> None:
+        """A read found no file: if the index says the chunk is held, it is not any more."""
+        if cid in self._recency:
+            log.warning("chunk %s is indexed but its file is gone: forgotten, it reads as missing", short(cid))
+            self._forget(cid)
 
     def _path(self, cid: ChunkId) -> Path:
         h = cid.hex()
@@ -276,6 +396,7 @@ class DiskChunkStore:
             with open(path, "rb", buffering=0) as f:
                 raw = f.readall()
         except FileNotFoundError:
+            self._missing(cid)
             return None
         return self._checked(cid, path, raw)
 
@@ -284,6 +405,7 @@ class DiskChunkStore:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
+            self._missing(cid)
             await trio.lowlevel.checkpoint()
             return None
         try:
@@ -340,7 +462,8 @@ class DiskChunkStore:
         fetched = verified_id is not None
         if not fetched and self.admit is not None and cid not in self._recency:
             self.admit(len(data))
-        if self._write_file(cid, data):
+        # Also when the file was there without a row: a crash between rename and index left it.
+        if self._write_file(cid, data) or cid not in self._recency:
             self._index(cid, len(data), fetched)
         return cid
 
@@ -523,3 +646,7 @@ class DiskChunkStore:
             log.warning("could not save chunk recency at close: %s", exc)
         self._db.close()
         os.close(self._dir_fd)
+        self._marker.unlink(missing_ok=True)  # a clean close: the next open need not reconcile
+        for fd in self._marker_fds:
+            os.close(fd)
+        self._marker_fds.clear()

@@ -15,10 +15,12 @@ A zero id (`HOLE`) is a run of zeros that is not stored.
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from blixfs.errors import FsError
 from blixfs.hashing import HOLE, ID_LEN, ChunkId, content_id
 
 MAGIC = b"BXM1"
@@ -30,6 +32,8 @@ MAX_CHUNK_SIZE = 4 * 1024 * 1024
 # 16 TiB at the smallest chunk size is far beyond any VM image; a bound keeps a
 # hostile manifest from making us allocate without limit.
 MAX_FILE_SIZE = 1 << 44
+# A manifest is stored as one chunk, and a chunk store holds none larger (chunkstore.MAX_CHUNK_BYTES).
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 class ManifestError(ValueError):
@@ -39,6 +43,22 @@ class ManifestError(ValueError):
 def chunk_count(size: int, chunk_size: int) -> int:
     """How many chunks a file of ``size`` bytes has."""
     return -(-size // chunk_size)
+
+
+def max_file_size(chunk_size: int) -> int:
+    """The largest file a node can commit at ``chunk_size``: at most MAX_FILE_SIZE, and no more
+    chunks than a manifest of MAX_MANIFEST_BYTES lists (466,033: about 114 GiB at 256 KiB
+    chunks, 1.8 TiB at 4 MiB). Writes and truncates beyond it fail with EFBIG at once."""
+    return min(MAX_FILE_SIZE, (MAX_MANIFEST_BYTES - _HEADER.size) // _ITEM.size * chunk_size)
+
+
+def check_file_size(size: int, chunk_size: int = MAX_CHUNK_SIZE) -> None:
+    """FsError(EFBIG) if a file of ``size`` bytes could never be committed at ``chunk_size``
+    (by default: at any chunk size). For writes and truncates, before they change anything:
+    else memory grows and the commit fails later, with the data dropped at close."""
+    if size > max_file_size(chunk_size):
+        raise FsError(errno.EFBIG, f"{size} bytes exceeds the largest file ({max_file_size(chunk_size)} bytes "
+                                   f"at {chunk_size // 1024} KiB chunks)")
 
 
 def chunk_length(index: int, size: int, chunk_size: int) -> int:

@@ -16,6 +16,12 @@ Home layout (``--home``, ``$BLIXFS_HOME``, else ``$XDG_DATA_HOME/blixfs``)::
     daemon.lock           held (flock) by the one daemon using this home
     control.sock          the running daemon's control socket (`blixfs.daemon`)
 
+The JSON files are written atomically and durably, each keeping its previous version as
+``NAME.bak``; a torn one is logged and its backup read (`blixfs.statefile`). When neither is
+readable, peers and settings fall back to defaults (the damaged file is kept as
+``NAME.corrupt`` by the next write), while pins and replicas refuse to change and the cache
+evicts nothing: forgetting them would drop copies this node promised to keep.
+
 A home created without a ticket starts its own namespace with write capability:
 the embedded default, a complete local node with no configuration.
 
@@ -27,7 +33,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -46,6 +51,7 @@ from blixfs.namespace import SqliteNamespaceStore
 from blixfs.net.iroh_transport import load_or_create_secret_key
 from blixfs.net.transport import NodeAddr
 from blixfs.replica import NamespaceKeys, Replica
+from blixfs.statefile import StateFileError, read_json, write_json
 from blixfs.ticket import Ticket
 from blixfs.vfs import Vfs
 
@@ -70,10 +76,13 @@ class JoinError(Exception):
     """A ticket that cannot be joined on this home, with what to do instead."""
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+def _valid_replicas(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    try:
+        return all(len(bytes.fromhex(k)) == 32 for k in value)
+    except ValueError:
+        return False
 
 
 def _free_port() -> int:
@@ -149,12 +158,12 @@ class Node:
     # ------------------------------------------------------------ settings
 
     def _settings(self) -> dict[str, Any]:
-        path = self.home / "node.json"
+        """node.json; unreadable (logged): the defaults, and the next write keeps it as node.json.corrupt."""
         try:
-            data = json.loads(path.read_text())
-            return data if isinstance(data, dict) else {}
-        except (FileNotFoundError, ValueError):
+            data: dict[str, Any] = read_json(self.home / "node.json", {}, lambda v: isinstance(v, dict))
+        except StateFileError:
             return {}
+        return data
 
     def listen_addr(self) -> str:
         """Where the daemon binds its endpoint: chosen once, then kept so tickets stay valid."""
@@ -168,7 +177,7 @@ class Node:
     def set_listen_addr(self, addr: str) -> None:
         settings = self._settings()
         settings["listen"] = addr
-        _write_json(self.home / "node.json", settings)
+        write_json(self.home / "node.json", settings)
 
     def cache_size(self) -> int:
         """The chunk cache's byte budget (fetched chunks beyond it are evicted, LRU first)."""
@@ -178,15 +187,15 @@ class Node:
     def set_cache_size(self, size: int) -> None:
         settings = self._settings()
         settings["cache_size"] = size
-        _write_json(self.home / "node.json", settings)
+        write_json(self.home / "node.json", settings)
 
     def pins(self) -> list[str]:
-        """Namespace paths whose content is never evicted (`blixfs pin`)."""
-        try:
-            raw = json.loads((self.home / "pins.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return []
-        return [str(p) for p in raw] if isinstance(raw, list) else []
+        """Namespace paths whose content is never evicted (`blixfs pin`).
+
+        Raises StateFileError when pins.json and its backup are unreadable: then nothing is
+        evicted and no pin changes, rather than forgetting them."""
+        raw = read_json(self.home / "pins.json", [], lambda v: isinstance(v, list))
+        return [str(p) for p in raw]
 
     def set_pinned(self, path: str, pinned: bool) -> bool:
         """Pin or unpin ``path``; False if nothing changed."""
@@ -194,7 +203,7 @@ class Node:
         if (path in pins) == pinned:
             return False
         pins = [*pins, path] if pinned else [p for p in pins if p != path]
-        _write_json(self.home / "pins.json", sorted(pins))
+        write_json(self.home / "pins.json", sorted(pins))
         return True
 
     def protected_chunks(self) -> set[ChunkId]:
@@ -222,23 +231,29 @@ class Node:
         return self.cache
 
     def replicas(self) -> dict[bytes, str]:
-        """Manifests this node holds for others' durability (manifest id -> path), kept from eviction."""
-        try:
-            raw = json.loads((self.home / "replicas.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-        return {bytes.fromhex(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+        """Manifests this node holds for others' durability (manifest id -> path), kept from eviction.
+
+        Raises StateFileError when replicas.json and its backup are unreadable: this node
+        promised to keep those versions, so while they are unknown nothing is evicted, no
+        replica is dropped and no new one is accepted (callers' errors are logged)."""
+        raw = read_json(self.home / "replicas.json", {}, _valid_replicas)
+        return {bytes.fromhex(k): str(v) for k, v in raw.items()}
 
     def set_replicas(self, replicas: dict[bytes, str]) -> None:
-        _write_json(self.home / "replicas.json", {k.hex(): v for k, v in sorted(replicas.items())})
+        """Record ``replicas``. Raises StateFileError instead of replacing an unreadable record
+        (callers read, change and write: they would drop what they could not read)."""
+        self.replicas()
+        write_json(self.home / "replicas.json", {k.hex(): v for k, v in sorted(replicas.items())})
 
     def peers(self) -> list[NodeAddr]:
+        """The nodes to sync with. peers.json unreadable (logged): none (LAN discovery still finds
+        peers), and the next `add_peer` keeps the damaged file as peers.json.corrupt."""
         try:
-            raw = json.loads((self.home / "peers.json").read_text())
-        except FileNotFoundError:
+            raw = read_json(self.home / "peers.json", [], lambda v: isinstance(v, list))
+        except StateFileError:
             return []
         peers = []
-        for text in raw if isinstance(raw, list) else []:
+        for text in raw:
             try:
                 peers.append(NodeAddr.parse(str(text)))
             except ValueError as exc:
@@ -250,7 +265,7 @@ class Node:
         if peer.node_id == self.node_id.hex():
             return False
         peers = [p for p in self.peers() if p.node_id != peer.node_id] + [peer]
-        _write_json(self.home / "peers.json", [str(p) for p in peers])
+        write_json(self.home / "peers.json", [str(p) for p in peers])
         return True
 
     # ---------------------------------------------------------- namespaces
@@ -293,6 +308,10 @@ class Node:
         """Figures for `blixfs status`: store size, chunks, files, namespace, peers."""
         cs = self.chunks.stats()
         ns = self.namespace.stats()
+        try:
+            pins: list[str] | str = self.pins()
+        except StateFileError as exc:  # logged by the read: status still answers
+            pins = str(exc)
         keys = self.replica.keys
         return {
             "home": str(self.home),
@@ -301,7 +320,7 @@ class Node:
                           "files": ns.files, "directories": ns.dirs, "symlinks": ns.symlinks,
                           "file_bytes": ns.file_bytes},
             "store": {"chunks": cs.chunks, "bytes": cs.bytes, "cache_budget": self.cache_size(),
-                      "pinned": self.pins()},
+                      "pinned": pins},
             "peers": [str(p) for p in self.peers()],
         }
 

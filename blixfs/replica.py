@@ -38,11 +38,13 @@ from blixfs.entry import (
     MAX_XATTR_VALUE,
     META_KEYS,
     Entry,
+    Kind,
 )
 from blixfs.errors import FsError
 from blixfs.manifest import MAX_FILE_SIZE
 from blixfs.namespace import NamespaceStore, Outcome
 from blixfs.net.iroh_transport import load_or_create_secret_key, write_secret_key
+from blixfs.statefile import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ class NamespaceKeys:
     def save(self, directory: Path) -> None:
         """Store as ``directory/namespace.id`` (+ ``namespace.key``, mode 0600, with write capability)."""
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "namespace.id").write_text(self.id.hex() + "\n")
+        write_atomic(directory / "namespace.id", (self.id.hex() + "\n").encode(), keep_backup=False)
         if self.secret is not None:
             write_secret_key(directory / "namespace.key", self.secret)
 
@@ -108,6 +110,14 @@ def _path_problem(path: str) -> str | None:
     return None
 
 
+def _root_problem(e: Entry) -> str | None:
+    """The root's own entry (path "") may only change the root directory's attributes: as a
+    file, a symlink or a tombstone it would replace or remove the whole tree on every node."""
+    if e.path == "" and (e.kind is not Kind.DIR or e.deleted):
+        return "the root can only be a directory" if not e.deleted else "the root cannot be deleted"
+    return None
+
+
 def check_entry(e: Entry, namespace_id: bytes, now_ns: int) -> str | None:
     """Why ``e`` must be refused, or None if it is valid for namespace ``namespace_id``.
 
@@ -120,7 +130,7 @@ def check_entry(e: Entry, namespace_id: bytes, now_ns: int) -> str | None:
     # A new field gets an upper bound from the start (mtime/ctime have none, protocol.md 15.1).
     if e.atime_ns is not None and not 0 <= e.atime_ns <= MAX_TIME_NS:
         return "atime out of bounds"
-    problem = _path_problem(e.path)
+    problem = _path_problem(e.path) or _root_problem(e)
     if problem:
         return problem
     if len(e.author) != 32 or len(e.namespace_sig) != 64 or len(e.author_sig) != 64:
@@ -190,10 +200,16 @@ class Replica:
     def commit_local(self, entries: Sequence[Entry], *, durable: bool = False) -> None:
         """Sign and apply this node's new versions in one transaction.
 
-        Raises FsError(EROFS) without write capability; storage errors propagate.
+        Raises FsError(EROFS) without write capability, FsError(EINVAL) (nothing applied) for a
+        root entry that is not a live directory (peers would refuse it); storage errors propagate.
         """
         if not self.keys.writable:
             raise FsError(errno.EROFS, "this node holds a read-only capability for the namespace")
+        for e in entries:
+            problem = _root_problem(e)
+            if problem:
+                log.error("refused a local change of the root: %s", problem)
+                raise FsError(errno.EINVAL, problem)
         signed = [self._sign(e) for e in entries]
         outcomes = self.store.apply(signed, durable=durable)
         own = max((e.timestamp_ns for e in signed if e.author == self.author), default=None)

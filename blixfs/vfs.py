@@ -58,7 +58,7 @@ from blixfs.entry import (
 )
 from blixfs.errors import FsError, storage_errno
 from blixfs.hashing import HOLE, ChunkId, short
-from blixfs.manifest import DEFAULT_CHUNK_SIZE, Manifest, chunk_count, chunk_length
+from blixfs.manifest import DEFAULT_CHUNK_SIZE, Manifest, check_file_size, chunk_count, chunk_length
 from blixfs.namespace import NamespaceStore
 from blixfs.replica import Replica
 
@@ -248,7 +248,8 @@ class Vfs:
     def _entry(self, path: str) -> Entry:
         """The live entry at ``path`` (a kept conflict version for a conflict file name); ENOENT."""
         if path == "":
-            return self.namespace.get("") or self._root_entry()
+            root = self.namespace.get("")  # not a directory only in a store older than replica._root_problem
+            return root if root is not None and root.kind is Kind.DIR else self._root_entry()
         e = self.namespace.get(path)
         if e is None:
             version = self._conflict_version(path)
@@ -438,8 +439,10 @@ class Vfs:
         if size is not None:
             if e.kind is not Kind.FILE:
                 raise FsError(errno.EISDIR if e.kind is Kind.DIR else errno.EINVAL, f"cannot truncate {path}")
+            check_file_size(size)  # before loading anything for an absurd size
             content, temporary = await self._content_for(ino, e, emptied=size == 0)
             try:
+                check_file_size(size, content.chunk_size)
                 await self._truncate(content, size)
                 content.mtime_ns = mtime_ns if mtime_ns is not None else now
                 if temporary:
@@ -970,6 +973,7 @@ class Vfs:
         cs = content.chunk_size
         if not data:
             return 0
+        check_file_size(end, cs)
         # The first and last chunk may be partly overwritten: their old bytes are needed.
         loaded = await self._load_for_update(
             content, [offset // cs, (end - 1) // cs, *self._resize_loads(content, max(end, content.size))])

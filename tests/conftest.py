@@ -68,7 +68,7 @@ class MountedNode:
                 [*BLIXFS, "--home", str(self.home), "-v", "mount", str(self.mnt), *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "NOTIFY_SOCKET": "@" + name},
             )
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 60  # start-up takes a second or two here; 60 leaves room for slow CI
             while time.monotonic() < deadline and self.proc.poll() is None:
                 ready, _, _ = select.select([notify], [], [], 0.1)
                 if ready and b"READY=1" in notify.recv(4096):

@@ -96,7 +96,7 @@ def test_kill9_after_fsync_then_remount_keeps_the_data(make_node: Callable[..., 
     with pytest.raises(OSError) as info:
         os.close(fd)  # the daemon is gone: close reports it rather than hanging
     assert info.value.errno == errno.ENOTCONN
-    wait_for(lambda: not is_mounted(node.mnt), 10, "auto_unmount after kill -9")
+    wait_for(lambda: not is_mounted(node.mnt), 60, "auto_unmount after kill -9")
     node.start()
     assert (node.mnt / "vm.img").read_bytes() == data
 
@@ -110,7 +110,7 @@ def test_stale_mount_of_a_killed_daemon_is_cleaned_up(make_node: Callable[..., M
     for pid in helpers:
         os.kill(int(pid), signal.SIGKILL)
     # SIGKILL is delivered asynchronously: a helper still alive when the daemon dies unmounts.
-    wait_for(lambda: all(_dead(int(pid)) for pid in helpers), 5, "the auto_unmount helper to die")
+    wait_for(lambda: all(_dead(int(pid)) for pid in helpers), 60, "the auto_unmount helper to die")
     node.kill9()
     if not is_mounted(node.mnt):
         pytest.skip("no stale mount could be produced (auto_unmount helper not found)")
@@ -270,3 +270,25 @@ def test_cli_status_identity_and_errors(make_node: Callable[..., MountedNode], t
         assert "Usage:" in node.cli(*args).stdout
     bad = node.cli("status", "--bogus", check=False)
     assert bad.returncode == 2 and "No such option" in bad.stderr
+
+
+def test_huge_sizes_give_efbig_and_the_mount_stays_usable(mounted: MountedNode) -> None:
+    path = mounted.mnt / "huge.img"
+    path.write_bytes(b"abc")
+    with pytest.raises(OSError) as info:
+        os.truncate(path, 1 << 50)
+    assert info.value.errno == errno.EFBIG
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as info:
+            os.pwrite(fd, b"x", 1 << 50)
+        assert info.value.errno == errno.EFBIG
+        with pytest.raises(OSError) as info:
+            os.ftruncate(fd, 1 << 50)
+        assert info.value.errno == errno.EFBIG
+        assert os.pwrite(fd, b"def", 3) == 3
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"abcdef" and path.stat().st_size == 6
+    (mounted.mnt / "after").write_bytes(b"still usable")
+    assert (mounted.mnt / "after").read_bytes() == b"still usable"

@@ -226,7 +226,7 @@ async def test_reconnects_after_peer_restart(harness: Harness) -> None:
         # maybe another address) must be reachable without any action by the caller.
         async with harness.open({ECHO: echo}, identity) as server:
             assert server.node_id == first_addr.node_id
-            with trio.fail_after(5):
+            with trio.fail_after(30):
                 assert await request(client, server.addr(), b"two") == b"two"
         assert client.stats().connections_dialed == 2
 
@@ -245,7 +245,7 @@ async def test_peer_reset_gives_code(harness: Harness) -> None:
         await client.open_stream(server.addr(), ECHO) as stream,
     ):
         await stream.send_all(b"abc")
-        with trio.fail_after(5), pytest.raises(StreamReset) as info:
+        with trio.fail_after(30), pytest.raises(StreamReset) as info:
             await stream.receive_some()
         assert info.value.code == 0x1234
         with pytest.raises(StreamReset):  # the error is sticky
@@ -262,7 +262,7 @@ async def test_peer_stopping_reads_fails_our_send(harness: Harness) -> None:
         harness.open() as client,
         await client.open_stream(server.addr(), ECHO) as stream,
     ):
-        with trio.fail_after(5), pytest.raises(StreamReset) as info:
+        with trio.fail_after(30), pytest.raises(StreamReset) as info:
             while True:
                 await stream.send_all(b"x" * MiB)
         assert info.value.code == 0x1235
@@ -277,7 +277,7 @@ async def test_handler_exception_resets_stream_and_node_survives(harness: Harnes
     async with harness.open({ECHO: handler}) as server, harness.open() as client:
         async with await client.open_stream(server.addr(), ECHO) as stream:
             await stream.send_all(b"!")
-            with trio.fail_after(5), pytest.raises(StreamReset) as info:
+            with trio.fail_after(30), pytest.raises(StreamReset) as info:
                 await stream.receive_some()
             assert info.value.code == CODE_HANDLER_FAILED
         async with await client.open_stream(server.addr(), ECHO) as stream:
@@ -297,12 +297,12 @@ async def test_peer_closing_transport_gives_connection_lost(harness: Harness) ->
             await stream.send_all(b"x")
             await trio.sleep(0.05)
             await server.aclose()
-            with trio.fail_after(5), pytest.raises(ConnectionLost) as info:
+            with trio.fail_after(15), pytest.raises(ConnectionLost) as info:  # below QUIC's 30 s idle timeout
                 await stream.receive_some()
             assert info.value.code == CODE_SHUTDOWN
             with pytest.raises(TransportClosed):
                 await server.open_stream(client.addr(), ECHO)
-        with trio.fail_after(10), pytest.raises(ConnectError):
+        with trio.fail_after(30), pytest.raises(ConnectError):
             await client.open_stream(addr, ECHO)
         await stream.aclose()
 
@@ -312,7 +312,7 @@ async def test_unknown_protocol_is_a_clear_error(harness: Harness) -> None:
     async with harness.open({ECHO: echo}) as server, harness.open() as client:
         async with await client.open_stream(server.addr(), echo2) as stream:
             await stream.send_all(b"v1?")
-            with trio.fail_after(5), pytest.raises(StreamReset) as info:
+            with trio.fail_after(30), pytest.raises(StreamReset) as info:
                 await stream.receive_some()
             assert info.value.code == CODE_NO_HANDLER  # the peer does not speak it: no hang
         assert await request(client, server.addr(), b"still fine") == b"still fine"
@@ -331,7 +331,7 @@ async def test_unregistered_alpn_resets_new_streams(harness: Harness) -> None:
         server.unregister(ECHO)
         async with await client.open_stream(server.addr(), ECHO) as stream:
             await stream.send_all(b"b")
-            with trio.fail_after(5), pytest.raises(StreamReset) as info:
+            with trio.fail_after(30), pytest.raises(StreamReset) as info:
                 await stream.receive_some()
             assert info.value.code == CODE_NO_HANDLER
 
@@ -340,13 +340,13 @@ async def test_unreachable_peer(harness: Harness) -> None:
     async with harness.open() as client:
         nobody = NodeAddr(node_id_from_secret_key(os.urandom(32)), ("127.0.0.1:9",))
         start = time.monotonic()
-        with trio.fail_after(10), pytest.raises(ConnectError):
+        with trio.fail_after(60), pytest.raises(ConnectError):
             await client.open_stream(nobody, ECHO)
-        assert time.monotonic() - start < 5
+        assert time.monotonic() - start < 1.5 + 6  # the connect timeout, with room for a slow machine
         # Not every 32-byte value is an ed25519 key (this one isn't a curve point); a bad
         # id coming from a peer must be an error, never a crash.
         not_a_key = "02" + "00" * 31
-        with trio.fail_after(5), pytest.raises(ConnectError):
+        with trio.fail_after(30), pytest.raises(ConnectError):
             await client.open_stream(NodeAddr(not_a_key, ("127.0.0.1:9",)), ECHO)
 
 
@@ -365,11 +365,11 @@ async def test_deadline_on_silent_peer_and_transport_stays_usable(harness: Harne
             start = time.monotonic()
             with pytest.raises(trio.TooSlowError), trio.fail_after(0.3):
                 await stream.receive_some()
-            assert 0.25 < time.monotonic() - start < 1.0
+            assert 0.25 < time.monotonic() - start < 3.0  # the deadline, late by a slow scheduler at most
         # the same connection carries new streams
         async with await client.open_stream(server.addr(), ECHO) as stream:
             await stream.send_all(b"n")
-            with trio.fail_after(5):
+            with trio.fail_after(30):
                 assert await stream.receive_exactly(4) == b"late"
         assert client.stats().connections_dialed == 1
         assert client.stats().live_connections == 1
@@ -394,7 +394,7 @@ async def test_cancelled_receive_loses_nothing(harness: Harness) -> None:
             await stream.receive_some()
         assert scope.cancelled_caught
         gate.set()
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             assert await stream.receive_to_eof(100) == b"data"
 
 
@@ -410,12 +410,12 @@ async def test_cancelled_send_breaks_only_that_stream(harness: Harness) -> None:
             start = time.monotonic()
             with pytest.raises(trio.TooSlowError), trio.fail_after(0.5):
                 await stream.send_all(b"x" * (64 * MiB))
-            assert time.monotonic() - start < 1.5
+            assert time.monotonic() - start < 3.5  # the 0.5 s deadline, late by a slow scheduler at most
             with pytest.raises(StreamClosed):
                 await stream.send_all(b"more")
         async with await client.open_stream(server.addr(), ECHO) as stream:
             await stream.send_all(b"n")
-            with trio.fail_after(5):
+            with trio.fail_after(30):
                 assert await stream.receive_exactly(4) == b"fine"
         assert client.stats().connections_dialed == 1
 
@@ -442,7 +442,7 @@ async def test_reset_from_another_task_unblocks_waiters(harness: Harness) -> Non
             except StreamClosed as exc:
                 outcome.append(exc)
 
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(blocked_receive)
                 nursery.start_soon(blocked_send)
@@ -567,7 +567,7 @@ async def test_two_processes_round_trip_large_and_graceful_exit() -> None:
             assert await waiting.receive_exactly(1) == b"x"
             assert proc.stdin is not None
             await proc.stdin.aclose()
-            with trio.fail_after(10), pytest.raises(ConnectionLost) as info:
+            with trio.fail_after(15), pytest.raises(ConnectionLost) as info:  # below QUIC's 30 s idle timeout
                 await waiting.receive_some()
             assert info.value.code == CODE_SHUTDOWN
         assert client.stats().connections_dialed == 1
@@ -588,10 +588,10 @@ async def test_crashed_peer_connection_is_dropped_and_redialed() -> None:
             await stream.send_all(b"lost")
             with pytest.raises(trio.TooSlowError), trio.fail_after(0.5):
                 await stream.receive_some()
-            with trio.fail_after(5), pytest.raises((ConnectionLost, StreamClosed)):
+            with trio.fail_after(15), pytest.raises((ConnectionLost, StreamClosed)):  # ~2 s here
                 await stream.receive_some()
             await stream.aclose()
-            with trio.fail_after(5):
+            with trio.fail_after(30):
                 assert await request(client, addr, b"two") == b"two"
         assert client.stats().connections_dialed == 2
 

@@ -172,7 +172,7 @@ class Lan:
         _ip("-n", netns, "route", "add", "224.0.0.0/4", "dev", IFACE)
         host = Host(self, index, netns, ip, port)
         self.hosts.append(host)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while "state UP" not in _ip("-n", netns, "link", "show", IFACE).stdout:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{netns}: {IFACE} did not come up")

@@ -5,19 +5,22 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyfuse3
 import pytest
 
 from blixfs import metrics
-from blixfs.chunkstore import MemoryChunkStore
+from blixfs.chunkstore import DiskChunkStore, MemoryChunkStore
+from blixfs.entry import Entry, Kind
 from blixfs.errors import FsError
-from blixfs.manifest import MIN_CHUNK_SIZE
+from blixfs.manifest import MAX_FILE_SIZE, MIN_CHUNK_SIZE, max_file_size
 from blixfs.replica import NamespaceKeys
-from blixfs.vfs import ROOT_INO
+from blixfs.vfs import ROOT_INO, Vfs
 from mount.ops import BlixOperations
-from tests.helpers import make_vfs
+from tests.helpers import make_replica, make_vfs, write_file
 
 CS = MIN_CHUNK_SIZE
 
@@ -234,3 +237,62 @@ async def test_vfs_raises_only_fserror_for_bad_handles() -> None:
     vfs = make_vfs()
     with pytest.raises(FsError):
         await vfs.release(42)
+
+
+async def test_sizes_beyond_the_maximum_give_efbig_at_once_and_change_nothing(ops: BlixOperations) -> None:
+    limit = max_file_size(CS)  # the largest file whose manifest the chunk store can hold
+    assert limit <= MAX_FILE_SIZE
+    fh, ino = await create(ops, b"f")
+    await ops.write(fh, 0, b"abc")
+    for size in (1 << 50, MAX_FILE_SIZE + 1, limit + 1):
+        attr = pyfuse3.EntryAttributes()
+        attr.st_size = size
+        fields = Fields(update_size=True)
+        assert await errno_of(ops.setattr(ino, attr, fields, fh, CTX)) == errno.EFBIG  # type: ignore[arg-type]
+        assert await errno_of(ops.write(fh, size - 1, b"x")) == errno.EFBIG
+    assert await errno_of(ops.write(fh, limit - 1, b"xy")) == errno.EFBIG
+    assert (await ops.getattr(ino, CTX)).st_size == 3
+    assert await ops.read(fh, 0, 10) == b"abc"
+    await ops.release(fh)
+    entry = ops.vfs.namespace.get("f")
+    assert entry is not None and entry.size == 3
+    attr = pyfuse3.EntryAttributes()
+    attr.st_size = 1 << 50
+    assert await errno_of(ops.setattr(ino, attr, Fields(update_size=True), None, CTX)) == errno.EFBIG  # type: ignore[arg-type]
+    assert (await ops.getattr(ino, CTX)).st_size == 3
+
+
+async def test_a_file_of_the_maximum_size_commits(tmp_path: Path) -> None:
+    vfs = Vfs(make_replica(), DiskChunkStore(tmp_path / "c"), chunk_size=CS)
+    limit = max_file_size(CS)
+    fh, attr = await vfs.create(ROOT_INO, "big", 0o644, os.O_RDWR, 0, 0)
+    await vfs.setattr(attr.ino, size=limit - 1)
+    await vfs.write(fh, limit - 1, b"z")  # the last byte the maximum allows
+    await vfs.release(fh)
+    entry = vfs.namespace.get("big")
+    assert entry is not None and entry.size == limit
+
+
+async def test_large_sparse_files_within_the_maximum_are_accepted() -> None:
+    vfs = make_vfs()  # 256 KiB chunks: the bound is about 114 GiB
+    fh, attr = await vfs.create(ROOT_INO, "disk.img", 0o644, os.O_RDWR, 0, 0)
+    await vfs.setattr(attr.ino, size=100 << 30)
+    await vfs.write(fh, (100 << 30) - 1, b"z")
+    await vfs.release(fh)
+    entry = vfs.namespace.get("disk.img")
+    assert entry is not None and entry.size == 100 << 30
+
+
+async def test_a_stored_root_that_is_not_a_directory_never_replaces_the_root() -> None:
+    # A store can hold one from a peer older than the check that now refuses it (replica.check_entry).
+    vfs = make_vfs()
+    await write_file(vfs, "kept", b"data")
+    ts = time.time_ns()
+    vfs.namespace.apply([Entry(path="", kind=Kind.FILE, mode=0o644, uid=0, gid=0, size=0, mtime_ns=ts,
+                               ctime_ns=ts, author=bytes(32), timestamp_ns=ts)])
+    attr = await vfs.getattr(ROOT_INO)
+    assert stat.S_ISDIR(attr.mode)
+    assert [name for name, _ in await vfs.readdir(ROOT_INO)] == ["kept"]
+    await vfs.setattr(ROOT_INO, mode=0o700)  # a local change of the root supersedes it with a directory
+    root = vfs.namespace.get("")
+    assert root is not None and root.kind is Kind.DIR and stat.S_IMODE(root.mode) == 0o700

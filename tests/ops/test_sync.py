@@ -55,7 +55,7 @@ async def peer(net: MemoryNetwork, keys: NamespaceKeys) -> AsyncIterator[Peer]:
         yield Peer(replica, transport, sync)
 
 
-async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
+async def wait_until(condition: Callable[[], bool], within: float = 60.0) -> None:
     """Poll a replica state (nothing signals it) until true; fail after ``within`` seconds."""
     with trio.fail_after(within):
         while not condition():  # noqa: ASYNC110 - no event exists for "the stores converged"
@@ -74,7 +74,7 @@ async def test_initial_sync_both_ways_then_live_push() -> None:
         await wait_until(lambda: b.replica.store.vector().get(a.replica.author) is not None)
         assert a.replica.store.vector()[b.replica.author] > 0
         a.write("live")
-        await wait_until(lambda: b.replica.store.get("live") is not None, within=1)
+        await wait_until(lambda: b.replica.store.get("live") is not None, within=5)  # pushed: no reconciliation runs
         nursery.cancel_scope.cancel()
 
 
@@ -101,7 +101,7 @@ async def test_a_dropped_connection_reconciles_what_was_missed() -> None:
         net.disconnect(a.transport.node_id, b.transport.node_id)
         for i in range(20):
             a.write(f"during{i}")
-        await wait_until(lambda: a.state() == b.state(), within=10)
+        await wait_until(lambda: a.state() == b.state())
         n.cancel_scope.cancel()
 
 

@@ -107,3 +107,25 @@ def test_atime_is_optional_in_the_canonical_form_and_checked_when_present() -> N
     for bad in (-1, 2**63):
         e = signed_by(keys, node, replace(plain, atime_ns=bad))
         assert check_entry(e, keys.id, time.time_ns()) == "atime out of bounds"
+
+
+@pytest.mark.parametrize("kind, deleted", [(Kind.FILE, False), (Kind.SYMLINK, False), (Kind.DIR, True)])
+async def test_a_root_that_is_not_a_live_directory_is_refused(
+        kind: Kind, deleted: bool, caplog: pytest.LogCaptureFixture) -> None:
+    keys = NamespaceKeys.generate()
+    node = generate_secret()
+    r = make_replica(keys=keys, node_secret=node)
+    bad = signed_by(keys, node, local_entry(r, "", kind=kind, deleted=deleted, mode=0o755,
+                                            target="x" if kind is Kind.SYMLINK else ""))
+    chmod = signed_by(keys, node, local_entry(r, "", kind=Kind.DIR, mode=0o700))  # the root's own entry is fine
+    target = make_replica(keys=NamespaceKeys(keys.id))
+    outcomes, refused = await target.merge_remote([bad, chmod], "hostile-peer-id")
+    assert refused == 1 and outcomes == [Outcome.NEW]
+    root = target.store.get("")
+    assert root is not None and root.kind is Kind.DIR and root.mode == 0o700
+    assert "refused entry ''" in caplog.text and "root" in caplog.text and "hostile-peer-i" in caplog.text
+    # Nor can this node make one: the commit is refused whole, nothing stored.
+    with pytest.raises(FsError) as info:
+        r.commit_local([local_entry(r, "f"), local_entry(r, "", kind=kind, deleted=deleted)])
+    assert info.value.errno == errno.EINVAL
+    assert list(r.store.entries()) == []
