@@ -385,6 +385,7 @@ class DiskChunkStore:
         if cid in self._recency:
             log.warning("chunk %s is indexed but its file is gone: forgotten, it reads as missing", short(cid))
             self._forget(cid)
+            self._removed([cid])
 
     def _path(self, cid: ChunkId) -> Path:
         h = cid.hex()
