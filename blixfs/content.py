@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import trio
 from lru import LRU
 
+from blixfs.chunkproto import FetchFailed
 from blixfs.chunkstore import ChunkStore
 from blixfs.errors import FsError
 from blixfs.fetcher import ATTEMPT_TIMEOUT, READ_AHEAD_PARALLEL, Fetcher, Locate
@@ -225,8 +226,8 @@ class Content:
         try:
             with trio.fail_after(ATTEMPT_TIMEOUT):
                 answer = await self.fetcher.client.have(self.peers.addr(peer), window)
-        except (TransportError, trio.TooSlowError, Exception) as exc:
-            log.debug("HAVE to %s failed: %s", peer[:16], exc)
+        except (FetchFailed, TransportError, trio.TooSlowError) as exc:  # that peer is not asked this round
+            log.debug("HAVE to %s failed: %s", peer[:16], exc or "timed out")
             return
         for c, held in zip(window, answer, strict=True):
             if held:
