@@ -302,10 +302,18 @@ class Content:
         ids = self.chunk_ids(mid)
         return ids is not None and all(self.store.has(c) for c in set(ids) if c != HOLE)
 
-    def note_held(self, mid: bytes, ids: Iterable[ChunkId]) -> None:
+    def holds_complete(self, mid: bytes) -> bool:
+        """Whether this node announces version ``mid`` as held whole (no network: False)."""
+        return self.holdings is not None and mid in self.holdings.own.complete
+
+    def note_held(self, mid: bytes, ids: Iterable[ChunkId], *, whole: bool = False) -> None:
         """Announce which chunks of version ``mid`` (chunk list ``ids``) this node holds:
-        whole, or the chunks held (a commit over content only partly held here)."""
+        whole (``whole``: the caller knows), or the chunks found in the store (a commit over
+        content only partly held here)."""
         if self.holdings is None:
+            return
+        if whole:
+            self.holdings.note_complete(mid)
             return
         ids = list(ids)
         held = [i for i, c in enumerate(ids) if c == HOLE or self.store.has(c)]

@@ -1054,11 +1054,14 @@ class Vfs:
             changes["seen"] = write_context(base, self.namespace.versions(path), self.author)
         new = self._successor(e, **changes)
         self._commit_entries([new], durable=durable)
+        # Over a version held whole (or none), the new one is whole too: its new chunks were
+        # just stored. Only a commit over content partly held here needs a look at each chunk.
+        whole = content.manifest is None or self.content.holds_complete(content.manifest)
         content.changed = False
         content.manifest, content.author, content.base = manifest_id, self.author, new
         if manifest_id is not None:
             self.content.remember(manifest_id, manifest)
-            self.content.note_held(manifest_id, content.ids)
+            self.content.note_held(manifest_id, content.ids, whole=whole)
             self.chunks.note_written_version(manifest_id)
         metrics.commits.inc()
 
