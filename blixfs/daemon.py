@@ -35,7 +35,7 @@ from typing import Any
 import trio
 
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
-from blixfs.chunkproto import ChunkServer
+from blixfs.chunkproto import OP_HOLD, ChunkServer
 from blixfs.content import Content
 from blixfs.discovery import LanDiscovery, interfaces_for_listen
 from blixfs.entry import Kind
@@ -45,6 +45,7 @@ from blixfs.gc import DEFAULT_GRACE_SECONDS, collect, live_versions
 from blixfs.hashing import ChunkId
 from blixfs.health import DEFAULT_EXPIRY, HealthMonitor
 from blixfs.holdings import Holdings
+from blixfs.members import Role
 from blixfs.net.iroh_transport import open_iroh_transport
 from blixfs.net.transport import NodeAddr, Transport, TransportError
 from blixfs.node import JoinError, Node
@@ -175,6 +176,14 @@ class Runtime:
         return message
 
 
+def _may(node: Node, peer: str, need: Role) -> bool:
+    """Whether ``peer`` (hex id) has ``need`` in the namespace's member list (open: anyone)."""
+    try:
+        return node.replica.members.allows(bytes.fromhex(peer), need)
+    except ValueError:
+        return False
+
+
 async def _load_own_holdings(node: Node, content: Content) -> None:
     """What this node holds of each live version, from its store: whole, or which chunks
     (a version written here over content it did not hold is partial). On the trio thread
@@ -231,9 +240,11 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     holdings = Holdings(self_id)
     holdings.own.addr = transport.addr()
     server = ChunkServer(node.chunks)
+    server.allowed = lambda peer, op: _may(node, peer, Role.WRITE if op == OP_HOLD else Role.READ)
     transport.register(CHUNKS_ALPN, server.handle)
     fetcher = Fetcher(node.chunks, transport, peers, fetch_timeout=fetch_timeout,
                       attempt_timeout=min(ATTEMPT_TIMEOUT, fetch_timeout))
+    fetcher.allowed = lambda peer: _may(node, peer, Role.READ)
     sync = SyncService(node.replica, transport, holdings)
     sync.on_address = lambda addr: peers.learn(addr, "exchange")
     transport.register(SYNC_ALPN, sync.handle)
