@@ -150,46 +150,105 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
 @click.option("--write", is_flag=True, help="Grant write capability (the namespace secret: share it with care).")
 @click.option("--id-only", is_flag=True, help="Leave this node's addresses out: nodes on the same LAN find each "
                                               "other by mDNS (or iroh's DNS discovery in --internet mode).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the ticket to this file (mode 0600) instead of standard output: a write ticket "
+                   "is a secret, and a file keeps it out of terminals and logs. Give it to `blixfs join "
+                   "--ticket-file`.")
 @click.pass_context
-def share(ctx: click.Context, write: bool, id_only: bool) -> None:
+def share(ctx: click.Context, write: bool, id_only: bool, output: Path | None) -> None:
     """Print a ticket for this node's namespace, alone on the last line of standard output.
 
     Without --write the ticket grants read capability only. Another node joins with
-    `blixfs join TICKET`.
+    `blixfs join TICKET` (or `blixfs join --ticket-file FILE` for a write ticket).
     """
     node = _open_node(ctx, lock=False)
     try:
         keys = node.replica.keys
         if write and not keys.writable:
             raise click.ClickException("this node holds a read-only capability: it cannot share write access")
-        live = ask_daemon(node.home, {"op": "addr"})
-        addr = NodeAddr.parse(live["addr"]) if live and live.get("ok") else NodeAddr(
-            node.node_id.hex(), (node.listen_addr(),))
+        addr, live = _own_addr(node)
         if id_only:
             addr = NodeAddr(addr.node_id)
         ticket = Ticket(NamespaceKeys(keys.id, keys.secret if write else None), addr)
         click.echo(f"namespace {keys.id.hex()} ({'read-write' if write else 'read-only'} ticket), "
                    f"node {addr}" + ("" if live else " (not running: mount it so the ticket can be used)"))
-        click.echo(ticket.encode())
+        _emit_ticket(ticket, output)
     finally:
         node.close()
 
 
+def _own_addr(node: Node) -> tuple[NodeAddr, bool]:
+    """This node's address (the running daemon's, else the kept listen address) and whether it runs."""
+    live = ask_daemon(node.home, {"op": "addr"})
+    if live and live.get("ok"):
+        return NodeAddr.parse(live["addr"]), True
+    return NodeAddr(node.node_id.hex(), (node.listen_addr(),)), False
+
+
+def _emit_ticket(ticket: Ticket, output: Path | None) -> None:
+    """The ticket on the last line of standard output, or in ``output`` created with mode 0600
+    (an existing file is truncated and set to 0600 before the secret is written)."""
+    text = ticket.encode()
+    if output is None:
+        click.echo(text)
+        return
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text + "\n")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the ticket to {output}: {exc.strerror}") from None
+    click.echo(f"ticket written to {output} (mode 0600)")
+
+
+def _stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def _read_ticket(ticket: str | None, ticket_file: Path | None) -> str:
+    """The ticket text from the argument, ``-`` or no argument (standard input, when it is not a
+    terminal) or --ticket-file; a usage error otherwise."""
+    if ticket is not None and ticket_file is not None:
+        raise click.UsageError("give the ticket either as an argument or with --ticket-file, not both")
+    try:
+        if ticket_file is not None:
+            return ticket_file.read_text()
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {ticket_file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise click.ClickException(f"{ticket_file} is not a ticket") from None
+    if ticket == "-" or (ticket is None and not _stdin_is_terminal()):
+        return sys.stdin.readline()
+    if ticket is None:
+        raise click.UsageError("no ticket: give TICKET, --ticket-file FILE, or pipe it in (blixfs join - < FILE)")
+    return ticket
+
+
 @main.command()
-@click.argument("ticket")
+@click.argument("ticket", required=False)
+@click.option("--ticket-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Read the ticket from this file (e.g. written by `blixfs share --write --output`).")
 @click.pass_context
-def join(ctx: click.Context, ticket: str) -> None:
+def join(ctx: click.Context, ticket: str | None, ticket_file: Path | None) -> None:
     """Join the namespace of TICKET (from `blixfs share`) and sync with the node that shared it.
+
+    TICKET may be given as an argument, as `-` or left out to read it from standard input
+    (when that is not a terminal), or with --ticket-file FILE. A write ticket holds the
+    namespace secret: on the command line it is visible to every user of this machine
+    (the process list, /proc/PID/cmdline) and stays in the shell's history, so pass a write
+    ticket through a file or standard input.
 
     A fresh home adopts the ticket's namespace; a running daemon starts syncing at once,
     otherwise the next `blixfs mount` does.
     """
+    text = _read_ticket(ticket, ticket_file).strip()
     try:
-        parsed = Ticket.decode(ticket)
+        parsed = Ticket.decode(text)
     except TicketError as exc:
         raise click.ClickException(f"bad ticket: {exc}") from None
     home: Path = ctx.obj["home"]
-    reply = ask_daemon(home, {"op": "join", "ticket": ticket})
+    reply = ask_daemon(home, {"op": "join", "ticket": text})
     if reply is not None:
         if not reply.get("ok"):
             raise click.ClickException(str(reply.get("error")))
