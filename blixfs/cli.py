@@ -18,8 +18,10 @@ import click
 
 from blixfs.daemon import ask_daemon
 from blixfs.entry import Kind
+from blixfs.errors import FsError
 from blixfs.gc import DEFAULT_GRACE_SECONDS, collect
 from blixfs.manifest import DEFAULT_CHUNK_SIZE
+from blixfs.members import Role, member_report, parse_node_id
 from blixfs.net.transport import NodeAddr
 from blixfs.node import HomeLocked, JoinError, Node, default_home
 from blixfs.replica import NamespaceKeys
@@ -240,7 +242,8 @@ def join(ctx: click.Context, ticket: str | None, ticket_file: Path | None) -> No
     ticket through a file or standard input.
 
     A fresh home adopts the ticket's namespace; a running daemon starts syncing at once,
-    otherwise the next `blixfs mount` does.
+    otherwise the next `blixfs mount` does. A ticket bound to another node (from `blixfs
+    allow`) is refused.
     """
     text = _read_ticket(ticket, ticket_file).strip()
     try:
@@ -261,6 +264,104 @@ def join(ctx: click.Context, ticket: str | None, ticket_file: Path | None) -> No
         raise click.ClickException(str(exc)) from None
     finally:
         node.close()
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def members(ctx: click.Context, as_json: bool) -> None:
+    """List the namespace's members: node id, role (read, write, admin, or revoked), who set it.
+
+    A namespace without a list is open: any node that knows its id syncs, any node with its
+    secret writes. `blixfs allow THIS-NODE --role admin` closes it.
+    """
+    node = _open_node(ctx, lock=False)
+    try:
+        listed = node.replica.members.members()
+    finally:
+        node.close()
+    rows = [member_report(m.record) for m in listed]
+    if as_json:
+        click.echo(json.dumps({"closed": bool(rows), "members": rows}, indent=2))
+        return
+    if not rows:
+        click.echo("open namespace: no member list (blixfs allow THIS-NODE --role admin closes it)")
+        return
+    for r in rows:
+        click.echo(f"{r['node']}  {r['role']:7}  set by {str(r['set_by'])[:16]}")
+
+
+def _change_member(ctx: click.Context, node_id: str, role: Role | None) -> dict[str, Any]:
+    """Grant or revoke through the running daemon (it signs and tells its peers at once), or
+    on the home when no daemon runs (peers learn it at the next mount)."""
+    try:
+        nid = parse_node_id(node_id)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="NODE") from None
+    request: dict[str, Any] = {"op": "allow" if role is not None else "revoke", "node": nid.hex()}
+    if role is not None:
+        request["role"] = role.label
+    reply = ask_daemon(ctx.obj["home"], request)
+    if reply is not None:
+        if not reply.get("ok"):
+            raise click.ClickException(str(reply.get("error")))
+        member: dict[str, Any] = reply["member"]
+        return member
+    node = _open_node(ctx, lock=True)
+    try:
+        return member_report(node.replica.set_member(nid, role))
+    except FsError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        node.close()
+
+
+@main.command()
+@click.argument("node_id", metavar="NODE")
+@click.option("--role", type=click.Choice(["read", "write", "admin"]), required=True,
+              help="read: sync and fetch; write: also write and ask others to hold copies; admin: also "
+                   "change this list.")
+@click.option("--ticket/--no-ticket", default=True, show_default=True,
+              help="Print a ticket bound to NODE (only NODE can join with it): a write ticket for write "
+                   "and admin, a read-only one for read.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write that ticket to this file (mode 0600) instead of standard output.")
+@click.pass_context
+def allow(ctx: click.Context, node_id: str, role: str, ticket: bool, output: Path | None) -> None:
+    """Add NODE (its 64-hex node id, from `blixfs status` on it) to the member list with a role.
+
+    This node must be an admin of the list, or the namespace must be open and NODE this
+    node itself: `blixfs allow THIS-NODE --role admin` closes an open namespace. In a
+    closed namespace only listed nodes sync, fetch, serve and hold copies, and only write
+    and admin members' entries are accepted.
+    """
+    parsed = Role.parse(role)
+    report = _change_member(ctx, node_id, parsed)
+    click.echo(f"{report['node']} is now {report['role']}")
+    if not ticket:
+        return
+    node = _open_node(ctx, lock=False)
+    try:
+        keys = node.replica.keys
+        write = parsed >= Role.WRITE and keys.writable
+        addr, _ = _own_addr(node)
+        bound = Ticket(NamespaceKeys(keys.id, keys.secret if write else None), addr, bound=parse_node_id(node_id))
+    finally:
+        node.close()
+    click.echo(f"{'read-write' if write else 'read-only'} ticket for node {report['node'][:16]} only:")
+    _emit_ticket(bound, output)
+
+
+@main.command()
+@click.argument("node_id", metavar="NODE")
+@click.pass_context
+def revoke(ctx: click.Context, node_id: str) -> None:
+    """Remove NODE from the member list: every member that learns it stops syncing with NODE,
+    serving it, fetching from it and holding copies for it, and refuses entries NODE writes
+    from then on (NODE may still hold the namespace secret: it is refused by its node id).
+    The last admin cannot be revoked."""
+    report = _change_member(ctx, node_id, None)
+    click.echo(f"{report['node']} is revoked")
 
 
 def _namespace_path(path: str) -> str:

@@ -14,6 +14,8 @@ Control protocol: one JSON object per line each way, one request per connection:
     {"op": "gc", "dry_run": b, "grace": s} -> {"ok": true, "freed_chunks", "freed_bytes", ...}
     {"op": "pull", "path": P}    -> {"progress": {"done": n, "total": n}} lines, then
                                     {"ok": true, "bytes", "total", "seconds", "peers": {id: bytes}}
+    {"op": "allow", "node": HEX, "role": "read"|"write"|"admin"} -> {"ok": true, "member": {...}}
+    {"op": "revoke", "node": HEX} -> {"ok": true, "member": {...}} (both: {"ok": false, "error"} when refused)
 
 Only the socket file's permissions (0600, in the home) guard it.
 """
@@ -45,7 +47,7 @@ from blixfs.gc import DEFAULT_GRACE_SECONDS, collect, live_versions
 from blixfs.hashing import ChunkId
 from blixfs.health import DEFAULT_EXPIRY, HealthMonitor
 from blixfs.holdings import Holdings
-from blixfs.members import Role
+from blixfs.members import Role, member_report, parse_node_id
 from blixfs.net.iroh_transport import open_iroh_transport
 from blixfs.net.transport import NodeAddr, Transport, TransportError
 from blixfs.node import JoinError, Node
@@ -399,13 +401,17 @@ def _dispatch(raw: bytes, runtime: Runtime) -> dict[str, Any]:
         "status": runtime.status,
         "peers": lambda: {"peers": runtime.peers_report()},
         "join": lambda: {"message": runtime.join(Ticket.decode(str(request.get("ticket", ""))))},
+        "allow": lambda: {"member": member_report(runtime.node.replica.set_member(
+            parse_node_id(str(request.get("node", ""))), Role.parse(str(request.get("role", "")))))},
+        "revoke": lambda: {"member": member_report(runtime.node.replica.set_member(
+            parse_node_id(str(request.get("node", ""))), None))},
     }
     handler = handlers.get(op)
     if handler is None:
         return {"ok": False, "error": f"unknown op {op!r}"}
     try:
         return {"ok": True, **handler()}
-    except (TicketError, JoinError) as exc:
+    except (TicketError, JoinError, FsError, ValueError) as exc:  # ValueError: a bad node id or role
         return {"ok": False, "error": str(exc)}
 
 

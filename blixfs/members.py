@@ -114,6 +114,12 @@ class Member:
         return self.record.author
 
 
+def member_report(record: Entry) -> dict[str, object]:
+    """A member record as `blixfs members --json` and the control socket show it."""
+    return {"node": record.path[len(_PREFIX):], "role": "revoked" if record.deleted else record.target,
+            "set_by": record.author.hex(), "timestamp_ns": record.timestamp_ns}
+
+
 def _subject(e: Entry) -> bytes:
     return bytes.fromhex(e.path[len(_PREFIX):])
 

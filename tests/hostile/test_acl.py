@@ -147,3 +147,26 @@ async def test_an_open_namespace_behaves_as_before(tmp_path: Path) -> None:
         await b.write("f", 0, b"hello", create=True)
         await wait_until(lambda: a.entry("f") == b.entry("f"), "b's file on a")
         assert await a.read("f") == b"hello"
+
+
+async def test_the_daemon_changes_the_list_over_its_control_socket(tmp_path: Path) -> None:
+    import json
+
+    from blixfs.daemon import _dispatch
+
+    async with cluster(tmp_path, ["a", "b"]) as nodes:
+        a, b = nodes["a"], nodes["b"]
+
+        def ask(request: dict[str, str]) -> dict[str, object]:
+            return _dispatch(json.dumps(request).encode(), a.runtime)
+
+        assert ask({"op": "allow", "node": b.id, "role": "write"})["ok"] is False  # open: a must found it
+        assert ask({"op": "allow", "node": a.id, "role": "admin"})["ok"] is True
+        reply = ask({"op": "allow", "node": b.id, "role": "write"})
+        member = reply["member"]
+        assert reply["ok"] is True and isinstance(member, dict)
+        assert (member["node"], member["role"], member["set_by"]) == (b.id, "write", a.id)
+        await wait_until(lambda: b.node.replica.members.role(b.node.node_id) is Role.WRITE, "the grant on b")
+        assert ask({"op": "allow", "node": "xyz", "role": "write"})["ok"] is False
+        assert ask({"op": "revoke", "node": b.id})["ok"] is True
+        await wait_until(lambda: not b.runtime.sync.sessions() and sessions_with(a, b) == 0, "b's session to end")
