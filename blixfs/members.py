@@ -226,6 +226,7 @@ class MemberList:
             for i, e in enumerate(entries):
                 if not is_reserved(e.path) and not view.allows(e.author, Role.WRITE):
                     role = view.role(e.author)
-                    out[i] = f"author {e.author.hex()[:16]} may not write this closed namespace " \
-                             f"({role.label if role is not None else 'not a member'})"
+                    what = role.label if role is not None else "revoked" if e.author in view._records \
+                        else "not a member"
+                    out[i] = f"author {e.author.hex()[:16]} may not write this closed namespace ({what})"
         return out

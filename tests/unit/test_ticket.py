@@ -68,3 +68,13 @@ def test_bound_ticket_truncated_is_refused() -> None:
     body = bytes([1, 0x02]) + keys.id + bytes(10)  # bound flag, but no room for the node id
     with pytest.raises(TicketError, match="truncated"):
         Ticket.decode("blixfs" + base64.b32encode(body).decode().rstrip("=").lower())
+
+
+@given(st.integers(0, 3), st.binary(max_size=200))
+def test_decode_of_any_body_with_any_known_flags_only_raises_ticket_error(flags: int, rest: bytes) -> None:
+    import base64
+
+    body = bytes([1, flags]) + NamespaceKeys.generate().id + rest
+    with contextlib.suppress(TicketError):
+        t = Ticket.decode("blixfs" + base64.b32encode(body).decode().rstrip("=").lower())
+        assert (t.bound is not None) == bool(flags & 2)
