@@ -197,6 +197,8 @@ class SyncService:
             started = trio.current_time()
             target = resolve(peer.node_id) if resolve is not None else peer
             try:
+                if not self._member(peer.node_id):  # outside a closed namespace's list: not dialed
+                    raise FrameError("not a member of the namespace")
                 stream = await self.transport.open_stream(target, ALPN)
                 async with stream:
                     await self._session(stream, peer.node_id, initiator=True)
