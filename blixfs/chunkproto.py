@@ -61,6 +61,7 @@ MAX_HOLD_PATH = 4096
 MAX_HAVE = 1024  # ids in one HAVE: 32 KiB of request, a 128-byte answer
 OK, DONT_HAVE, BAD_REQUEST = 0, 1, 2
 CODE_BAD_REQUEST = CODE_APP_MIN + 0x10
+CODE_NOT_MEMBER = CODE_APP_MIN + 4  # as in blixfs/sync/1: the requester is not allowed this op
 _REQUEST = struct.Struct(">BB32sQI")
 _RESPONSE = struct.Struct(">BI")
 REQUEST_TIMEOUT = 10.0  # a server waits this long for a new stream's first request, and for a started one to be whole
@@ -132,6 +133,8 @@ class ChunkServer:
         self.requests = 0
         self.have_requests = 0
         self.on_hold: Callable[[ChunkId, str, str], bool] | None = None
+        # Access control (blixfs.members): may peer (hex id) make a request of this op? None: anyone.
+        self.allowed: Callable[[str, int], bool] | None = None
 
     async def _hold(self, stream: Stream, peer_id: str, manifest_id: ChunkId) -> None:
         try:
@@ -204,6 +207,11 @@ class ChunkServer:
                 break
             first = False
             version, op, cid, offset, length = _REQUEST.unpack(raw)
+            if self.allowed is not None and not self.allowed(peer_id, op):
+                # Checked on every request: a kept-open stream outlives a revoke.
+                log.warning("peer %s may not make chunk requests of op %d here: refused", peer_id[:16], op)
+                await stream.reset(CODE_NOT_MEMBER)
+                return
             if version == VERSION and op == OP_HOLD:
                 await self._hold(stream, peer_id, ChunkId(cid))
                 break

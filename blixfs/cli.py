@@ -18,8 +18,10 @@ import click
 
 from blixfs.daemon import ask_daemon
 from blixfs.entry import Kind
+from blixfs.errors import FsError
 from blixfs.gc import DEFAULT_GRACE_SECONDS, collect
 from blixfs.manifest import DEFAULT_CHUNK_SIZE
+from blixfs.members import Role, member_report, parse_node_id
 from blixfs.net.transport import NodeAddr
 from blixfs.node import HomeLocked, JoinError, Node, default_home
 from blixfs.replica import NamespaceKeys
@@ -150,46 +152,106 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
 @click.option("--write", is_flag=True, help="Grant write capability (the namespace secret: share it with care).")
 @click.option("--id-only", is_flag=True, help="Leave this node's addresses out: nodes on the same LAN find each "
                                               "other by mDNS (or iroh's DNS discovery in --internet mode).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the ticket to this file (mode 0600) instead of standard output: a write ticket "
+                   "is a secret, and a file keeps it out of terminals and logs. Give it to `blixfs join "
+                   "--ticket-file`.")
 @click.pass_context
-def share(ctx: click.Context, write: bool, id_only: bool) -> None:
+def share(ctx: click.Context, write: bool, id_only: bool, output: Path | None) -> None:
     """Print a ticket for this node's namespace, alone on the last line of standard output.
 
     Without --write the ticket grants read capability only. Another node joins with
-    `blixfs join TICKET`.
+    `blixfs join TICKET` (or `blixfs join --ticket-file FILE` for a write ticket).
     """
     node = _open_node(ctx, lock=False)
     try:
         keys = node.replica.keys
         if write and not keys.writable:
             raise click.ClickException("this node holds a read-only capability: it cannot share write access")
-        live = ask_daemon(node.home, {"op": "addr"})
-        addr = NodeAddr.parse(live["addr"]) if live and live.get("ok") else NodeAddr(
-            node.node_id.hex(), (node.listen_addr(),))
+        addr, live = _own_addr(node)
         if id_only:
             addr = NodeAddr(addr.node_id)
         ticket = Ticket(NamespaceKeys(keys.id, keys.secret if write else None), addr)
         click.echo(f"namespace {keys.id.hex()} ({'read-write' if write else 'read-only'} ticket), "
                    f"node {addr}" + ("" if live else " (not running: mount it so the ticket can be used)"))
-        click.echo(ticket.encode())
+        _emit_ticket(ticket, output)
     finally:
         node.close()
 
 
+def _own_addr(node: Node) -> tuple[NodeAddr, bool]:
+    """This node's address (the running daemon's, else the kept listen address) and whether it runs."""
+    live = ask_daemon(node.home, {"op": "addr"})
+    if live and live.get("ok"):
+        return NodeAddr.parse(live["addr"]), True
+    return NodeAddr(node.node_id.hex(), (node.listen_addr(),)), False
+
+
+def _emit_ticket(ticket: Ticket, output: Path | None) -> None:
+    """The ticket on the last line of standard output, or in ``output`` created with mode 0600
+    (an existing file is truncated and set to 0600 before the secret is written)."""
+    text = ticket.encode()
+    if output is None:
+        click.echo(text)
+        return
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text + "\n")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the ticket to {output}: {exc.strerror}") from None
+    click.echo(f"ticket written to {output} (mode 0600)")
+
+
+def _stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+def _read_ticket(ticket: str | None, ticket_file: Path | None) -> str:
+    """The ticket text from the argument, ``-`` or no argument (standard input, when it is not a
+    terminal) or --ticket-file; a usage error otherwise."""
+    if ticket is not None and ticket_file is not None:
+        raise click.UsageError("give the ticket either as an argument or with --ticket-file, not both")
+    try:
+        if ticket_file is not None:
+            return ticket_file.read_text()
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {ticket_file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise click.ClickException(f"{ticket_file} is not a ticket") from None
+    if ticket == "-" or (ticket is None and not _stdin_is_terminal()):
+        return sys.stdin.readline()
+    if ticket is None:
+        raise click.UsageError("no ticket: give TICKET, --ticket-file FILE, or pipe it in (blixfs join - < FILE)")
+    return ticket
+
+
 @main.command()
-@click.argument("ticket")
+@click.argument("ticket", required=False)
+@click.option("--ticket-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Read the ticket from this file (e.g. written by `blixfs share --write --output`).")
 @click.pass_context
-def join(ctx: click.Context, ticket: str) -> None:
+def join(ctx: click.Context, ticket: str | None, ticket_file: Path | None) -> None:
     """Join the namespace of TICKET (from `blixfs share`) and sync with the node that shared it.
 
+    TICKET may be given as an argument, as `-` or left out to read it from standard input
+    (when that is not a terminal), or with --ticket-file FILE. A write ticket holds the
+    namespace secret: on the command line it is visible to every user of this machine
+    (the process list, /proc/PID/cmdline) and stays in the shell's history, so pass a write
+    ticket through a file or standard input.
+
     A fresh home adopts the ticket's namespace; a running daemon starts syncing at once,
-    otherwise the next `blixfs mount` does.
+    otherwise the next `blixfs mount` does. A ticket bound to another node (from `blixfs
+    allow`) is refused.
     """
+    text = _read_ticket(ticket, ticket_file).strip()
     try:
-        parsed = Ticket.decode(ticket)
+        parsed = Ticket.decode(text)
     except TicketError as exc:
         raise click.ClickException(f"bad ticket: {exc}") from None
     home: Path = ctx.obj["home"]
-    reply = ask_daemon(home, {"op": "join", "ticket": ticket})
+    reply = ask_daemon(home, {"op": "join", "ticket": text})
     if reply is not None:
         if not reply.get("ok"):
             raise click.ClickException(str(reply.get("error")))
@@ -202,6 +264,104 @@ def join(ctx: click.Context, ticket: str) -> None:
         raise click.ClickException(str(exc)) from None
     finally:
         node.close()
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def members(ctx: click.Context, as_json: bool) -> None:
+    """List the namespace's members: node id, role (read, write, admin, or revoked), who set it.
+
+    A namespace without a list is open: any node that knows its id syncs, any node with its
+    secret writes. `blixfs allow THIS-NODE --role admin` closes it.
+    """
+    node = _open_node(ctx, lock=False)
+    try:
+        listed = node.replica.members.members()
+    finally:
+        node.close()
+    rows = [member_report(m.record) for m in listed]
+    if as_json:
+        click.echo(json.dumps({"closed": bool(rows), "members": rows}, indent=2))
+        return
+    if not rows:
+        click.echo("open namespace: no member list (blixfs allow THIS-NODE --role admin closes it)")
+        return
+    for r in rows:
+        click.echo(f"{r['node']}  {r['role']:7}  set by {str(r['set_by'])[:16]}")
+
+
+def _change_member(ctx: click.Context, node_id: str, role: Role | None) -> dict[str, Any]:
+    """Grant or revoke through the running daemon (it signs and tells its peers at once), or
+    on the home when no daemon runs (peers learn it at the next mount)."""
+    try:
+        nid = parse_node_id(node_id)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="NODE") from None
+    request: dict[str, Any] = {"op": "allow" if role is not None else "revoke", "node": nid.hex()}
+    if role is not None:
+        request["role"] = role.label
+    reply = ask_daemon(ctx.obj["home"], request)
+    if reply is not None:
+        if not reply.get("ok"):
+            raise click.ClickException(str(reply.get("error")))
+        member: dict[str, Any] = reply["member"]
+        return member
+    node = _open_node(ctx, lock=True)
+    try:
+        return member_report(node.replica.set_member(nid, role))
+    except FsError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        node.close()
+
+
+@main.command()
+@click.argument("node_id", metavar="NODE")
+@click.option("--role", type=click.Choice(["read", "write", "admin"]), required=True,
+              help="read: sync and fetch; write: also write and ask others to hold copies; admin: also "
+                   "change this list.")
+@click.option("--ticket/--no-ticket", default=True, show_default=True,
+              help="Print a ticket bound to NODE (only NODE can join with it): a write ticket for write "
+                   "and admin, a read-only one for read.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write that ticket to this file (mode 0600) instead of standard output.")
+@click.pass_context
+def allow(ctx: click.Context, node_id: str, role: str, ticket: bool, output: Path | None) -> None:
+    """Add NODE (its 64-hex node id, from `blixfs status` on it) to the member list with a role.
+
+    This node must be an admin of the list, or the namespace must be open and NODE this
+    node itself: `blixfs allow THIS-NODE --role admin` closes an open namespace. In a
+    closed namespace only listed nodes sync, fetch, serve and hold copies, and only write
+    and admin members' entries are accepted.
+    """
+    parsed = Role.parse(role)
+    report = _change_member(ctx, node_id, parsed)
+    click.echo(f"{report['node']} is now {report['role']}")
+    if not ticket:
+        return
+    node = _open_node(ctx, lock=False)
+    try:
+        keys = node.replica.keys
+        write = parsed >= Role.WRITE and keys.writable
+        addr, _ = _own_addr(node)
+        bound = Ticket(NamespaceKeys(keys.id, keys.secret if write else None), addr, bound=parse_node_id(node_id))
+    finally:
+        node.close()
+    click.echo(f"{'read-write' if write else 'read-only'} ticket for node {report['node'][:16]} only:")
+    _emit_ticket(bound, output)
+
+
+@main.command()
+@click.argument("node_id", metavar="NODE")
+@click.pass_context
+def revoke(ctx: click.Context, node_id: str) -> None:
+    """Remove NODE from the member list: every member that learns it stops syncing with NODE,
+    serving it, fetching from it and holding copies for it, and refuses entries NODE writes
+    from then on (NODE may still hold the namespace secret: it is refused by its node id).
+    The last admin cannot be revoked."""
+    report = _change_member(ctx, node_id, None)
+    click.echo(f"{report['node']} is revoked")
 
 
 def _namespace_path(path: str) -> str:

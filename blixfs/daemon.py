@@ -14,6 +14,8 @@ Control protocol: one JSON object per line each way, one request per connection:
     {"op": "gc", "dry_run": b, "grace": s} -> {"ok": true, "freed_chunks", "freed_bytes", ...}
     {"op": "pull", "path": P}    -> {"progress": {"done": n, "total": n}} lines, then
                                     {"ok": true, "bytes", "total", "seconds", "peers": {id: bytes}}
+    {"op": "allow", "node": HEX, "role": "read"|"write"|"admin"} -> {"ok": true, "member": {...}}
+    {"op": "revoke", "node": HEX} -> {"ok": true, "member": {...}} (both: {"ok": false, "error"} when refused)
 
 Only the socket file's permissions (0600, in the home) guard it.
 """
@@ -35,7 +37,7 @@ from typing import Any
 import trio
 
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
-from blixfs.chunkproto import ChunkServer
+from blixfs.chunkproto import OP_HOLD, ChunkServer
 from blixfs.content import Content
 from blixfs.discovery import LanDiscovery, interfaces_for_listen
 from blixfs.entry import Kind
@@ -45,6 +47,7 @@ from blixfs.gc import DEFAULT_GRACE_SECONDS, collect, live_versions
 from blixfs.hashing import ChunkId
 from blixfs.health import DEFAULT_EXPIRY, HealthMonitor
 from blixfs.holdings import Holdings
+from blixfs.members import Role, member_report, parse_node_id
 from blixfs.net.iroh_transport import open_iroh_transport
 from blixfs.net.transport import NodeAddr, Transport, TransportError
 from blixfs.node import JoinError, Node
@@ -175,6 +178,14 @@ class Runtime:
         return message
 
 
+def _may(node: Node, peer: str, need: Role) -> bool:
+    """Whether ``peer`` (hex id) has ``need`` in the namespace's member list (open: anyone)."""
+    try:
+        return node.replica.members.allows(bytes.fromhex(peer), need)
+    except ValueError:
+        return False
+
+
 async def _load_own_holdings(node: Node, content: Content) -> None:
     """What this node holds of each live version, from its store: whole, or which chunks
     (a version written here over content it did not hold is partial). On the trio thread
@@ -231,9 +242,11 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     holdings = Holdings(self_id)
     holdings.own.addr = transport.addr()
     server = ChunkServer(node.chunks)
+    server.allowed = lambda peer, op: _may(node, peer, Role.WRITE if op == OP_HOLD else Role.READ)
     transport.register(CHUNKS_ALPN, server.handle)
     fetcher = Fetcher(node.chunks, transport, peers, fetch_timeout=fetch_timeout,
                       attempt_timeout=min(ATTEMPT_TIMEOUT, fetch_timeout))
+    fetcher.allowed = lambda peer: _may(node, peer, Role.READ)
     sync = SyncService(node.replica, transport, holdings)
     sync.on_address = lambda addr: peers.learn(addr, "exchange")
     transport.register(SYNC_ALPN, sync.handle)
@@ -388,13 +401,17 @@ def _dispatch(raw: bytes, runtime: Runtime) -> dict[str, Any]:
         "status": runtime.status,
         "peers": lambda: {"peers": runtime.peers_report()},
         "join": lambda: {"message": runtime.join(Ticket.decode(str(request.get("ticket", ""))))},
+        "allow": lambda: {"member": member_report(runtime.node.replica.set_member(
+            parse_node_id(str(request.get("node", ""))), Role.parse(str(request.get("role", "")))))},
+        "revoke": lambda: {"member": member_report(runtime.node.replica.set_member(
+            parse_node_id(str(request.get("node", ""))), None))},
     }
     handler = handlers.get(op)
     if handler is None:
         return {"ok": False, "error": f"unknown op {op!r}"}
     try:
         return {"ok": True, **handler()}
-    except (TicketError, JoinError) as exc:
+    except (TicketError, JoinError, FsError, ValueError) as exc:  # ValueError: a bad node id or role
         return {"ok": False, "error": str(exc)}
 
 

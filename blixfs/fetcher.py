@@ -92,6 +92,8 @@ class Fetcher:
         self.on_fetched: Callable[[ChunkId, bytes], object] | None = None
         # Called when a peer answered DONT_HAVE (the content layer forgets what it was told).
         self.on_dont_have: Callable[[str, ChunkId], object] | None = None
+        # Access control (blixfs.members): may this peer (hex id) be asked at all? None: anyone.
+        self.allowed: Callable[[str], bool] | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -182,7 +184,7 @@ class Fetcher:
         reasons: list[str] = []
         asked: set[str] = set()
         with trio.move_on_after(self.fetch_timeout):
-            candidates = self.peers.rank(holders)
+            candidates = self.peers.rank(self._allowed(holders))
             while True:
                 for peer in candidates:
                     asked.add(peer)
@@ -195,11 +197,15 @@ class Fetcher:
                 # Every holder we were told of failed or lacks it: find holders by content, once.
                 more = [p for p in await locate(frozenset(asked)) if p not in asked]
                 locate = None
-                candidates = self.peers.rank(more)
+                candidates = self.peers.rank(self._allowed(more))
         detail = "; ".join(reasons) or "no holder known"
         log.error("chunk %s: no peer could serve it within %.0f s (tried: %s): %s", short(cid), self.fetch_timeout,
                   ", ".join(tried) or "nobody", detail)
         raise FsError(errno.EIO, f"chunk {short(cid)} unavailable (tried {', '.join(tried) or 'nobody'})")
+
+    def _allowed(self, holders: Sequence[str]) -> list[str]:
+        """Holders this node may ask: a node not in a closed namespace's member list never is."""
+        return [h for h in holders if self.allowed is None or self.allowed(h)]
 
     async def _attempt(self, peer: str, cid: ChunkId, reasons: list[str]) -> bytes | None:
         """One request to ``peer``: the verified chunk, stored; None (and a reason) if not had."""

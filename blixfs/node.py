@@ -274,8 +274,11 @@ class Node:
         """Adopt the ticket's namespace (or its capability) and remember its node.
 
         Raises JoinError when this home already serves another namespace that holds
-        entries: one home serves one namespace.
+        entries (one home serves one namespace), or for a ticket bound to another node.
         """
+        if ticket.bound is not None and ticket.bound != self.node_id:
+            raise JoinError(f"this ticket was made for node {ticket.bound.hex()[:16]}, and this node is "
+                            f"{self.node_id.hex()[:16]}: ask for a ticket for this node (blixfs allow)")
         keys = self.replica.keys
         message: str
         if ticket.keys.id == keys.id:

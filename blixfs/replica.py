@@ -42,6 +42,7 @@ from blixfs.entry import (
 )
 from blixfs.errors import FsError
 from blixfs.manifest import MAX_FILE_SIZE
+from blixfs.members import MemberList, Role, check_reserved, is_reserved, member_path
 from blixfs.namespace import NamespaceStore, Outcome
 from blixfs.net.iroh_transport import load_or_create_secret_key, write_secret_key
 from blixfs.statefile import write_atomic
@@ -130,7 +131,7 @@ def check_entry(e: Entry, namespace_id: bytes, now_ns: int) -> str | None:
     # A new field gets an upper bound from the start (mtime/ctime have none, protocol.md 15.1).
     if e.atime_ns is not None and not 0 <= e.atime_ns <= MAX_TIME_NS:
         return "atime out of bounds"
-    problem = _path_problem(e.path) or _root_problem(e)
+    problem = _path_problem(e.path) or _root_problem(e) or check_reserved(e)
     if problem:
         return problem
     if len(e.author) != 32 or len(e.namespace_sig) != 64 or len(e.author_sig) != 64:
@@ -175,10 +176,21 @@ class Replica:
         self._clock = clock
         self._last_ts = store.vector().get(self.author, 0)
         self.listeners: list[Listener] = []
+        self._members: MemberList | None = None
+
+    @property
+    def members(self) -> MemberList:
+        """The namespace's member list (blixfs.members), read from the store on first use (one
+        scan; tombstones count: a list whose every node was revoked stays closed), then kept
+        up to date by every change applied through this replica."""
+        if self._members is None:
+            self._members = MemberList(e for e in self.store.entries() if is_reserved(e.path))
+        return self._members
 
     @property
     def writable(self) -> bool:
-        return self.keys.writable
+        """Holds the namespace secret and, in a closed namespace, is a write or admin member."""
+        return self.keys.writable and self.members.allows(self.author, Role.WRITE)
 
     def stamp(self, prev: Entry | None) -> int:
         """A timestamp later than ``prev`` and than every earlier one of this node.
@@ -197,19 +209,30 @@ class Replica:
         return replace(e, namespace_sig=crypto.sign(self.keys.secret, message),
                        author_sig=crypto.sign(self._node_secret, message))
 
-    def commit_local(self, entries: Sequence[Entry], *, durable: bool = False) -> None:
+    def commit_local(self, entries: Sequence[Entry], *, durable: bool = False, members: bool = False) -> None:
         """Sign and apply this node's new versions in one transaction.
 
-        Raises FsError(EROFS) without write capability, FsError(EINVAL) (nothing applied) for a
-        root entry that is not a live directory (peers would refuse it); storage errors propagate.
+        Raises FsError(EROFS) without write capability (no secret, or not a write member of a
+        closed namespace), FsError(EINVAL) (nothing applied) for a root entry that is not a
+        live directory (peers would refuse it), FsError(EPERM) for a path in the reserved
+        member tree unless ``members`` (only `set_member` passes it) or for a member change
+        peers would refuse; storage errors propagate.
         """
         if not self.keys.writable:
             raise FsError(errno.EROFS, "this node holds a read-only capability for the namespace")
+        if not members and not self.members.allows(self.author, Role.WRITE):
+            raise FsError(errno.EROFS, "this node is not a writer of this closed namespace")
         for e in entries:
             problem = _root_problem(e)
             if problem:
                 log.error("refused a local change of the root: %s", problem)
                 raise FsError(errno.EINVAL, problem)
+            if is_reserved(e.path) and not members:
+                raise FsError(errno.EPERM, f"{e.path} is reserved for the namespace's member list")
+        if members:
+            problem = next((p for p in self.members.admit(entries) if p), None)
+            if problem:
+                raise FsError(errno.EPERM, problem)
         signed = [self._sign(e) for e in entries]
         outcomes = self.store.apply(signed, durable=durable)
         own = max((e.timestamp_ns for e in signed if e.author == self.author), default=None)
@@ -227,6 +250,10 @@ class Replica:
         """
         now = self._clock()
         problems = await _check_all(list(entries), self.keys.id, now)
+        # Access control last: who may write depends on the member records of this batch too.
+        well_formed = [i for i, p in enumerate(problems) if p is None]
+        for i, p in zip(well_formed, self.members.admit([entries[i] for i in well_formed]), strict=True):
+            problems[i] = p
         valid: list[Entry] = []
         for e, problem in zip(entries, problems, strict=True):
             if problem:
@@ -237,9 +264,34 @@ class Replica:
         self._notify([e for e, o in zip(valid, outcomes, strict=True) if o.changed], peer)
         return outcomes, len(entries) - len(valid)
 
+    def set_member(self, node_id: bytes, role: Role | None) -> Entry:
+        """Grant ``node_id`` ``role``, or revoke it (None), as this node: one signed member
+        record (blixfs.members). Raises FsError(EROFS) without the namespace secret,
+        FsError(EPERM) when this node may not change the list (not an admin; or the namespace
+        is open and this is not this node making itself its first admin). Returns the record."""
+        path = member_path(node_id)
+        prev = self.store.get_any(path)
+        versions = self.store.versions(path)
+        seen: dict[bytes, int] = {}
+        for v in versions:
+            for a, t in v.successor_context().items():
+                seen[a] = max(seen.get(a, 0), t)
+        ts = self.stamp(prev)
+        e = Entry(path=path, kind=Kind.DIR, mode=0, uid=0, gid=0, size=0, mtime_ns=ts, ctime_ns=ts,
+                  author=self.author, timestamp_ns=ts, target=role.label if role is not None else "",
+                  deleted=role is None, seen=seen)
+        self.commit_local([e], members=True)
+        return self.store.get_any(path) or e
+
     def _notify(self, changed: list[Entry], source: str | None) -> None:
         if not changed:
             return
+        if self._members is not None:
+            for e in changed:
+                if is_reserved(e.path):
+                    current = self.store.get_any(e.path)
+                    if current is not None:
+                        self._members.update(current)
         for listener in list(self.listeners):
             try:
                 listener(changed, source)

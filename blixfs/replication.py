@@ -128,7 +128,7 @@ class Replicator:
                 rep = FileReplication(e.path, e.manifest, self.copies(e))
             rep.want = self.copies(e)
             rep.here = e.manifest in self.holdings.own.complete
-            rep.holders = self.holdings.holders(e.manifest)
+            rep.holders = [p for p in self.holdings.holders(e.manifest) if self._member(p)]
             rep.targets = {p: t for p, t in rep.targets.items() if now - t < TARGET_PATIENCE and p not in rep.holders}
             seen[e.path] = rep
             if rep.state == "durable":
@@ -149,9 +149,17 @@ class Replicator:
         self._durable.add(manifest_id)
         log.info("version %s is durable: %d chunks written here may now be evicted", short(manifest_id), changed)
 
+    def _member(self, peer: str) -> bool:
+        """A node outside a closed namespace's member list (revoked) is never asked to HOLD and
+        its copies never count (blixfs.members)."""
+        try:
+            return self.node.replica.members.allows(bytes.fromhex(peer))
+        except ValueError:
+            return False
+
     def _candidates(self, rep: FileReplication) -> list[str]:
         connected = {s.peer for s in self.sync.sessions() if s.synced.is_set()}
-        others = [p for p in connected if p not in rep.holders and p not in rep.targets]
+        others = [p for p in connected if p not in rep.holders and p not in rep.targets and self._member(p)]
         partial = self.holdings.nodes
 
         def held_part(peer: str) -> int:

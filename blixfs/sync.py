@@ -36,6 +36,7 @@ import trio
 from blixfs.entry import Entry
 from blixfs.frames import Entries, ErrorFrame, FrameError, Hello, HoldingsFrame, Synced, encode, read_frame
 from blixfs.holdings import Holdings, NodeHoldings
+from blixfs.members import is_reserved
 from blixfs.net.transport import CODE_APP_MIN, NodeAddr, Stream, Transport, TransportError
 from blixfs.replica import MAX_FUTURE_NS, Replica
 
@@ -45,6 +46,7 @@ ALPN = b"blixfs/sync/1"
 CODE_BAD_FRAME = CODE_APP_MIN + 1
 CODE_WRONG_NAMESPACE = CODE_APP_MIN + 2
 CODE_OVERLOADED = CODE_APP_MIN + 3
+CODE_NOT_MEMBER = CODE_APP_MIN + 4  # the peer is not in this closed namespace's member list
 HELLO_TIMEOUT = 10.0
 SEND_TIMEOUT = 30.0
 BATCH_BYTES = 256 * 1024
@@ -135,6 +137,25 @@ class SyncService:
 
     def _push(self, entries: list[Entry], source: str | None) -> None:
         self._send_to_all(Entries(entries), source)
+        if any(is_reserved(e.path) for e in entries):
+            self._drop_non_members()
+
+    def _member(self, peer: str) -> bool:
+        """Whether ``peer`` may sync: any role in a closed namespace, anyone in an open one."""
+        try:
+            return self.replica.members.allows(bytes.fromhex(peer))
+        except ValueError:
+            return False
+
+    def _drop_non_members(self) -> None:
+        """End the sessions of peers the member list no longer has (a revoke just arrived or
+        was made here); they are refused when they redial."""
+        for sid, session in list(self._sessions.items()):
+            if not self._member(session.info.peer):
+                log.warning("peer %s is no longer a member of the namespace: closing its session",
+                            session.info.peer[:16])
+                session.scope.cancel()
+                del self._sessions[sid]
 
     def _send_to_all(self, frame: Entries | HoldingsFrame, source: str | None) -> None:
         for sid, session in list(self._sessions.items()):
@@ -176,6 +197,8 @@ class SyncService:
             started = trio.current_time()
             target = resolve(peer.node_id) if resolve is not None else peer
             try:
+                if not self._member(peer.node_id):  # outside a closed namespace's list: not dialed
+                    raise FrameError("not a member of the namespace")
                 stream = await self.transport.open_stream(target, ALPN)
                 async with stream:
                     await self._session(stream, peer.node_id, initiator=True)
@@ -190,6 +213,14 @@ class SyncService:
     async def _session(self, stream: Stream, peer: str, *, initiator: bool) -> None:
         replica = self.replica
         info = SessionInfo(peer=peer, started=trio.current_time())
+        if not self._member(peer):
+            # Checked before any HELLO: a non-member of a closed namespace learns nothing of it.
+            log.warning("peer %s is not a member of this closed namespace: no session", peer[:16])
+            if not initiator:
+                with trio.move_on_after(SEND_TIMEOUT):
+                    await stream.send_all(encode(ErrorFrame(CODE_NOT_MEMBER, "not a member of this namespace")))
+                await stream.reset(CODE_NOT_MEMBER)
+            return
         try:
             hello = Hello(replica.keys.id, replica.store.vector())
             if initiator:

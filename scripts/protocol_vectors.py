@@ -29,6 +29,7 @@ from blixfs.frames import Entries, ErrorFrame, Hello, Synced, encode
 from blixfs.hashing import HOLE, ChunkId
 from blixfs.holdings import Holdings
 from blixfs.manifest import Manifest
+from blixfs.members import MemberList, member_path
 from blixfs.namespace import MemoryNamespaceStore
 from blixfs.net.memory import MemoryNetwork
 from blixfs.net.transport import NodeAddr
@@ -300,6 +301,11 @@ def build() -> _Doc:
     doc.say("Write ticket (flag bit 0 set, the namespace seed after the id):")
     doc.block("ticket.write.body", _hex(bytes([1, 1]) + ns.id + NAMESPACE_SEED + peer.to_bytes()))
     doc.block("ticket.write", rw.encode())
+    bound = Ticket(ns, peer, bound=b)
+    doc.say("Write ticket bound to node B (flags bits 0 and 1 set: the namespace seed, then",
+            "`keys.author_b`, the only node that may join with it, then the node address):")
+    doc.block("ticket.bound.body", _hex(bytes([1, 3]) + ns.id + NAMESPACE_SEED + b + peer.to_bytes()))
+    doc.block("ticket.bound", bound.encode())
 
     doc.say(f"### {SECTION}.7 Manifest and chunk ids (f)", "",
             f"Content: {len(MANIFEST_CONTENT)} bytes: 4096 bytes `0x61`, then 4096 zero bytes, then",
@@ -315,7 +321,62 @@ def build() -> _Doc:
 
     _chunks_example(doc, manifest, chunks, mbytes, ChunkId(mid))
     _merge_example(doc, a, b)
+    _members_example(doc, ns, a, b)
     return doc
+
+
+MEMBERS_SECTION = "12.1"  # "Access control"
+MEMBERS_START = 1_700_000_003_000_000_000
+
+
+def _members_example(doc: _Doc, ns: NamespaceKeys, a: bytes, b: bytes) -> None:
+    def record(subject: bytes, role: str | None, ts: int, seen: dict[bytes, int] | None = None) -> Entry:
+        e = Entry(path=member_path(subject), kind=Kind.DIR, mode=0, uid=0, gid=0, size=0, mtime_ns=ts, ctime_ns=ts,
+                  author=a, timestamp_ns=ts, target=role or "", deleted=role is None, seen=seen or {})
+        return _sign(e, AUTHOR_A_SEED)
+
+    found = record(a, "admin", MEMBERS_START)
+    grant = record(b, "write", MEMBERS_START + 1)
+    revoke = record(b, None, MEMBERS_START + 2, grant.successor_context())
+    doc.say(f"### {SECTION}.10 Member records (section {MEMBERS_SECTION})", "",
+            "Node A closes the namespace of 16.1 by naming itself admin (the founding record),",
+            "then grants node B the write role, then revokes B. All three are authored by A and",
+            "signed like any entry (namespace key, then A's key). The founding record,",
+            "canonical and serialized:")
+    doc.block("members.found.canonical", found.canonical().decode(), "json")
+    doc.block("members.found.serialized", found.serialize().decode(), "json")
+    doc.say("The grant of `write` to B, and the revoke (a tombstone with `target` empty, which has",
+            "seen the grant), serialized:")
+    doc.block("members.grant.serialized", grant.serialize().decode(), "json")
+    doc.block("members.revoke.serialized", revoke.serialize().decode(), "json")
+    names = {found.entry_hash(): "found", grant.entry_hash(): "grant", revoke.entry_hash(): "revoke"}
+
+    def entry_by(author_seed: bytes, ts: int) -> Entry:
+        e = Entry(path="by-b", kind=Kind.DIR, mode=0o755, uid=0, gid=0, size=0, mtime_ns=ts, ctime_ns=ts,
+                  author=crypto.public_key(author_seed), timestamp_ns=ts)
+        return _sign(e, author_seed)
+
+    written = entry_by(AUTHOR_B_SEED, MEMBERS_START + 5)
+    names[written.entry_hash()] = "b-entry"
+
+    def admit(held: list[Entry], batch: list[Entry]) -> str:
+        problems = MemberList(held).admit(batch)
+        return "\n".join(f"{names[e.entry_hash()]} {p or 'accepted'}" for e, p in zip(batch, problems, strict=True))
+
+    doc.say("What a receiver decides (`MemberList.admit`) for a batch, one line per entry in the",
+            "order received: an entry by B (path `by-b`, timestamp start + 5) arriving in one batch",
+            "with the member records in reverse order, to a node that holds none of them (member",
+            "records are judged oldest first, so the founding and the grant come first):")
+    doc.block("members.admit_granted", admit([], [written, grant, found]))
+    doc.say("The same entry of B's at a node that holds the founding record and the revoke:")
+    doc.block("members.admit_revoked", admit([found, revoke], [written]))
+    doc.say("A grant authored by B (not an admin) to itself at a node that holds the founding",
+            "record and A's grant:")
+    forged = _sign(Entry(path=member_path(b), kind=Kind.DIR, mode=0, uid=0, gid=0, size=0,
+                         mtime_ns=MEMBERS_START + 6, ctime_ns=MEMBERS_START + 6, author=b,
+                         timestamp_ns=MEMBERS_START + 6, target="admin"), AUTHOR_B_SEED)
+    names[forged.entry_hash()] = "b-grants-itself-admin"
+    doc.block("members.admit_not_admin", admit([found, grant], [forged]))
 
 
 def _chunks_example(doc: _Doc, manifest: Manifest, chunks: dict[ChunkId, bytes], mbytes: bytes,

@@ -162,6 +162,33 @@ def test_tickets() -> None:
         assert ticket.peer.node_id == DOCUMENTED["keys.author_a"]
 
 
+def test_bound_ticket() -> None:
+    body = raw("ticket.bound.body")
+    text = DOCUMENTED["ticket.bound"]
+    assert base64.b32decode(text[len("blixfs"):].upper() + "=" * (-len(text[6:]) % 8)) == body
+    assert body[1] == 3 and body[2:34] == raw("keys.namespace_id") and body[34:66] == raw("keys.namespace_seed")
+    assert body[66:98] == raw("keys.author_b") and body[98:] == raw("nodeaddr.bytes")
+    assert Ticket.decode(text).bound == raw("keys.author_b")
+
+
+def test_member_records_verify_with_plain_libraries() -> None:
+    ns = Ed25519PublicKey.from_public_bytes(raw("keys.namespace_id"))
+    a = Ed25519PublicKey.from_public_bytes(raw("keys.author_a"))
+    for name in ("found", "grant", "revoke"):
+        d = json.loads(DOCUMENTED[f"members.{name}.serialized"])
+        assert d["path"] == ".blixfs-members/" + (DOCUMENTED["keys.author_a"] if name == "found"
+                                                   else DOCUMENTED["keys.author_b"])
+        assert d["kind"] == "dir" and d["target"] == {"found": "admin", "grant": "write", "revoke": ""}[name]
+        assert d["deleted"] is (name == "revoke")
+        sigs = bytes.fromhex(d.pop("namespace_sig")), bytes.fromhex(d.pop("author_sig"))
+        message = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if name == "found":
+            assert message.decode() == DOCUMENTED["members.found.canonical"]
+        ns.verify(sigs[0], message)
+        a.verify(sigs[1], message)
+        Entry.deserialize(DOCUMENTED[f"members.{name}.serialized"].encode())
+
+
 def test_manifest() -> None:
     encoded = raw("manifest.encoded")
     assert blake3.blake3(encoded).digest() == raw("manifest.id")

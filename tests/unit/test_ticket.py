@@ -50,3 +50,31 @@ def test_a_write_key_of_another_namespace_is_refused() -> None:
 def test_decode_only_raises_ticket_error(text: str) -> None:
     with contextlib.suppress(TicketError):
         Ticket.decode("blixfs" + text)
+
+
+@pytest.mark.parametrize("write", [True, False])
+def test_bound_ticket_round_trip(write: bool) -> None:
+    keys = NamespaceKeys.generate()
+    t = Ticket(keys if write else NamespaceKeys(keys.id), PEER, bound=bytes(range(32)))
+    back = Ticket.decode(t.encode())
+    assert back == t and back.bound == bytes(range(32))
+    assert Ticket.decode(Ticket(keys, PEER).encode()).bound is None
+
+
+def test_bound_ticket_truncated_is_refused() -> None:
+    import base64
+
+    keys = NamespaceKeys(NamespaceKeys.generate().id)
+    body = bytes([1, 0x02]) + keys.id + bytes(10)  # bound flag, but no room for the node id
+    with pytest.raises(TicketError, match="truncated"):
+        Ticket.decode("blixfs" + base64.b32encode(body).decode().rstrip("=").lower())
+
+
+@given(st.integers(0, 3), st.binary(max_size=200))
+def test_decode_of_any_body_with_any_known_flags_only_raises_ticket_error(flags: int, rest: bytes) -> None:
+    import base64
+
+    body = bytes([1, flags]) + NamespaceKeys.generate().id + rest
+    with contextlib.suppress(TicketError):
+        t = Ticket.decode("blixfs" + base64.b32encode(body).decode().rstrip("=").lower())
+        assert (t.bound is not None) == bool(flags & 2)
