@@ -49,6 +49,9 @@ HELLO_TIMEOUT = 10.0
 SEND_TIMEOUT = 30.0
 BATCH_BYTES = 256 * 1024
 LIVE_QUEUE = 10_000
+# Authors a version vector may hold (protocol.md section 8). A HELLO fits 26,213 (MAX_FRAME):
+# a vector never reaches that, and what is sent is cut to this many (`sendable_vector`).
+MAX_VECTOR_AUTHORS = 16_384
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 30.0
 
 
@@ -60,6 +63,7 @@ class SessionInfo:
     entries_received: int = 0
     entries_sent: int = 0
     refused: int = 0
+    authors: set[bytes] = field(default_factory=set)  # of valid entries received in this session
 
 
 def _batches(entries: list[Entry]) -> list[list[Entry]]:
@@ -76,6 +80,20 @@ def _batches(entries: list[Entry]) -> list[list[Entry]]:
     if batch:
         out.append(batch)
     return out
+
+
+def sendable_vector(vector: dict[bytes, int], held: set[bytes]) -> dict[bytes, int]:
+    """``vector`` cut to `MAX_VECTOR_AUTHORS` authors, those this node holds versions of first,
+    so that HELLO and SYNCED always fit a frame (a vector stored before the bound, or grown by
+    a peer's lies, could not be sent: `encode` raised and the session's dialer died).
+
+    Leaving an author out is always safe: in HELLO the peer then sends all it holds of that
+    author (duplicates), in SYNCED the receiver advances nothing for it."""
+    if len(vector) <= MAX_VECTOR_AUTHORS:
+        return vector
+    order = sorted(vector, key=lambda a: (a not in held, a))
+    log.warning("version vector of %d authors: sending %d of them", len(vector), MAX_VECTOR_AUTHORS)
+    return {a: vector[a] for a in sorted(order[:MAX_VECTOR_AUTHORS])}
 
 
 class _Session:
@@ -156,7 +174,10 @@ class SyncService:
             await self.holdings.changed.wait()
             await trio.sleep(0.2)  # gather the changes of a burst of fetched chunks into one frame
             self.holdings.changed = trio.Event()
-            self._send_to_all(holdings_frame(self.holdings.self_id, self.holdings.own), None)
+            try:
+                self._send_to_all(holdings_frame(self.holdings.self_id, self.holdings.own), None)
+            except Exception:  # runs in the services nursery: a bug here must not end the daemon
+                log.exception("announcing holdings failed")
 
     async def handle(self, stream: Stream, peer_id: str) -> None:
         """Stream handler for incoming sessions (registered for `ALPN`)."""
@@ -164,6 +185,9 @@ class SyncService:
             await self._session(stream, peer_id, initiator=False)
         except TransportError as exc:  # the peer went away: it redials if it wants to
             log.info("session from %s ended: %s", peer_id[:16], exc)
+        except Exception:  # a full disk, a bug: this session ends, the peer redials (see maintain)
+            log.exception("sync session from %s failed", peer_id[:16])
+            await stream.reset(CODE_BAD_FRAME)
 
     async def maintain(self, peer: NodeAddr, resolve: Callable[[str], NodeAddr] | None = None) -> None:
         """Keep a session with ``peer`` open for as long as this runs: dial, sync, redial.
@@ -181,6 +205,11 @@ class SyncService:
                     await self._session(stream, peer.node_id, initiator=True)
             except (TransportError, FrameError) as exc:
                 log.info("sync with %s ended: %s", peer.node_id[:16], exc)
+            except Exception:
+                # Whatever one session hits (a full disk: sqlite3.Error, OSError; a bug) costs
+                # that session only: this task runs in the daemon's services nursery, which
+                # an exception would end, taking the mount down. Retried with backoff.
+                log.exception("sync session with %s failed", peer.node_id[:16])
             if trio.current_time() - started > 10 * BACKOFF_MAX:
                 backoff = BACKOFF_MIN  # it had been up for a while: retry soon
             # Jitter spreads the redials of a fleet that lost the same peer.
@@ -191,7 +220,7 @@ class SyncService:
         replica = self.replica
         info = SessionInfo(peer=peer, started=trio.current_time())
         try:
-            hello = Hello(replica.keys.id, replica.store.vector())
+            hello = Hello(replica.keys.id, sendable_vector(replica.store.vector(), replica.store.authors()))
             if initiator:
                 await self._send(stream, encode(hello))
             with trio.fail_after(HELLO_TIMEOUT):
@@ -240,7 +269,8 @@ class SyncService:
 
     async def _sender(self, stream: Stream, session: _Session, their_vector: dict[bytes, int]) -> None:
         store = self.replica.store
-        vector = store.vector()  # before the diff: everything up to it is in the diff or beats it
+        # Before the diff: everything up to it is in the diff or beats it.
+        vector = sendable_vector(store.vector(), store.authors())
         diff = list(store.entries_since(their_vector))
         if self.holdings is not None:  # who holds what, before the entries that will be read
             for node_id, record in list(self.holdings.nodes.items()):
@@ -261,13 +291,38 @@ class SyncService:
         """Take a peer's SYNCED vector as our knowledge, with care: a peer vouches only for
         entries it sent us. If we refused any (bad signature, clock skew), the vector stays:
         the next reconciliation offers them again. Nobody speaks for our own author, and no
-        claim reaches past the future bound entries themselves must respect."""
+        claim reaches past the future bound entries themselves must respect.
+
+        Only authors this node holds versions of, or received valid versions of in this
+        session, advance: a peer naming invented authors (read capability suffices) would
+        otherwise grow the vector without bound, and with it every HELLO. Nor does the
+        vector grow past `MAX_VECTOR_AUTHORS` authors."""
         if info.refused:
             log.info("not advancing the version vector after %s: %d entries were refused", info.peer[:16],
                      info.refused)
             return
+        store = self.replica.store
         horizon = time.time_ns() + MAX_FUTURE_NS
-        self.replica.store.advance_vector({a: min(t, horizon) for a, t in vector.items() if a != self.replica.author})
+        current = store.vector()
+        known = store.authors() | info.authors
+        advance: dict[bytes, int] = {}
+        room = MAX_VECTOR_AUTHORS - len(current)
+        ignored = 0
+        for a, t in vector.items():
+            if a == self.replica.author or a not in known:
+                ignored += a != self.replica.author
+                continue
+            if a not in current:
+                if room <= 0:
+                    ignored += 1
+                    continue
+                room -= 1
+            advance[a] = min(t, horizon)
+        if ignored:
+            log.info("SYNCED from %s named %d authors this node holds nothing of (or too many): not advanced",
+                     info.peer[:16], ignored)
+        if advance:
+            store.advance_vector(advance)
 
     async def _receiver(self, stream: Stream, info: SessionInfo) -> None:
         while True:
@@ -278,6 +333,8 @@ class SyncService:
                 _, refused = await self.replica.merge_remote(frame.entries, info.peer)
                 info.entries_received += len(frame.entries)
                 info.refused += refused
+                if not refused:  # valid (signed) versions by these authors: SYNCED may speak for them
+                    info.authors.update(e.author for e in frame.entries)
             elif isinstance(frame, Synced):
                 self._advance(frame.vector, info)
                 if not info.synced.is_set():

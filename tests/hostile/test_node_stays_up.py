@@ -1,0 +1,78 @@
+"""A member (even read-only) cannot stop a node: sessions absorb whatever one peer or one
+full disk does (issue items 1, 4, 6, 7, 8, 10). In process, over the in-memory network."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Sequence
+
+import trio
+
+from blixfs.frames import Hello, Synced, encode, read_frame
+from blixfs.namespace import Outcome
+from blixfs.net.memory import MemoryNetwork
+from blixfs.replica import NamespaceKeys
+from blixfs.sync import ALPN, MAX_VECTOR_AUTHORS
+from tests.ops.test_sync import peer, wait_until
+
+
+async def test_synced_naming_invented_authors_neither_grows_the_vector_nor_stops_the_node() -> None:
+    """Item 1: a read-only member's SYNCED with 40,000 invented authors once made the next
+    HELLO too large for a frame: `maintain` died with ValueError, on every restart."""
+    net, keys = MemoryNetwork(), NamespaceKeys.generate()
+    async with peer(net, keys) as victim, peer(net, keys) as honest, net.open_transport() as hostile, \
+            trio.open_nursery() as nursery:
+        honest.write("before")
+        nursery.start_soon(victim.sync.maintain, honest.addr)
+        await wait_until(lambda: victim.replica.store.get("before") is not None)
+        stream = await hostile.open_stream(victim.addr, ALPN)
+        async with stream:
+            await stream.send_all(encode(Hello(keys.id, {})))
+            assert isinstance(await read_frame(stream), Hello)
+            for _ in range(2):
+                invented = {os.urandom(32): 10**18 + i for i in range(20_000)}
+                await stream.send_all(encode(Synced(invented)))
+            await stream.send_all(encode(Synced({})))  # a marker: the two before are applied
+            await wait_until(lambda: any(s.synced.is_set() for s in victim.sync.sessions()
+                                         if s.peer == hostile.node_id))
+        vector = victim.replica.store.vector()
+        assert len(vector) <= 2, f"{len(vector)} authors in the vector"
+        # The vector is bounded however it got there (a store poisoned before this fix):
+        victim.replica.store.advance_vector({os.urandom(32): 5 for _ in range(MAX_VECTOR_AUTHORS + 30_000)})
+        net.disconnect(victim.transport.node_id, honest.transport.node_id)  # next HELLO carries it
+        honest.write("after")
+        await wait_until(lambda: victim.replica.store.get("after") is not None)
+        nursery.cancel_scope.cancel()
+
+
+class _FullDisk:
+    """A namespace store whose disk fills up: every apply fails like SQLite on ENOSPC."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.full = True
+        self.failures = 0
+
+    def apply(self, entries: Sequence[object], *, durable: bool = False) -> list[Outcome]:
+        if self.full:
+            self.failures += 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.inner.apply(entries, durable=durable)  # type: ignore[attr-defined, no-any-return]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_a_full_disk_during_sync_costs_the_session_not_the_daemon() -> None:
+    """Item 4: sqlite3.OperationalError inside a session used to end `maintain` (and the mount)."""
+    net, keys = MemoryNetwork(), NamespaceKeys.generate()
+    async with peer(net, keys) as victim, peer(net, keys) as honest, trio.open_nursery() as nursery:
+        full = _FullDisk(victim.replica.store)
+        victim.replica.store = full  # type: ignore[assignment]
+        honest.write("img")
+        nursery.start_soon(victim.sync.maintain, honest.addr)  # the victim dials: maintain must survive
+        await wait_until(lambda: full.failures >= 2)  # failed, retried
+        full.full = False  # space was freed
+        await wait_until(lambda: victim.replica.store.get("img") is not None)
+        nursery.cancel_scope.cancel()
