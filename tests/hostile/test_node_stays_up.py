@@ -3,12 +3,19 @@ full disk does (issue items 1, 4, 6, 7, 8, 10). In process, over the in-memory n
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sqlite3
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import trio
 
+from blixfs.daemon import serve_control
 from blixfs.frames import Hello, Synced, encode, read_frame
 from blixfs.namespace import Outcome
 from blixfs.net.memory import MemoryNetwork
@@ -76,3 +83,48 @@ async def test_a_full_disk_during_sync_costs_the_session_not_the_daemon() -> Non
         full.full = False  # space was freed
         await wait_until(lambda: victim.replica.store.get("img") is not None)
         nursery.cancel_scope.cancel()
+
+
+async def _ask(path: str, raw: bytes) -> dict[str, object]:
+    stream = await trio.open_unix_socket(path)
+    async with stream:
+        with contextlib.suppress(trio.BrokenResourceError, OSError):  # the daemon stops reading a huge line
+            await stream.send_all(raw)
+            await stream.send_eof()
+        data = b""
+        with trio.fail_after(60):
+            while not data.endswith(b"\n"):
+                chunk = await stream.receive_some(65536)
+                assert chunk, f"no reply to {raw[:60]!r}"
+                data += chunk
+    reply = json.loads(data.splitlines()[-1])
+    assert isinstance(reply, dict)
+    return reply
+
+
+async def test_malformed_control_requests_get_an_error_and_the_daemon_keeps_answering(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Item 8: ``{"op": [1]}`` (unhashable), wrong field types, deep nesting, huge lines once
+    raised out of `_answer` into the services nursery."""
+
+    def broken_status() -> dict[str, object]:
+        raise RuntimeError("a bug in a handler")
+
+    runtime = SimpleNamespace(transport=SimpleNamespace(addr=lambda: "node@127.0.0.1:1"), vfs=None,
+                              status=broken_status, peers_report=lambda: [], replicator=None)
+    with tempfile.TemporaryDirectory(dir="/tmp") as home:  # a unix socket path is at most 107 bytes
+        sock = os.path.join(home, "control.sock")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, Path(sock), runtime)
+            bad = [b'{"op": [1]}\n', b'{"op": {"a": 1}}\n', b'[1, 2]\n', b'"status"\n', b'42\n', b'null\n',
+                   b'\xff\xfe\n', b'{"op": "gc", "grace": "soon"}\n', b'{"op": "gc", "grace": [1]}\n',
+                   b'{"op": "gc", "dry_run": "yes"}\n', b'{"op": "pull", "path": 7}\n',
+                   b'{"op": "join", "ticket": {"x": 1}}\n', b'{"op": "status"}\n',
+                   b"[" * 60_000 + b"\n", b"{" * 200_000 + b"\n", b'{"op": "addr", "pad": "' + b"x" * 300_000]
+            for raw in bad:
+                reply = await _ask(sock, raw)
+                assert reply["ok"] is False and isinstance(reply["error"], str), (raw[:40], reply)
+                assert (await _ask(sock, b'{"op": "addr"}\n')) == {"ok": True, "addr": "node@127.0.0.1:1"}
+            nursery.cancel_scope.cancel()
+    assert any("control request" in r.getMessage() for r in caplog.records)
