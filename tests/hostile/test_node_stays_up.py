@@ -8,6 +8,7 @@ import json
 import os
 import sqlite3
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,12 +16,15 @@ from types import SimpleNamespace
 import pytest
 import trio
 
+from blixfs.chunkstore import MemoryChunkStore
+from blixfs.crypto import generate_secret
 from blixfs.daemon import serve_control
 from blixfs.frames import Hello, Synced, encode, read_frame
-from blixfs.namespace import Outcome
+from blixfs.namespace import MemoryNamespaceStore, Outcome
 from blixfs.net.memory import MemoryNetwork
-from blixfs.replica import NamespaceKeys
+from blixfs.replica import NamespaceKeys, Replica
 from blixfs.sync import ALPN, MAX_VECTOR_AUTHORS
+from blixfs.vfs import ROOT_INO, Vfs
 from tests.ops.test_sync import peer, wait_until
 
 
@@ -128,3 +132,43 @@ async def test_malformed_control_requests_get_an_error_and_the_daemon_keeps_answ
                 assert (await _ask(sock, b'{"op": "addr"}\n')) == {"ok": True, "addr": "node@127.0.0.1:1"}
             nursery.cancel_scope.cancel()
     assert any("control request" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_future_stamped_version_does_not_push_honest_overwrites_out_of_lagging_nodes_window() -> None:
+    """Item 7: a version stamped 9 minutes ahead (accepted: within the 10-minute window) made
+    every later overwrite carry the future stamp (prev + 1), which a node whose clock lags
+    3 minutes refused. An overwrite now takes the writer's clock and wins through ``seen``."""
+    keys = NamespaceKeys.generate()
+    now = time.time_ns()
+    minute = 60 * 10**9
+
+    chunks = MemoryChunkStore()  # shared: the writer reads the content it overwrites
+
+    def vfs_at(offset: int) -> Vfs:
+        return Vfs(Replica(MemoryNamespaceStore(), keys, generate_secret(), clock=lambda: time.time_ns() + offset),
+                   chunks)
+
+    fast, writer, lagging = vfs_at(9 * minute), vfs_at(0), vfs_at(-3 * minute)
+    fh, _ = await fast.create(ROOT_INO, "img", 0o644, os.O_RDWR, 0, 0)
+    await fast.write(fh, 0, b"from the fast clock")
+    await fast.release(fh)
+    future = fast.namespace.get("img")
+    assert future is not None and future.timestamp_ns > now + 8 * minute
+    _, refused = await writer.replica.merge_remote([future], "fast")
+    assert refused == 0
+    ino = (await writer.lookup(ROOT_INO, "img")).ino
+    fh = await writer.open(ino, os.O_RDWR)
+    await writer.write(fh, 0, b"honest overwrite!!!")
+    await writer.release(fh)
+    honest = writer.namespace.get("img")
+    assert honest is not None and honest.author == writer.replica.author
+    assert honest.timestamp_ns < now + minute, "the overwrite carried the future stamp"
+    _, refused = await lagging.replica.merge_remote([future], "writer")
+    assert refused == 1  # 12 minutes ahead of the lagging clock: refused, as it should be
+    _, refused = await lagging.replica.merge_remote([honest], "writer")
+    assert refused == 0 and lagging.namespace.get("img") == honest
+    # Every node that holds both keeps the overwrite, whatever the order: it has seen the future version.
+    for order in ([future, honest], [honest, future]):
+        store = MemoryNamespaceStore()
+        store.apply(order)
+        assert store.get("img") == honest and store.conflicts_under("") == []
