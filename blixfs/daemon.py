@@ -54,7 +54,7 @@ from blixfs.node import JoinError, Node
 from blixfs.peers import PeerBook
 from blixfs.replication import DEFAULT_COPIES, Replicator
 from blixfs.sync import ALPN as SYNC_ALPN
-from blixfs.sync import SyncService
+from blixfs.sync import SESSIONS_PER_PEER, SESSIONS_TOTAL, SyncService
 from blixfs.ticket import Ticket, TicketError
 from blixfs.vfs import Vfs
 
@@ -239,7 +239,7 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
                       attempt_timeout=min(ATTEMPT_TIMEOUT, fetch_timeout))
     sync = SyncService(node.replica, transport, holdings)
     sync.on_address = lambda addr: peers.learn(addr, "exchange")
-    transport.register(SYNC_ALPN, sync.handle)
+    transport.register(SYNC_ALPN, sync.handle, per_peer=SESSIONS_PER_PEER, total=SESSIONS_TOTAL)
     fetcher.on_stored = node.open_cache().enforce
     content = vfs.content if vfs is not None else Content(node.chunks)
     content.attach(fetcher, holdings, peers,

@@ -53,6 +53,10 @@ LIVE_QUEUE = 10_000
 # a vector never reaches that, and what is sent is cut to this many (`sendable_vector`).
 MAX_VECTOR_AUTHORS = 16_384
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 30.0
+# Incoming sessions served at once per peer (one is normal; more while a dead one has not
+# timed out yet) and in all: register `handle` with these (the transport resets the excess).
+SESSIONS_PER_PEER = 4
+SESSIONS_TOTAL = 512
 
 
 @dataclass

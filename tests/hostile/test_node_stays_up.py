@@ -16,12 +16,16 @@ from types import SimpleNamespace
 import pytest
 import trio
 
+from blixfs import chunkproto
+from blixfs.chunkproto import ALPN as CHUNKS_ALPN
+from blixfs.chunkproto import ChunkClient, ChunkServer, encode_request
 from blixfs.chunkstore import MemoryChunkStore
 from blixfs.crypto import generate_secret
 from blixfs.daemon import serve_control
 from blixfs.frames import Hello, Synced, encode, read_frame
 from blixfs.namespace import MemoryNamespaceStore, Outcome
 from blixfs.net.memory import MemoryNetwork
+from blixfs.net.transport import CODE_BUSY, STREAMS_PER_PEER, Stream, StreamReset
 from blixfs.replica import NamespaceKeys, Replica
 from blixfs.sync import ALPN, MAX_VECTOR_AUTHORS
 from blixfs.vfs import ROOT_INO, Vfs
@@ -172,3 +176,55 @@ async def test_a_future_stamped_version_does_not_push_honest_overwrites_out_of_l
         store = MemoryNamespaceStore()
         store.apply(order)
         assert store.get("img") == honest and store.conflicts_under("") == []
+
+
+async def test_a_flood_of_streams_from_one_peer_is_refused_and_an_honest_peer_is_still_served() -> None:
+    """Item 10: incoming streams had no limit but QUIC's; each held a handler (and, for the
+    chunk server, up to REQUEST_TIMEOUT). The excess is now reset with CODE_BUSY."""
+    net = MemoryNetwork()
+    store = MemoryChunkStore()
+    cid = store.put(os.urandom(4096))
+    server = ChunkServer(store)
+    async with net.open_transport(handlers={CHUNKS_ALPN: server.handle}) as srv, \
+            net.open_transport() as hostile, net.open_transport() as honest:
+        streams = []
+        for _ in range(STREAMS_PER_PEER + 50):
+            s = await hostile.open_stream(srv.addr(), CHUNKS_ALPN)
+            await s.send_all(b"\x01")  # a request's first byte: the handler waits for the rest
+            streams.append(s)
+        busy = 0
+        for s in streams[STREAMS_PER_PEER:]:
+            with trio.fail_after(60):
+                try:
+                    await s.receive_some()
+                except StreamReset as exc:
+                    busy += exc.code == CODE_BUSY
+        assert busy == 50
+        with trio.fail_after(60):
+            assert await ChunkClient(honest).fetch(srv.addr(), cid) is not None
+        for s in streams:
+            await s.reset()
+
+
+async def test_a_requester_that_stops_reading_does_not_hold_a_chunk_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 10: the chunk server had no deadline for sending a response: a requester that
+    never reads held the stream and the blob (up to 16 MiB) until the connection died."""
+    monkeypatch.setattr(chunkproto, "SEND_TIMEOUT", 0.5)
+    net = MemoryNetwork()
+    store = MemoryChunkStore()
+    cid = store.put(os.urandom(4 << 20))  # more than the in-memory pipe holds
+    server = ChunkServer(store)
+    done = trio.Event()
+
+    async def handle(stream: Stream, peer_id: str) -> None:
+        try:
+            await server.handle(stream, peer_id)
+        finally:
+            done.set()
+
+    async with net.open_transport(handlers={CHUNKS_ALPN: handle}) as srv, net.open_transport() as hostile:
+        s = await hostile.open_stream(srv.addr(), CHUNKS_ALPN)
+        await s.send_all(encode_request(cid))
+        with trio.fail_after(60):
+            await done.wait()
+        await s.reset()
