@@ -239,6 +239,7 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
                       attempt_timeout=min(ATTEMPT_TIMEOUT, fetch_timeout))
     sync = SyncService(node.replica, transport, holdings)
     sync.on_address = lambda addr: peers.learn(addr, "exchange")
+    sync.vouched = peers.reached
     transport.register(SYNC_ALPN, sync.handle, per_peer=SESSIONS_PER_PEER, total=SESSIONS_TOTAL)
     fetcher.on_stored = node.open_cache().enforce
     content = vfs.content if vfs is not None else Content(node.chunks)

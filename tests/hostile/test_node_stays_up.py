@@ -22,12 +22,24 @@ from blixfs.chunkproto import ChunkClient, ChunkServer, encode_request
 from blixfs.chunkstore import MemoryChunkStore
 from blixfs.crypto import generate_secret
 from blixfs.daemon import serve_control
-from blixfs.frames import Hello, Synced, encode, read_frame
+from blixfs.frames import FrameError, Hello, HoldingsFrame, Synced, encode, read_frame
+from blixfs.health import HEARSAY_EXPIRY, HEARSAY_PROBES, HealthMonitor
+from blixfs.holdings import Holdings
 from blixfs.namespace import MemoryNamespaceStore, Outcome
 from blixfs.net.memory import MemoryNetwork
-from blixfs.net.transport import CODE_BUSY, STREAMS_PER_PEER, Stream, StreamReset
+from blixfs.net.transport import CODE_BUSY, STREAMS_PER_PEER, NodeAddr, Stream, StreamReset, TransportError
+from blixfs.peers import MAX_EXCHANGE_PEERS, PeerBook
 from blixfs.replica import NamespaceKeys, Replica
-from blixfs.sync import ALPN, MAX_VECTOR_AUTHORS
+from blixfs.sync import (
+    ALPN,
+    HOLDINGS_TABLE_BYTES,
+    LIVE_QUEUE_BYTES,
+    MAX_HOLDINGS_NODES,
+    MAX_VECTOR_AUTHORS,
+    LiveQueue,
+    frame_bytes,
+    record_bytes,
+)
 from blixfs.vfs import ROOT_INO, Vfs
 from tests.ops.test_sync import peer, wait_until
 
@@ -228,3 +240,70 @@ async def test_a_requester_that_stops_reading_does_not_hold_a_chunk_stream(monke
         with trio.fail_after(60):
             await done.wait()
         await s.reset()
+
+
+async def test_a_holdings_flood_is_bounded_in_the_table_and_in_every_live_queue() -> None:
+    """Item 6: relayed ~1 MiB HOLDINGS for invented nodes were all kept, and queued frame by
+    frame (10,000 frames) for a peer that does not read: GiBs (scripts/flood_rss.py: 4.1 GiB
+    after 15 s before the fix, bounded at ~210 MiB after)."""
+    net, keys = MemoryNetwork(), NamespaceKeys.generate()
+    async with peer(net, keys) as victim, peer(net, keys) as honest, net.open_transport() as hostile, \
+            net.open_transport() as slow, trio.open_nursery() as nursery:
+        holdings = Holdings(victim.transport.node_id)
+        victim.sync.holdings = holdings
+        quiet = await slow.open_stream(victim.addr, ALPN)
+        await quiet.send_all(encode(Hello(keys.id, {})))  # and never reads: everything is queued for it
+        stream = await hostile.open_stream(victim.addr, ALPN)
+        await stream.send_all(encode(Hello(keys.id, {})))
+
+        async def drain() -> None:
+            with contextlib.suppress(TransportError, FrameError):
+                while await read_frame(stream) is not None:
+                    pass
+
+        nursery.start_soon(drain)
+        ids = [os.urandom(32) for _ in range(31_000)]
+        for _ in range(60):  # 57 MiB of announcements
+            await stream.send_all(encode(HoldingsFrame(os.urandom(32), time.time_ns(), ids, [], b"", 0)))
+        await stream.send_all(encode(Synced({})))
+        await wait_until(lambda: any(s.synced.is_set() for s in victim.sync.sessions() if s.peer == hostile.node_id))
+        assert len(holdings.nodes) <= MAX_HOLDINGS_NODES
+        assert sum(record_bytes(r) for r in holdings.nodes.values()) <= HOLDINGS_TABLE_BYTES
+        assert victim.sync.queued_bytes() <= LIVE_QUEUE_BYTES * len(victim.sync.sessions())
+        nursery.start_soon(honest.sync.maintain, victim.addr)  # the node still syncs
+        victim.write("after the flood")
+        await wait_until(lambda: honest.replica.store.get("after the flood") is not None)
+        nursery.cancel_scope.cancel()
+
+
+def test_the_live_queue_keeps_the_newest_holdings_of_a_node_and_refuses_what_does_not_fit() -> None:
+    queue = LiveQueue()
+    node = os.urandom(32)
+    for seq in (5, 7, 6):
+        assert queue.put(HoldingsFrame(node, seq, [os.urandom(32)], [], b"", 0))
+    assert queue.bytes == frame_bytes(HoldingsFrame(node, 7, [bytes(32)], [], b"", 0))
+    big = [os.urandom(32) for _ in range(30_000)]
+    for _ in range(40):  # 38 MiB of other nodes' holdings: the oldest are dropped, the session stays
+        assert queue.put(HoldingsFrame(os.urandom(32), 1, big, [], b"", 0))
+    assert queue.bytes <= LIVE_QUEUE_BYTES
+
+
+async def test_peers_only_heard_of_are_bounded_probed_rarely_and_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 6: node ids learnt from relayed HOLDINGS were kept forever and probed every 2 s
+    at whatever address the relayer named (a reflector)."""
+    net, keys = MemoryNetwork(), NamespaceKeys.generate()
+    async with peer(net, keys) as victim:
+        book = PeerBook(victim.transport.node_id)
+        learnt = [book.learn(NodeAddr(os.urandom(32).hex(), ("192.0.2.1:9",)), "exchange") for _ in range(1000)]
+        assert sum(learnt) == MAX_EXCHANGE_PEERS
+        assert book.learn(NodeAddr(os.urandom(32).hex()), "ticket")  # tickets are not hearsay
+        holdings = Holdings(victim.transport.node_id)
+        monitor = HealthMonitor(victim.transport, book, holdings, victim.sync)
+        rounds = [monitor.to_probe() for _ in range(5)]
+        hearsay = [[n for n in r if book.hearsay(n)] for r in rounds]
+        assert all(len(r) <= HEARSAY_PROBES for r in hearsay)
+        assert len({n for r in hearsay for n in r}) == sum(len(r) for r in hearsay)  # none twice in an interval
+        for stats in book.stats.values():
+            stats.learnt -= HEARSAY_EXPIRY + 1
+        monitor._expire()
+        assert len(book.stats) == 1  # only the ticket's peer is left
