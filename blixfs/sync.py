@@ -244,6 +244,7 @@ class SyncService:
         # Whether this node has itself reached a node (a probe answered, a transfer): such
         # a node's record may evict those of nodes only heard of when the table is full.
         self.vouched: Callable[[str], bool] = lambda node_id: False
+        self._sizes: dict[str, tuple[NodeHoldings, int]] = {}  # `_record_bytes`' cache
         replica.listeners.append(self._push)
 
     def sessions(self) -> list[SessionInfo]:
@@ -432,13 +433,16 @@ class SyncService:
         read capability can announce any number of invented nodes, each up to a frame: a
         record that does not fit is ignored (not stored, not relayed), with a log line."""
         assert self.holdings is not None
-        nodes = self.holdings.nodes
+        nodes, own = self.holdings.nodes, self.holdings.self_id  # our own record is not a peer's to fill
         sessions = {s.info.peer for s in self._sessions.values()}
+        for gone in [n for n in self._sizes if n not in nodes]:
+            del self._sizes[gone]
 
         def fits() -> tuple[bool, str]:
             if node_id not in nodes and len(nodes) >= MAX_HOLDINGS_NODES:
                 return False, f"{len(nodes)} nodes"
-            used = sum(record_bytes(r) for n, r in nodes.items() if n != node_id) + record_bytes(record)
+            used = sum(self._record_bytes(n, r) for n, r in nodes.items() if n not in (node_id, own))
+            used += record_bytes(record)
             return used <= HOLDINGS_TABLE_BYTES, f"{used} bytes"
 
         ok, problem = fits()
@@ -459,6 +463,14 @@ class SyncService:
             log.warning("holdings of %s relayed by %s ignored: the table would hold %s (%d ignored from this peer)",
                         node_id[:16], info.peer[:16], problem, info.holdings_refused)
         return False
+
+    def _record_bytes(self, node_id: str, record: NodeHoldings) -> int:
+        """`record_bytes`, cached while the table holds the same record object (others'
+        records are replaced by `Holdings.update`, never changed in place)."""
+        cached = self._sizes.get(node_id)
+        if cached is None or cached[0] is not record:
+            cached = self._sizes[node_id] = (record, record_bytes(record))
+        return cached[1]
 
     async def _receiver(self, stream: Stream, info: SessionInfo) -> None:
         while True:
