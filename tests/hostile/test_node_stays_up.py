@@ -40,7 +40,9 @@ from blixfs.sync import (
     frame_bytes,
     record_bytes,
 )
+from blixfs.sync import ALPN as SYNC_ALPN
 from blixfs.vfs import ROOT_INO, Vfs
+from tests.cluster import cluster
 from tests.ops.test_sync import peer, wait_until
 
 
@@ -307,3 +309,39 @@ async def test_peers_only_heard_of_are_bounded_probed_rarely_and_forgotten(monke
             stats.learnt -= HEARSAY_EXPIRY + 1
         monitor._expire()
         assert len(book.stats) == 1  # only the ticket's peer is left
+
+
+async def test_whole_nodes_stay_up_and_keep_syncing_under_a_hostile_member(tmp_path: Path) -> None:
+    """Items 1 and 6 against whole nodes (every daemon service, tests/cluster.py): a member
+    with read capability lies in SYNCED and floods HOLDINGS at two nodes; the services
+    nurseries would end (and the test with them) on an escaped exception."""
+    async with cluster(tmp_path, ["a", "b", "c"]) as nodes:
+        a, b, c = nodes["a"], nodes["b"], nodes["c"]
+        keys_id = a.node.replica.keys.id
+        network = a.runtime.transport._network  # type: ignore[attr-defined]
+        async with network.open_transport() as hostile, trio.open_nursery() as nursery:
+            ids = [os.urandom(32) for _ in range(31_000)]
+            for target in (a, b):
+                stream = await hostile.open_stream(NodeAddr(target.id), SYNC_ALPN)
+                await stream.send_all(encode(Hello(keys_id, {})))
+
+                async def drain(s: Stream = stream) -> None:
+                    with contextlib.suppress(TransportError, FrameError):
+                        while await read_frame(s) is not None:
+                            pass
+
+                nursery.start_soon(drain)
+                for _ in range(2):
+                    await stream.send_all(encode(Synced({os.urandom(32): 10**18 for _ in range(20_000)})))
+                for _ in range(40):
+                    await stream.send_all(encode(HoldingsFrame(os.urandom(32), time.time_ns(), ids, [], b"", 0)))
+            await a.write("img", 0, b"written after the attack", create=True)
+            await wait_until(lambda: c.entry("img") is not None and c.entry("img") == a.entry("img"))
+            for n in (a, b):
+                assert len(n.node.namespace.vector()) <= 3
+                assert sum(record_bytes(r) for r in n.runtime.holdings.nodes.values()) <= HOLDINGS_TABLE_BYTES * 2
+            network.disconnect(a.id, b.id)  # fresh sessions: new HELLOs
+            network.disconnect(a.id, c.id)
+            await c.write("img2", 0, b"and after the reconnect", create=True)
+            await wait_until(lambda: a.entry("img2") is not None and b.entry("img2") is not None)
+            nursery.cancel_scope.cancel()
