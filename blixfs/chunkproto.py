@@ -65,6 +65,7 @@ CODE_NOT_MEMBER = CODE_APP_MIN + 4  # as in blixfs/sync/1: the requester is not 
 _REQUEST = struct.Struct(">BB32sQI")
 _RESPONSE = struct.Struct(">BI")
 REQUEST_TIMEOUT = 10.0  # a server waits this long for a new stream's first request, and for a started one to be whole
+SEND_TIMEOUT = 60.0  # a server gives up (reset) on a response the requester has not taken in this long
 IDLE_TIMEOUT = 60.0  # a server waits this long for the next request on a stream, then finishes it
 POOL_IDLE_SECONDS = 20.0  # a requester reuses a stream idle for less than this (well under IDLE_TIMEOUT)
 POOL_STREAMS = 8  # idle streams a requester keeps per peer (the read-ahead runs 8 requests at once)
@@ -144,7 +145,7 @@ class ChunkServer:
         except (trio.TooSlowError, UnexpectedEOF, UnicodeDecodeError):
             path = None
         accepted = path is not None and self.on_hold is not None and self.on_hold(manifest_id, path, peer_id)
-        await stream.send_all(_RESPONSE.pack(OK if accepted else BAD_REQUEST, 0))
+        await self._send(stream, _RESPONSE.pack(OK if accepted else BAD_REQUEST, 0))
 
     async def _have(self, stream: Stream, peer_id: str, count: int) -> bool:
         """Answer a HAVE of ``count`` ids from the store's index (no disk read). False when the
@@ -162,8 +163,16 @@ class ChunkServer:
             return False
         self.have_requests += 1
         held = [self.store.has(ChunkId(raw[i : i + 32])) for i in range(0, len(raw), 32)]
-        await stream.send_all(encode_have_answer(held))
+        await self._send(stream, encode_have_answer(held))
         return True
+
+    @staticmethod
+    async def _send(stream: Stream, data: bytes) -> None:
+        """Send a response within `SEND_TIMEOUT` (trio.TooSlowError otherwise, and the stream
+        is broken): a requester that stops reading must not hold the stream, and the blob
+        in memory, for as long as the connection lives."""
+        with trio.fail_after(SEND_TIMEOUT):
+            await stream.send_all(data)
 
     @staticmethod
     async def _next_request(stream: Stream, first: bool) -> bytes | None:
@@ -189,6 +198,13 @@ class ChunkServer:
         idle (then FIN). A malformed or late request resets it with CODE_BAD_REQUEST; an
         unknown version or op gets BAD_REQUEST and FIN (its layout is unknown, so nothing
         after it can be read); a HOLD ends the stream after its answer."""
+        try:
+            await self._serve(stream, peer_id)
+        except trio.TooSlowError:
+            # The stream is broken by the cancelled send: closing it resets it (CODE_ABORTED).
+            log.info("peer %s did not take a response within %.0f s: stream dropped", peer_id[:16], SEND_TIMEOUT)
+
+    async def _serve(self, stream: Stream, peer_id: str) -> None:
         first = True
         while True:
             try:
@@ -221,17 +237,17 @@ class ChunkServer:
                 continue
             if version != VERSION or op != OP_GET:
                 log.warning("peer %s sent a chunk request of version %d op %d: refused", peer_id[:16], version, op)
-                await stream.send_all(_RESPONSE.pack(BAD_REQUEST, 0))
+                await self._send(stream, _RESPONSE.pack(BAD_REQUEST, 0))
                 break
             data = await self.store.load(ChunkId(cid))
             self.requests += 1
             if data is None:
-                await stream.send_all(_RESPONSE.pack(DONT_HAVE, 0))
+                await self._send(stream, _RESPONSE.pack(DONT_HAVE, 0))
                 continue
             if offset or length:
                 end = len(data) if length == 0 else min(len(data), offset + length)
                 data = data[min(offset, len(data)) : end]
-            await stream.send_all(_RESPONSE.pack(OK, len(data)) + data)
+            await self._send(stream, _RESPONSE.pack(OK, len(data)) + data)
             self.bytes_served += len(data)
         await stream.send_eof()
 

@@ -17,7 +17,10 @@ Control protocol: one JSON object per line each way, one request per connection:
     {"op": "allow", "node": HEX, "role": "read"|"write"|"admin"} -> {"ok": true, "member": {...}}
     {"op": "revoke", "node": HEX} -> {"ok": true, "member": {...}} (both: {"ok": false, "error"} when refused)
 
-Only the socket file's permissions (0600, in the home) guard it.
+Only the socket file's permissions (0600, in the home) guard it. Every request is
+validated (`_invalid`: an object, a known string ``op``, fields of the right type, at
+most `MAX_REQUEST` bytes); a bad one, or one whose handler fails, gets ``{"ok": false,
+"error": ...}`` and a log line: nothing from the socket reaches the services nursery.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from blixfs.node import JoinError, Node
 from blixfs.peers import PeerBook
 from blixfs.replication import DEFAULT_COPIES, Replicator
 from blixfs.sync import ALPN as SYNC_ALPN
-from blixfs.sync import SyncService
+from blixfs.sync import SESSIONS_PER_PEER, SESSIONS_TOTAL, SyncService
 from blixfs.ticket import Ticket, TicketError
 from blixfs.vfs import Vfs
 
@@ -249,7 +252,8 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     fetcher.allowed = lambda peer: _may(node, peer, Role.READ)
     sync = SyncService(node.replica, transport, holdings)
     sync.on_address = lambda addr: peers.learn(addr, "exchange")
-    transport.register(SYNC_ALPN, sync.handle)
+    sync.vouched = peers.reached
+    transport.register(SYNC_ALPN, sync.handle, per_peer=SESSIONS_PER_PEER, total=SESSIONS_TOTAL)
     fetcher.on_stored = node.open_cache().enforce
     content = vfs.content if vfs is not None else Content(node.chunks)
     content.attach(fetcher, holdings, peers,
@@ -300,7 +304,12 @@ async def serve_control(path: Path, runtime: Runtime,
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                conn, _ = await listener.accept()
+                try:
+                    conn, _ = await listener.accept()
+                except OSError as exc:  # out of file descriptors, say: the daemon stays up
+                    log.warning("control socket: accept failed: %s", exc)
+                    await trio.sleep(0.5)
+                    continue
                 nursery.start_soon(_answer, conn, runtime)
     finally:
         listener.close()
@@ -313,6 +322,9 @@ def _remove_socket(path: Path) -> None:
 
 
 async def _answer(conn: trio.socket.SocketType, runtime: Runtime) -> None:
+    """Answer one control connection. Never raises (but Cancelled): it runs in the services
+    nursery, so a malformed request, a failing handler or a bug gets ``{"ok": false,
+    "error": ...}`` and a log line, never the daemon's end."""
     async with trio.SocketStream(conn) as stream:
         try:
             with trio.fail_after(CONTROL_TIMEOUT):
@@ -322,24 +334,69 @@ async def _answer(conn: trio.socket.SocketType, runtime: Runtime) -> None:
                     if not chunk:
                         break
                     raw += chunk
-                request = _parse(raw)
-            if request is not None and request.get("op") == "gc":
-                reply = {"ok": True, **await _gc(runtime, request)}
-            elif request is not None and request.get("op") == "pull":
-                # Streams progress lines, then the final reply; no deadline (a big image takes a while).
-                async def progress(update: dict[str, Any]) -> None:
-                    await stream.send_all(json.dumps({"progress": update}).encode() + b"\n")
-
-                try:
-                    reply = {"ok": True, **await runtime.pull(str(request.get("path", "")), progress)}
-                except PullError as exc:
-                    reply = {"ok": False, "error": str(exc)}
-            else:
-                reply = _dispatch(raw, runtime)
+            try:
+                reply = await _reply(raw, runtime, stream)
+            except Exception as exc:  # a handler's bug: this request fails, the daemon stays
+                log.exception("control request %r failed", raw[:80])
+                reply = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
             with trio.fail_after(CONTROL_TIMEOUT):
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
             log.debug("control connection dropped: %s", exc)
+
+
+async def _reply(raw: bytes, runtime: Runtime, stream: trio.SocketStream) -> dict[str, Any]:
+    if len(raw) >= MAX_REQUEST and not raw.endswith(b"\n"):
+        log.warning("control request of more than %d bytes: refused", MAX_REQUEST)
+        return {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
+    request = _parse(raw)
+    problem = _invalid(request)
+    if problem is not None:
+        log.warning("malformed control request %r: %s", raw[:80], problem)
+        return {"ok": False, "error": f"malformed request: {problem}"}
+    assert request is not None
+    if request["op"] == "gc":
+        return {"ok": True, **await _gc(runtime, request)}
+    if request["op"] == "pull":
+        # Streams progress lines, then the final reply; no deadline (a big image takes a while).
+        async def progress(update: dict[str, Any]) -> None:
+            await stream.send_all(json.dumps({"progress": update}).encode() + b"\n")
+
+        try:
+            return {"ok": True, **await runtime.pull(request.get("path") or "", progress)}
+        except PullError as exc:
+            return {"ok": False, "error": str(exc)}
+    return _dispatch(raw, runtime)
+
+
+# The type of each optional field of a control request, by op (bool is not a number here).
+_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "addr": {}, "status": {}, "peers": {},
+    "join": {"ticket": (str,)},
+    "gc": {"dry_run": (bool,), "grace": (int, float)},
+    "pull": {"path": (str,)},
+}
+
+
+def _invalid(request: dict[str, Any] | None) -> str | None:
+    """Why ``request`` is not a well-formed control request (None when it is): an object with
+    a known string ``op`` and, for the fields that op reads, values of the right type."""
+    if request is None:
+        return "not a JSON object"
+    op = request.get("op")
+    if not isinstance(op, str):
+        return "op must be a string"
+    fields = _FIELDS.get(op)
+    if fields is None:
+        return f"unknown op {op[:64]!r}"
+    for name, types in fields.items():
+        value = request.get(name)
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            return f"{name} must be {' or '.join(t.__name__ for t in types)}"
+    grace = request.get("grace")
+    if grace is not None and not 0 <= grace < 1e12:
+        return "grace must be a number of seconds >= 0"
+    return None
 
 
 async def _gc(runtime: Runtime, request: dict[str, Any]) -> dict[str, Any]:
@@ -351,7 +408,9 @@ async def _gc(runtime: Runtime, request: dict[str, Any]) -> dict[str, Any]:
             if e.manifest is not None and not node.chunks.has(ChunkId(e.manifest)):
                 with contextlib.suppress(FsError):
                     await runtime.content.load(e.manifest, e.author)
-    report = collect(node.namespace, node.chunks, grace_seconds=float(request.get("grace", DEFAULT_GRACE_SECONDS)),
+    grace = request.get("grace")
+    report = collect(node.namespace, node.chunks,
+                     grace_seconds=float(DEFAULT_GRACE_SECONDS if grace is None else grace),
                      also_live=vfs.open_chunk_ids() if vfs is not None else (),
                      dry_run=bool(request.get("dry_run", False)))
     return report.as_dict()
@@ -386,14 +445,14 @@ async def _save_recency_every(node: Node, seconds: float) -> None:
 def _parse(raw: bytes) -> dict[str, Any] | None:
     try:
         request = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
         return None
     return request if isinstance(request, dict) else None
 
 
 def _dispatch(raw: bytes, runtime: Runtime) -> dict[str, Any]:
     request = _parse(raw)
-    if request is None or "op" not in request:
+    if request is None or _invalid(request) is not None:
         return {"ok": False, "error": "malformed request"}
     op = request["op"]
     handlers: dict[str, Callable[[], dict[str, Any]]] = {

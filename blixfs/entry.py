@@ -48,6 +48,10 @@ MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 MAX_XATTR_VALUE = 64 * 1024
 MAX_XATTR_TOTAL = 128 * 1024  # hex-encoded on the wire: the largest entry still fits one frame
+# How far ahead of an entry's own timestamp its ``seen`` may name another author's versions
+# (protocol.md section 12, step 11): the future bound receivers apply to timestamps
+# (replica.MAX_FUTURE_NS), since a writer may have accepted a version that far ahead.
+MAX_SEEN_AHEAD_NS = 10 * 60 * 10**9
 MAX_TIME_NS = 2**63 - 1  # times are signed 64-bit nanoseconds elsewhere (year 2262); atime_ns is checked against it
 
 
@@ -209,7 +213,8 @@ def dominates(a: Entry, b: Entry) -> bool:
     return a.seen.get(b.author, -1) >= b.timestamp_ns
 
 
-def write_context(base: Entry | None, versions: Iterable[Entry], author: bytes) -> dict[bytes, int]:
+def write_context(base: Entry | None, versions: Iterable[Entry], author: bytes,
+                  own_last: int | None = None) -> dict[bytes, int]:
     """The ``seen`` of a new version by ``author`` written over ``base``, given every
     version of the path this node holds (the current one and the kept siblings).
 
@@ -226,6 +231,11 @@ def write_context(base: Entry | None, versions: Iterable[Entry], author: bytes) 
       versions that copy had replaced, and nodes would keep different siblings (the
       history hypothesis found: seed 771). A node's new write therefore supersedes its
       own earlier conflict copies of the path; renaming a conflict file keeps it.
+
+    With ``own_last`` (the writer's last timestamp), ``seen[author]`` is cut to it: no
+    honest version claims more of its author than that author wrote, and a larger value
+    (a hostile version's ``seen``) would push the new version's timestamp past it
+    (`write_timestamp`), out of other nodes' window.
     """
     seen = base.successor_context() if base is not None else {}
     pending = [v for v in versions if v is not base]
@@ -239,7 +249,30 @@ def write_context(base: Entry | None, versions: Iterable[Entry], author: bytes) 
                     if seen.get(who, -1) < ts:
                         seen[who] = ts
                         changed = True
+    if own_last is not None and seen.get(author, -1) > own_last:
+        seen[author] = own_last
     return seen
+
+
+def write_timestamp(now: int, last: int, author: bytes, seen: Mapping[bytes, int], versions: Iterable[Entry]) -> int:
+    """The timestamp of a new version by ``author`` with causal context ``seen``, written
+    when the writer's clock reads ``now`` and its last timestamp was ``last``, over a path
+    whose held versions are ``versions`` (protocol.md section 5.5).
+
+    ``max(now, last + 1)``, raised only as far as validity and winning need: above
+    ``seen[author]`` (section 12, step 11), above every held version ``seen`` does not
+    cover (those stay siblings: the new version must win them by LWW), and to at least
+    ``max(seen of other authors) - MAX_SEEN_AHEAD_NS``. Versions ``seen`` covers are
+    replaced through the causal context, whatever their timestamp: a version stamped
+    minutes ahead no longer ratchets every later overwrite into the future, where nodes
+    whose clocks lag refuse it.
+    """
+    ts = max(now, last + 1, seen.get(author, -1) + 1)
+    for v in versions:
+        if seen.get(v.author, -1) < v.timestamp_ns:
+            ts = max(ts, v.timestamp_ns + 1)
+    others = max((t for a, t in seen.items() if a != author), default=-1)
+    return max(ts, others - MAX_SEEN_AHEAD_NS)
 
 
 def shown_as_conflict(winner: Entry, sibling: Entry) -> bool:

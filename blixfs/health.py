@@ -13,7 +13,11 @@ loss over the live connections, give the figures. States, in the `PeerBook`:
   peers after every other holder.
 
 Peers unseen (no answer, no transfer) for ``expiry`` seconds leave the list, and their
-holdings are forgotten. Reconnecting is the sync sessions' job (`SyncService.maintain`,
+holdings are forgotten; so do peers never reached that were only heard of from other
+nodes (relayed HOLDINGS) for `HEARSAY_EXPIRY` seconds. Such a peer's address is whatever
+the relayer said: anyone with read capability could make every node dial any address
+every 2 s. So each is probed at most once per `HEARSAY_PROBE_INTERVAL`, and at most
+`HEARSAY_PROBES` of them per round. Reconnecting is the sync sessions' job (`SyncService.maintain`,
 exponential backoff with jitter); this layer only tells everyone how things stand.
 """
 
@@ -38,6 +42,9 @@ PROBE_TIMEOUT = 3.0
 DEGRADED_LOSS = 0.05
 DEGRADED_RTT_MS = 500.0
 DEFAULT_EXPIRY = 3600.0
+HEARSAY_PROBE_INTERVAL = 60.0
+HEARSAY_PROBES = 4
+HEARSAY_EXPIRY = 600.0
 
 
 class HealthMonitor:
@@ -50,6 +57,7 @@ class HealthMonitor:
         self.sync = sync
         self.expiry = expiry
         self._counters: dict[str, tuple[int, int]] = {}  # per peer: (sent, lost) at the last probe
+        self._hearsay_probed: dict[str, float] = {}  # node id -> trio time of its last probe
 
     def known(self) -> set[str]:
         ids = set(self.peers.addrs) | set(self.peers.stats) | {s.peer for s in self.sync.sessions()}
@@ -57,11 +65,29 @@ class HealthMonitor:
         ids.discard(self.peers.self_id)
         return ids
 
+    def to_probe(self) -> list[str]:
+        """This round's probes: every known peer, but of those only heard of from third
+        parties (`PeerBook.hearsay`, no session), at most `HEARSAY_PROBES`, each at most
+        once per `HEARSAY_PROBE_INTERVAL`, those waiting longest first."""
+        sessions = {s.peer for s in self.sync.sessions()}
+        now = trio.current_time()
+        out, hearsay = [], []
+        for node_id in self.known():
+            if node_id in sessions or not self.peers.hearsay(node_id):
+                out.append(node_id)
+            elif now - self._hearsay_probed.get(node_id, -HEARSAY_PROBE_INTERVAL) >= HEARSAY_PROBE_INTERVAL:
+                hearsay.append(node_id)
+        hearsay.sort(key=lambda n: self._hearsay_probed.get(n, -HEARSAY_PROBE_INTERVAL))
+        for node_id in hearsay[:HEARSAY_PROBES]:
+            self._hearsay_probed[node_id] = now
+            out.append(node_id)
+        return out
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             async with trio.open_nursery() as nursery:
-                for node_id in self.known():
+                for node_id in self.to_probe():
                     nursery.start_soon(self.probe, node_id)
             self._expire()
             await trio.sleep(PROBE_INTERVAL)
@@ -106,9 +132,19 @@ class HealthMonitor:
 
     def _expire(self) -> None:
         now = time.time()
+        sessions = {s.peer for s in self.sync.sessions()}
         for node_id in list(self.peers.stats):
             stats = self.peers.stats[node_id]
             if stats.state == "unreachable" and stats.last_seen and now - stats.last_seen > self.expiry:
                 log.info("peer %s unseen for %.0f s: forgotten", node_id[:16], now - stats.last_seen)
-                self.peers.forget(node_id)
-                self.holdings.nodes.pop(node_id, None)
+            elif node_id not in sessions and self.peers.hearsay(node_id) and now - stats.learnt > HEARSAY_EXPIRY:
+                log.info("peer %s, only heard of, never reached in %.0f s: forgotten", node_id[:16],
+                         now - stats.learnt)
+            else:
+                continue
+            self.peers.forget(node_id)
+            self.holdings.nodes.pop(node_id, None)
+            self._hearsay_probed.pop(node_id, None)
+        for node_id in [n for n in self.holdings.nodes if n not in self.peers.stats and n != self.peers.self_id
+                        and n not in sessions]:
+            self.peers.of(node_id)  # a record without a peer entry: its age counts from now

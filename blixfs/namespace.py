@@ -109,6 +109,11 @@ class NamespaceStore(Protocol):
 
     def vector(self) -> dict[bytes, int]: ...
 
+    def authors(self) -> set[bytes]:
+        """Every author of a version this store holds (current or conflict): the authors a
+        SYNCED may advance the vector for (blixfs.sync `_advance`)."""
+        ...
+
     def advance_vector(self, known: Mapping[bytes, int]) -> None:
         """Raise this store's vector pointwise to ``known`` (after a complete reconciliation)."""
         ...
@@ -248,6 +253,9 @@ class MemoryNamespaceStore(_Merging):
 
     def vector(self) -> dict[bytes, int]:
         return dict(self._vector)
+
+    def authors(self) -> set[bytes]:
+        return {e.author for e in (*self._entries.values(), *self._conflicts.values())}
 
     def advance_vector(self, known: Mapping[bytes, int]) -> None:
         for author, ts in known.items():
@@ -425,6 +433,11 @@ class SqliteNamespaceStore(_Merging):
 
     def vector(self) -> dict[bytes, int]:
         return {bytes(a): int(t) for a, t in self._db.execute("SELECT author, timestamp FROM vector")}
+
+    def authors(self) -> set[bytes]:
+        # DISTINCT over the (author, timestamp) indexes: one step per author, not per entry.
+        return {bytes(r[0]) for table in ("entries", "conflicts")
+                for r in self._db.execute(f"SELECT DISTINCT author FROM {table}")}
 
     def advance_vector(self, known: Mapping[bytes, int]) -> None:
         self._db.execute("BEGIN IMMEDIATE")

@@ -7,13 +7,19 @@ replicator (placement), the daemon's reports. All on the trio thread.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from blixfs.net.transport import NodeAddr
 
+log = logging.getLogger(__name__)
+
 _EWMA = 0.2
+# Peers learnt only from other nodes' relayed HOLDINGS and never reached, at most: anyone
+# with read capability can announce any number of invented node ids and addresses.
+MAX_EXCHANGE_PEERS = 256
 
 
 @dataclass
@@ -36,6 +42,7 @@ class PeerStats:
     loss: float = 0.0
     last_seen: float = 0.0  # wall clock of the last successful probe or transfer
     found_by: str = ""  # ticket / mdns / exchange (holdings) / incoming
+    learnt: float = field(default_factory=time.time)  # wall clock when this node first heard of it
 
     def expected_seconds(self) -> float:
         return self.latency * (1 + self.inflight)
@@ -48,16 +55,39 @@ class PeerBook:
         self.self_id = self_id
         self.stats: dict[str, PeerStats] = {}
         self.addrs: dict[str, NodeAddr] = {}
+        self._refused = 0
 
-    def learn(self, addr: NodeAddr, found_by: str = "ticket") -> None:
-        """Remember how to reach a peer (a newer address replaces the old one)."""
+    def reached(self, node_id: str) -> bool:
+        """Whether this node ever reached ``node_id`` itself (a probe answered, a transfer)."""
+        stats = self.stats.get(node_id)
+        return stats is not None and stats.last_seen > 0
+
+    def hearsay(self, node_id: str) -> bool:
+        """Whether all this node knows of ``node_id`` comes from third parties (relayed
+        HOLDINGS) and it was never reached: its address is whatever the relayer said."""
+        stats = self.stats.get(node_id)
+        return stats is None or (stats.found_by in ("", "exchange") and stats.last_seen == 0)
+
+    def learn(self, addr: NodeAddr, found_by: str = "ticket") -> bool:
+        """Remember how to reach a peer (a newer address replaces the old one). A peer new
+        to this book learnt by ``"exchange"`` is refused (False, logged) while
+        `MAX_EXCHANGE_PEERS` such peers, never reached, are known."""
         if addr.node_id == self.self_id:
-            return
+            return False
+        if found_by == "exchange" and addr.node_id not in self.stats and addr.node_id not in self.addrs:
+            unproven = sum(1 for n, st in self.stats.items() if st.found_by == "exchange" and st.last_seen == 0)
+            if unproven >= MAX_EXCHANGE_PEERS:
+                self._refused += 1
+                if self._refused % 100 == 1:
+                    log.warning("not learning peer %s from holdings: %d peers learnt that way were never "
+                                "reached (%d refused)", addr.node_id[:16], unproven, self._refused)
+                return False
         if addr.addrs or addr.node_id not in self.addrs:
             self.addrs[addr.node_id] = addr
         stats = self.of(addr.node_id)
-        if not stats.found_by:
-            stats.found_by = found_by
+        if not stats.found_by or (stats.found_by == "exchange" and found_by != "exchange"):
+            stats.found_by = found_by  # a ticket, mDNS or an incoming session outranks hearsay
+        return True
 
     def forget(self, node_id: str) -> None:
         self.stats.pop(node_id, None)

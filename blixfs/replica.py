@@ -23,7 +23,7 @@ import errno
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,12 +33,14 @@ from blixfs import crypto
 from blixfs.entry import (
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
+    MAX_SEEN_AHEAD_NS,
     MAX_TIME_NS,
     MAX_XATTR_TOTAL,
     MAX_XATTR_VALUE,
     META_KEYS,
     Entry,
     Kind,
+    write_timestamp,
 )
 from blixfs.errors import FsError
 from blixfs.manifest import MAX_FILE_SIZE
@@ -149,9 +151,12 @@ def check_entry(e: Entry, namespace_id: bytes, now_ns: int) -> str | None:
         return "xattrs out of bounds"
     if len(e.seen) > MAX_SEEN_AUTHORS or any(len(a) != 32 for a in e.seen):
         return "malformed causal context"
-    # A writer saw only versions older than its own: a larger value would make later
-    # versions look stale forever, and two entries claiming each other break the merge.
-    if any(not 0 <= t < e.timestamp_ns for t in e.seen.values()):
+    # A writer saw only versions older than its own of its own author; of other authors, at
+    # most what it could have accepted (MAX_SEEN_AHEAD_NS past its timestamp: a version
+    # stamped ahead is overwritten through `seen`, not a later timestamp, section 5.5). A
+    # larger value would make that author's later versions of the path stale.
+    if any(not 0 <= t < e.timestamp_ns if a == e.author else not 0 <= t <= e.timestamp_ns + MAX_SEEN_AHEAD_NS
+           for a, t in e.seen.items()):
         return "causal context claims versions not older than the entry"
     try:
         message = e.canonical()
@@ -192,14 +197,28 @@ class Replica:
         """Holds the namespace secret and, in a closed namespace, is a write or admin member."""
         return self.keys.writable and self.members.allows(self.author, Role.WRITE)
 
-    def stamp(self, prev: Entry | None) -> int:
-        """A timestamp later than ``prev`` and than every earlier one of this node.
+    @property
+    def last_stamp(self) -> int:
+        """The last timestamp this node gave (for `write_context`'s ``own_last``)."""
+        return self._last_ts
 
-        Per-author monotonic timestamps are what the version vectors rely on; being
-        later than ``prev`` is what makes a local write win over what it replaces, even
-        when the clock stepped back or a peer's clock runs ahead.
+    def stamp(self, prev: Entry | None, seen: Mapping[bytes, int] | None = None,
+              versions: Iterable[Entry] | None = None) -> int:
+        """The timestamp of a new version with causal context ``seen`` over ``prev``, given
+        the held ``versions`` of the path (`entry.write_timestamp`): the clock, later than
+        every earlier one of this node, and later only than the versions ``seen`` does not
+        cover. Without ``seen`` the context is taken to be ``prev``'s successor context.
+
+        Per-author monotonic timestamps are what the version vectors rely on. A local
+        write replaces what it has seen through ``seen`` (the merge rule), not through a
+        larger timestamp: a version stamped ahead (within the accepted window) would
+        otherwise carry its future stamp into every later overwrite, which nodes whose
+        clocks lag refuse.
         """
-        ts = max(self._clock(), self._last_ts + 1, prev.timestamp_ns + 1 if prev is not None else 0)
+        if seen is None:
+            seen = prev.successor_context() if prev is not None else {}
+        held = list(versions) if versions is not None else ([prev] if prev is not None else [])
+        ts = write_timestamp(self._clock(), self._last_ts, self.author, seen, held)
         self._last_ts = ts
         return ts
 

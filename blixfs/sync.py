@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -50,8 +51,20 @@ CODE_NOT_MEMBER = CODE_APP_MIN + 4  # the peer is not in this closed namespace's
 HELLO_TIMEOUT = 10.0
 SEND_TIMEOUT = 30.0
 BATCH_BYTES = 256 * 1024
-LIVE_QUEUE = 10_000
+LIVE_QUEUE = 10_000  # frames queued for one session's live sending, at most
+LIVE_QUEUE_BYTES = 16 << 20  # and bytes: frames are up to 1 MiB, so a count alone bounded nothing
+# Other nodes' holdings records kept (protocol.md section 10): at most this many nodes, and
+# this many bytes as announced (each id 32 bytes, bitmaps as sent; in memory about 3x).
+MAX_HOLDINGS_NODES = 1024
+HOLDINGS_TABLE_BYTES = 32 << 20
+# Authors a version vector may hold (protocol.md section 8). A HELLO fits 26,213 (MAX_FRAME):
+# a vector never reaches that, and what is sent is cut to this many (`sendable_vector`).
+MAX_VECTOR_AUTHORS = 16_384
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 30.0
+# Incoming sessions served at once per peer (one is normal; more while a dead one has not
+# timed out yet) and in all: register `handle` with these (the transport resets the excess).
+SESSIONS_PER_PEER = 4
+SESSIONS_TOTAL = 512
 
 
 @dataclass
@@ -62,6 +75,8 @@ class SessionInfo:
     entries_received: int = 0
     entries_sent: int = 0
     refused: int = 0
+    authors: set[bytes] = field(default_factory=set)  # of valid entries received in this session
+    holdings_refused: int = 0  # HOLDINGS not taken: the table was full
 
 
 def _batches(entries: list[Entry]) -> list[list[Entry]]:
@@ -80,10 +95,108 @@ def _batches(entries: list[Entry]) -> list[list[Entry]]:
     return out
 
 
+def sendable_vector(vector: dict[bytes, int], held: set[bytes]) -> dict[bytes, int]:
+    """``vector`` cut to `MAX_VECTOR_AUTHORS` authors, those this node holds versions of first,
+    so that HELLO and SYNCED always fit a frame (a vector stored before the bound, or grown by
+    a peer's lies, could not be sent: `encode` raised and the session's dialer died).
+
+    Leaving an author out is always safe: in HELLO the peer then sends all it holds of that
+    author (duplicates), in SYNCED the receiver advances nothing for it."""
+    if len(vector) <= MAX_VECTOR_AUTHORS:
+        return vector
+    order = sorted(vector, key=lambda a: (a not in held, a))
+    log.warning("version vector of %d authors: sending %d of them", len(vector), MAX_VECTOR_AUTHORS)
+    return {a: vector[a] for a in sorted(order[:MAX_VECTOR_AUTHORS])}
+
+
+def frame_bytes(frame: Entries | HoldingsFrame) -> int:
+    """About what ``frame`` takes on the wire (for the live queue's byte budget)."""
+    if isinstance(frame, HoldingsFrame):
+        return 64 + len(frame.addr) + 32 * len(frame.complete) + sum(36 + len(b) for _, b in frame.partial)
+    return 5 + sum(4 + len(e.serialize()) for e in frame.entries)
+
+
+def record_bytes(record: NodeHoldings) -> int:
+    """What a holdings record announced, in bytes (for the table's budget)."""
+    return 64 + 32 * len(record.complete) + sum(36 + len(b) for b in record.partial.values())
+
+
+@dataclass
+class _Queued:
+    frame: Entries | HoldingsFrame | None  # None: dropped, skipped when its turn comes
+    size: int
+
+
+class LiveQueue:
+    """The frames waiting to be sent live on one session, with a byte budget.
+
+    HOLDINGS are coalesced: only the newest record of a node matters, so a newer frame of
+    a node replaces a queued one in place. Over `LIVE_QUEUE_BYTES` (or `LIVE_QUEUE`
+    frames), the oldest queued HOLDINGS are dropped (hints: the next session start sends
+    the table again); if entries alone exceed it, `put` returns False and the caller
+    closes the session (the peer reconciles when it reconnects). Trio thread only.
+    """
+
+    def __init__(self) -> None:
+        self._items: deque[_Queued] = deque()
+        self._holdings: dict[bytes, _Queued] = {}  # node id -> its queued item
+        self.bytes = 0
+        self._wakeup = trio.Event()
+
+    def put(self, frame: Entries | HoldingsFrame) -> bool:
+        size = frame_bytes(frame)
+        if isinstance(frame, HoldingsFrame):
+            queued = self._holdings.get(frame.node_id)
+            if queued is not None:
+                old = queued.frame
+                assert isinstance(old, HoldingsFrame)
+                if old.seq < frame.seq:
+                    self.bytes += size - queued.size
+                    queued.frame, queued.size = frame, size
+                return True
+        item = _Queued(frame, size)
+        self._items.append(item)
+        if isinstance(frame, HoldingsFrame):
+            self._holdings[frame.node_id] = item
+        self.bytes += size
+        self._wakeup.set()
+        if self.bytes > LIVE_QUEUE_BYTES or len(self._items) > LIVE_QUEUE:
+            for old_item in list(self._items):
+                if self.bytes <= LIVE_QUEUE_BYTES:
+                    break
+                if isinstance(old_item.frame, HoldingsFrame) and old_item is not item:
+                    self._drop(old_item)
+            if self.bytes > LIVE_QUEUE_BYTES and isinstance(frame, HoldingsFrame):
+                self._drop(item)  # a hint that does not fit is dropped, not the session
+            self._items = deque(i for i in self._items if i.frame is not None)
+        return self.bytes <= LIVE_QUEUE_BYTES and len(self._items) <= LIVE_QUEUE
+
+    def _drop(self, item: _Queued) -> None:
+        frame = item.frame
+        assert isinstance(frame, HoldingsFrame)
+        self._holdings.pop(frame.node_id, None)
+        self.bytes -= item.size
+        item.frame = None
+
+    async def get(self) -> Entries | HoldingsFrame:
+        while True:
+            while self._items:
+                item = self._items.popleft()
+                frame = item.frame
+                if frame is None:
+                    continue
+                self.bytes -= item.size
+                if isinstance(frame, HoldingsFrame):
+                    self._holdings.pop(frame.node_id, None)
+                return frame
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+
+
 class _Session:
     def __init__(self, info: SessionInfo) -> None:
         self.info = info
-        self.send, self.receive = trio.open_memory_channel[Entries | HoldingsFrame](LIVE_QUEUE)
+        self.queue = LiveQueue()
         self.scope = trio.CancelScope()
 
 
@@ -129,7 +242,11 @@ class SyncService:
         self._sessions: dict[int, _Session] = {}
         self._next_id = 0
         self.on_session_synced: Callable[[SessionInfo], None] | None = None
-        self.on_address: Callable[[NodeAddr], None] | None = None  # a peer's address learnt from holdings
+        self.on_address: Callable[[NodeAddr], object] | None = None  # a peer's address learnt from holdings
+        # Whether this node has itself reached a node (a probe answered, a transfer): such
+        # a node's record may evict those of nodes only heard of when the table is full.
+        self.vouched: Callable[[str], bool] = lambda node_id: False
+        self._sizes: dict[str, tuple[NodeHoldings, int]] = {}  # `_record_bytes`' cache
         replica.listeners.append(self._push)
 
     def sessions(self) -> list[SessionInfo]:
@@ -161,13 +278,16 @@ class SyncService:
         for sid, session in list(self._sessions.items()):
             if session.info.peer == source:
                 continue
-            try:
-                session.send.send_nowait(frame)
-            except trio.WouldBlock:
+            if not session.queue.put(frame):
                 # A peer that cannot keep up is dropped; it reconciles when it reconnects.
-                log.warning("peer %s is too slow for live updates: closing its session", session.info.peer[:16])
+                log.warning("peer %s is too slow for live updates (%d bytes queued): closing its session",
+                            session.info.peer[:16], session.queue.bytes)
                 session.scope.cancel()
                 del self._sessions[sid]
+
+    def queued_bytes(self) -> int:
+        """Bytes waiting in the live queues of all sessions (for tests and reports)."""
+        return sum(s.queue.bytes for s in self._sessions.values())
 
     async def announce_holdings(self) -> None:
         """Tell every session when this node's holdings change (at most 5 times a second)."""
@@ -177,7 +297,10 @@ class SyncService:
             await self.holdings.changed.wait()
             await trio.sleep(0.2)  # gather the changes of a burst of fetched chunks into one frame
             self.holdings.changed = trio.Event()
-            self._send_to_all(holdings_frame(self.holdings.self_id, self.holdings.own), None)
+            try:
+                self._send_to_all(holdings_frame(self.holdings.self_id, self.holdings.own), None)
+            except Exception:  # runs in the services nursery: a bug here must not end the daemon
+                log.exception("announcing holdings failed")
 
     async def handle(self, stream: Stream, peer_id: str) -> None:
         """Stream handler for incoming sessions (registered for `ALPN`)."""
@@ -185,6 +308,9 @@ class SyncService:
             await self._session(stream, peer_id, initiator=False)
         except TransportError as exc:  # the peer went away: it redials if it wants to
             log.info("session from %s ended: %s", peer_id[:16], exc)
+        except Exception:  # a full disk, a bug: this session ends, the peer redials (see maintain)
+            log.exception("sync session from %s failed", peer_id[:16])
+            await stream.reset(CODE_BAD_FRAME)
 
     async def maintain(self, peer: NodeAddr, resolve: Callable[[str], NodeAddr] | None = None) -> None:
         """Keep a session with ``peer`` open for as long as this runs: dial, sync, redial.
@@ -204,6 +330,11 @@ class SyncService:
                     await self._session(stream, peer.node_id, initiator=True)
             except (TransportError, FrameError) as exc:
                 log.info("sync with %s ended: %s", peer.node_id[:16], exc)
+            except Exception:
+                # Whatever one session hits (a full disk: sqlite3.Error, OSError; a bug) costs
+                # that session only: this task runs in the daemon's services nursery, which
+                # an exception would end, taking the mount down. Retried with backoff.
+                log.exception("sync session with %s failed", peer.node_id[:16])
             if trio.current_time() - started > 10 * BACKOFF_MAX:
                 backoff = BACKOFF_MIN  # it had been up for a while: retry soon
             # Jitter spreads the redials of a fleet that lost the same peer.
@@ -222,7 +353,7 @@ class SyncService:
                 await stream.reset(CODE_NOT_MEMBER)
             return
         try:
-            hello = Hello(replica.keys.id, replica.store.vector())
+            hello = Hello(replica.keys.id, sendable_vector(replica.store.vector(), replica.store.authors()))
             if initiator:
                 await self._send(stream, encode(hello))
             with trio.fail_after(HELLO_TIMEOUT):
@@ -271,7 +402,8 @@ class SyncService:
 
     async def _sender(self, stream: Stream, session: _Session, their_vector: dict[bytes, int]) -> None:
         store = self.replica.store
-        vector = store.vector()  # before the diff: everything up to it is in the diff or beats it
+        # Before the diff: everything up to it is in the diff or beats it.
+        vector = sendable_vector(store.vector(), store.authors())
         diff = list(store.entries_since(their_vector))
         if self.holdings is not None:  # who holds what, before the entries that will be read
             for node_id, record in list(self.holdings.nodes.items()):
@@ -280,7 +412,8 @@ class SyncService:
             await self._send(stream, encode(Entries(batch)))
             session.info.entries_sent += len(batch)
         await self._send(stream, encode(Synced(vector)))
-        async for frame in session.receive:
+        while True:
+            frame = await session.queue.get()
             if isinstance(frame, HoldingsFrame):
                 await self._send(stream, encode(frame))
                 continue
@@ -292,13 +425,83 @@ class SyncService:
         """Take a peer's SYNCED vector as our knowledge, with care: a peer vouches only for
         entries it sent us. If we refused any (bad signature, clock skew), the vector stays:
         the next reconciliation offers them again. Nobody speaks for our own author, and no
-        claim reaches past the future bound entries themselves must respect."""
+        claim reaches past the future bound entries themselves must respect.
+
+        Only authors this node holds versions of, or received valid versions of in this
+        session, advance: a peer naming invented authors (read capability suffices) would
+        otherwise grow the vector without bound, and with it every HELLO. Nor does the
+        vector grow past `MAX_VECTOR_AUTHORS` authors."""
         if info.refused:
             log.info("not advancing the version vector after %s: %d entries were refused", info.peer[:16],
                      info.refused)
             return
+        store = self.replica.store
         horizon = time.time_ns() + MAX_FUTURE_NS
-        self.replica.store.advance_vector({a: min(t, horizon) for a, t in vector.items() if a != self.replica.author})
+        current = store.vector()
+        known = store.authors() | info.authors
+        advance: dict[bytes, int] = {}
+        room = MAX_VECTOR_AUTHORS - len(current)
+        ignored = 0
+        for a, t in vector.items():
+            if a == self.replica.author or a not in known:
+                ignored += a != self.replica.author
+                continue
+            if a not in current:
+                if room <= 0:
+                    ignored += 1
+                    continue
+                room -= 1
+            advance[a] = min(t, horizon)
+        if ignored:
+            log.info("SYNCED from %s named %d authors this node holds nothing of (or too many): not advanced",
+                     info.peer[:16], ignored)
+        if advance:
+            store.advance_vector(advance)
+
+    def _room_for(self, node_id: str, record: NodeHoldings, info: SessionInfo) -> bool:
+        """Whether the holdings table may take ``record`` for ``node_id``: at most
+        `MAX_HOLDINGS_NODES` nodes and `HOLDINGS_TABLE_BYTES` announced bytes. Anyone with
+        read capability can announce any number of invented nodes, each up to a frame: a
+        record that does not fit is ignored (not stored, not relayed), with a log line."""
+        assert self.holdings is not None
+        nodes, own = self.holdings.nodes, self.holdings.self_id  # our own record is not a peer's to fill
+        sessions = {s.info.peer for s in self._sessions.values()}
+        for gone in [n for n in self._sizes if n not in nodes]:
+            del self._sizes[gone]
+
+        def fits() -> tuple[bool, str]:
+            if node_id not in nodes and len(nodes) >= MAX_HOLDINGS_NODES:
+                return False, f"{len(nodes)} nodes"
+            used = sum(self._record_bytes(n, r) for n, r in nodes.items() if n not in (node_id, own))
+            used += record_bytes(record)
+            return used <= HOLDINGS_TABLE_BYTES, f"{used} bytes"
+
+        ok, problem = fits()
+        if ok:
+            return True
+        if node_id in sessions or self.vouched(node_id):
+            # A node we reach ourselves displaces nodes we only heard of, largest first.
+            unproven = sorted((n for n in nodes if n != self.holdings.self_id and n not in sessions
+                               and not self.vouched(n)), key=lambda n: -record_bytes(nodes[n]))
+            for victim in unproven:
+                del nodes[victim]
+                ok, problem = fits()
+                if ok:
+                    log.info("holdings table full: records of nodes never reached dropped for %s", node_id[:16])
+                    return True
+        info.holdings_refused += 1
+        if info.holdings_refused % 100 == 1:
+            log.warning("holdings of %s relayed by %s ignored: the table would hold %s (%d ignored from this peer)",
+                        node_id[:16], info.peer[:16], problem, info.holdings_refused)
+        return False
+
+    def _record_bytes(self, node_id: str, record: NodeHoldings) -> int:
+        """`record_bytes`, cached while the table holds the same record object (others'
+        records are replaced by `Holdings.update`, never changed in place)."""
+        cached = self._sizes.get(node_id)
+        if cached is None or cached[0] is not record:
+            cached = self._sizes[node_id] = (record, record_bytes(record))
+        return cached[1]
 
     async def _receiver(self, stream: Stream, info: SessionInfo) -> None:
         while True:
@@ -309,6 +512,8 @@ class SyncService:
                 _, refused = await self.replica.merge_remote(frame.entries, info.peer)
                 info.entries_received += len(frame.entries)
                 info.refused += refused
+                if not refused:  # valid (signed) versions by these authors: SYNCED may speak for them
+                    info.authors.update(e.author for e in frame.entries)
             elif isinstance(frame, Synced):
                 self._advance(frame.vector, info)
                 if not info.synced.is_set():
@@ -321,7 +526,8 @@ class SyncService:
                 if record.seq > time.time_ns() + MAX_FUTURE_NS:
                     log.warning("peer %s relayed holdings with a sequence number from the future: ignored",
                                 info.peer[:16])
-                elif self.holdings is not None and self.holdings.update(frame.node_id.hex(), record):
+                elif self.holdings is not None and self._room_for(frame.node_id.hex(), record, info) \
+                        and self.holdings.update(frame.node_id.hex(), record):
                     if record.addr is not None and self.on_address is not None:
                         self.on_address(record.addr)
                     self._send_to_all(frame, info.peer)  # relay: nodes that only know us learn it too

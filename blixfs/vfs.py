@@ -236,14 +236,18 @@ class Vfs:
     def _successor(self, prev: Entry, **changes: Any) -> Entry:
         """The next version of ``prev`` by this node: a later timestamp, and a causal
         context that has seen ``prev`` (so it replaces it rather than conflicting)."""
-        changes.setdefault("seen", write_context(prev, self.namespace.versions(prev.path), self.author))
-        return prev.evolve(**changes, timestamp_ns=self.replica.stamp(prev), author=self.author)
+        versions = self.namespace.versions(prev.path)
+        changes.setdefault("seen", write_context(prev, versions, self.author, self.replica.last_stamp))
+        return prev.evolve(**changes, timestamp_ns=self.replica.stamp(prev, changes["seen"], versions),
+                           author=self.author)
 
     def _placed(self, content: Entry, path: str, **changes: Any) -> Entry:
         """``content`` as this node's new version at ``path``, over whatever version is there."""
         prev = self.namespace.get_any(path)
-        return content.evolve(path=path, deleted=False, author=self.author, timestamp_ns=self.replica.stamp(prev),
-                              seen=write_context(prev, self.namespace.versions(path), self.author), **changes)
+        versions = self.namespace.versions(path)
+        seen = write_context(prev, versions, self.author, self.replica.last_stamp)
+        return content.evolve(path=path, deleted=False, author=self.author,
+                              timestamp_ns=self.replica.stamp(prev, seen, versions), seen=seen, **changes)
 
     def _entry(self, path: str) -> Entry:
         """The live entry at ``path`` (a kept conflict version for a conflict file name); ENOENT."""
@@ -582,7 +586,8 @@ class Vfs:
             seen[author] = max(seen.get(author, -1), ts)
         # ...and the closure of what that covers, like any new version (entry.write_context).
         base = current.evolve(seen=seen)
-        return self._successor(current, seen=write_context(base, self.namespace.versions(version.path), self.author))
+        return self._successor(current, seen=write_context(base, self.namespace.versions(version.path), self.author,
+                                                           self.replica.last_stamp))
 
     def _remove(self, path: str, want_dir: bool) -> None:
         version = self._conflict_version(path) if self.namespace.get(path) is None else None
@@ -1051,7 +1056,7 @@ class Vfs:
             # concurrent version, shown as a conflict copy (the merge contract), not dropped.
             log.warning("%s: a peer's version arrived while it had unsaved writes here: both are kept "
                         "(the peer's as a conflict copy)", path)
-            changes["seen"] = write_context(base, self.namespace.versions(path), self.author)
+            changes["seen"] = write_context(base, self.namespace.versions(path), self.author, self.replica.last_stamp)
         new = self._successor(e, **changes)
         self._commit_entries([new], durable=durable)
         # Over a version held whole (or none), the new one is whole too: its new chunks were

@@ -77,7 +77,6 @@ from blixfs.net.transport import (
     TransportError,
     UnsupportedProtocol,
     encode_stream_header,
-    run_stream_handler,
     validate_alpn,
 )
 
@@ -695,7 +694,7 @@ class IrohTransport(Transport):
             await stream.reset(CODE_NO_HANDLER)
             return
         self._streams_accepted += 1
-        await run_stream_handler(handler, stream, conn.peer_id)
+        await self._run_handler(alpn, handler, stream, conn.peer_id)
 
     async def _serve_connection(self, conn: _Connection) -> None:
         """Accept the peer's streams on `conn` until it dies, one handler task each."""

@@ -30,7 +30,6 @@ from blixfs.net.transport import (
     StreamReset,
     TransportClosed,
     TransportError,
-    run_stream_handler,
     validate_alpn,
     validate_node_id,
 )
@@ -321,7 +320,7 @@ class MemoryTransport(_Transport):
             self._nursery.start_soon(stream.reset, CODE_NO_HANDLER)
             return
         self._streams_accepted += 1
-        self._nursery.start_soon(run_stream_handler, handler, stream, stream.peer_id)
+        self._nursery.start_soon(self._run_handler, stream.alpn, handler, stream, stream.peer_id)
 
 
 __all__ = ["MemoryNetwork", "MemoryStream", "MemoryTransport", "TransportError"]

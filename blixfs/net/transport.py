@@ -51,10 +51,17 @@ CODE_HANDLER_FAILED = 3
 """The handler serving this stream raised."""
 CODE_SHUTDOWN = 4
 """The node is shutting down (stream reset or connection close)."""
+CODE_BUSY = 5
+"""Too many streams of this protocol are being served (from this peer, or in all): refused."""
 CODE_APP_MIN = 0x100
 """The first code protocols above the transport may use for their own errors."""
 CODE_MAX = 2**62 - 1
 """QUIC varints carry at most 62 bits."""
+
+STREAMS_PER_PEER = 64
+"""Default bound on the incoming streams of one protocol one peer may have served at once."""
+STREAMS_TOTAL = 1024
+"""Default bound on the incoming streams of one protocol served at once, all peers together."""
 
 MAX_ALPN_LEN = 255
 """TLS limits a protocol name to 255 bytes."""
@@ -664,6 +671,10 @@ class Transport(abc.ABC):
 
     def __init__(self) -> None:
         self._handlers: dict[bytes, StreamHandler] = {}
+        self._limits: dict[bytes, tuple[int, int]] = {}  # per ALPN: (per peer, total) streams served at once
+        self._serving: dict[tuple[bytes, str], int] = {}  # streams being served, per (ALPN, peer)
+        self._serving_total: dict[bytes, int] = {}
+        self._refused = 0
         self._closed = False
         self._nursery: trio.Nursery | None = None
         self._tasks_scope: trio.CancelScope | None = None
@@ -681,20 +692,62 @@ class Transport(abc.ABC):
     def addr(self) -> NodeAddr:
         """How peers can reach this node right now."""
 
-    def register(self, alpn: bytes, handler: StreamHandler) -> None:
+    def register(self, alpn: bytes, handler: StreamHandler, *, per_peer: int = STREAMS_PER_PEER,
+                 total: int = STREAMS_TOTAL) -> None:
         """Serve protocol `alpn`: run `handler` for each incoming stream that names it.
 
-        Raises ValueError if `alpn` is invalid or already registered.
+        At most ``per_peer`` streams of one peer and ``total`` in all are served at once;
+        a stream beyond either is reset with `CODE_BUSY` (and logged), so one peer
+        opening streams as fast as it can neither exhausts this node nor crowds out the
+        others beyond ``total``. Raises ValueError if `alpn` is invalid or already
+        registered, or a limit is below 1.
         """
         alpn = validate_alpn(alpn)
         if alpn in self._handlers:
             raise ValueError(f"ALPN {alpn!r} already registered")
+        if per_peer < 1 or total < 1:
+            raise ValueError("stream limits must be at least 1")
         self._handlers[alpn] = handler
+        self._limits[alpn] = (per_peer, total)
+
+    async def _run_handler(self, alpn: bytes, handler: StreamHandler, stream: Stream, peer_id: str) -> None:
+        """`run_stream_handler` within the limits `register` set for ``alpn``. Called by the
+        implementations, one task per incoming stream; raises nothing but cancellation."""
+        per_peer, total = self._limits.get(alpn, (STREAMS_PER_PEER, STREAMS_TOTAL))
+        key = (alpn, peer_id)
+        mine, everyone = self._serving.get(key, 0), self._serving_total.get(alpn, 0)
+        if mine >= per_peer or everyone >= total:
+            self._refused += 1
+            # One line per 100 refusals: a flood must not flood the log too.
+            if self._refused % 100 == 1:
+                logger.warning("refusing a %r stream from %s: %d of its streams, %d in all, are being served "
+                               "(limits %d, %d; %d refused so far)", alpn, peer_id[:16], mine, everyone, per_peer,
+                               total, self._refused)
+            await stream.reset(CODE_BUSY)
+            return
+        self._serving[key] = mine + 1
+        self._serving_total[alpn] = everyone + 1
+        try:
+            await run_stream_handler(handler, stream, peer_id)
+        finally:
+            left = self._serving[key] - 1
+            if left:
+                self._serving[key] = left
+            else:
+                del self._serving[key]
+            self._serving_total[alpn] -= 1
+
+    def serving(self, alpn: bytes, peer_id: str | None = None) -> int:
+        """Incoming streams of ``alpn`` being served now (of ``peer_id``, or in all)."""
+        if peer_id is None:
+            return self._serving_total.get(alpn, 0)
+        return self._serving.get((alpn, peer_id), 0)
 
     def unregister(self, alpn: bytes) -> None:
         """Stop serving `alpn`: new streams naming it are reset with `CODE_NO_HANDLER`.
         No-op if not registered."""
         self._handlers.pop(bytes(alpn), None)
+        self._limits.pop(bytes(alpn), None)
 
     @abc.abstractmethod
     async def open_stream(self, peer: NodeAddr, alpn: bytes) -> Stream:

@@ -166,14 +166,16 @@ async def test_a_read_only_replica_syncs_but_cannot_write() -> None:
 
 async def test_a_peer_cannot_inflate_vectors_past_refused_entries_or_for_our_author() -> None:
     net, keys = MemoryNetwork(), NamespaceKeys.generate()
-    async with peer(net, keys) as node, net.open_transport() as hostile:
+    async with peer(net, keys) as node, peer(net, keys) as other, net.open_transport() as hostile:
         node.write("mine")
+        node.replica.store.apply([other.write("theirs")])  # an author the node holds versions of
         own_before = node.replica.store.vector()[node.replica.author]
         stream = await hostile.open_stream(node.addr, ALPN)
-        stranger = bytes([9]) * 32
+        stranger = other.replica.author
+        invented = bytes([9]) * 32
         async with stream:
             await stream.send_all(encode(Hello(keys.id, {})))
-            await stream.send_all(encode(Synced({node.replica.author: (1 << 63) - 1, stranger: 5})))
+            await stream.send_all(encode(Synced({node.replica.author: (1 << 63) - 1, stranger: 5, invented: 5})))
             await stream.send_eof()
             with contextlib.suppress(TransportError, FrameError), trio.move_on_after(2):
                 while await read_frame(stream) is not None:
@@ -181,6 +183,7 @@ async def test_a_peer_cannot_inflate_vectors_past_refused_entries_or_for_our_aut
         vector = node.replica.store.vector()
         assert vector[node.replica.author] == own_before  # nobody speaks for our own author
         assert vector[stranger] == 5
+        assert invented not in vector  # an author the node holds nothing of is not advanced
         bogus = replace(Entry(path="x", kind=Kind.FILE, mode=0, uid=0, gid=0, size=0, mtime_ns=1, ctime_ns=1,
                               author=stranger, timestamp_ns=50), namespace_sig=bytes(64), author_sig=bytes(64))
         stream = await hostile.open_stream(node.addr, ALPN)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from blixfs.entry import Entry, Kind, shown_as_conflict, write_context
+from blixfs.entry import Entry, Kind, shown_as_conflict, write_context, write_timestamp
 from blixfs.namespace import MemoryNamespaceStore, NamespaceStore, Outcome, SqliteNamespaceStore
 
 A, B, C = (bytes([i]) * 32 for i in (1, 2, 3))
@@ -135,6 +135,55 @@ def test_three_replicas_converge_in_any_order_with_duplicates(seed: int, steps: 
         if rng.random() < 0.7:
             written.append(r.write(rng.choice(["a", "b", "c"]), rng))
         else:  # partial sync: r receives a random sample, duplicates included
+            r.store.apply(rng.choices(written, k=min(len(written), rng.randrange(0, 6))) if written else [])
+    finals = []
+    for r in replicas:
+        late = written * 2
+        rng.shuffle(late)
+        r.store.apply(late)
+        finals.append(state(r.store))
+    fresh = MemoryNamespaceStore()
+    fresh.apply(list(reversed(written)))
+    assert finals[0] == finals[1] == finals[2] == state(fresh)
+
+
+class SkewedReplica(Replica):
+    """A simulated node whose clock is ``skew`` ahead or behind, stamping as `Replica.stamp`
+    does: the clock, not the replaced version's timestamp + 1 (protocol.md 5.5)."""
+
+    def __init__(self, author: bytes, skew: int, ticks: list[int]) -> None:
+        super().__init__(author)
+        self.skew, self.ticks, self.last = skew, ticks, 0
+
+    def write(self, path: str, rng: random.Random) -> Entry:
+        self.ticks[0] += 10
+        cur = self.store.get_any(path)
+        versions = self.store.versions(path)
+        seen = write_context(cur, versions, self.author, self.last)
+        self.last = write_timestamp(max(0, self.ticks[0] + self.skew), self.last, self.author, seen, versions)
+        e = version(path, self.author, self.last, cur, size=rng.randrange(1, 4), deleted=rng.random() < 0.15)
+        e = e.evolve(seen=seen)
+        assert all(t < e.timestamp_ns if a == e.author else t <= e.timestamp_ns + 600 * 10**9
+                   for a, t in e.seen.items())  # valid (protocol.md 12, step 11)
+        assert self.store.apply([e]) == [Outcome.NEW]  # a local write always becomes current
+        return e
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32), st.integers(5, 60), st.lists(st.integers(-300, 300), min_size=3, max_size=3))
+def test_replicas_with_skewed_clocks_converge_and_writes_win_through_seen(seed: int, steps: int,
+                                                                          skews: list[int]) -> None:
+    """As above, with clocks tens of writes apart: a write over a version stamped ahead keeps
+    its own clock's timestamp and still replaces it (through ``seen``), on every node."""
+    rng = random.Random(seed)
+    ticks = [1000]
+    replicas = [SkewedReplica(a, skew, ticks) for a, skew in zip((A, B, C), skews, strict=True)]
+    written: list[Entry] = []
+    for _ in range(steps):
+        r = rng.choice(replicas)
+        if rng.random() < 0.7:
+            written.append(r.write(rng.choice(["a", "b", "c"]), rng))
+        else:
             r.store.apply(rng.choices(written, k=min(len(written), rng.randrange(0, 6))) if written else [])
     finals = []
     for r in replicas:
