@@ -375,6 +375,8 @@ _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "join": {"ticket": (str,)},
     "gc": {"dry_run": (bool,), "grace": (int, float)},
     "pull": {"path": (str,)},
+    "allow": {"node": (str,), "role": (str,)},
+    "revoke": {"node": (str,)},
 }
 
 
@@ -452,8 +454,9 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
 
 def _dispatch(raw: bytes, runtime: Runtime) -> dict[str, Any]:
     request = _parse(raw)
-    if request is None or _invalid(request) is not None:
-        return {"ok": False, "error": "malformed request"}
+    problem = _invalid(request)
+    if request is None or problem is not None:
+        return {"ok": False, "error": f"malformed request: {problem}"}
     op = request["op"]
     handlers: dict[str, Callable[[], dict[str, Any]]] = {
         "addr": lambda: {"addr": str(runtime.transport.addr())},
