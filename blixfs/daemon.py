@@ -228,7 +228,7 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     peers = PeerBook(self_id)
     for known in node.peers():
         peers.learn(known, "ticket")
-    holdings = Holdings(self_id)
+    holdings = Holdings(self_id, node.secret)
     holdings.own.addr = transport.addr()
     server = ChunkServer(node.chunks)
     transport.register(CHUNKS_ALPN, server.handle)

@@ -11,6 +11,18 @@ request of ``blixfs/chunks/1``), best first: peers already holding part of it, t
 lowest measured latency. A target that has not completed within `TARGET_PATIENCE`
 seconds, or has gone, is replaced. At R the version is *durable*: its chunks, written
 here, become evictable like fetched ones.
+
+A holder counts only while it *proves* it holds the version (docs/design.md, "Proofs of
+holding"): holdings are claims (signed by their holder, but a holder can lie about
+itself), so the writer challenges every node that claims the version whole with a PROVE
+(``blixfs/chunks/1``: a fresh nonce and a few random ranges of its chunks; the answer is
+BLAKE3 of the nonce and those bytes), before counting it and again every
+`PROVE_INTERVAL`. The writer computes the expected answer from the chunks it holds, or
+fetches one chunk of the version first (verified by its id, from any holder) when it
+holds none any more. A holder whose answer is wrong (or DONT_HAVE) stops counting at
+once; one that does not answer, once its last proof is older than `PROOF_TTL`. When the
+proven copies fall below R, the version is marked not durable again: the cache policy
+protects every chunk of it again and more holders are asked.
 Being a loop rather than a queue is what makes it resume after a crash: the state it
 needs is the namespace and the holdings, both rebuilt on start.
 
@@ -29,13 +41,16 @@ counts as a holder, so the images a host's VMs use are the ones it is asked to k
 from __future__ import annotations
 
 import logging
+import math
+import random
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import trio
 
-from blixfs.chunkproto import request_hold
+from blixfs.chunkproto import FetchFailed, prove_digest, prove_range, request_hold, request_prove
 from blixfs.content import Content
 from blixfs.entry import COPIES_KEY, Entry, Kind
 from blixfs.errors import FsError
@@ -52,6 +67,24 @@ DEFAULT_COPIES = 2
 TICK_SECONDS = 1.0
 TARGET_PATIENCE = 60.0
 HOLD_TIMEOUT = 5.0
+PROVE_INTERVAL = 300.0  # each holder of each version written here is challenged again this often
+PROVE_TIMEOUT = 10.0  # for one proof: a few small reads on the holder, one round trip
+PROOF_TTL = 2 * PROVE_INTERVAL + PROVE_TIMEOUT  # a holder that stopped answering counts this long after its last pass
+PROVE_RANGES = 4  # ranges per challenge
+PROVE_LENGTH = 4096  # bytes per range
+
+
+@dataclass
+class Proof:
+    """The last challenges of one holder for one version (monotonic times)."""
+
+    passed: float = -math.inf  # when its last proof passed
+    checked: float = -math.inf  # when the last challenge was sent
+    failed: bool = False  # its last answer was wrong or DONT_HAVE: not counted until it passes again
+    inflight: bool = False
+
+    def valid(self, now: float) -> bool:
+        return not self.failed and now - self.passed < PROOF_TTL
 
 
 @dataclass
@@ -61,7 +94,8 @@ class FileReplication:
     path: str
     manifest: bytes
     want: int
-    holders: list[str] = field(default_factory=list)  # other nodes holding it whole
+    holders: list[str] = field(default_factory=list)  # other nodes that proved they hold it whole
+    claimed: list[str] = field(default_factory=list)  # other nodes whose holdings say so (not all proven)
     targets: dict[str, float] = field(default_factory=dict)  # asked peers -> when
     here: bool = True  # this node holds it whole
 
@@ -90,6 +124,8 @@ class Replicator:
         self._durable: set[bytes] = set()  # versions whose chunks were already marked evictable
         self._pulling: set[bytes] = set()
         self._nursery: trio.Nursery | None = None
+        self.proofs: dict[tuple[str, bytes], Proof] = {}  # (holder, manifest id) -> its last challenges
+        self.prove_interval = PROVE_INTERVAL
 
     # ----------------------------------------------------------------- writer side
 
@@ -128,14 +164,117 @@ class Replicator:
                 rep = FileReplication(e.path, e.manifest, self.copies(e))
             rep.want = self.copies(e)
             rep.here = e.manifest in self.holdings.own.complete
-            rep.holders = self.holdings.holders(e.manifest)
+            rep.claimed = self.holdings.holders(e.manifest)
+            self._challenge_due(rep, now)
+            rep.holders = [p for p in rep.claimed if self._proven(p, e.manifest, now)]
             rep.targets = {p: t for p, t in rep.targets.items() if now - t < TARGET_PATIENCE and p not in rep.holders}
             seen[e.path] = rep
             if rep.state == "durable":
                 self._mark_durable(e.manifest)
             else:
+                # Holders whose first proof is under way still count against un-marking: a
+                # restart must not protect every durable version until its holders answer.
+                first = [p for p in rep.claimed if self._first_proof_pending(p, e.manifest)]
+                if rep.copies + len(first) < rep.want:
+                    self._mark_not_durable(e.manifest, rep)
                 await self._ask(rep, now)
         self.files = seen
+        live = {(p, r.manifest) for r in seen.values() for p in r.claimed}
+        for key in [k for k, proof in self.proofs.items() if k not in live and not proof.inflight]:
+            del self.proofs[key]  # holders that no longer claim it, versions superseded
+
+    # ----------------------------------------------------------------- proofs of holding
+
+    def _proven(self, peer: str, manifest_id: bytes, now: float) -> bool:
+        proof = self.proofs.get((peer, manifest_id))
+        return proof is not None and proof.valid(now)
+
+    def _first_proof_pending(self, peer: str, manifest_id: bytes) -> bool:
+        proof = self.proofs.get((peer, manifest_id))
+        return proof is None or (proof.inflight and proof.passed == -math.inf and not proof.failed)
+
+    def _challenge_due(self, rep: FileReplication, now: float) -> None:
+        """Start a proof for each claimed holder not challenged within `prove_interval`."""
+        if self._nursery is None:
+            return
+        for peer in rep.claimed:
+            proof = self.proofs.setdefault((peer, rep.manifest), Proof())
+            if not proof.inflight and now - proof.checked >= self.prove_interval:
+                proof.inflight, proof.checked = True, now
+                self._nursery.start_soon(self._prove, peer, rep.manifest, proof)
+
+    async def _challenge(self, manifest_id: bytes) -> tuple[list[tuple[int, int, int]], list[bytes]] | None:
+        """Random ranges of the version and their bytes; None when this node cannot know the
+        answer (the manifest and every chunk gone here, and no holder could serve one).
+
+        Ranges are taken from chunks held here; when none is (all evicted after the version
+        became durable), one chunk is fetched first, verified by its id, from any holder:
+        verification makes the expected answer trustworthy whoever served it."""
+        try:
+            m = await self.content.load(manifest_id, holders=[p for p in self.holdings.holders(manifest_id)])
+        except FsError as exc:
+            log.info("cannot challenge the holders of %s: its manifest is not to be had (%s)", short(manifest_id),
+                     exc)
+            return None
+        data_indices = [i for i, c in enumerate(m.ids) if c != HOLE]
+        held = [i for i in data_indices if self.node.chunks.has(m.ids[i])]
+        if held:
+            picked = random.sample(held, min(PROVE_RANGES, len(held)))
+        elif data_indices:
+            picked = [random.choice(data_indices)]
+        else:  # only holes: the proof shows the manifest is held
+            picked = [0] if m.ids else []
+        if not picked:
+            return None
+        ranges: list[tuple[int, int, int]] = []
+        parts: list[bytes] = []
+        for index in picked:
+            cid = m.ids[index]
+            try:
+                data = bytes(m.length(index)) if cid == HOLE else await self.content.chunk(cid, manifest_id, index,
+                                                                                          None)
+            except FsError as exc:
+                log.info("cannot challenge the holders of %s: chunk %d is not to be had (%s)", short(manifest_id),
+                         index, exc)
+                return None
+            if data is None:
+                return None
+            length = min(PROVE_LENGTH, len(data))
+            offset = random.randrange(0, len(data) - length + 1)
+            ranges.append((index, offset, length))
+            parts.append(prove_range(data, offset, length))
+        return ranges, parts
+
+    async def _prove(self, peer: str, manifest_id: bytes, proof: Proof) -> None:
+        """Challenge ``peer`` about ``manifest_id`` once and record the outcome in ``proof``."""
+        try:
+            challenge = await self._challenge(manifest_id)
+            if challenge is None:
+                return  # the last outcome stands until it expires
+            ranges, parts = challenge
+            nonce = secrets.token_bytes(32)
+            try:
+                with trio.fail_after(PROVE_TIMEOUT):
+                    answer = await request_prove(self.transport, self.peers.addr(peer), ChunkId(manifest_id), nonce,
+                                                 ranges)
+            except (TransportError, trio.TooSlowError) as exc:
+                log.info("holder %s of %s did not answer its proof (%s): counted until %.0f s after its last pass",
+                         peer[:16], short(manifest_id), exc or "timed out", PROOF_TTL)
+                return
+            except FetchFailed as exc:
+                answer = None
+                log.info("%s", exc)
+            if answer is not None and answer == prove_digest(nonce, parts):
+                if proof.failed or proof.passed == -math.inf:
+                    log.info("holder %s proved it holds %s", peer[:16], short(manifest_id))
+                proof.passed, proof.failed = time.monotonic(), False
+            else:
+                if not proof.failed:
+                    log.warning("holder %s claims %s but failed its proof (%s): not counted as a copy", peer[:16],
+                                short(manifest_id), "does not hold it" if answer is None else "wrong answer")
+                proof.failed = True
+        finally:
+            proof.inflight = False
 
     def _mark_durable(self, manifest_id: bytes) -> None:
         if manifest_id in self._durable:
@@ -149,9 +288,29 @@ class Replicator:
         self._durable.add(manifest_id)
         log.info("version %s is durable: %d chunks written here may now be evicted", short(manifest_id), changed)
 
+    def _mark_not_durable(self, manifest_id: bytes, rep: FileReplication) -> None:
+        """Proven copies fell below R: protect every chunk of the version again (the cache
+        policy keeps all chunks of written versions not durable, `Node.protected_chunks`,
+        also those `mark_replicated` made evictable; what was evicted meanwhile is held by
+        the holders that proved it) and look for holders again."""
+        if not self.node.chunks.written_versions().get(manifest_id):
+            return
+        self.node.chunks.set_written_versions(undurable=[manifest_id])
+        self._durable.discard(manifest_id)
+        if self.node.cache is not None:
+            self.node.cache.invalidate()
+        log.warning("version %s of %s is no longer durable: %d proven copies of %d; its chunks are protected again",
+                    short(manifest_id), rep.path, rep.copies, rep.want)
+
     def _candidates(self, rep: FileReplication) -> list[str]:
         connected = {s.peer for s in self.sync.sessions() if s.synced.is_set()}
-        others = [p for p in connected if p not in rep.holders and p not in rep.targets]
+        now = time.monotonic()
+
+        def refuted(peer: str) -> bool:  # claimed it and failed its proof lately: asking again is in vain
+            proof = self.proofs.get((peer, rep.manifest))
+            return proof is not None and proof.failed and now - proof.checked < self.prove_interval
+
+        others = [p for p in connected if p not in rep.holders and p not in rep.targets and not refuted(p)]
         partial = self.holdings.nodes
 
         def held_part(peer: str) -> int:

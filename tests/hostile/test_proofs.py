@@ -1,0 +1,216 @@
+"""Hostile members against durability, HOLD and reads (issue items 2, 3, 5): whole nodes in
+one process over the in-memory network (`tests.cluster`), with hostile peers speaking the
+protocols by hand. Each test reproduces an attack that worked before its fix."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blixfs import crypto
+from blixfs.chunkproto import (
+    ALPN as CHUNKS_ALPN,
+)
+from blixfs.chunkproto import (
+    BAD_REQUEST,
+    DONT_HAVE,
+    OK,
+    OP_PROVE,
+    VERSION,
+    ChunkServer,
+    encode_prove,
+    prove_digest,
+    request_prove,
+)
+from blixfs.chunkstore import MemoryChunkStore
+from blixfs.frames import Hello, HoldingsFrame, encode, holdings_signed_bytes
+from blixfs.hashing import ChunkId
+from blixfs.manifest import Manifest
+from blixfs.net.memory import MemoryNetwork, MemoryTransport
+from blixfs.net.transport import NodeAddr, Stream, TransportError
+from blixfs.replication import Replicator
+from blixfs.sync import ALPN as SYNC_ALPN
+from tests.cluster import InNode, cluster, wait_until
+
+
+def _manifest(node: InNode, path: str) -> bytes:
+    e = node.entry(path)
+    assert e is not None and e.manifest is not None
+    return e.manifest
+
+
+def _network(node: InNode) -> MemoryNetwork:
+    """The in-memory network the cluster's nodes are on (for a hostile peer to join it)."""
+    transport = node.runtime.transport
+    assert isinstance(transport, MemoryTransport)
+    return transport._network
+
+
+def _replicator(node: InNode) -> Replicator:
+    replicator = node.runtime.replicator
+    assert replicator is not None
+    return replicator
+
+
+def _durable(node: InNode, mid: bytes) -> bool:
+    return node.node.chunks.written_versions().get(mid, False)
+
+
+def _signed(secret: bytes, frame: HoldingsFrame) -> HoldingsFrame:
+    return HoldingsFrame(frame.node_id, frame.seq, frame.complete, frame.partial, frame.addr, frame.free,
+                         crypto.sign(secret, holdings_signed_bytes(frame)))
+
+
+# ---------------------------------------------------------------- item 2: durability on a peer's word
+
+
+async def test_holdings_not_signed_by_their_node_are_refused_and_claims_without_proof_do_not_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A member announces invented nodes (unsigned, or signed by another key) and a node of its
+    own making (signed, but holding nothing) as holders of the writer's only copy: none counts,
+    the version stays not durable, its chunks stay protected."""
+    async with cluster(tmp_path, ["a"], copies=2) as nodes:
+        a = nodes["a"]
+        _replicator(a).prove_interval = 0.5
+        await a.write("img", 0, os.urandom(300_000), create=True)
+        mid = _manifest(a, "img")
+        net = _network(a)
+        async with net.open_transport() as hostile:
+            invented = os.urandom(32)
+            ghost = crypto.generate_secret()  # a valid key nobody runs: signs, cannot prove
+            ghost_id = crypto.public_key(ghost)
+            seq = 1
+            unsigned = HoldingsFrame(invented, seq, [mid], [])
+            forged = _signed(crypto.generate_secret(), HoldingsFrame(os.urandom(32), seq, [mid], []))
+            relabelled = _signed(ghost, HoldingsFrame(ghost_id, seq, [], []))
+            relabelled = HoldingsFrame(ghost_id, seq, [mid], [], signature=relabelled.signature)  # altered on the way
+            claimed = _signed(ghost, HoldingsFrame(ghost_id, seq + 1, [mid], []))
+            stream = await hostile.open_stream(NodeAddr(a.id), SYNC_ALPN)
+            async with stream:
+                await stream.send_all(encode(Hello(a.node.replica.keys.id, {})))
+                for frame in (unsigned, forged, relabelled, claimed):
+                    await stream.send_all(encode(frame))
+                holdings = a.runtime.holdings
+                await wait_until(lambda: ghost_id.hex() in holdings.nodes, "the ghost's signed claim stored")
+                replicator = _replicator(a)
+                await wait_until(lambda: (ghost_id.hex(), mid) in replicator.proofs
+                                 and replicator.proofs[(ghost_id.hex(), mid)].checked > 0
+                                 and not replicator.proofs[(ghost_id.hex(), mid)].inflight, "the ghost challenged")
+                await trio.sleep(1.5)  # a few replication rounds with the claim in place
+                assert invented.hex() not in holdings.nodes
+                assert len(holdings.nodes) == 2  # a itself and the ghost: unsigned and forged records were not kept
+                assert not _durable(a, mid)
+                assert _replicator(a).files["img"].copies == 1
+                m = a.vfs.content.manifest(mid)
+                assert m is not None and a.node.cache is not None
+                assert all(a.node.cache.keep(c) for c in m.ids)
+        assert "not signed by that node: refused" in caplog.text
+
+
+async def test_a_holder_that_drops_the_data_stops_counting_and_the_version_is_protected_again(
+    tmp_path: Path,
+) -> None:
+    async with cluster(tmp_path, ["a", "b"], copies=2) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        _replicator(a).prove_interval = 0.3
+        await a.write("img", 0, os.urandom(300_000), create=True)
+        mid = _manifest(a, "img")
+        await wait_until(lambda: _durable(a, mid), "the version durable once b proved it holds it")
+        assert _replicator(a).proofs[(b.id, mid)].passed > 0
+        # b turns liar: it throws the data away but keeps announcing it holds the version.
+        b.node.chunks.on_removed = None
+        m = a.vfs.content.manifest(mid)
+        assert m is not None
+        for cid in m.ids:
+            b.node.chunks.delete(cid)
+        assert mid in a.runtime.holdings.nodes[b.id].complete
+        await wait_until(lambda: not _durable(a, mid), "the version not durable any more")
+        assert a.node.cache is not None
+        assert all(a.node.cache.keep(c) for c in m.ids)
+
+
+async def test_prove_answers_from_the_bytes_held() -> None:
+    store = MemoryChunkStore()
+    data = [os.urandom(5000), os.urandom(3000)]
+    ids = [store.put(d) for d in data]
+    m = Manifest(8000, 5000, tuple(ids))
+    mid = store.put(m.encode())
+    server = ChunkServer(store)
+    net = MemoryNetwork()
+    async with net.open_transport(handlers={CHUNKS_ALPN: server.handle}) as srv, net.open_transport() as client:
+        nonce = os.urandom(32)
+        ranges = [(1, 100, 50), (0, 4990, 4096)]
+        answer = await request_prove(client, NodeAddr(srv.node_id), ChunkId(mid), nonce, ranges)
+        assert answer == prove_digest(nonce, [data[1][100:150], data[0][4990:]])
+        assert await request_prove(client, NodeAddr(srv.node_id), ChunkId(os.urandom(32)), nonce, ranges) is None
+        store.delete(ids[1])
+        assert await request_prove(client, NodeAddr(srv.node_id), ChunkId(mid), nonce, ranges) is None
+
+        async def raw(request: bytes) -> bytes:
+            stream = await client.open_stream(NodeAddr(srv.node_id), CHUNKS_ALPN)
+            async with stream:
+                await stream.send_all(request)
+                await stream.send_eof()
+                out = b""
+                with trio.fail_after(30):
+                    try:
+                        while chunk := await stream.receive_some(1 << 16):
+                            out += chunk
+                    except TransportError:
+                        return b"reset"
+                return out
+
+        assert (await raw(encode_prove(ChunkId(mid), nonce, [(7, 0, 10)])))[0] == BAD_REQUEST  # no chunk 7
+        assert (await raw(encode_prove(ChunkId(mid), nonce, [(0, 0, 1 << 20)])))[0] == BAD_REQUEST  # too long
+        assert (await raw(encode_prove(ChunkId(mid), nonce, [(0, 0, 10)])))[0] == OK
+        assert (await raw(encode_prove(ChunkId(mid), nonce, [(1, 0, 10)])))[0] == DONT_HAVE
+        zero_ranges = struct.pack(">BB32sQI", VERSION, OP_PROVE, mid, 0, 0)
+        assert await raw(zero_ranges) == b"reset"
+        assert await raw(encode_prove(ChunkId(mid), nonce, [(0, 0, 10)])[:-5]) == b"reset"
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 40), st.binary(max_size=700), st.booleans())
+def test_prove_fuzz_never_crashes_the_server(count: int, tail: bytes, known: bool) -> None:
+    """Any PROVE (count, nonce and ranges as random bytes, cut short or too long) gets an
+    answer or a reset; the handler never fails (a failure would end it with CODE_HANDLER_FAILED
+    and log 'handler for')."""
+    store = MemoryChunkStore()
+    ids = [store.put(os.urandom(4096)), store.put(os.urandom(2000))]
+    mid = store.put(Manifest(6096, 4096, tuple(ids)).encode())
+    server = ChunkServer(store)
+    failures: list[BaseException] = []
+
+    async def handle(stream: Stream, peer: str) -> None:
+        try:
+            await server.handle(stream, peer)
+        except TransportError:
+            raise
+        except BaseException as exc:
+            failures.append(exc)
+            raise
+
+    async def main() -> None:
+        net = MemoryNetwork()
+        async with net.open_transport(handlers={CHUNKS_ALPN: handle}) as srv, net.open_transport() as client:
+            stream = await client.open_stream(NodeAddr(srv.node_id), CHUNKS_ALPN)
+            async with stream:
+                head = struct.pack(">BB32sQI", VERSION, OP_PROVE, mid if known else os.urandom(32), 0, count)
+                await stream.send_all(head + tail)
+                await stream.send_eof()
+                with trio.fail_after(30):
+                    try:
+                        while await stream.receive_some(1 << 16):
+                            pass
+                    except TransportError:
+                        pass
+
+    trio.run(main)
+    assert not failures
