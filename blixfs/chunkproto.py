@@ -45,12 +45,13 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import blake3
 import trio
 
+from blixfs import crypto
 from blixfs.chunkstore import MAX_CHUNK_BYTES, ChunkStore
 from blixfs.hashing import HOLE, ChunkId, chunk_id, short
 from blixfs.manifest import Manifest, ManifestError
@@ -68,7 +69,8 @@ log = logging.getLogger(__name__)
 ALPN = b"blixfs/chunks/1"
 VERSION = 1
 OP_GET = 1
-OP_HOLD = 2  # "please hold this version whole for durability": chunk id = its manifest id, then u16 | path
+OP_HOLD = 2  # "please hold this version whole for durability": chunk id = its manifest id, then u16 | path | sig
+HOLD_CONTEXT = b"blixfs/hold/1\x00"  # signature domain of a HOLD's namespace signature
 OP_HAVE = 3  # "which of these chunk ids do you hold?": count in the length field, then the ids
 OP_PROVE = 4  # "hash these ranges of this version with my nonce": count in the length field, nonce, ranges
 MAX_PROVE_RANGES = 16
@@ -129,12 +131,23 @@ def encode_have_answer(held: list[bool]) -> bytes:
     return _RESPONSE.pack(OK, len(bits)) + bytes(bits)
 
 
-def encode_hold(manifest_id: ChunkId, path: str) -> bytes:
-    """A HOLD request: hold the version ``manifest_id`` of ``path`` whole (protocol.md 14.1)."""
+def hold_signed_bytes(target: bytes, manifest_id: bytes, path: str) -> bytes:
+    """What a HOLD's namespace signature covers: the context, the target node's id (a HOLD
+    cannot be replayed to another node), the manifest id and the path's UTF-8 bytes."""
+    return HOLD_CONTEXT + target + manifest_id + path.encode("utf-8")
+
+
+def encode_hold(manifest_id: ChunkId, path: str, signature: bytes = b"") -> bytes:
+    """A HOLD request: hold the version ``manifest_id`` of ``path`` whole (protocol.md 14.1),
+    with the namespace key's ``signature`` of `hold_signed_bytes` (b"": 64 zero bytes, which
+    every target refuses)."""
     encoded = path.encode("utf-8")
     if len(encoded) > MAX_HOLD_PATH:
         raise ValueError(f"a HOLD path has at most {MAX_HOLD_PATH} bytes")
-    return _REQUEST.pack(VERSION, OP_HOLD, manifest_id, 0, 0) + struct.pack(">H", len(encoded)) + encoded
+    signature = signature or bytes(64)
+    if len(signature) != 64:
+        raise ValueError("a HOLD signature has 64 bytes")
+    return _REQUEST.pack(VERSION, OP_HOLD, manifest_id, 0, 0) + struct.pack(">H", len(encoded)) + encoded + signature
 
 
 def encode_prove(manifest_id: ChunkId, nonce: bytes, ranges: list[tuple[int, int, int]]) -> bytes:
@@ -163,8 +176,9 @@ def prove_range(data: bytes, offset: int, length: int) -> bytes:
 class ChunkServer:
     """Serves this node's chunks. Register `handle` for `ALPN` on the transport.
 
-    HOLD requests go to ``on_hold(manifest id, path, peer) -> accepted`` (the replicator);
-    without one they are refused.
+    HOLD requests go to ``await on_hold(manifest id, path, peer, signature) -> accepted``
+    (the replicator, which checks the signature, the room and the peer's rate); without one
+    they are refused.
     """
 
     def __init__(self, store: ChunkStore) -> None:
@@ -173,16 +187,18 @@ class ChunkServer:
         self.requests = 0
         self.have_requests = 0
         self.prove_requests = 0
-        self.on_hold: Callable[[ChunkId, str, str], bool] | None = None
+        self.on_hold: Callable[[ChunkId, str, str, bytes], Awaitable[bool]] | None = None
 
     async def _hold(self, stream: Stream, peer_id: str, manifest_id: ChunkId) -> None:
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
                 (size,) = struct.unpack(">H", await stream.receive_exactly(2))
                 path = (await stream.receive_exactly(size)).decode("utf-8") if size <= MAX_HOLD_PATH else None
+                signature = await stream.receive_exactly(64) if path is not None else b""
         except (trio.TooSlowError, UnexpectedEOF, UnicodeDecodeError):
             path = None
-        accepted = path is not None and self.on_hold is not None and self.on_hold(manifest_id, path, peer_id)
+        accepted = path is not None and self.on_hold is not None and await self.on_hold(manifest_id, path, peer_id,
+                                                                                          signature)
         await stream.send_all(_RESPONSE.pack(OK if accepted else BAD_REQUEST, 0))
 
     async def _have(self, stream: Stream, peer_id: str, count: int) -> bool:
@@ -461,13 +477,18 @@ class ChunkClient:
             return None if data is None else Fetched(data, time.perf_counter() - started)
 
 
-async def request_hold(transport: Transport, peer: NodeAddr, manifest_id: ChunkId, path: str) -> bool:
+async def request_hold(transport: Transport, peer: NodeAddr, manifest_id: ChunkId, path: str,
+                       namespace_secret: bytes | None) -> bool:
     """Ask ``peer`` to hold the version ``manifest_id`` of ``path`` whole; True if it accepted.
+    The request is signed with ``namespace_secret`` (write capability; None: unsigned, which
+    targets refuse).
 
     Raises transport errors; the caller sets the deadline."""
+    signature = b"" if namespace_secret is None else crypto.sign(
+        namespace_secret, hold_signed_bytes(bytes.fromhex(peer.node_id), manifest_id, path))
     stream = await transport.open_stream(peer, ALPN)
     async with stream:
-        await stream.send_all(encode_hold(manifest_id, path))
+        await stream.send_all(encode_hold(manifest_id, path, signature))
         await stream.send_eof()
         try:
             status, _ = _RESPONSE.unpack(await stream.receive_exactly(_RESPONSE.size))
@@ -496,6 +517,21 @@ async def request_prove(transport: Transport, peer: NodeAddr, manifest_id: Chunk
             raise FetchFailed(f"peer {peer.node_id[:16]} ended the stream midway through a proof ({exc})") from None
 
 
-__all__ = ["ALPN", "ChunkClient", "ChunkServer", "FetchFailed", "Fetched", "TransportError", "encode_have",
-           "encode_have_answer", "encode_hold", "encode_prove", "encode_request", "prove_digest", "prove_range",
-           "request_hold", "request_prove"]
+__all__ = [
+    "ALPN",
+    "ChunkClient",
+    "ChunkServer",
+    "FetchFailed",
+    "Fetched",
+    "TransportError",
+    "encode_have",
+    "encode_have_answer",
+    "encode_hold",
+    "encode_prove",
+    "encode_request",
+    "hold_signed_bytes",
+    "prove_digest",
+    "prove_range",
+    "request_hold",
+    "request_prove",
+]

@@ -26,13 +26,18 @@ protects every chunk of it again and more holders are asked.
 Being a loop rather than a queue is what makes it resume after a crash: the state it
 needs is the namespace and the holdings, both rebuilt on start.
 
-Target side (`Replicator.on_hold`): record the version in ``replicas.json`` (its chunks
-are never evicted while it is referenced: `Node.protected_chunks`), and pull it in the
-background from the asking node and the other holders, found by content
-(`blixfs.content`). A replica follows its file: when the version it holds is superseded,
-the target holds the new version too (usually a few changed chunks) and lets the old one
-go only once the new one is whole here, so the chunks both share are never the last copy
-nobody keeps.
+Target side (`Replicator.on_hold`): a HOLD makes this node keep data that skips the
+cache budget, so it is accepted only from write capability (the request carries a
+namespace-key signature naming this node, the version and the path), for a version the
+namespace references at that path, within this node's room for replicas (`REPLICA_SHARE`
+of its cache budget, less the replicas it holds: the room it announces as HOLDINGS
+`free`), at most `HOLD_BURST` at once and `HOLD_RATE` a second per peer. Accepted, it
+records the version in ``replicas.json`` (its chunks are never evicted while it is
+referenced: `Node.protected_chunks`), and pulls it in the background from the asking
+node and the other holders, found by content (`blixfs.content`). A replica follows its
+file: when the version it holds is superseded, the target holds the new version too
+(usually a few changed chunks) and lets the old one go only once the new one is whole
+here, so the chunks both share are never the last copy nobody keeps.
 
 Placement rule (docs/design.md): a peer that reads an image keeps it in its cache and
 counts as a holder, so the images a host's VMs use are the ones it is asked to keep.
@@ -49,8 +54,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import trio
+from lru import LRU
 
-from blixfs.chunkproto import FetchFailed, prove_digest, prove_range, request_hold, request_prove
+from blixfs import crypto
+from blixfs.chunkproto import FetchFailed, hold_signed_bytes, prove_digest, prove_range, request_hold, request_prove
 from blixfs.content import Content
 from blixfs.entry import COPIES_KEY, Entry, Kind
 from blixfs.errors import FsError
@@ -72,6 +79,11 @@ PROVE_TIMEOUT = 10.0  # for one proof: a few small reads on the holder, one roun
 PROOF_TTL = 2 * PROVE_INTERVAL + PROVE_TIMEOUT  # a holder that stopped answering counts this long after its last pass
 PROVE_RANGES = 4  # ranges per challenge
 PROVE_LENGTH = 4096  # bytes per range
+REPLICA_SHARE = 0.5  # of the cache budget, at most, holds replicas for others (pinned: never evicted)
+HOLD_BURST = 64  # HOLD requests one peer may make at once ...
+HOLD_RATE = 4.0  # ... and then per second (a writer asks for each file below R every round)
+HOLD_PEERS = 4096  # peers whose HOLD rate is tracked (the least recently seen is forgotten)
+HOLD_MANIFEST_TIMEOUT = 3.0  # a HOLD target fetches the manifest from the asker to know its size (asker waits 5 s)
 
 
 @dataclass
@@ -126,6 +138,8 @@ class Replicator:
         self._nursery: trio.Nursery | None = None
         self.proofs: dict[tuple[str, bytes], Proof] = {}  # (holder, manifest id) -> its last challenges
         self.prove_interval = PROVE_INTERVAL
+        self._hold_tokens: LRU[str, tuple[float, float]] = LRU(HOLD_PEERS)  # peer -> (tokens, when)
+        self.holds_refused = 0
 
     # ----------------------------------------------------------------- writer side
 
@@ -155,7 +169,7 @@ class Replicator:
         now = time.monotonic()
         if self.node.replicas():
             self.drop_unreferenced_replicas()  # replicas follow their files (see the module docstring)
-        self.holdings.note_free(max(0, self.node.cache_size() - self.node.chunks.total_bytes))
+        self.holdings.note_free(self.replica_room())
         seen: dict[str, FileReplication] = {}
         for e in self._own_files():
             assert e.manifest is not None
@@ -336,7 +350,7 @@ class Replicator:
             try:
                 with trio.fail_after(HOLD_TIMEOUT):
                     accepted = await request_hold(self.transport, self.peers.addr(peer), ChunkId(rep.manifest),
-                                                  rep.path)
+                                                  rep.path, self.node.replica.keys.secret)
             except (TransportError, trio.TooSlowError) as exc:
                 log.info("peer %s could not be asked to hold %s: %s", peer[:16], rep.path, exc)
                 continue
@@ -368,20 +382,80 @@ class Replicator:
 
     # ----------------------------------------------------------------- target side
 
-    def on_hold(self, manifest_id: ChunkId, path: str, peer: str) -> bool:
-        """A peer asks this node to hold a version whole (the chunk server's HOLD).
+    def replica_budget(self) -> int:
+        """Bytes of replicas this node keeps for others at most: `REPLICA_SHARE` of its cache."""
+        return int(self.node.cache_size() * REPLICA_SHARE)
 
-        Accepted only for a version of ``path`` that this node's namespace holds, live or
-        kept as a conflict: the chunk protocol is not bound to a namespace, and a stranger
-        must not make this node fetch and keep data. A writer's HOLD that arrives before
-        its entry is refused and asked again on its next round (every second).
+    def replica_bytes(self) -> int:
+        """Bytes of the replicas held for others (each version's stored bytes; chunks two of
+        them share count twice: an upper bound). Versions whose manifest is not here yet
+        count nothing until it is."""
+        total = 0
+        for mid in self.node.replicas():
+            m = self.content.cached_manifest(mid)
+            if m is None and self.node.chunks.has(ChunkId(mid)):
+                try:
+                    m = self.content.manifest(mid)
+                except FsError:
+                    m = None
+            total += m.stored_bytes() if m is not None else 0
+        return total
+
+    def replica_room(self) -> int:
+        """What this node still takes as replicas (announced as HOLDINGS ``free``)."""
+        return max(0, self.replica_budget() - self.replica_bytes())
+
+    def _hold_allowed(self, peer: str) -> bool:
+        """Token bucket per peer: `HOLD_BURST` at once, `HOLD_RATE` a second after that."""
+        now = time.monotonic()
+        tokens, at = self._hold_tokens.get(peer, (float(HOLD_BURST), now))
+        tokens = min(float(HOLD_BURST), tokens + (now - at) * HOLD_RATE)
+        allowed = tokens >= 1.0
+        self._hold_tokens[peer] = (tokens - 1.0 if allowed else tokens, now)
+        return allowed
+
+    def _refuse_hold(self, peer: str, manifest_id: bytes, path: str, why: str) -> bool:
+        self.holds_refused += 1
+        log.info("peer %s asked this node to hold %s of %r: refused (%s)", peer[:16], short(manifest_id), path, why)
+        return False
+
+    async def on_hold(self, manifest_id: ChunkId, path: str, peer: str, signature: bytes) -> bool:
+        """A peer asks this node to hold a version whole (the chunk server's HOLD); True if
+        accepted. Refused (logged, `holds_refused`):
+
+        * beyond the peer's rate (`HOLD_BURST`, then `HOLD_RATE` a second), checked first:
+          a flood costs a token bucket per peer, nothing else;
+        * without write capability: ``signature`` must be the namespace key's over
+          `hold_signed_bytes` (this node, the version, the path). Every writer holds the
+          namespace secret, so any writer can ask; a read-only member cannot;
+        * for a version the namespace does not reference at ``path`` (live or kept as a
+          conflict): a writer's HOLD that arrives before its entry is asked again on its
+          next round (every second);
+        * beyond this node's room for replicas (`replica_room`, as announced): the size is
+          the version's stored bytes, from its manifest, fetched from the asker first
+          when not held here (within `HOLD_MANIFEST_TIMEOUT`, else refused). A version
+          already held as a replica is accepted again at no cost.
         """
         if self._nursery is None:
             return False
+        if not self._hold_allowed(peer):
+            return self._refuse_hold(peer, manifest_id, path, "rate limit")
+        keys = self.node.replica.keys
+        if not crypto.verify(keys.id, hold_signed_bytes(bytes.fromhex(self.holdings.self_id), manifest_id, path),
+                             signature):
+            return self._refuse_hold(peer, manifest_id, path, "not signed with the namespace key: no write capability")
         if not any(v.manifest == manifest_id and not v.deleted for v in self.node.namespace.versions(path)):
-            log.info("peer %s asked this node to hold %s of %r, which the namespace does not reference: refused",
-                     peer[:16], short(manifest_id), path)
-            return False
+            return self._refuse_hold(peer, manifest_id, path, "not a version of that path in the namespace")
+        if manifest_id not in self.node.replicas():
+            try:
+                with trio.fail_after(HOLD_MANIFEST_TIMEOUT):
+                    m = await self.content.load(manifest_id, holders=[peer])
+            except (FsError, trio.TooSlowError) as exc:
+                return self._refuse_hold(peer, manifest_id, path, f"its manifest could not be had: {exc}")
+            room = self.replica_room()
+            if m.stored_bytes() > room:
+                return self._refuse_hold(peer, manifest_id, path,
+                                         f"{m.stored_bytes()} bytes, room for replicas is {room}")
         replicas = self.node.replicas()
         if manifest_id not in replicas:
             replicas[manifest_id] = path

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import blake3
@@ -22,7 +22,15 @@ import trio
 
 from blixfs import crypto
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
-from blixfs.chunkproto import ChunkServer, encode_have, encode_hold, encode_prove, encode_request, prove_digest
+from blixfs.chunkproto import (
+    ChunkServer,
+    encode_have,
+    encode_hold,
+    encode_prove,
+    encode_request,
+    hold_signed_bytes,
+    prove_digest,
+)
 from blixfs.chunkstore import MAX_CHUNK_BYTES, MemoryChunkStore
 from blixfs.entry import Entry, Kind
 from blixfs.frames import Entries, ErrorFrame, Hello, Synced, encode, holdings_signed_bytes
@@ -100,7 +108,7 @@ def _frame_table(raw: bytes, parts: list[tuple[int, str]]) -> list[str]:
 
 
 def _served(store: MemoryChunkStore, requests: list[bytes],
-            on_hold: Callable[[ChunkId, str, str], bool] | None = None) -> list[bytes]:
+            on_hold: Callable[[ChunkId, str, str, bytes], Awaitable[bool]] | None = None) -> list[bytes]:
     """What blixfs's own chunk server sends back for each request (one stream each), over
     the in-memory transport: the bytes up to its FIN."""
 
@@ -270,7 +278,7 @@ def build() -> _Doc:
             "context `blixfs/holdings/1` and a zero byte, then the payload without its signature:")
     doc.block("frame.holdings_signed", _hex(holdings_signed_bytes(frame)))
     doc.say(*_frame_table(held, [(4, "length"), (1, "type = 5 (HOLDINGS)"), (32, "node id"),
-                                 (8, f"seq = {holdings.own.seq}"), (8, "free = 0 (cache room, bytes)"),
+                                 (8, f"seq = {holdings.own.seq}"), (8, "free = 0 (room for replicas, bytes)"),
                                  (2, f"address length = {addr_len}"),
                                  (addr_len, "node address (as in tickets)"), (4, "complete count = 1"),
                                  (32, "manifest id"), (4, "partial count = 1"), (32, "manifest id"),
@@ -360,14 +368,25 @@ def _chunks_example(doc: _Doc, manifest: Manifest, chunks: dict[ChunkId, bytes],
     doc.say("The answer to `chunks.request` with its version byte set to 2: status BAD_REQUEST",
             "(`02`), length 0, no body:")
     doc.block("chunks.response_bad_request", _hex(answers[3]))
-    hold = encode_hold(mid, "vm.img")
+    target = crypto.public_key(AUTHOR_B_SEED)
+    hold_signed = hold_signed_bytes(target, mid, "vm.img")
+    hold = encode_hold(mid, "vm.img", crypto.sign(NAMESPACE_SEED, hold_signed))
     held: list[tuple[ChunkId, str, str]] = []
-    accepted = _served(store, [hold], on_hold=lambda mid, name, peer: held.append((mid, name, peer)) is None)
+
+    async def accept(mid: ChunkId, name: str, peer: str, signature: bytes) -> bool:
+        held.append((mid, name, peer))
+        return crypto.verify(NamespaceKeys.from_secret(NAMESPACE_SEED).id, hold_signed, signature)
+
+    accepted = _served(store, [hold], on_hold=accept)
     refused = _served(store, [hold])
     if [(m, n) for m, n, _ in held] != [(mid, "vm.img")]:
         raise AssertionError("the server did not pass the HOLD request on")
-    doc.say(f"HOLD of the {SECTION}.7 manifest as the version of `vm.img` (op 2: the request's id is the",
-            "manifest id, offset and length are 0, then the path's length as a u16 and its UTF-8 bytes):")
+    doc.say(f"HOLD of the {SECTION}.7 manifest as the version of `vm.img`, asked of node B (`keys.author_b`).",
+            "It is signed with the namespace key (`keys.namespace_seed`) over the context `blixfs/hold/1`, a",
+            "zero byte, the target's node id, the manifest id and the path's UTF-8 bytes:")
+    doc.block("chunks.hold_signed", _hex(hold_signed))
+    doc.say("The request (op 2: the request's id is the manifest id, offset and length are 0, then the",
+            "path's length as a u16, its UTF-8 bytes and the 64-byte signature):")
     doc.block("chunks.request_hold", _hex(hold))
     doc.say("The answer of a node that accepts (it will pull the version and keep it): status OK,",
             "length 0; then FIN:")

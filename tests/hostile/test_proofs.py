@@ -4,6 +4,7 @@ protocols by hand. Each test reproduces an attack that worked before its fix."""
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from pathlib import Path
@@ -24,8 +25,11 @@ from blixfs.chunkproto import (
     OP_PROVE,
     VERSION,
     ChunkServer,
+    encode_hold,
     encode_prove,
+    hold_signed_bytes,
     prove_digest,
+    request_hold,
     request_prove,
 )
 from blixfs.chunkstore import MemoryChunkStore
@@ -34,7 +38,7 @@ from blixfs.hashing import ChunkId
 from blixfs.manifest import Manifest
 from blixfs.net.memory import MemoryNetwork, MemoryTransport
 from blixfs.net.transport import NodeAddr, Stream, TransportError
-from blixfs.replication import Replicator
+from blixfs.replication import HOLD_BURST, HOLD_RATE, Replicator
 from blixfs.sync import ALPN as SYNC_ALPN
 from tests.cluster import InNode, cluster, wait_until
 
@@ -214,3 +218,52 @@ def test_prove_fuzz_never_crashes_the_server(count: int, tail: bytes, known: boo
 
     trio.run(main)
     assert not failures
+
+
+# ---------------------------------------------------------------- item 3: disk filling by HOLD
+
+
+async def test_hold_needs_write_capability_room_and_a_reasonable_rate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "blixfs.replication")
+    async with cluster(tmp_path, ["a", "b"], copies=1) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        await a.write("small", 0, os.urandom(100_000), create=True)
+        await a.write("big", 0, os.urandom(900_000), create=True)
+        small, big = _manifest(a, "small"), _manifest(a, "big")
+        await wait_until(lambda: b.entry("big") is not None, "b knows both files")
+        secret = a.node.replica.keys.secret
+        assert secret is not None
+        target = NodeAddr(b.id)
+        b.node.set_cache_size(1 << 20)  # room for replicas: half of it, 512 KiB
+        replicator = _replicator(b)
+        async with _network(a).open_transport() as reader:
+            # A read-only member has no namespace key: unsigned, or signed with a key of its own.
+            assert not await request_hold(reader, target, ChunkId(small), "small", None)
+            assert not await request_hold(reader, target, ChunkId(small), "small", crypto.generate_secret())
+            # A writer's HOLD made for another node cannot be replayed to this one.
+            other = bytes.fromhex(a.id)
+            replayed = encode_hold(ChunkId(small), "small", crypto.sign(secret, hold_signed_bytes(other, small,
+                                                                                                    "small")))
+            stream = await reader.open_stream(target, CHUNKS_ALPN)
+            async with stream:
+                await stream.send_all(replayed)
+                await stream.send_eof()
+                assert (await stream.receive_exactly(5))[0] == BAD_REQUEST
+        assert b.node.replicas() == {}
+        assert "no write capability" in caplog.text
+        # A writer within the room is accepted; beyond it, refused.
+        writer = a.runtime.transport
+        assert not await request_hold(writer, target, ChunkId(big), "big", secret)
+        assert "room for replicas" in caplog.text
+        assert await request_hold(writer, target, ChunkId(small), "small", secret)
+        assert b.node.replicas() == {small: "small"}
+        # A flood from one writer is cut to its burst and rate.
+        accepted = 0
+        started = trio.current_time()
+        for _ in range(200):
+            accepted += await request_hold(writer, target, ChunkId(small), "small", secret)
+        elapsed = trio.current_time() - started
+        assert accepted <= HOLD_BURST + HOLD_RATE * elapsed + 1 < 200
+        assert "rate limit" in caplog.text and replicator.holds_refused >= 200 - accepted

@@ -203,7 +203,10 @@ def test_hold_request() -> None:
     version, op, mid, offset, length = struct.unpack_from(">BB32sQI", hold)
     (size,) = struct.unpack_from(">H", hold, 46)
     assert (version, op, mid, offset, length) == (1, 2, raw("manifest.id"), 0, 0)
-    assert hold[48:].decode("utf-8") == "vm.img" and size == len(hold) - 48
+    assert hold[48:-64].decode("utf-8") == "vm.img" and size == len(hold) - 48 - 64
+    # signed with the namespace key (write capability) for target node B
+    assert raw("chunks.hold_signed") == b"blixfs/hold/1\x00" + raw("keys.author_b") + raw("manifest.id") + b"vm.img"
+    assert crypto.verify(raw("keys.namespace_id"), raw("chunks.hold_signed"), hold[-64:])
     assert raw("chunks.response_hold_accepted") == struct.pack(">BI", 0, 0)
     assert raw("chunks.response_hold_refused") == struct.pack(">BI", 2, 0)
 
