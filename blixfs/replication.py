@@ -282,11 +282,13 @@ class Replicator:
                 if proof.failed or proof.passed == -math.inf:
                     log.info("holder %s proved it holds %s", peer[:16], short(manifest_id))
                 proof.passed, proof.failed = time.monotonic(), False
+                self.peers.trusted.add(peer)  # reads keep their deadline for it (blixfs.fetcher)
             else:
                 if not proof.failed:
                     log.warning("holder %s claims %s but failed its proof (%s): not counted as a copy", peer[:16],
                                 short(manifest_id), "does not hold it" if answer is None else "wrong answer")
                 proof.failed = True
+                self.peers.trusted.discard(peer)
         finally:
             proof.inflight = False
 
@@ -364,7 +366,8 @@ class Replicator:
         for rep in sorted(self.files.values(), key=lambda r: r.path):
             progress = {p[:16]: self._progress(p, rep.manifest) for p in rep.targets}
             out.append({"path": rep.path, "manifest": rep.manifest.hex(), "state": rep.state,
-                        "copies": rep.copies, "want": rep.want, "targets": progress})
+                        "copies": rep.copies, "want": rep.want, "targets": progress,
+                        "unproven": [p[:16] for p in rep.claimed if p not in rep.holders]})
         return out
 
     def _progress(self, peer: str, manifest_id: bytes) -> float:

@@ -267,3 +267,58 @@ async def test_hold_needs_write_capability_room_and_a_reasonable_rate(
         elapsed = trio.current_time() - started
         assert accepted <= HOLD_BURST + HOLD_RATE * elapsed + 1 < 200
         assert "rate limit" in caplog.text and replicator.holds_refused >= 200 - accepted
+
+
+# ---------------------------------------------------------------- item 5: reads stalled by fake holders
+
+
+async def _stalling_chunk_server(stream: Stream, peer: str) -> None:
+    """A fake holder: says yes to every HAVE, and never answers a GET."""
+    while True:
+        head = await stream.receive_exactly(46)
+        op, count = head[1], struct.unpack_from(">I", head, 42)[0]
+        if op != 3:
+            await trio.sleep_forever()
+        await stream.receive_exactly(32 * count)
+        await stream.send_all(struct.pack(">BI", OK, (count + 7) // 8) + b"\xff" * ((count + 7) // 8))
+
+
+async def test_reads_succeed_within_the_deadline_despite_four_stalling_fake_holders(tmp_path: Path) -> None:
+    async with cluster(tmp_path, ["author", "reader"], copies=1) as nodes:
+        author, reader = nodes["author"], nodes["reader"]
+        contents = {f"img{i}": os.urandom(6 * 64 * 1024) for i in range(3)}
+        for path, data in contents.items():
+            await author.write(path, 0, data, create=True)
+        mids = [_manifest(author, p) for p in contents]
+        await wait_until(lambda: all(reader.entry(p) is not None for p in contents), "the reader knows the files")
+        net = _network(author)
+        async with trio.open_nursery() as nursery:
+            fakes = [crypto.generate_secret() for _ in range(4)]
+            for secret in fakes:
+                fake_id = crypto.public_key(secret)
+                transport = await nursery.start(_fake_transport, net, fake_id.hex())
+                frame = _signed(secret, HoldingsFrame(fake_id, 1, sorted(mids), []))
+                stream = await transport.open_stream(NodeAddr(reader.id), SYNC_ALPN)
+                await stream.send_all(encode(Hello(reader.node.replica.keys.id, {})) + encode(frame))
+            holdings = reader.runtime.holdings
+            await wait_until(lambda: all(crypto.public_key(s).hex() in holdings.nodes for s in fakes),
+                             "the reader took the fakes' holdings")
+            timings: list[float] = []
+            peers = reader.runtime.peers
+            for round_, (path, data) in enumerate(contents.items()):
+                if round_:  # as when their penalties run out: the fakes are candidates again
+                    for secret in fakes:
+                        peers.of(crypto.public_key(secret).hex()).penalised_until = 0.0
+                started = trio.current_time()
+                assert await reader.read(path) == data
+                timings.append(trio.current_time() - started)
+            print("whole-file reads with 4 stalling fake holders (s):", [round(t, 2) for t in timings],
+                  "fakes' strikes:", [peers.of(crypto.public_key(s).hex()).strikes for s in fakes])
+            assert max(timings) < 10.0  # the fetch deadline is 20 s
+            nursery.cancel_scope.cancel()
+
+
+async def _fake_transport(net: MemoryNetwork, node_id: str, *, task_status: trio.TaskStatus[object]) -> None:
+    async with net.open_transport(node_id, handlers={CHUNKS_ALPN: _stalling_chunk_server}) as transport:
+        task_status.started(transport)
+        await trio.sleep_forever()
