@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import blake3
 import trio
+from lru import LRU
 
 from blixfs import crypto
 from blixfs.chunkstore import MAX_CHUNK_BYTES, ChunkStore
@@ -76,6 +77,7 @@ OP_PROVE = 4  # "hash these ranges of this version with my nonce": count in the 
 MAX_PROVE_RANGES = 16
 MAX_PROVE_LENGTH = 64 * 1024  # bytes of one range: a proof reads little
 NONCE_LEN = 32
+PROVE_MANIFESTS = 16  # decoded manifests a chunk server keeps for PROVE
 _RANGE = struct.Struct(">III")
 MAX_HOLD_PATH = 4096
 MAX_HAVE = 1024  # ids in one HAVE: 32 KiB of request, a 128-byte answer
@@ -187,6 +189,9 @@ class ChunkServer:
         self.requests = 0
         self.have_requests = 0
         self.prove_requests = 0
+        # Decoded manifests PROVE asked about: a writer challenges each holder of a version
+        # every few minutes, and a large image's manifest is megabytes to decode.
+        self._manifests: LRU[ChunkId, Manifest] = LRU(PROVE_MANIFESTS)
         self.on_hold: Callable[[ChunkId, str, str, bytes], Awaitable[bool]] | None = None
 
     async def _hold(self, stream: Stream, peer_id: str, manifest_id: ChunkId) -> None:
@@ -242,13 +247,16 @@ class ChunkServer:
         return True
 
     async def _proof(self, manifest_id: ChunkId, nonce: bytes, ranges: list[tuple[int, int, int]]) -> tuple[int, bytes]:
-        raw = await self.store.load(manifest_id)
-        if raw is None:
-            return DONT_HAVE, b""
-        try:
-            manifest = Manifest.decode(raw)
-        except ManifestError:
-            return DONT_HAVE, b""  # a manifest that does not decode is not held
+        manifest = self._manifests.get(manifest_id) if self.store.has(manifest_id) else None
+        if manifest is None:
+            raw = await self.store.load(manifest_id)
+            if raw is None:
+                return DONT_HAVE, b""
+            try:
+                manifest = Manifest.decode(raw)
+            except ManifestError:
+                return DONT_HAVE, b""  # a manifest that does not decode is not held
+            self._manifests[manifest_id] = manifest
         parts: list[bytes] = []
         for index, offset, length in ranges:
             if index >= len(manifest.ids) or length > MAX_PROVE_LENGTH:

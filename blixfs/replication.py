@@ -79,6 +79,7 @@ PROVE_TIMEOUT = 10.0  # for one proof: a few small reads on the holder, one roun
 PROOF_TTL = 2 * PROVE_INTERVAL + PROVE_TIMEOUT  # a holder that stopped answering counts this long after its last pass
 PROVE_RANGES = 4  # ranges per challenge
 PROVE_LENGTH = 4096  # bytes per range
+CHALLENGE_REUSE = 10.0  # seconds the ranges of one version serve every holder's challenge (new nonce each)
 REPLICA_SHARE = 0.5  # of the cache budget, at most, holds replicas for others (pinned: never evicted)
 HOLD_BURST = 64  # HOLD requests one peer may make at once ...
 HOLD_RATE = 4.0  # ... and then per second (a writer asks for each file below R every round)
@@ -138,6 +139,7 @@ class Replicator:
         self._nursery: trio.Nursery | None = None
         self.proofs: dict[tuple[str, bytes], Proof] = {}  # (holder, manifest id) -> its last challenges
         self.prove_interval = PROVE_INTERVAL
+        self._challenges: dict[bytes, tuple[float, tuple[list[tuple[int, int, int]], list[bytes]]]] = {}
         self._hold_tokens: LRU[str, tuple[float, float]] = LRU(HOLD_PEERS)  # peer -> (tokens, when)
         self.holds_refused = 0
 
@@ -196,6 +198,8 @@ class Replicator:
         live = {(p, r.manifest) for r in seen.values() for p in r.claimed}
         for key in [k for k, proof in self.proofs.items() if k not in live and not proof.inflight]:
             del self.proofs[key]  # holders that no longer claim it, versions superseded
+        for mid in [m for m, (at, _) in self._challenges.items() if now - at >= CHALLENGE_REUSE]:
+            del self._challenges[mid]
 
     # ----------------------------------------------------------------- proofs of holding
 
@@ -218,6 +222,19 @@ class Replicator:
                 self._nursery.start_soon(self._prove, peer, rep.manifest, proof)
 
     async def _challenge(self, manifest_id: bytes) -> tuple[list[tuple[int, int, int]], list[bytes]] | None:
+        """Random ranges of the version and their bytes, shared by the challenges of one
+        round (`CHALLENGE_REUSE` seconds: each holder still gets its own nonce, so no answer
+        serves twice, and the writer reads the ranges once, not once per holder)."""
+        cached = self._challenges.get(manifest_id)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < CHALLENGE_REUSE:
+            return cached[1]
+        challenge = await self._new_challenge(manifest_id)
+        if challenge is not None:
+            self._challenges[manifest_id] = (now, challenge)
+        return challenge
+
+    async def _new_challenge(self, manifest_id: bytes) -> tuple[list[tuple[int, int, int]], list[bytes]] | None:
         """Random ranges of the version and their bytes; None when this node cannot know the
         answer (the manifest and every chunk gone here, and no holder could serve one).
 

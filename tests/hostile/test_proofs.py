@@ -33,13 +33,14 @@ from blixfs.chunkproto import (
     request_prove,
 )
 from blixfs.chunkstore import MemoryChunkStore
-from blixfs.frames import Hello, HoldingsFrame, encode, holdings_signed_bytes
+from blixfs.frames import FrameError, Hello, HoldingsFrame, decode, encode, holdings_signed_bytes
 from blixfs.hashing import ChunkId
 from blixfs.manifest import Manifest
 from blixfs.net.memory import MemoryNetwork, MemoryTransport
 from blixfs.net.transport import NodeAddr, Stream, TransportError
 from blixfs.replication import HOLD_BURST, HOLD_RATE, Replicator
 from blixfs.sync import ALPN as SYNC_ALPN
+from blixfs.sync import holdings_verified
 from tests.cluster import InNode, cluster, wait_until
 
 
@@ -322,3 +323,27 @@ async def _fake_transport(net: MemoryNetwork, node_id: str, *, task_status: trio
     async with net.open_transport(node_id, handlers={CHUNKS_ALPN: _stalling_chunk_server}) as transport:
         task_status.started(transport)
         await trio.sleep_forever()
+
+
+_SECRET = crypto.generate_secret()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.lists(st.binary(min_size=32, max_size=32), max_size=4),
+       st.lists(st.tuples(st.binary(min_size=32, max_size=32), st.binary(max_size=40)), max_size=3),
+       st.integers(0, 200))
+def test_signed_holdings_round_trip_and_any_change_breaks_the_signature(
+    seq: int, free: int, complete: list[bytes], partial: list[tuple[bytes, bytes]], flip: int,
+) -> None:
+    node_id = crypto.public_key(_SECRET)
+    frame = _signed(_SECRET, HoldingsFrame(node_id, seq, complete, partial, b"", free))
+    raw = encode(frame)
+    decoded = decode(raw[4], raw[5:])
+    assert decoded == frame and isinstance(decoded, HoldingsFrame) and holdings_verified(decoded)
+    tampered = bytearray(raw)
+    tampered[5 + flip % (len(raw) - 5)] ^= 1
+    try:
+        altered = decode(tampered[4], bytes(tampered[5:]))
+    except FrameError:
+        return
+    assert not (isinstance(altered, HoldingsFrame) and holdings_verified(altered))
