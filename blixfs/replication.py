@@ -141,6 +141,7 @@ class Replicator:
         self.prove_interval = PROVE_INTERVAL
         self._challenges: dict[bytes, tuple[float, tuple[list[tuple[int, int, int]], list[bytes]]]] = {}
         self._hold_tokens: LRU[str, tuple[float, float]] = LRU(HOLD_PEERS)  # peer -> (tokens, when)
+        self._too_big: LRU[bytes, bool] = LRU(HOLD_PEERS)  # new versions a replica did not follow (no room)
         self.holds_refused = 0
 
     # ----------------------------------------------------------------- writer side
@@ -485,9 +486,28 @@ class Replicator:
             self._nursery.start_soon(self._pull, manifest_id, path, peer)
         return True
 
-    async def _pull(self, manifest_id: ChunkId, path: str, asker: str | None) -> None:
+    async def _pull(self, manifest_id: ChunkId, path: str, asker: str | None, follows: bytes | None = None) -> None:
+        """Fetch the version whole. When it replaces ``follows`` (a replica following its file,
+        not a HOLD: nobody checked its size), it is pulled only if it fits the room for
+        replicas once the old version goes; otherwise this node keeps the old version only
+        (its chunks may be the last copies of the ones the versions share) and says so."""
         try:
             author = next((v.author for v in self.node.namespace.versions(path) if v.manifest == manifest_id), None)
+            if follows is not None:
+                m = await self.content.load(manifest_id, author)
+                old = self.content.manifest(follows) if self.node.chunks.has(ChunkId(follows)) else None
+                replicas = self.node.replicas()
+                others = self.replica_bytes() - (old.stored_bytes() if old is not None else 0)
+                if manifest_id not in replicas:
+                    others += m.stored_bytes()  # its record was not written yet: count it
+                if others > self.replica_budget():
+                    self._too_big[manifest_id] = True
+                    replicas.pop(manifest_id, None)
+                    self.node.set_replicas(replicas)
+                    log.warning("not following %s to its new version %s: %d bytes of replicas would exceed the "
+                                "budget of %d; keeping the old version", path, short(manifest_id), others,
+                                self.replica_budget())
+                    return
             result = await self.content.fetch_version(manifest_id, author=author, label=path,
                                                       extra_holders=[asker] if asker else [])
             if result.failed:
@@ -516,12 +536,15 @@ class Replicator:
             current = self.node.namespace.get(path)
             if current is None or current.kind is not Kind.FILE or current.manifest is None:
                 continue  # the file is gone (or empty): nothing of it to keep
+            if current.manifest in self._too_big:  # it did not fit (`_pull`): keep what we had
+                kept[mid] = path
+                continue
             kept[current.manifest] = path
             if current.manifest not in self.holdings.own.complete:
                 kept[mid] = path  # until the new version is whole here
                 if self._nursery is not None and current.manifest not in self._pulling:
                     self._pulling.add(current.manifest)
-                    self._nursery.start_soon(self._pull, ChunkId(current.manifest), path, None)
+                    self._nursery.start_soon(self._pull, ChunkId(current.manifest), path, None, mid)
         if kept != replicas:
             self.node.set_replicas(kept)
             if self.node.cache is not None:

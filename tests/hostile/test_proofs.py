@@ -347,3 +347,21 @@ def test_signed_holdings_round_trip_and_any_change_breaks_the_signature(
     except FrameError:
         return
     assert not (isinstance(altered, HoldingsFrame) and holdings_verified(altered))
+
+
+async def test_a_replica_does_not_follow_its_file_beyond_the_room(tmp_path: Path) -> None:
+    """A writer whose version a node holds grows the file past that node's room: the node keeps
+    the old version (it may hold the last copies of shared chunks) and does not pull the new."""
+    async with cluster(tmp_path, ["a", "b"], copies=2) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        b.node.set_cache_size(1 << 20)  # room for replicas: 512 KiB
+        _replicator(a).prove_interval = 0.3
+        await a.write("img", 0, os.urandom(100_000), create=True)
+        old = _manifest(a, "img")
+        await wait_until(lambda: _durable(a, old), "the first version durable on b")
+        await a.write("img", 100_000, os.urandom(800_000))
+        new = _manifest(a, "img")
+        assert new != old
+        await wait_until(lambda: new in _replicator(b)._too_big, "b declining to follow")
+        assert b.node.replicas() == {old: "img"}
+        assert not _durable(a, new)
