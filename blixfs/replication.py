@@ -79,6 +79,7 @@ PROVE_TIMEOUT = 10.0  # for one proof: a few small reads on the holder, one roun
 PROOF_TTL = 2 * PROVE_INTERVAL + PROVE_TIMEOUT  # a holder that stopped answering counts this long after its last pass
 PROVE_RANGES = 4  # ranges per challenge
 PROVE_LENGTH = 4096  # bytes per range
+STARTUP_GRACE = 60.0  # after start, holdings and proofs are being rebuilt: nothing is un-marked yet
 CHALLENGE_REUSE = 10.0  # seconds the ranges of one version serve every holder's challenge (new nonce each)
 REPLICA_SHARE = 0.5  # of the cache budget, at most, holds replicas for others (pinned: never evicted)
 HOLD_BURST = 64  # HOLD requests one peer may make at once ...
@@ -139,6 +140,7 @@ class Replicator:
         self._nursery: trio.Nursery | None = None
         self.proofs: dict[tuple[str, bytes], Proof] = {}  # (holder, manifest id) -> its last challenges
         self.prove_interval = PROVE_INTERVAL
+        self._started = time.monotonic()
         self._challenges: dict[bytes, tuple[float, tuple[list[tuple[int, int, int]], list[bytes]]]] = {}
         self._hold_tokens: LRU[str, tuple[float, float]] = LRU(HOLD_PEERS)  # peer -> (tokens, when)
         self._too_big: LRU[bytes, bool] = LRU(HOLD_PEERS)  # new versions a replica did not follow (no room)
@@ -153,6 +155,7 @@ class Replicator:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._started = time.monotonic()
             task_status.started()
             while True:
                 try:
@@ -189,10 +192,12 @@ class Replicator:
             if rep.state == "durable":
                 self._mark_durable(e.manifest)
             else:
-                # Holders whose first proof is under way still count against un-marking: a
-                # restart must not protect every durable version until its holders answer.
+                # Holders whose first proof is under way still count against un-marking, and
+                # nothing is un-marked while holdings arrive after a start (they are not kept
+                # across restarts): a restart must not protect every durable version at once.
                 first = [p for p in rep.claimed if self._first_proof_pending(p, e.manifest)]
-                if rep.copies + len(first) < rep.want:
+                settled = now - self._started > min(STARTUP_GRACE, self.prove_interval)
+                if settled and rep.copies + len(first) < rep.want:
                     self._mark_not_durable(e.manifest, rep)
                 await self._ask(rep, now)
         self.files = seen
