@@ -33,7 +33,7 @@ from blixfs.chunkproto import (
     request_prove,
 )
 from blixfs.chunkstore import MemoryChunkStore
-from blixfs.frames import FrameError, Hello, HoldingsFrame, decode, encode, holdings_signed_bytes
+from blixfs.frames import FrameError, Hello, HoldingsFrame, Synced, decode, encode, holdings_signed_bytes
 from blixfs.hashing import ChunkId
 from blixfs.manifest import Manifest
 from blixfs.net.memory import MemoryNetwork, MemoryTransport
@@ -365,3 +365,54 @@ async def test_a_replica_does_not_follow_its_file_beyond_the_room(tmp_path: Path
         await wait_until(lambda: new in _replicator(b)._too_big, "b declining to follow")
         assert b.node.replicas() == {old: "img"}
         assert not _durable(a, new)
+
+
+async def _fake_member(net: MemoryNetwork, secret: bytes, reader: InNode, *,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """A fake holder known only by its HAVE answers: a synced session with the reader (so the
+    reader asks it when locating), yes to every HAVE, no answer to any GET."""
+    node_id = crypto.public_key(secret).hex()
+    async with net.open_transport(node_id, handlers={CHUNKS_ALPN: _stalling_chunk_server}) as transport:
+        stream = await transport.open_stream(NodeAddr(reader.id), SYNC_ALPN)
+        async with stream:
+            await stream.send_all(encode(Hello(reader.node.replica.keys.id, {})) + encode(Synced({})))
+            task_status.started()
+            while await stream.receive_some(1 << 16):  # drain what the reader sends
+                pass
+            await trio.sleep_forever()
+
+
+async def test_holders_found_by_have_are_claims_too(tmp_path: Path) -> None:
+    """The author no longer holds the data, the one honest holder announces nothing, and four
+    fake members answer every HAVE with yes and stall every GET: the reader locates by HAVE
+    and still reads every chunk well within the fetch deadline."""
+    async with cluster(tmp_path, ["author", "holder", "reader"], copies=1) as nodes:
+        author, holder, reader = nodes["author"], nodes["holder"], nodes["reader"]
+        data = os.urandom(6 * 64 * 1024)
+        await author.write("img", 0, data, create=True)
+        mid = _manifest(author, "img")
+        await wait_until(lambda: holder.entry("img") is not None, "the holder knows the file")
+        fetched = await holder.vfs.content.fetch_version(mid, author=bytes.fromhex(author.id), label="img")
+        assert not fetched.failed
+        m = author.vfs.content.manifest(mid)
+        assert m is not None
+        for cid in set(m.ids):
+            author.node.chunks.delete(cid)  # its chunks go (the manifest stays): it answers DONT_HAVE
+        own = holder.runtime.holdings.own
+        own.complete.clear()
+        own.partial.clear()
+        own.seq += 1
+        holder.runtime.holdings.changed.set()  # the holder announces it holds nothing
+        await wait_until(lambda: not reader.runtime.holdings.holders(mid) and not any(
+            reader.runtime.holdings.holders(mid, i) for i in range(len(m.ids))), "the reader sees no holder")
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                await nursery.start(_fake_member, _network(author), crypto.generate_secret(), reader)
+            await wait_until(lambda: len([s for s in reader.runtime.sync.sessions() if s.synced.is_set()]) >= 6,
+                             "the fakes' sessions synced")
+            started = trio.current_time()
+            assert await reader.read("img") == data
+            elapsed = trio.current_time() - started
+            print(f"whole-file read located by HAVE among 4 stalling fakes: {elapsed:.2f} s")
+            assert elapsed < 10.0
+            nursery.cancel_scope.cancel()
