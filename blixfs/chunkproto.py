@@ -13,6 +13,17 @@ cheap, and concurrency is several streams on the one connection per peer)::
 HAVE asks which of a batch of chunk ids the peer holds now: holders found by content,
 whatever version the requester read (`blixfs.content`). Like GET it keeps the stream.
 
+    PROVE    = version | op 4 | manifest id | offset 0 | count: u32 (1..MAX_PROVE_RANGES)
+               | nonce: 32 bytes | count x (chunk index: u32 | offset: u32 | length: u32)
+    response = status OK | length 32 | BLAKE3(nonce || the bytes of each range, in order)
+               (DONT_HAVE: the manifest or a chunk named is not held; BAD_REQUEST: an index
+               beyond the manifest or a range longer than MAX_PROVE_LENGTH)
+
+PROVE is how a writer checks that a node claiming to hold a version holds its bytes now
+(`blixfs.replication`): the nonce is fresh, so the answer cannot be computed in advance,
+and the ranges are random, so only a node holding the version (or fetching it on demand)
+can answer. Like GET it keeps the stream.
+
 ``length`` 0 asks for the chunk from ``offset`` to its end. A requester that asks for a
 whole chunk verifies its BLAKE3 id before using it (`ChunkClient.fetch` does); a range
 cannot be verified against a flat BLAKE3 id, so blixfs itself always fetches whole
@@ -34,13 +45,17 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import blake3
 import trio
+from lru import LRU
 
+from blixfs import crypto
 from blixfs.chunkstore import MAX_CHUNK_BYTES, ChunkStore
-from blixfs.hashing import ChunkId, chunk_id, short
+from blixfs.hashing import HOLE, ChunkId, chunk_id, short
+from blixfs.manifest import Manifest, ManifestError
 from blixfs.net.transport import (
     CODE_APP_MIN,
     NodeAddr,
@@ -55,8 +70,15 @@ log = logging.getLogger(__name__)
 ALPN = b"blixfs/chunks/1"
 VERSION = 1
 OP_GET = 1
-OP_HOLD = 2  # "please hold this version whole for durability": chunk id = its manifest id, then u16 | path
+OP_HOLD = 2  # "please hold this version whole for durability": chunk id = its manifest id, then u16 | path | sig
+HOLD_CONTEXT = b"blixfs/hold/1\x00"  # signature domain of a HOLD's namespace signature
 OP_HAVE = 3  # "which of these chunk ids do you hold?": count in the length field, then the ids
+OP_PROVE = 4  # "hash these ranges of this version with my nonce": count in the length field, nonce, ranges
+MAX_PROVE_RANGES = 16
+MAX_PROVE_LENGTH = 64 * 1024  # bytes of one range: a proof reads little
+NONCE_LEN = 32
+PROVE_MANIFESTS = 16  # decoded manifests a chunk server keeps for PROVE
+_RANGE = struct.Struct(">III")
 MAX_HOLD_PATH = 4096
 MAX_HAVE = 1024  # ids in one HAVE: 32 KiB of request, a 128-byte answer
 OK, DONT_HAVE, BAD_REQUEST = 0, 1, 2
@@ -113,19 +135,54 @@ def encode_have_answer(held: list[bool]) -> bytes:
     return _RESPONSE.pack(OK, len(bits)) + bytes(bits)
 
 
-def encode_hold(manifest_id: ChunkId, path: str) -> bytes:
-    """A HOLD request: hold the version ``manifest_id`` of ``path`` whole (protocol.md 14.1)."""
+def hold_signed_bytes(target: bytes, manifest_id: bytes, path: str) -> bytes:
+    """What a HOLD's namespace signature covers: the context, the target node's id (a HOLD
+    cannot be replayed to another node), the manifest id and the path's UTF-8 bytes."""
+    return HOLD_CONTEXT + target + manifest_id + path.encode("utf-8")
+
+
+def encode_hold(manifest_id: ChunkId, path: str, signature: bytes = b"") -> bytes:
+    """A HOLD request: hold the version ``manifest_id`` of ``path`` whole (protocol.md 14.1),
+    with the namespace key's ``signature`` of `hold_signed_bytes` (b"": 64 zero bytes, which
+    every target refuses)."""
     encoded = path.encode("utf-8")
     if len(encoded) > MAX_HOLD_PATH:
         raise ValueError(f"a HOLD path has at most {MAX_HOLD_PATH} bytes")
-    return _REQUEST.pack(VERSION, OP_HOLD, manifest_id, 0, 0) + struct.pack(">H", len(encoded)) + encoded
+    signature = signature or bytes(64)
+    if len(signature) != 64:
+        raise ValueError("a HOLD signature has 64 bytes")
+    return _REQUEST.pack(VERSION, OP_HOLD, manifest_id, 0, 0) + struct.pack(">H", len(encoded)) + encoded + signature
+
+
+def encode_prove(manifest_id: ChunkId, nonce: bytes, ranges: list[tuple[int, int, int]]) -> bytes:
+    """A PROVE request (protocol.md 14.1): ``ranges`` are (chunk index, offset, length)."""
+    if not 1 <= len(ranges) <= MAX_PROVE_RANGES or len(nonce) != NONCE_LEN:
+        raise ValueError(f"a PROVE has 1 to {MAX_PROVE_RANGES} ranges and a {NONCE_LEN}-byte nonce")
+    return (_REQUEST.pack(VERSION, OP_PROVE, manifest_id, 0, len(ranges)) + nonce
+            + b"".join(_RANGE.pack(*r) for r in ranges))
+
+
+def prove_digest(nonce: bytes, parts: list[bytes]) -> bytes:
+    """The answer to a PROVE: BLAKE3 of the nonce then the bytes of each range, in request order."""
+    h = blake3.blake3(nonce)
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def prove_range(data: bytes, offset: int, length: int) -> bytes:
+    """The bytes of one PROVE range of a chunk: clamped to the chunk like a GET's range (a hole
+    or a range past the end contributes the bytes that exist, possibly none)."""
+    start = min(offset, len(data))
+    return data[start : min(len(data), offset + length)]
 
 
 class ChunkServer:
     """Serves this node's chunks. Register `handle` for `ALPN` on the transport.
 
-    HOLD requests go to ``on_hold(manifest id, path, peer) -> accepted`` (the replicator);
-    without one they are refused.
+    HOLD requests go to ``await on_hold(manifest id, path, peer, signature) -> accepted``
+    (the replicator, which checks the signature, the room and the peer's rate); without one
+    they are refused.
     """
 
     def __init__(self, store: ChunkStore) -> None:
@@ -133,7 +190,11 @@ class ChunkServer:
         self.bytes_served = 0
         self.requests = 0
         self.have_requests = 0
-        self.on_hold: Callable[[ChunkId, str, str], bool] | None = None
+        self.prove_requests = 0
+        # Decoded manifests PROVE asked about: a writer challenges each holder of a version
+        # every few minutes, and a large image's manifest is megabytes to decode.
+        self._manifests: LRU[ChunkId, Manifest] = LRU(PROVE_MANIFESTS)
+        self.on_hold: Callable[[ChunkId, str, str, bytes], Awaitable[bool]] | None = None
         # Access control (blixfs.members): may peer (hex id) make a request of this op? None: anyone.
         self.allowed: Callable[[str, int], bool] | None = None
 
@@ -142,9 +203,11 @@ class ChunkServer:
             with trio.fail_after(REQUEST_TIMEOUT):
                 (size,) = struct.unpack(">H", await stream.receive_exactly(2))
                 path = (await stream.receive_exactly(size)).decode("utf-8") if size <= MAX_HOLD_PATH else None
+                signature = await stream.receive_exactly(64) if path is not None else b""
         except (trio.TooSlowError, UnexpectedEOF, UnicodeDecodeError):
             path = None
-        accepted = path is not None and self.on_hold is not None and self.on_hold(manifest_id, path, peer_id)
+        accepted = path is not None and self.on_hold is not None and await self.on_hold(manifest_id, path, peer_id,
+                                                                                          signature)
         await self._send(stream, _RESPONSE.pack(OK if accepted else BAD_REQUEST, 0))
 
     async def _have(self, stream: Stream, peer_id: str, count: int) -> bool:
@@ -165,6 +228,49 @@ class ChunkServer:
         held = [self.store.has(ChunkId(raw[i : i + 32])) for i in range(0, len(raw), 32)]
         await self._send(stream, encode_have_answer(held))
         return True
+
+    async def _prove(self, stream: Stream, peer_id: str, manifest_id: ChunkId, count: int) -> bool:
+        """Answer a PROVE (module docstring). False when the request was malformed and the
+        stream was reset; a proof about data not held is DONT_HAVE, never a failure here."""
+        if not 1 <= count <= MAX_PROVE_RANGES:
+            log.info("peer %s sent a PROVE of %d ranges: refused", peer_id[:16], count)
+            await stream.reset(CODE_BAD_REQUEST)
+            return False
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                raw = await stream.receive_exactly(NONCE_LEN + _RANGE.size * count)
+        except (trio.TooSlowError, UnexpectedEOF):
+            log.info("peer %s sent an incomplete PROVE: closing", peer_id[:16])
+            await stream.reset(CODE_BAD_REQUEST)
+            return False
+        nonce = raw[:NONCE_LEN]
+        ranges = [_RANGE.unpack_from(raw, NONCE_LEN + i * _RANGE.size) for i in range(count)]
+        self.prove_requests += 1
+        status, answer = await self._proof(manifest_id, nonce, ranges)
+        await stream.send_all(_RESPONSE.pack(status, len(answer)) + answer)
+        return True
+
+    async def _proof(self, manifest_id: ChunkId, nonce: bytes, ranges: list[tuple[int, int, int]]) -> tuple[int, bytes]:
+        manifest = self._manifests.get(manifest_id) if self.store.has(manifest_id) else None
+        if manifest is None:
+            raw = await self.store.load(manifest_id)
+            if raw is None:
+                return DONT_HAVE, b""
+            try:
+                manifest = Manifest.decode(raw)
+            except ManifestError:
+                return DONT_HAVE, b""  # a manifest that does not decode is not held
+            self._manifests[manifest_id] = manifest
+        parts: list[bytes] = []
+        for index, offset, length in ranges:
+            if index >= len(manifest.ids) or length > MAX_PROVE_LENGTH:
+                return BAD_REQUEST, b""
+            cid = manifest.ids[index]
+            data = bytes(manifest.length(index)) if cid == HOLE else await self.store.load(cid)
+            if data is None:
+                return DONT_HAVE, b""
+            parts.append(prove_range(data, offset, length))
+        return OK, prove_digest(nonce, parts)
 
     @staticmethod
     async def _send(stream: Stream, data: bytes) -> None:
@@ -233,6 +339,10 @@ class ChunkServer:
                 break
             if version == VERSION and op == OP_HAVE:
                 if not await self._have(stream, peer_id, length):
+                    return
+                continue
+            if version == VERSION and op == OP_PROVE:
+                if not await self._prove(stream, peer_id, ChunkId(cid), length):
                     return
                 continue
             if version != VERSION or op != OP_GET:
@@ -399,13 +509,18 @@ class ChunkClient:
             return None if data is None else Fetched(data, time.perf_counter() - started)
 
 
-async def request_hold(transport: Transport, peer: NodeAddr, manifest_id: ChunkId, path: str) -> bool:
+async def request_hold(transport: Transport, peer: NodeAddr, manifest_id: ChunkId, path: str,
+                       namespace_secret: bytes | None) -> bool:
     """Ask ``peer`` to hold the version ``manifest_id`` of ``path`` whole; True if it accepted.
+    The request is signed with ``namespace_secret`` (write capability; None: unsigned, which
+    targets refuse).
 
     Raises transport errors; the caller sets the deadline."""
+    signature = b"" if namespace_secret is None else crypto.sign(
+        namespace_secret, hold_signed_bytes(bytes.fromhex(peer.node_id), manifest_id, path))
     stream = await transport.open_stream(peer, ALPN)
     async with stream:
-        await stream.send_all(encode_hold(manifest_id, path))
+        await stream.send_all(encode_hold(manifest_id, path, signature))
         await stream.send_eof()
         try:
             status, _ = _RESPONSE.unpack(await stream.receive_exactly(_RESPONSE.size))
@@ -414,5 +529,41 @@ async def request_hold(transport: Transport, peer: NodeAddr, manifest_id: ChunkI
     return bool(status == OK)
 
 
-__all__ = ["ALPN", "ChunkClient", "ChunkServer", "FetchFailed", "Fetched", "TransportError", "encode_have",
-           "encode_have_answer", "encode_hold", "encode_request", "request_hold"]
+async def request_prove(transport: Transport, peer: NodeAddr, manifest_id: ChunkId, nonce: bytes,
+                        ranges: list[tuple[int, int, int]]) -> bytes | None:
+    """Ask ``peer`` to prove it holds these ranges of version ``manifest_id``: its 32-byte
+    answer, None when it says it does not hold them (DONT_HAVE). Raises FetchFailed for a
+    refused or malformed answer, transport errors; the caller sets the deadline."""
+    stream = await transport.open_stream(peer, ALPN)
+    async with stream:
+        await stream.send_all(encode_prove(manifest_id, nonce, ranges))
+        await stream.send_eof()
+        try:
+            status, length = _RESPONSE.unpack(await stream.receive_exactly(_RESPONSE.size))
+            if status == DONT_HAVE:
+                return None
+            if status != OK or length != 32:
+                raise FetchFailed(f"peer {peer.node_id[:16]} answered a PROVE with status {status}, {length} bytes")
+            return await stream.receive_exactly(32)
+        except UnexpectedEOF as exc:
+            raise FetchFailed(f"peer {peer.node_id[:16]} ended the stream midway through a proof ({exc})") from None
+
+
+__all__ = [
+    "ALPN",
+    "ChunkClient",
+    "ChunkServer",
+    "FetchFailed",
+    "Fetched",
+    "TransportError",
+    "encode_have",
+    "encode_have_answer",
+    "encode_hold",
+    "encode_prove",
+    "encode_request",
+    "hold_signed_bytes",
+    "prove_digest",
+    "prove_range",
+    "request_hold",
+    "request_prove",
+]

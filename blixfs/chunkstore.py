@@ -111,8 +111,11 @@ class ChunkStore(Protocol):
         """Versions this node wrote (manifest id -> durable yet)."""
         ...
 
-    def set_written_versions(self, durable: Iterable[bytes] = (), forget: Iterable[bytes] = ()) -> None:
-        """Mark written versions durable, or forget them (no longer live)."""
+    def set_written_versions(self, durable: Iterable[bytes] = (), forget: Iterable[bytes] = (),
+                             undurable: Iterable[bytes] = ()) -> None:
+        """Mark written versions durable, or forget them (no longer live), or not durable again
+        (a holder that counted failed its proof: every chunk of the version is protected again
+        by the cache policy, those `mark_replicated` made evictable included)."""
         ...
 
     def sync(self) -> None:
@@ -174,10 +177,14 @@ class MemoryChunkStore:
     def written_versions(self) -> dict[bytes, bool]:
         return dict(self._written)
 
-    def set_written_versions(self, durable: Iterable[bytes] = (), forget: Iterable[bytes] = ()) -> None:
+    def set_written_versions(self, durable: Iterable[bytes] = (), forget: Iterable[bytes] = (),
+                             undurable: Iterable[bytes] = ()) -> None:
         for mid in durable:
             if mid in self._written:
                 self._written[mid] = True
+        for mid in undurable:
+            if mid in self._written:
+                self._written[mid] = False
         for mid in forget:
             self._written.pop(mid, None)
 
@@ -540,8 +547,13 @@ class DiskChunkStore:
     def written_versions(self) -> dict[bytes, bool]:
         return {bytes(m): bool(d) for m, d in self._db.execute("SELECT manifest, durable FROM written_versions")}
 
-    def set_written_versions(self, durable: Iterable[bytes] = (), forget: Iterable[bytes] = ()) -> None:
+    def set_written_versions(self, durable: Iterable[bytes] = (), forget: Iterable[bytes] = (),
+                             undurable: Iterable[bytes] = ()) -> None:
         self._db.executemany("UPDATE written_versions SET durable = 1 WHERE manifest = ?", [(m,) for m in durable])
+        cur = self._db.executemany("UPDATE written_versions SET durable = 0 WHERE manifest = ? AND durable = 1",
+                                   [(m,) for m in undurable])
+        if cur.rowcount:
+            self.written_generation += 1  # the cache policy protects those chunks again at once
         self._db.executemany("DELETE FROM written_versions WHERE manifest = ?", [(m,) for m in forget])
 
     def _forget(self, cid: ChunkId) -> None:

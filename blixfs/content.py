@@ -149,9 +149,18 @@ class Content:
 
     # ------------------------------------------------------------------ holders
 
+    def _trust(self, author: bytes) -> str:
+        """The version's author is a writer (its entry carries the namespace signature) and
+        wrote the content: a read keeps its deadline for it (`blixfs.fetcher`), unlike for
+        holders on their own word (HOLDINGS, HAVE answers)."""
+        node = author.hex()
+        if self.peers is not None:
+            self.peers.trusted.add(node)
+        return node
+
     def _version_holders(self, mid: bytes, index: int | None, author: bytes | None) -> list[str]:
         found = self.holdings.holders(mid, index) if self.holdings is not None else []
-        return [*found, author.hex()] if author is not None else found
+        return [*found, self._trust(author)] if author is not None else found
 
     def holders(self, cid: ChunkId, mid: bytes | None, index: int, author: bytes | None) -> list[str]:
         """Nodes likely to hold chunk ``cid`` (chunk ``index`` of version ``mid``), best
@@ -166,7 +175,7 @@ class Content:
                     out += holdings.holders(other, index)
         out += self._hints.get(cid, ())
         if author is not None:
-            out.append(author.hex())
+            out.append(self._trust(author))
         return list(dict.fromkeys(out))
 
     def _locator(self, cid: ChunkId, manifest: Manifest | None, index: int, author: bytes | None) -> Locate:

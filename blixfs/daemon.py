@@ -242,7 +242,7 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     peers = PeerBook(self_id)
     for known in node.peers():
         peers.learn(known, "ticket")
-    holdings = Holdings(self_id)
+    holdings = Holdings(self_id, node.secret)
     holdings.own.addr = transport.addr()
     server = ChunkServer(node.chunks)
     server.allowed = lambda peer, op: _may(node, peer, Role.WRITE if op == OP_HOLD else Role.READ)

@@ -10,6 +10,17 @@ that hold the same chunk, and peers that answer HAVE for it, `blixfs.content`). 
 attempt has a deadline, and so does the whole fetch: when it passes, the read fails with
 EIO and a log line naming the chunk, every peer tried and why each failed.
 
+A read keeps its deadline for the holders it can count on: the author of the version
+and holders that proved they hold data (`PeerBook.trusted`), and holders that served
+before (measured). Holders on their own word alone (HOLDINGS, HAVE answers: a hostile
+member can claim anything and then stall) get a short attempt deadline
+(`EXPLORE_TIMEOUT`, or a few times their measured latency), one unmeasured holder is
+explored at a time across all fetches, and once the attempts on untrusted holders have
+used `UNTRUSTED_SHARE` of the fetch deadline, the trusted ones still untried go first. A
+holder that fails is penalised (ranked last) for a time that doubles with each failure
+in a row (`PeerBook.penalise`). The last candidate of a fetch gets the full attempt
+deadline: it may be the only one that has the chunk, over a slow link.
+
 Who holds what is `blixfs.holdings`; how peers measure is `blixfs.peers`.
 
 Callers: `blixfs.content.Content` (reads, read-ahead, pulls, replicas), on the trio
@@ -39,6 +50,9 @@ ATTEMPT_TIMEOUT = 5.0
 FETCH_TIMEOUT = 20.0
 PENALTY_SECONDS = 60.0
 FAILURE_PENALTY_SECONDS = 5.0
+EXPLORE_TIMEOUT = 1.0  # an attempt on a holder never measured nor trusted (a claim), unless it is the last
+UNTRUSTED_SHARE = 0.25  # of the fetch deadline, at most, spent on untrusted holders while trusted ones remain
+LATENCY_FACTOR = 10.0  # an untrusted but measured holder gets this many times its latency (EXPLORE..ATTEMPT)
 STALE_SECONDS = 1.0
 READ_AHEAD_PARALLEL = 8
 
@@ -82,6 +96,8 @@ class Fetcher:
         self._loading: dict[ChunkId, _Load] = {}
         self._queued: set[ChunkId] = set()  # read-ahead tasks not finished yet
         self._limit = trio.CapacityLimiter(READ_AHEAD_PARALLEL)
+        self._exploring = 0  # attempts under way on holders never measured (one at a time)
+        self.explore_timeout = min(EXPLORE_TIMEOUT, attempt_timeout)
         self._nursery: trio.Nursery | None = None
         self.bytes_fetched = 0
         self.chunks_fetched = 0
@@ -179,17 +195,47 @@ class Fetcher:
         finally:
             self._queued.discard(cid)
 
+    def _deadline(self, peer: str, last: bool, remaining: float) -> float:
+        """The attempt deadline for ``peer`` (module docstring)."""
+        stats = self.peers.of(peer)
+        if last or self.peers.is_trusted(peer):
+            wanted = self.attempt_timeout
+        elif stats.chunks_received:
+            wanted = min(self.attempt_timeout, max(self.explore_timeout, LATENCY_FACTOR * stats.latency))
+        else:
+            wanted = self.explore_timeout
+        return max(0.0, min(wanted, remaining))
+
     async def _fetch(self, cid: ChunkId, holders: Sequence[str], locate: Locate | None) -> bytes:
         tried: list[str] = []
         reasons: list[str] = []
         asked: set[str] = set()
+        end = trio.current_time() + self.fetch_timeout
+        untrusted_budget = self.fetch_timeout * UNTRUSTED_SHARE
+        untrusted_spent = 0.0
         with trio.move_on_after(self.fetch_timeout):
-            candidates = self.peers.rank(self._allowed(holders))
+            queue = self.peers.rank(self._allowed(holders), explore=self._exploring == 0)
             while True:
-                for peer in candidates:
+                while queue:
+                    peer = queue.pop(0)
+                    trusted = self.peers.is_trusted(peer)
+                    if not trusted and untrusted_spent >= untrusted_budget \
+                            and any(self.peers.is_trusted(p) for p in queue):
+                        queue.append(peer)  # the trusted holders still untried go first
+                        continue
                     asked.add(peer)
                     tried.append(peer[:16])
-                    data = await self._attempt(peer, cid, reasons)
+                    last = not queue and locate is None
+                    started = trio.current_time()
+                    exploring = self.peers.of(peer).chunks_received == 0 and not trusted
+                    self._exploring += exploring
+                    try:
+                        data = await self._attempt(peer, cid, reasons,
+                                                   self._deadline(peer, last, end - started))
+                    finally:
+                        self._exploring -= exploring
+                    if not trusted:
+                        untrusted_spent += trio.current_time() - started
                     if data is not None:
                         return data
                 if locate is None:
@@ -197,7 +243,7 @@ class Fetcher:
                 # Every holder we were told of failed or lacks it: find holders by content, once.
                 more = [p for p in await locate(frozenset(asked)) if p not in asked]
                 locate = None
-                candidates = self.peers.rank(self._allowed(more))
+                queue = self.peers.rank(self._allowed(more), explore=self._exploring == 0)
         detail = "; ".join(reasons) or "no holder known"
         log.error("chunk %s: no peer could serve it within %.0f s (tried: %s): %s", short(cid), self.fetch_timeout,
                   ", ".join(tried) or "nobody", detail)
@@ -207,19 +253,20 @@ class Fetcher:
         """Holders this node may ask: a node not in a closed namespace's member list never is."""
         return [h for h in holders if self.allowed is None or self.allowed(h)]
 
-    async def _attempt(self, peer: str, cid: ChunkId, reasons: list[str]) -> bytes | None:
-        """One request to ``peer``: the verified chunk, stored; None (and a reason) if not had."""
+    async def _attempt(self, peer: str, cid: ChunkId, reasons: list[str], seconds: float) -> bytes | None:
+        """One request to ``peer`` within ``seconds``: the verified chunk, stored; None (and a
+        reason) if not had."""
         stats = self.peers.of(peer)
         stats.inflight += 1
         try:
-            with trio.fail_after(self.attempt_timeout):
+            with trio.fail_after(seconds):
                 fetched = await self.client.fetch(self.peers.addr(peer), cid)
         except FetchFailed as exc:
             reasons.append(str(exc))
+            given = self.peers.penalise(peer, PENALTY_SECONDS if exc.bad_data else FAILURE_PENALTY_SECONDS,
+                                        bad_data=exc.bad_data)
             if exc.bad_data:
-                log.warning("%s: penalised for %.0f s", exc, PENALTY_SECONDS)
-            self.peers.penalise(peer, PENALTY_SECONDS if exc.bad_data else FAILURE_PENALTY_SECONDS,
-                                bad_data=exc.bad_data)
+                log.warning("%s: penalised for %.0f s", exc, given)
             return None
         except (TransportError, trio.TooSlowError) as exc:
             reasons.append(f"{peer[:16]}: {exc or 'timed out'}")

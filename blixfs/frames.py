@@ -70,10 +70,30 @@ class HoldingsFrame:
     complete: list[bytes]
     partial: list[tuple[bytes, bytes]]
     addr: bytes = b""  # NodeAddr.to_bytes() of the node, so holders can be dialed (b"": unknown)
-    free: int = 0  # bytes the node's cache can still take (replica placement prefers room)
+    free: int = 0  # bytes the node will still take as replicas for others (replica placement prefers room)
+    # ed25519 signature by ``node_id`` (its endpoint key) over `holdings_signed_bytes`; b"" is sent
+    # as 64 zero bytes, which verifies for no key: receivers refuse unsigned records.
+    signature: bytes = b""
 
 
 Frame = Hello | Entries | Synced | ErrorFrame | HoldingsFrame
+
+HOLDINGS_CONTEXT = b"blixfs/holdings/1\x00"  # signature domain: no other message signed by a node key starts so
+HOLDINGS_SIGNATURE_LEN = 64
+
+
+def _holdings_body(frame: HoldingsFrame) -> bytes:
+    parts = [frame.node_id, struct.pack(">QQH", frame.seq, frame.free, len(frame.addr)), frame.addr,
+             _U32.pack(len(frame.complete)), *frame.complete, _U32.pack(len(frame.partial))]
+    for mid, bits in frame.partial:
+        parts += [mid, _U32.pack(len(bits)), bits]
+    return b"".join(parts)
+
+
+def holdings_signed_bytes(frame: HoldingsFrame) -> bytes:
+    """What the holder signs: `HOLDINGS_CONTEXT` then the HOLDINGS payload without its signature
+    (protocol.md section 9). Relays forward the frame as received, so the bytes are the holder's."""
+    return HOLDINGS_CONTEXT + _holdings_body(frame)
 
 
 def _vector(v: dict[bytes, int]) -> bytes:
@@ -93,11 +113,10 @@ def encode(frame: Frame) -> bytes:
     elif isinstance(frame, Synced):
         kind, payload = FrameType.SYNCED, _vector(frame.vector)
     elif isinstance(frame, HoldingsFrame):
-        parts = [frame.node_id, struct.pack(">QQH", frame.seq, frame.free, len(frame.addr)), frame.addr,
-                 _U32.pack(len(frame.complete)), *frame.complete, _U32.pack(len(frame.partial))]
-        for mid, bits in frame.partial:
-            parts += [mid, _U32.pack(len(bits)), bits]
-        kind, payload = FrameType.HOLDINGS, b"".join(parts)
+        signature = frame.signature or bytes(HOLDINGS_SIGNATURE_LEN)
+        if len(signature) != HOLDINGS_SIGNATURE_LEN:
+            raise ValueError(f"a HOLDINGS signature has {HOLDINGS_SIGNATURE_LEN} bytes")
+        kind, payload = FrameType.HOLDINGS, _holdings_body(frame) + signature
     else:
         text = frame.message.encode()[:MAX_ERROR_TEXT]
         kind, payload = FrameType.ERROR, struct.pack(">H", frame.code) + text
@@ -180,7 +199,8 @@ def decode(kind: int, payload: bytes) -> Frame:
         for _ in range(count):
             mid = r.take(32, "manifest id")
             partial.append((mid, r.take(r.u32("bitmap length"), "bitmap")))
-        frame = HoldingsFrame(node_id, seq, complete, partial, addr, free)
+        frame = HoldingsFrame(node_id, seq, complete, partial, addr, free, r.take(HOLDINGS_SIGNATURE_LEN,
+                                                                                  "signature"))
     elif kind == FrameType.ERROR:
         (code,) = struct.unpack(">H", r.take(2, "error code"))
         frame = ErrorFrame(code, r.take(len(payload) - 2, "error text").decode("utf-8", "replace"))

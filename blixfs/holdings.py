@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from blixfs.frames import HoldingsFrame
 from blixfs.hashing import ChunkId
 from blixfs.net.transport import NodeAddr
 
@@ -30,7 +31,8 @@ class NodeHoldings:
     complete: set[bytes] = field(default_factory=set)
     partial: dict[bytes, bytearray] = field(default_factory=dict)  # manifest id -> bitmap of chunk indices
     addr: NodeAddr | None = None  # where the node says it can be reached
-    free: int = 0  # bytes its cache can still take, as it announced
+    free: int = 0  # bytes it will still take as replicas for others, as it announced
+    signed: HoldingsFrame | None = None  # a peer's record: the frame its holder signed, relayed as is
 
     def holds(self, manifest_id: bytes, index: int | None) -> bool:
         if manifest_id in self.complete:
@@ -44,8 +46,9 @@ class NodeHoldings:
 class Holdings:
     """Who holds which manifests. See the module docstring."""
 
-    def __init__(self, self_id: str) -> None:
+    def __init__(self, self_id: str, secret: bytes | None = None) -> None:
         self.self_id = self_id
+        self.secret = secret  # this node's endpoint secret: it signs this node's own HOLDINGS
         self.nodes: dict[str, NodeHoldings] = {}
         # seq starts from the clock: a restarted node's announcements must beat its old ones.
         self.own = self.nodes.setdefault(self_id, NodeHoldings(seq=time.time_ns()))
@@ -56,7 +59,8 @@ class Holdings:
         return [n for n, h in self.nodes.items() if n != self.self_id and h.holds(manifest_id, index)]
 
     def update(self, node_id: str, record: NodeHoldings) -> bool:
-        """Take a peer's announcement if it is newer than what we have; True if taken."""
+        """Take a peer's announcement if it is newer than what we have; True if taken. The
+        caller (the sync service) has checked its holder's signature (`record.signed`)."""
         if node_id == self.self_id:
             return False
         current = self.nodes.get(node_id)

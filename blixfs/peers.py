@@ -20,6 +20,7 @@ _EWMA = 0.2
 # Peers learnt only from other nodes' relayed HOLDINGS and never reached, at most: anyone
 # with read capability can announce any number of invented node ids and addresses.
 MAX_EXCHANGE_PEERS = 256
+MAX_PENALTY_SECONDS = 600.0  # a holder failing again and again is asked last for at most this long
 
 
 @dataclass
@@ -34,6 +35,7 @@ class PeerStats:
     failures: int = 0
     bad_data: int = 0
     penalised_until: float = 0.0
+    strikes: int = 0  # failures since its last success: each doubles the next penalty
     last_ok: float = 0.0
     # Connection management (blixfs.health): the peer's state as last probed.
     state: str = "unknown"  # connected / degraded / unreachable / unknown
@@ -56,6 +58,10 @@ class PeerBook:
         self.stats: dict[str, PeerStats] = {}
         self.addrs: dict[str, NodeAddr] = {}
         self._refused = 0
+        # Holders a read keeps its deadline for: authors of the versions read (they hold the
+        # namespace key) and holders that proved they hold data (`blixfs.replication`). The
+        # others are holders on their own word (HOLDINGS, HAVE): see `rank`.
+        self.trusted: set[str] = set()
 
     def reached(self, node_id: str) -> bool:
         """Whether this node ever reached ``node_id`` itself (a probe answered, a transfer)."""
@@ -100,27 +106,50 @@ class PeerBook:
     def of(self, node_id: str) -> PeerStats:
         return self.stats.setdefault(node_id, PeerStats())
 
-    def rank(self, holders: Iterable[str]) -> list[str]:
-        """Holders best first by expected time = latency x (1 + requests in flight);
-        penalised and unreachable ones last.
+    def is_trusted(self, node_id: str) -> bool:
+        return node_id in self.trusted
 
-        A never-measured holder with no request in flight comes first: every holder is
-        asked once and measured, so the nearest one is found rather than assumed. While
-        that first request runs it counts with the best measured latency, so it is not
-        flooded before it has answered. Requests in flight are how a sequential reader's
-        read-ahead spreads over several holders.
+    def rank(self, holders: Iterable[str], *, explore: bool = True) -> list[str]:
+        """Holders in the order a fetch tries them (protocol.md 14.2, step 3):
+
+        0. with ``explore``, one holder never measured, neither trusted nor penalised, with
+           no request in flight: every holder gets asked once and measured, so the nearest
+           one is found rather than assumed (the fetcher gives it a short deadline, and
+           explores one holder at a time);
+        1. trusted holders and measured ones, lowest expected time first: latency x (1 +
+           requests in flight); a trusted holder not measured yet counts with the best
+           measured latency. Requests in flight spread a sequential reader's read-ahead
+           over several holders;
+        2. the other holders never measured (claims: HOLDINGS, HAVE), in the given order;
+        3. penalised and unreachable ones, by expected time as in 1.
+
+        Ties keep the given order.
         """
         now = time.monotonic()
         unique = [h for h in dict.fromkeys(holders) if h != self.self_id]
         measured = [self.of(h).latency for h in unique if self.of(h).chunks_received]
         prior = min(measured) if measured else PeerStats.latency
 
-        def key(h: str) -> tuple[bool, bool, float]:
+        def down(h: str) -> bool:
             st = self.of(h)
-            unmeasured = st.chunks_received == 0
-            latency = prior if unmeasured else st.latency
-            return (st.penalised_until > now or st.state == "unreachable", not (unmeasured and st.inflight == 0),
-                    latency * (1 + st.inflight))
+            return st.penalised_until > now or st.state == "unreachable"
+
+        def claim_only(h: str) -> bool:
+            return self.of(h).chunks_received == 0 and h not in self.trusted
+
+        first = next((h for h in unique if explore and not down(h) and claim_only(h) and not self.of(h).inflight),
+                     None)
+
+        def key(h: str) -> tuple[int, float]:
+            st = self.of(h)
+            latency = (st.latency if st.chunks_received else prior) * (1 + st.inflight)
+            if down(h):
+                return (3, latency)
+            if h == first:
+                return (0, 0.0)
+            if claim_only(h):
+                return (2, 0.0)
+            return (1, latency)
 
         return sorted(unique, key=key)
 
@@ -131,11 +160,18 @@ class PeerBook:
         s.throughput = rate if s.chunks_received == 0 else (1 - _EWMA) * s.throughput + _EWMA * rate
         s.bytes_received += nbytes
         s.chunks_received += 1
+        s.strikes = 0
         s.last_ok = time.monotonic()
         s.last_seen = time.time()
 
-    def penalise(self, node_id: str, seconds: float, *, bad_data: bool) -> None:
+    def penalise(self, node_id: str, seconds: float, *, bad_data: bool) -> float:
+        """Rank ``node_id`` last for ``seconds``, doubled for every failure since its last
+        success (at most `MAX_PENALTY_SECONDS`): a holder that stalls every time stops
+        costing reads anything but a rare retry. Returns the penalty given."""
         s = self.of(node_id)
         s.failures += 1
         s.bad_data += int(bad_data)
+        seconds = min(MAX_PENALTY_SECONDS, seconds * 2 ** min(s.strikes, 16))
+        s.strikes += 1
         s.penalised_until = time.monotonic() + seconds
+        return seconds

@@ -11,16 +11,33 @@ request of ``blixfs/chunks/1``), best first: peers already holding part of it, t
 lowest measured latency. A target that has not completed within `TARGET_PATIENCE`
 seconds, or has gone, is replaced. At R the version is *durable*: its chunks, written
 here, become evictable like fetched ones.
+
+A holder counts only while it *proves* it holds the version (docs/design.md, "Proofs of
+holding"): holdings are claims (signed by their holder, but a holder can lie about
+itself), so the writer challenges every node that claims the version whole with a PROVE
+(``blixfs/chunks/1``: a fresh nonce and a few random ranges of its chunks; the answer is
+BLAKE3 of the nonce and those bytes), before counting it and again every
+`PROVE_INTERVAL`. The writer computes the expected answer from the chunks it holds, or
+fetches one chunk of the version first (verified by its id, from any holder) when it
+holds none any more. A holder whose answer is wrong (or DONT_HAVE) stops counting at
+once; one that does not answer, once its last proof is older than `PROOF_TTL`. When the
+proven copies fall below R, the version is marked not durable again: the cache policy
+protects every chunk of it again and more holders are asked.
 Being a loop rather than a queue is what makes it resume after a crash: the state it
 needs is the namespace and the holdings, both rebuilt on start.
 
-Target side (`Replicator.on_hold`): record the version in ``replicas.json`` (its chunks
-are never evicted while it is referenced: `Node.protected_chunks`), and pull it in the
-background from the asking node and the other holders, found by content
-(`blixfs.content`). A replica follows its file: when the version it holds is superseded,
-the target holds the new version too (usually a few changed chunks) and lets the old one
-go only once the new one is whole here, so the chunks both share are never the last copy
-nobody keeps.
+Target side (`Replicator.on_hold`): a HOLD makes this node keep data that skips the
+cache budget, so it is accepted only from write capability (the request carries a
+namespace-key signature naming this node, the version and the path), for a version the
+namespace references at that path, within this node's room for replicas (`REPLICA_SHARE`
+of its cache budget, less the replicas it holds: the room it announces as HOLDINGS
+`free`), at most `HOLD_BURST` at once and `HOLD_RATE` a second per peer. Accepted, it
+records the version in ``replicas.json`` (its chunks are never evicted while it is
+referenced: `Node.protected_chunks`), and pulls it in the background from the asking
+node and the other holders, found by content (`blixfs.content`). A replica follows its
+file: when the version it holds is superseded, the target holds the new version too
+(usually a few changed chunks) and lets the old one go only once the new one is whole
+here, so the chunks both share are never the last copy nobody keeps.
 
 Placement rule (docs/design.md): a peer that reads an image keeps it in its cache and
 counts as a holder, so the images a host's VMs use are the ones it is asked to keep.
@@ -29,13 +46,18 @@ counts as a holder, so the images a host's VMs use are the ones it is asked to k
 from __future__ import annotations
 
 import logging
+import math
+import random
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import trio
+from lru import LRU
 
-from blixfs.chunkproto import request_hold
+from blixfs import crypto
+from blixfs.chunkproto import FetchFailed, hold_signed_bytes, prove_digest, prove_range, request_hold, request_prove
 from blixfs.content import Content
 from blixfs.entry import COPIES_KEY, Entry, Kind
 from blixfs.errors import FsError
@@ -52,6 +74,31 @@ DEFAULT_COPIES = 2
 TICK_SECONDS = 1.0
 TARGET_PATIENCE = 60.0
 HOLD_TIMEOUT = 5.0
+PROVE_INTERVAL = 300.0  # each holder of each version written here is challenged again this often
+PROVE_TIMEOUT = 10.0  # for one proof: a few small reads on the holder, one round trip
+PROOF_TTL = 2 * PROVE_INTERVAL + PROVE_TIMEOUT  # a holder that stopped answering counts this long after its last pass
+PROVE_RANGES = 4  # ranges per challenge
+PROVE_LENGTH = 4096  # bytes per range
+STARTUP_GRACE = 60.0  # after start, holdings and proofs are being rebuilt: nothing is un-marked yet
+CHALLENGE_REUSE = 10.0  # seconds the ranges of one version serve every holder's challenge (new nonce each)
+REPLICA_SHARE = 0.5  # of the cache budget, at most, holds replicas for others (pinned: never evicted)
+HOLD_BURST = 64  # HOLD requests one peer may make at once ...
+HOLD_RATE = 4.0  # ... and then per second (a writer asks for each file below R every round)
+HOLD_PEERS = 4096  # peers whose HOLD rate is tracked (the least recently seen is forgotten)
+HOLD_MANIFEST_TIMEOUT = 3.0  # a HOLD target fetches the manifest from the asker to know its size (asker waits 5 s)
+
+
+@dataclass
+class Proof:
+    """The last challenges of one holder for one version (monotonic times)."""
+
+    passed: float = -math.inf  # when its last proof passed
+    checked: float = -math.inf  # when the last challenge was sent
+    failed: bool = False  # its last answer was wrong or DONT_HAVE: not counted until it passes again
+    inflight: bool = False
+
+    def valid(self, now: float) -> bool:
+        return not self.failed and now - self.passed < PROOF_TTL
 
 
 @dataclass
@@ -61,7 +108,8 @@ class FileReplication:
     path: str
     manifest: bytes
     want: int
-    holders: list[str] = field(default_factory=list)  # other nodes holding it whole
+    holders: list[str] = field(default_factory=list)  # other nodes that proved they hold it whole
+    claimed: list[str] = field(default_factory=list)  # other nodes whose holdings say so (not all proven)
     targets: dict[str, float] = field(default_factory=dict)  # asked peers -> when
     here: bool = True  # this node holds it whole
 
@@ -90,6 +138,13 @@ class Replicator:
         self._durable: set[bytes] = set()  # versions whose chunks were already marked evictable
         self._pulling: set[bytes] = set()
         self._nursery: trio.Nursery | None = None
+        self.proofs: dict[tuple[str, bytes], Proof] = {}  # (holder, manifest id) -> its last challenges
+        self.prove_interval = PROVE_INTERVAL
+        self._started = time.monotonic()
+        self._challenges: dict[bytes, tuple[float, tuple[list[tuple[int, int, int]], list[bytes]]]] = {}
+        self._hold_tokens: LRU[str, tuple[float, float]] = LRU(HOLD_PEERS)  # peer -> (tokens, when)
+        self._too_big: LRU[bytes, bool] = LRU(HOLD_PEERS)  # new versions a replica did not follow (no room)
+        self.holds_refused = 0
 
     # ----------------------------------------------------------------- writer side
 
@@ -100,6 +155,7 @@ class Replicator:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._started = time.monotonic()
             task_status.started()
             while True:
                 try:
@@ -119,7 +175,7 @@ class Replicator:
         now = time.monotonic()
         if self.node.replicas():
             self.drop_unreferenced_replicas()  # replicas follow their files (see the module docstring)
-        self.holdings.note_free(max(0, self.node.cache_size() - self.node.chunks.total_bytes))
+        self.holdings.note_free(self.replica_room())
         seen: dict[str, FileReplication] = {}
         for e in self._own_files():
             assert e.manifest is not None
@@ -128,14 +184,136 @@ class Replicator:
                 rep = FileReplication(e.path, e.manifest, self.copies(e))
             rep.want = self.copies(e)
             rep.here = e.manifest in self.holdings.own.complete
-            rep.holders = [p for p in self.holdings.holders(e.manifest) if self._member(p)]
+            rep.claimed = [p for p in self.holdings.holders(e.manifest) if self._member(p)]
+            self._challenge_due(rep, now)
+            rep.holders = [p for p in rep.claimed if self._proven(p, e.manifest, now)]
             rep.targets = {p: t for p, t in rep.targets.items() if now - t < TARGET_PATIENCE and p not in rep.holders}
             seen[e.path] = rep
             if rep.state == "durable":
                 self._mark_durable(e.manifest)
             else:
+                # Holders whose first proof is under way still count against un-marking, and
+                # nothing is un-marked while holdings arrive after a start (they are not kept
+                # across restarts): a restart must not protect every durable version at once.
+                first = [p for p in rep.claimed if self._first_proof_pending(p, e.manifest)]
+                settled = now - self._started > min(STARTUP_GRACE, self.prove_interval)
+                if settled and rep.copies + len(first) < rep.want:
+                    self._mark_not_durable(e.manifest, rep)
                 await self._ask(rep, now)
         self.files = seen
+        live = {(p, r.manifest) for r in seen.values() for p in r.claimed}
+        for key in [k for k, proof in self.proofs.items() if k not in live and not proof.inflight]:
+            del self.proofs[key]  # holders that no longer claim it, versions superseded
+        for mid in [m for m, (at, _) in self._challenges.items() if now - at >= CHALLENGE_REUSE]:
+            del self._challenges[mid]
+
+    # ----------------------------------------------------------------- proofs of holding
+
+    def _proven(self, peer: str, manifest_id: bytes, now: float) -> bool:
+        proof = self.proofs.get((peer, manifest_id))
+        return proof is not None and proof.valid(now)
+
+    def _first_proof_pending(self, peer: str, manifest_id: bytes) -> bool:
+        proof = self.proofs.get((peer, manifest_id))
+        return proof is None or (proof.inflight and proof.passed == -math.inf and not proof.failed)
+
+    def _challenge_due(self, rep: FileReplication, now: float) -> None:
+        """Start a proof for each claimed holder not challenged within `prove_interval`."""
+        if self._nursery is None:
+            return
+        for peer in rep.claimed:
+            proof = self.proofs.setdefault((peer, rep.manifest), Proof())
+            if not proof.inflight and now - proof.checked >= self.prove_interval:
+                proof.inflight, proof.checked = True, now
+                self._nursery.start_soon(self._prove, peer, rep.manifest, proof)
+
+    async def _challenge(self, manifest_id: bytes) -> tuple[list[tuple[int, int, int]], list[bytes]] | None:
+        """Random ranges of the version and their bytes, shared by the challenges of one
+        round (`CHALLENGE_REUSE` seconds: each holder still gets its own nonce, so no answer
+        serves twice, and the writer reads the ranges once, not once per holder)."""
+        cached = self._challenges.get(manifest_id)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < CHALLENGE_REUSE:
+            return cached[1]
+        challenge = await self._new_challenge(manifest_id)
+        if challenge is not None:
+            self._challenges[manifest_id] = (now, challenge)
+        return challenge
+
+    async def _new_challenge(self, manifest_id: bytes) -> tuple[list[tuple[int, int, int]], list[bytes]] | None:
+        """Random ranges of the version and their bytes; None when this node cannot know the
+        answer (the manifest and every chunk gone here, and no holder could serve one).
+
+        Ranges are taken from chunks held here; when none is (all evicted after the version
+        became durable), one chunk is fetched first, verified by its id, from any holder:
+        verification makes the expected answer trustworthy whoever served it."""
+        try:
+            m = await self.content.load(manifest_id, holders=[p for p in self.holdings.holders(manifest_id)])
+        except FsError as exc:
+            log.info("cannot challenge the holders of %s: its manifest is not to be had (%s)", short(manifest_id),
+                     exc)
+            return None
+        data_indices = [i for i, c in enumerate(m.ids) if c != HOLE]
+        held = [i for i in data_indices if self.node.chunks.has(m.ids[i])]
+        if held:
+            picked = random.sample(held, min(PROVE_RANGES, len(held)))
+        elif data_indices:
+            picked = [random.choice(data_indices)]
+        else:  # only holes: the proof shows the manifest is held
+            picked = [0] if m.ids else []
+        if not picked:
+            return None
+        ranges: list[tuple[int, int, int]] = []
+        parts: list[bytes] = []
+        for index in picked:
+            cid = m.ids[index]
+            try:
+                data = bytes(m.length(index)) if cid == HOLE else await self.content.chunk(cid, manifest_id, index,
+                                                                                          None)
+            except FsError as exc:
+                log.info("cannot challenge the holders of %s: chunk %d is not to be had (%s)", short(manifest_id),
+                         index, exc)
+                return None
+            if data is None:
+                return None
+            length = min(PROVE_LENGTH, len(data))
+            offset = random.randrange(0, len(data) - length + 1)
+            ranges.append((index, offset, length))
+            parts.append(prove_range(data, offset, length))
+        return ranges, parts
+
+    async def _prove(self, peer: str, manifest_id: bytes, proof: Proof) -> None:
+        """Challenge ``peer`` about ``manifest_id`` once and record the outcome in ``proof``."""
+        try:
+            challenge = await self._challenge(manifest_id)
+            if challenge is None:
+                return  # the last outcome stands until it expires
+            ranges, parts = challenge
+            nonce = secrets.token_bytes(32)
+            try:
+                with trio.fail_after(PROVE_TIMEOUT):
+                    answer = await request_prove(self.transport, self.peers.addr(peer), ChunkId(manifest_id), nonce,
+                                                 ranges)
+            except (TransportError, trio.TooSlowError) as exc:
+                log.info("holder %s of %s did not answer its proof (%s): counted until %.0f s after its last pass",
+                         peer[:16], short(manifest_id), exc or "timed out", PROOF_TTL)
+                return
+            except FetchFailed as exc:
+                answer = None
+                log.info("%s", exc)
+            if answer is not None and answer == prove_digest(nonce, parts):
+                if proof.failed or proof.passed == -math.inf:
+                    log.info("holder %s proved it holds %s", peer[:16], short(manifest_id))
+                proof.passed, proof.failed = time.monotonic(), False
+                self.peers.trusted.add(peer)  # reads keep their deadline for it (blixfs.fetcher)
+            else:
+                if not proof.failed:
+                    log.warning("holder %s claims %s but failed its proof (%s): not counted as a copy", peer[:16],
+                                short(manifest_id), "does not hold it" if answer is None else "wrong answer")
+                proof.failed = True
+                self.peers.trusted.discard(peer)
+        finally:
+            proof.inflight = False
 
     def _mark_durable(self, manifest_id: bytes) -> None:
         if manifest_id in self._durable:
@@ -157,9 +335,30 @@ class Replicator:
         except ValueError:
             return False
 
+    def _mark_not_durable(self, manifest_id: bytes, rep: FileReplication) -> None:
+        """Proven copies fell below R: protect every chunk of the version again (the cache
+        policy keeps all chunks of written versions not durable, `Node.protected_chunks`,
+        also those `mark_replicated` made evictable; what was evicted meanwhile is held by
+        the holders that proved it) and look for holders again."""
+        if not self.node.chunks.written_versions().get(manifest_id):
+            return
+        self.node.chunks.set_written_versions(undurable=[manifest_id])
+        self._durable.discard(manifest_id)
+        if self.node.cache is not None:
+            self.node.cache.invalidate()
+        log.warning("version %s of %s is no longer durable: %d proven copies of %d; its chunks are protected again",
+                    short(manifest_id), rep.path, rep.copies, rep.want)
+
     def _candidates(self, rep: FileReplication) -> list[str]:
         connected = {s.peer for s in self.sync.sessions() if s.synced.is_set()}
-        others = [p for p in connected if p not in rep.holders and p not in rep.targets and self._member(p)]
+        now = time.monotonic()
+
+        def refuted(peer: str) -> bool:  # claimed it and failed its proof lately: asking again is in vain
+            proof = self.proofs.get((peer, rep.manifest))
+            return proof is not None and proof.failed and now - proof.checked < self.prove_interval
+
+        others = [p for p in connected if p not in rep.holders and p not in rep.targets and not refuted(p)
+                  and self._member(p)]
         partial = self.holdings.nodes
 
         def held_part(peer: str) -> int:
@@ -185,7 +384,7 @@ class Replicator:
             try:
                 with trio.fail_after(HOLD_TIMEOUT):
                     accepted = await request_hold(self.transport, self.peers.addr(peer), ChunkId(rep.manifest),
-                                                  rep.path)
+                                                  rep.path, self.node.replica.keys.secret)
             except (TransportError, trio.TooSlowError) as exc:
                 log.info("peer %s could not be asked to hold %s: %s", peer[:16], rep.path, exc)
                 continue
@@ -199,7 +398,8 @@ class Replicator:
         for rep in sorted(self.files.values(), key=lambda r: r.path):
             progress = {p[:16]: self._progress(p, rep.manifest) for p in rep.targets}
             out.append({"path": rep.path, "manifest": rep.manifest.hex(), "state": rep.state,
-                        "copies": rep.copies, "want": rep.want, "targets": progress})
+                        "copies": rep.copies, "want": rep.want, "targets": progress,
+                        "unproven": [p[:16] for p in rep.claimed if p not in rep.holders]})
         return out
 
     def _progress(self, peer: str, manifest_id: bytes) -> float:
@@ -217,20 +417,80 @@ class Replicator:
 
     # ----------------------------------------------------------------- target side
 
-    def on_hold(self, manifest_id: ChunkId, path: str, peer: str) -> bool:
-        """A peer asks this node to hold a version whole (the chunk server's HOLD).
+    def replica_budget(self) -> int:
+        """Bytes of replicas this node keeps for others at most: `REPLICA_SHARE` of its cache."""
+        return int(self.node.cache_size() * REPLICA_SHARE)
 
-        Accepted only for a version of ``path`` that this node's namespace holds, live or
-        kept as a conflict: the chunk protocol is not bound to a namespace, and a stranger
-        must not make this node fetch and keep data. A writer's HOLD that arrives before
-        its entry is refused and asked again on its next round (every second).
+    def replica_bytes(self) -> int:
+        """Bytes of the replicas held for others (each version's stored bytes; chunks two of
+        them share count twice: an upper bound). Versions whose manifest is not here yet
+        count nothing until it is."""
+        total = 0
+        for mid in self.node.replicas():
+            m = self.content.cached_manifest(mid)
+            if m is None and self.node.chunks.has(ChunkId(mid)):
+                try:
+                    m = self.content.manifest(mid)
+                except FsError:
+                    m = None
+            total += m.stored_bytes() if m is not None else 0
+        return total
+
+    def replica_room(self) -> int:
+        """What this node still takes as replicas (announced as HOLDINGS ``free``)."""
+        return max(0, self.replica_budget() - self.replica_bytes())
+
+    def _hold_allowed(self, peer: str) -> bool:
+        """Token bucket per peer: `HOLD_BURST` at once, `HOLD_RATE` a second after that."""
+        now = time.monotonic()
+        tokens, at = self._hold_tokens.get(peer, (float(HOLD_BURST), now))
+        tokens = min(float(HOLD_BURST), tokens + (now - at) * HOLD_RATE)
+        allowed = tokens >= 1.0
+        self._hold_tokens[peer] = (tokens - 1.0 if allowed else tokens, now)
+        return allowed
+
+    def _refuse_hold(self, peer: str, manifest_id: bytes, path: str, why: str) -> bool:
+        self.holds_refused += 1
+        log.info("peer %s asked this node to hold %s of %r: refused (%s)", peer[:16], short(manifest_id), path, why)
+        return False
+
+    async def on_hold(self, manifest_id: ChunkId, path: str, peer: str, signature: bytes) -> bool:
+        """A peer asks this node to hold a version whole (the chunk server's HOLD); True if
+        accepted. Refused (logged, `holds_refused`):
+
+        * beyond the peer's rate (`HOLD_BURST`, then `HOLD_RATE` a second), checked first:
+          a flood costs a token bucket per peer, nothing else;
+        * without write capability: ``signature`` must be the namespace key's over
+          `hold_signed_bytes` (this node, the version, the path). Every writer holds the
+          namespace secret, so any writer can ask; a read-only member cannot;
+        * for a version the namespace does not reference at ``path`` (live or kept as a
+          conflict): a writer's HOLD that arrives before its entry is asked again on its
+          next round (every second);
+        * beyond this node's room for replicas (`replica_room`, as announced): the size is
+          the version's stored bytes, from its manifest, fetched from the asker first
+          when not held here (within `HOLD_MANIFEST_TIMEOUT`, else refused). A version
+          already held as a replica is accepted again at no cost.
         """
         if self._nursery is None:
             return False
+        if not self._hold_allowed(peer):
+            return self._refuse_hold(peer, manifest_id, path, "rate limit")
+        keys = self.node.replica.keys
+        if not crypto.verify(keys.id, hold_signed_bytes(bytes.fromhex(self.holdings.self_id), manifest_id, path),
+                             signature):
+            return self._refuse_hold(peer, manifest_id, path, "not signed with the namespace key: no write capability")
         if not any(v.manifest == manifest_id and not v.deleted for v in self.node.namespace.versions(path)):
-            log.info("peer %s asked this node to hold %s of %r, which the namespace does not reference: refused",
-                     peer[:16], short(manifest_id), path)
-            return False
+            return self._refuse_hold(peer, manifest_id, path, "not a version of that path in the namespace")
+        if manifest_id not in self.node.replicas():
+            try:
+                with trio.fail_after(HOLD_MANIFEST_TIMEOUT):
+                    m = await self.content.load(manifest_id, holders=[peer])
+            except (FsError, trio.TooSlowError) as exc:
+                return self._refuse_hold(peer, manifest_id, path, f"its manifest could not be had: {exc}")
+            room = self.replica_room()
+            if m.stored_bytes() > room:
+                return self._refuse_hold(peer, manifest_id, path,
+                                         f"{m.stored_bytes()} bytes, room for replicas is {room}")
         replicas = self.node.replicas()
         if manifest_id not in replicas:
             replicas[manifest_id] = path
@@ -240,9 +500,28 @@ class Replicator:
             self._nursery.start_soon(self._pull, manifest_id, path, peer)
         return True
 
-    async def _pull(self, manifest_id: ChunkId, path: str, asker: str | None) -> None:
+    async def _pull(self, manifest_id: ChunkId, path: str, asker: str | None, follows: bytes | None = None) -> None:
+        """Fetch the version whole. When it replaces ``follows`` (a replica following its file,
+        not a HOLD: nobody checked its size), it is pulled only if it fits the room for
+        replicas once the old version goes; otherwise this node keeps the old version only
+        (its chunks may be the last copies of the ones the versions share) and says so."""
         try:
             author = next((v.author for v in self.node.namespace.versions(path) if v.manifest == manifest_id), None)
+            if follows is not None:
+                m = await self.content.load(manifest_id, author)
+                old = self.content.manifest(follows) if self.node.chunks.has(ChunkId(follows)) else None
+                replicas = self.node.replicas()
+                others = self.replica_bytes() - (old.stored_bytes() if old is not None else 0)
+                if manifest_id not in replicas:
+                    others += m.stored_bytes()  # its record was not written yet: count it
+                if others > self.replica_budget():
+                    self._too_big[manifest_id] = True
+                    replicas.pop(manifest_id, None)
+                    self.node.set_replicas(replicas)
+                    log.warning("not following %s to its new version %s: %d bytes of replicas would exceed the "
+                                "budget of %d; keeping the old version", path, short(manifest_id), others,
+                                self.replica_budget())
+                    return
             result = await self.content.fetch_version(manifest_id, author=author, label=path,
                                                       extra_holders=[asker] if asker else [])
             if result.failed:
@@ -271,12 +550,15 @@ class Replicator:
             current = self.node.namespace.get(path)
             if current is None or current.kind is not Kind.FILE or current.manifest is None:
                 continue  # the file is gone (or empty): nothing of it to keep
+            if current.manifest in self._too_big:  # it did not fit (`_pull`): keep what we had
+                kept[mid] = path
+                continue
             kept[current.manifest] = path
             if current.manifest not in self.holdings.own.complete:
                 kept[mid] = path  # until the new version is whole here
                 if self._nursery is not None and current.manifest not in self._pulling:
                     self._pulling.add(current.manifest)
-                    self._nursery.start_soon(self._pull, ChunkId(current.manifest), path, None)
+                    self._nursery.start_soon(self._pull, ChunkId(current.manifest), path, None, mid)
         if kept != replicas:
             self.node.set_replicas(kept)
             if self.node.cache is not None:

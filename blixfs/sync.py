@@ -30,12 +30,23 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
+from blixfs import crypto
 from blixfs.entry import Entry
-from blixfs.frames import Entries, ErrorFrame, FrameError, Hello, HoldingsFrame, Synced, encode, read_frame
+from blixfs.frames import (
+    Entries,
+    ErrorFrame,
+    FrameError,
+    Hello,
+    HoldingsFrame,
+    Synced,
+    encode,
+    holdings_signed_bytes,
+    read_frame,
+)
 from blixfs.holdings import Holdings, NodeHoldings
 from blixfs.members import is_reserved
 from blixfs.net.transport import CODE_APP_MIN, NodeAddr, Stream, Transport, TransportError
@@ -203,9 +214,14 @@ class _Session:
 HOLDINGS_BUDGET = 900 * 1024  # bytes of manifest ids and bitmaps per HOLDINGS frame (frames are at most 1 MiB)
 
 
-def holdings_frame(node_id: str, record: NodeHoldings) -> HoldingsFrame:
-    """The frame announcing ``record``; what does not fit `HOLDINGS_BUDGET` is left out (whole
-    manifests first, then partial ones by size), with a log line: holdings are hints."""
+def holdings_frame(node_id: str, record: NodeHoldings, secret: bytes | None = None) -> HoldingsFrame:
+    """The frame announcing ``record``: a peer's record is the frame its holder signed, as
+    received (relays cannot forge or alter it); this node's own is built and signed with
+    ``secret`` (its endpoint key; None: unsigned, which every receiver refuses). What does
+    not fit `HOLDINGS_BUDGET` is left out (whole manifests first, then partial ones by
+    size), with a log line: holdings are hints."""
+    if record.signed is not None:
+        return record.signed
     complete = sorted(record.complete)[: HOLDINGS_BUDGET // 32]
     room = HOLDINGS_BUDGET - 32 * len(complete)
     partial: list[tuple[bytes, bytes]] = []
@@ -216,8 +232,17 @@ def holdings_frame(node_id: str, record: NodeHoldings) -> HoldingsFrame:
         room -= 36 + len(bits)
     if len(complete) < len(record.complete) or len(partial) < len(record.partial):
         log.warning("holdings of %s too large for one frame: announcing part of them", node_id[:16])
-    return HoldingsFrame(bytes.fromhex(node_id), record.seq, complete, partial,
-                         record.addr.to_bytes() if record.addr is not None else b"", min(record.free, (1 << 64) - 1))
+    frame = HoldingsFrame(bytes.fromhex(node_id), record.seq, complete, partial,
+                          record.addr.to_bytes() if record.addr is not None else b"", min(record.free, (1 << 64) - 1))
+    if secret is None:
+        return frame
+    return replace(frame, signature=crypto.sign(secret, holdings_signed_bytes(frame)))
+
+
+def holdings_verified(frame: HoldingsFrame) -> bool:
+    """Whether the frame's holder (its node id, an endpoint key) signed it. A record of a node id
+    that is no valid key, unsigned, or altered on the way does not verify. ~60 us."""
+    return crypto.verify(frame.node_id, holdings_signed_bytes(frame), frame.signature)
 
 
 def holdings_record(frame: HoldingsFrame) -> NodeHoldings:
@@ -229,7 +254,7 @@ def holdings_record(frame: HoldingsFrame) -> NodeHoldings:
     if addr is not None and addr.node_id != frame.node_id.hex():
         addr = None
     return NodeHoldings(frame.seq, set(frame.complete), {m: bytearray(b) for m, b in frame.partial}, addr,
-                        frame.free)
+                        frame.free, frame)
 
 
 class SyncService:
@@ -298,7 +323,7 @@ class SyncService:
             await trio.sleep(0.2)  # gather the changes of a burst of fetched chunks into one frame
             self.holdings.changed = trio.Event()
             try:
-                self._send_to_all(holdings_frame(self.holdings.self_id, self.holdings.own), None)
+                self._send_to_all(holdings_frame(self.holdings.self_id, self.holdings.own, self.holdings.secret), None)
             except Exception:  # runs in the services nursery: a bug here must not end the daemon
                 log.exception("announcing holdings failed")
 
@@ -407,7 +432,8 @@ class SyncService:
         diff = list(store.entries_since(their_vector))
         if self.holdings is not None:  # who holds what, before the entries that will be read
             for node_id, record in list(self.holdings.nodes.items()):
-                await self._send(stream, encode(holdings_frame(node_id, record)))
+                if node_id == self.holdings.self_id or record.signed is not None:
+                    await self._send(stream, encode(holdings_frame(node_id, record, self.holdings.secret)))
         for batch in _batches(diff):
             await self._send(stream, encode(Entries(batch)))
             session.info.entries_sent += len(batch)
@@ -523,7 +549,12 @@ class SyncService:
                         self.on_session_synced(info)
             elif isinstance(frame, HoldingsFrame):
                 record = holdings_record(frame)
-                if record.seq > time.time_ns() + MAX_FUTURE_NS:
+                if self.holdings is not None and frame.node_id.hex() == self.holdings.self_id:
+                    pass  # our own, relayed back (or forged): we know our holdings
+                elif not holdings_verified(frame):
+                    log.warning("peer %s sent holdings of %s not signed by that node: refused", info.peer[:16],
+                                frame.node_id.hex()[:16])
+                elif record.seq > time.time_ns() + MAX_FUTURE_NS:
                     log.warning("peer %s relayed holdings with a sequence number from the future: ignored",
                                 info.peer[:16])
                 elif self.holdings is not None and self._room_for(frame.node_id.hex(), record, info) \

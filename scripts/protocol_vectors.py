@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import blake3
@@ -22,10 +22,18 @@ import trio
 
 from blixfs import crypto
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
-from blixfs.chunkproto import ChunkServer, encode_have, encode_hold, encode_request
+from blixfs.chunkproto import (
+    ChunkServer,
+    encode_have,
+    encode_hold,
+    encode_prove,
+    encode_request,
+    hold_signed_bytes,
+    prove_digest,
+)
 from blixfs.chunkstore import MAX_CHUNK_BYTES, MemoryChunkStore
 from blixfs.entry import Entry, Kind
-from blixfs.frames import Entries, ErrorFrame, Hello, Synced, encode
+from blixfs.frames import Entries, ErrorFrame, Hello, Synced, encode, holdings_signed_bytes
 from blixfs.hashing import HOLE, ChunkId
 from blixfs.holdings import Holdings
 from blixfs.manifest import Manifest
@@ -34,7 +42,7 @@ from blixfs.namespace import MemoryNamespaceStore
 from blixfs.net.memory import MemoryNetwork
 from blixfs.net.transport import NodeAddr
 from blixfs.replica import NamespaceKeys, check_entry
-from blixfs.sync import CODE_WRONG_NAMESPACE, holdings_frame, holdings_record
+from blixfs.sync import CODE_WRONG_NAMESPACE, holdings_frame, holdings_record, holdings_verified
 from blixfs.ticket import Ticket
 
 SECTION = 16  # the section number of the test vectors in docs/protocol.md
@@ -101,7 +109,7 @@ def _frame_table(raw: bytes, parts: list[tuple[int, str]]) -> list[str]:
 
 
 def _served(store: MemoryChunkStore, requests: list[bytes],
-            on_hold: Callable[[ChunkId, str, str], bool] | None = None) -> list[bytes]:
+            on_hold: Callable[[ChunkId, str, str, bytes], Awaitable[bool]] | None = None) -> list[bytes]:
     """What blixfs's own chunk server sends back for each request (one stream each), over
     the in-memory transport: the bytes up to its FIN."""
 
@@ -254,9 +262,11 @@ def build() -> _Doc:
     for index in (0, 1, 9):
         holdings.note_chunk(OTHER_MANIFEST, index, 10)
     changes = holdings.own.seq - HOLDINGS_START
-    frame = holdings_frame(a.hex(), holdings.own)
+    frame = holdings_frame(a.hex(), holdings.own, AUTHOR_A_SEED)
     if holdings_record(frame).addr != peer:
         raise AssertionError("the HOLDINGS vector's address does not decode to node A's")
+    if not holdings_verified(frame):
+        raise AssertionError("the HOLDINGS vector's signature does not verify")
     held = encode(frame)
     addr_len = len(peer.to_bytes())
     doc.say(f"HOLDINGS of node A (`keys.author_a`) with its node address of {SECTION}.6. A started with",
@@ -265,12 +275,16 @@ def build() -> _Doc:
             "whole, and of a manifest of 10 chunks with id 32 bytes `ee` only chunks 0, 1 and 9",
             "(bitmap `03 02`: bit i of byte i / 8, least significant bit first):")
     doc.block("frame.holdings", _hex(held))
+    doc.say("It is signed by node A's key (`keys.author_a_seed`), ed25519 over these bytes: the",
+            "context `blixfs/holdings/1` and a zero byte, then the payload without its signature:")
+    doc.block("frame.holdings_signed", _hex(holdings_signed_bytes(frame)))
     doc.say(*_frame_table(held, [(4, "length"), (1, "type = 5 (HOLDINGS)"), (32, "node id"),
-                                 (8, f"seq = {holdings.own.seq}"), (8, "free = 0 (cache room, bytes)"),
+                                 (8, f"seq = {holdings.own.seq}"), (8, "free = 0 (room for replicas, bytes)"),
                                  (2, f"address length = {addr_len}"),
                                  (addr_len, "node address (as in tickets)"), (4, "complete count = 1"),
                                  (32, "manifest id"), (4, "partial count = 1"), (32, "manifest id"),
-                                 (4, "bitmap length = 2"), (2, "bitmap")]))
+                                 (4, "bitmap length = 2"), (2, "bitmap"),
+                                 (64, "signature by node A")]))
 
     store = MemoryNamespaceStore()
     store.apply([s1, s2])
@@ -415,14 +429,25 @@ def _chunks_example(doc: _Doc, manifest: Manifest, chunks: dict[ChunkId, bytes],
     doc.say("The answer to `chunks.request` with its version byte set to 2: status BAD_REQUEST",
             "(`02`), length 0, no body:")
     doc.block("chunks.response_bad_request", _hex(answers[3]))
-    hold = encode_hold(mid, "vm.img")
+    target = crypto.public_key(AUTHOR_B_SEED)
+    hold_signed = hold_signed_bytes(target, mid, "vm.img")
+    hold = encode_hold(mid, "vm.img", crypto.sign(NAMESPACE_SEED, hold_signed))
     held: list[tuple[ChunkId, str, str]] = []
-    accepted = _served(store, [hold], on_hold=lambda mid, name, peer: held.append((mid, name, peer)) is None)
+
+    async def accept(mid: ChunkId, name: str, peer: str, signature: bytes) -> bool:
+        held.append((mid, name, peer))
+        return crypto.verify(NamespaceKeys.from_secret(NAMESPACE_SEED).id, hold_signed, signature)
+
+    accepted = _served(store, [hold], on_hold=accept)
     refused = _served(store, [hold])
     if [(m, n) for m, n, _ in held] != [(mid, "vm.img")]:
         raise AssertionError("the server did not pass the HOLD request on")
-    doc.say(f"HOLD of the {SECTION}.7 manifest as the version of `vm.img` (op 2: the request's id is the",
-            "manifest id, offset and length are 0, then the path's length as a u16 and its UTF-8 bytes):")
+    doc.say(f"HOLD of the {SECTION}.7 manifest as the version of `vm.img`, asked of node B (`keys.author_b`).",
+            "It is signed with the namespace key (`keys.namespace_seed`) over the context `blixfs/hold/1`, a",
+            "zero byte, the target's node id, the manifest id and the path's UTF-8 bytes:")
+    doc.block("chunks.hold_signed", _hex(hold_signed))
+    doc.say("The request (op 2: the request's id is the manifest id, offset and length are 0, then the",
+            "path's length as a u16, its UTF-8 bytes and the 64-byte signature):")
     doc.block("chunks.request_hold", _hex(hold))
     doc.say("The answer of a node that accepts (it will pull the version and keep it): status OK,",
             "length 0; then FIN:")
@@ -440,6 +465,28 @@ def _chunks_example(doc: _Doc, manifest: Manifest, chunks: dict[ChunkId, bytes],
     doc.say("The answer: status OK, length 1, and a bitmap whose bit i (least significant first) is",
             "set when the server holds id i: here `05`, ids 0 and 2:")
     doc.block("chunks.response_have", _hex(have_answer))
+    nonce = bytes([0x11]) * 32
+    prove_ranges = [(0, 100, 16), (1, 0, 8)]
+    prove = encode_prove(mid, nonce, prove_ranges)
+    (prove_answer,) = _served(store, [prove])
+    c0 = chunks[manifest.ids[0]]
+    c1 = bytes(manifest.length(1)) if manifest.ids[1] == HOLE else chunks[manifest.ids[1]]
+    digest = prove_digest(nonce, [c0[100:116], c1[0:8]])
+    if prove_answer != bytes([0, 0, 0, 0, 32]) + digest:
+        raise AssertionError("the server did not answer the PROVE with BLAKE3(nonce || ranges)")
+    doc.say(f"PROVE (op 4) about the {SECTION}.7 manifest: the request's id is the manifest id, offset 0,",
+            "length the number of ranges (2); then the nonce (32 bytes `11`) and each range as chunk",
+            "index, offset and length (u32 each): 16 bytes from offset 100 of chunk 0, 8 bytes from",
+            "offset 0 of chunk 1:")
+    doc.block("chunks.request_prove", _hex(prove))
+    doc.say(*_frame_table(prove, [(1, "version = 1"), (1, "op = 4 (PROVE)"), (32, "manifest id"),
+                                  (8, "offset = 0"), (4, "length = 2 (ranges)"), (32, "nonce"),
+                                  (12, "range: chunk 0, offset 100, length 16"),
+                                  (12, "range: chunk 1, offset 0, length 8")]))
+    doc.say("The answer: status OK, length 32, BLAKE3 of the nonce, the 16 bytes `61` of chunk 0 and",
+            f"the 8 bytes of chunk 1 ({'a hole: 8 zero bytes' if manifest.ids[1] == HOLE else 'its bytes'}),",
+            "concatenated:")
+    doc.block("chunks.response_prove", _hex(prove_answer))
 
 
 def _merge_example(doc: _Doc, a: bytes, b: bytes) -> None:

@@ -88,7 +88,8 @@ async def test_roles_and_revoke_in_a_closed_namespace(tmp_path: Path) -> None:
                     await b.runtime.fetcher.client.fetch(NodeAddr(other.id), ChunkId(mid))
         with trio.fail_after(30):
             try:
-                accepted = await request_hold(b.runtime.transport, NodeAddr(a.id), ChunkId(mid), "bimg")
+                accepted = await request_hold(b.runtime.transport, NodeAddr(a.id), ChunkId(mid), "bimg",
+                                              b.node.replica.keys.secret)  # a revoked writer still has it
             except TransportError:  # refused with a reset (CODE_NOT_MEMBER)
                 accepted = False
         assert not accepted

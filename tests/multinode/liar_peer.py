@@ -30,7 +30,7 @@ async def main(ticket_text: str, seconds: float) -> None:
     ticket = Ticket.decode(ticket_text)
     secret = generate_secret()
     replica = Replica(MemoryNamespaceStore(), NamespaceKeys(ticket.keys.id), secret)
-    holdings = Holdings(replica.author.hex())
+    holdings = Holdings(replica.author.hex(), secret)  # signed by itself: a liar about content, not identity
     answered = 0
 
     async def lie(stream: Stream, peer: str) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import trio
 
+from blixfs.chunkproto import hold_signed_bytes
+from blixfs.crypto import sign
 from blixfs.fetcher import Fetcher
 from blixfs.hashing import ChunkId
 from blixfs.holdings import Holdings
@@ -34,10 +36,19 @@ async def test_hold_is_accepted_only_for_a_version_the_namespace_holds(tmp_path:
             async with trio.open_nursery() as nursery:
                 await nursery.start(replicator.run)
                 stranger = "ab" * 32
-                assert not replicator.on_hold(ChunkId(os.urandom(32)), "img", stranger)  # not a version of img
-                assert not replicator.on_hold(ChunkId(e.manifest), "other", stranger)  # not at that path
+                me = bytes.fromhex(holdings.self_id)
+                secret = node.replica.keys.secret
+                assert secret is not None
+
+                def signed(mid: bytes, path: str) -> bytes:  # a writer's HOLD to this node
+                    return sign(secret, hold_signed_bytes(me, mid, path))
+
+                bogus = ChunkId(os.urandom(32))
+                assert not await replicator.on_hold(bogus, "img", stranger, signed(bogus, "img"))  # not of img
+                mid = ChunkId(e.manifest)
+                assert not await replicator.on_hold(mid, "other", stranger, signed(mid, "other"))  # not at that path
                 assert node.replicas() == {}
-                assert replicator.on_hold(ChunkId(e.manifest), "img", stranger)
+                assert await replicator.on_hold(mid, "img", stranger, signed(mid, "img"))
                 assert node.replicas() == {e.manifest: "img"}
                 nursery.cancel_scope.cancel()
     finally:

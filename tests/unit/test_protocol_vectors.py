@@ -14,6 +14,7 @@ import importlib.util
 import json
 import re
 import struct
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -22,11 +23,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from blixfs import crypto
 from blixfs.entry import Entry
-from blixfs.frames import Entries, ErrorFrame, Hello, HoldingsFrame, Synced, decode
+from blixfs.frames import Entries, ErrorFrame, Hello, HoldingsFrame, Synced, decode, holdings_signed_bytes
 from blixfs.manifest import Manifest
 from blixfs.net.transport import NodeAddr
-from blixfs.sync import holdings_record
+from blixfs.sync import holdings_record, holdings_verified
 from blixfs.ticket import Ticket
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,7 +139,13 @@ def test_frames_decode_to_the_documented_values() -> None:
     held = decode(*_split(raw("frame.holdings")))
     assert isinstance(held, HoldingsFrame) and held.seq == GEN.HOLDINGS_START + 4  # clock at start + 4 changes
     assert held == HoldingsFrame(raw("keys.author_a"), held.seq, [raw("manifest.id")],
-                                 [(bytes([0xEE]) * 32, b"\x03\x02")], raw("nodeaddr.bytes"))
+                                 [(bytes([0xEE]) * 32, b"\x03\x02")], raw("nodeaddr.bytes"),
+                                 signature=held.signature)
+    # signed by node A over the context and the payload without its signature; relays cannot alter it
+    assert raw("frame.holdings_signed") == b"blixfs/holdings/1\x00" + raw("frame.holdings")[5:-64]
+    assert holdings_signed_bytes(held) == raw("frame.holdings_signed") and holdings_verified(held)
+    assert crypto.verify(raw("keys.author_a"), raw("frame.holdings_signed"), held.signature)
+    assert not holdings_verified(replace(held, free=1)) and not holdings_verified(replace(held, signature=b""))
     # the address names the announcing node, so a receiver keeps it and can dial the holder
     addr = holdings_record(held).addr
     assert addr is not None and addr.node_id == DOCUMENTED["keys.author_a"]
@@ -222,9 +230,24 @@ def test_hold_request() -> None:
     version, op, mid, offset, length = struct.unpack_from(">BB32sQI", hold)
     (size,) = struct.unpack_from(">H", hold, 46)
     assert (version, op, mid, offset, length) == (1, 2, raw("manifest.id"), 0, 0)
-    assert hold[48:].decode("utf-8") == "vm.img" and size == len(hold) - 48
+    assert hold[48:-64].decode("utf-8") == "vm.img" and size == len(hold) - 48 - 64
+    # signed with the namespace key (write capability) for target node B
+    assert raw("chunks.hold_signed") == b"blixfs/hold/1\x00" + raw("keys.author_b") + raw("manifest.id") + b"vm.img"
+    assert crypto.verify(raw("keys.namespace_id"), raw("chunks.hold_signed"), hold[-64:])
     assert raw("chunks.response_hold_accepted") == struct.pack(">BI", 0, 0)
     assert raw("chunks.response_hold_refused") == struct.pack(">BI", 2, 0)
+
+
+def test_prove_request() -> None:
+    prove = raw("chunks.request_prove")
+    version, op, mid, offset, count = struct.unpack_from(">BB32sQI", prove)
+    assert (version, op, mid, offset, count) == (1, 4, raw("manifest.id"), 0, 2) and len(prove) == 46 + 32 + 12 * 2
+    nonce = prove[46:78]
+    ranges = [struct.unpack_from(">III", prove, 78 + 12 * i) for i in range(count)]
+    assert nonce == b"\x11" * 32 and ranges == [(0, 100, 16), (1, 0, 8)]
+    chunk0 = b"a" * 4096
+    expected = blake3.blake3(nonce + chunk0[100:116] + bytes(8)).digest()  # chunk 1 of 16.7 is a hole: zeros
+    assert raw("chunks.response_prove") == struct.pack(">BI", 0, 32) + expected
 
 
 def test_have_request() -> None:
