@@ -47,6 +47,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import blake3
 import trio
@@ -66,6 +67,7 @@ from blixfs.net.transport import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ALPN = b"blixfs/chunks/1"
 VERSION = 1
@@ -434,11 +436,11 @@ class ChunkClient:
         for _, stream in self._idle.pop(peer_id, []):
             await stream.aclose()
 
-    async def have(self, peer: NodeAddr, cids: list[ChunkId]) -> list[bool]:
-        """Which of ``cids`` (at most MAX_HAVE) ``peer`` holds now. Raises FetchFailed for a
-        malformed answer, or a transport error; the caller sets the deadline."""
-        request = encode_have(cids)
-        want = (len(cids) + 7) // 8
+    async def _on_pooled_stream(self, peer: NodeAddr, exchange: Callable[[Stream], Awaitable[T]]) -> T:
+        """Run one request/answer ``exchange`` on a kept-open stream to ``peer`` (a new one when
+        none is idle) and pool the stream again after a whole answer. A reused stream that
+        fails before any byte of the answer (`_StaleStream`) costs a retry on a new one; any
+        other failure, or cancellation, resets the stream: it never carries half an answer."""
         while True:
             stream = await self._take(peer.node_id)
             reused = stream is not None
@@ -446,51 +448,7 @@ class ChunkClient:
                 stream = await self.transport.open_stream(peer, ALPN)
                 self.streams_opened += 1
             try:
-                try:
-                    await stream.send_all(request)
-                    head = await stream.receive_some(_RESPONSE.size + want)
-                except TransportError as exc:
-                    raise _StaleStream(str(exc)) from exc
-                if not head:
-                    raise _StaleStream("the server finished the stream")
-                if len(head) < _RESPONSE.size + want:
-                    head += await stream.receive_exactly(_RESPONSE.size + want - len(head))
-                status, length = _RESPONSE.unpack_from(head)
-                if status != OK or length != want:
-                    raise FetchFailed(f"peer {peer.node_id[:16]} answered a HAVE with status {status}, "
-                                      f"{length} bytes")
-            except _StaleStream as exc:
-                await stream.reset()
-                if reused:
-                    await self._drop(peer.node_id)
-                    continue
-                raise FetchFailed(f"peer {peer.node_id[:16]} closed the stream without answering: {exc}") from None
-            except UnexpectedEOF as exc:
-                await stream.reset()
-                raise FetchFailed(f"peer {peer.node_id[:16]} ended the stream midway through an answer ({exc})") \
-                    from None
-            except BaseException:
-                await stream.reset()
-                raise
-            await self._give_back(peer.node_id, stream)
-            bits = head[_RESPONSE.size :]
-            return [bool(bits[i // 8] >> (i % 8) & 1) for i in range(len(cids))]
-
-    async def fetch(self, peer: NodeAddr, cid: ChunkId) -> Fetched | None:
-        """The whole blob ``cid`` from ``peer``, verified; None if the peer does not hold it.
-
-        Raises FetchFailed (``bad_data`` set for bytes that do not hash to ``cid``) or a
-        transport error (no connection, no stream).
-        """
-        started = time.perf_counter()
-        while True:
-            stream = await self._take(peer.node_id)
-            reused = stream is not None
-            if stream is None:
-                stream = await self.transport.open_stream(peer, ALPN)
-                self.streams_opened += 1
-            try:
-                data = await _exchange(stream, peer.node_id, cid)
+                result = await exchange(stream)
             except _StaleStream as exc:
                 await stream.reset()
                 if reused:
@@ -501,12 +459,54 @@ class ChunkClient:
             except BaseException:
                 await stream.reset()  # completes even when cancelled; the peer never takes half an answer
                 raise
+            await self._give_back(peer.node_id, stream)
+            return result
+
+    async def have(self, peer: NodeAddr, cids: list[ChunkId]) -> list[bool]:
+        """Which of ``cids`` (at most MAX_HAVE) ``peer`` holds now. Raises FetchFailed for a
+        malformed answer, or a transport error; the caller sets the deadline."""
+        request = encode_have(cids)
+        want = (len(cids) + 7) // 8
+
+        async def exchange(stream: Stream) -> list[bool]:
+            try:
+                await stream.send_all(request)
+                head = await stream.receive_some(_RESPONSE.size + want)
+            except TransportError as exc:
+                raise _StaleStream(str(exc)) from exc
+            if not head:
+                raise _StaleStream("the server finished the stream")
+            try:
+                if len(head) < _RESPONSE.size + want:
+                    head += await stream.receive_exactly(_RESPONSE.size + want - len(head))
+            except UnexpectedEOF as exc:
+                raise FetchFailed(f"peer {peer.node_id[:16]} ended the stream midway through an answer ({exc})") \
+                    from None
+            status, length = _RESPONSE.unpack_from(head)
+            if status != OK or length != want:
+                raise FetchFailed(f"peer {peer.node_id[:16]} answered a HAVE with status {status}, {length} bytes")
+            bits = head[_RESPONSE.size :]
+            return [bool(bits[i // 8] >> (i % 8) & 1) for i in range(len(cids))]
+
+        return await self._on_pooled_stream(peer, exchange)
+
+    async def fetch(self, peer: NodeAddr, cid: ChunkId) -> Fetched | None:
+        """The whole blob ``cid`` from ``peer``, verified; None if the peer does not hold it.
+
+        Raises FetchFailed (``bad_data`` set for bytes that do not hash to ``cid``) or a
+        transport error (no connection, no stream).
+        """
+        started = time.perf_counter()
+
+        async def exchange(stream: Stream) -> bytes | None:
+            data = await _exchange(stream, peer.node_id, cid)
             if data is not None and chunk_id(data) != cid:
-                await stream.reset()
                 raise FetchFailed(f"peer {peer.node_id[:16]} sent bytes that are not chunk {short(cid)}",
                                   bad_data=True)
-            await self._give_back(peer.node_id, stream)
-            return None if data is None else Fetched(data, time.perf_counter() - started)
+            return data
+
+        data = await self._on_pooled_stream(peer, exchange)
+        return None if data is None else Fetched(data, time.perf_counter() - started)
 
 
 async def request_hold(transport: Transport, peer: NodeAddr, manifest_id: ChunkId, path: str,
