@@ -31,7 +31,6 @@ Every qemu, mount, node and temp dir is removed at the end, also on error or Ctr
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -48,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # The tests' own node runner and guest helpers: the benchmark boots exactly what the tests boot.
-from tests.conftest import MountedNode, fuse_available  # noqa: E402
+from tests.conftest import MountedNode, fetched_bytes, fuse_available, visible  # noqa: E402
 from tests.guest.qemu import BootResult, Guest, boot, build_guest, qemu_missing  # noqa: E402
 
 logger = logging.getLogger("bench_vm")
@@ -74,16 +73,8 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def visible(node: MountedNode, name: str, size: int) -> bool:
-    try:
-        return (node.mnt / name).stat().st_size == size
-    except FileNotFoundError:
-        return False
 
 
-def fetched_bytes(node: MountedNode) -> int:
-    fetched: int = json.loads(node.cli("status", "--json").stdout)["daemon"]["fetched"]["bytes"]
-    return fetched
 
 
 def write_ticket(node: MountedNode) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import shutil
@@ -45,6 +46,20 @@ def fuse_available() -> str | None:
 
 def is_mounted(path: Path) -> bool:
     return find_mount(path) is not None
+
+
+def visible(node: MountedNode, name: str, size: int) -> bool:
+    """Whether ``name`` shows in ``node``'s mount with ``size`` bytes (a peer's file arrived)."""
+    try:
+        return (node.mnt / name).stat().st_size == size
+    except FileNotFoundError:
+        return False
+
+
+def fetched_bytes(node: MountedNode) -> int:
+    """Bytes ``node``'s daemon fetched from peers so far (``blixfs status``)."""
+    fetched: int = json.loads(node.cli("status", "--json").stdout)["daemon"]["fetched"]["bytes"]
+    return fetched
 
 
 @dataclass

@@ -9,14 +9,13 @@ a mount) that the writes reached the image.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import MountedNode, wait_for
+from tests.conftest import MountedNode, fetched_bytes, visible, wait_for
 from tests.guest.qemu import Guest, boot, written_in_image
 from tests.helpers import sh, sha256
 from tests.multinode.test_replication import joined, ticket
@@ -29,16 +28,8 @@ IMAGE = "root.qcow2"
 BOOT_TIMEOUT = 300  # a boot is seconds; minutes mean it hangs
 
 
-def visible(node: MountedNode, name: str, size: int) -> bool:
-    try:
-        return (node.mnt / name).stat().st_size == size
-    except FileNotFoundError:
-        return False
 
 
-def fetched_bytes(node: MountedNode) -> int:
-    fetched: int = json.loads(node.cli("status", "--json").stdout)["daemon"]["fetched"]["bytes"]
-    return fetched
 
 
 def sha256_when_readable(path: Path, want: str, timeout: float) -> str:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MountedNode, wait_for
-from tests.multinode.test_fetch import MiB, sha256, visible, write_random
+from tests.conftest import MountedNode, visible, wait_for
+from tests.multinode.test_fetch import MiB, sha256, write_random
 from tests.multinode.test_replication import ticket
 
 pytestmark = pytest.mark.mounted

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, MountedNode, wait_for
+from tests.conftest import REPO, MountedNode, visible, wait_for
 from tests.helpers import MiB, sh, sha256
 from tests.multinode.test_replication import joined, ticket
 
@@ -46,11 +46,6 @@ def chunk_bytes_on_disk(node: MountedNode) -> int:
     return sum(f.stat().st_size for d in root.glob("[0-9a-f][0-9a-f]") for f in d.iterdir())
 
 
-def visible(node: MountedNode, name: str, size: int) -> bool:
-    try:
-        return (node.mnt / name).stat().st_size == size
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-utils missing: run scripts/install.sh")

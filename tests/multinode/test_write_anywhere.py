@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import MountedNode, wait_for
+from tests.conftest import MountedNode, visible, wait_for
 from tests.helpers import MiB, sha256
-from tests.multinode.test_fetch import visible, write_random
+from tests.multinode.test_fetch import write_random
 from tests.multinode.test_replication import joined
 
 pytestmark = pytest.mark.mounted
