@@ -115,8 +115,7 @@ def _served(store: MemoryChunkStore, requests: list[bytes],
 
     async def exchange() -> list[bytes]:
         net = MemoryNetwork()
-        server = ChunkServer(store)
-        server.on_hold = on_hold
+        server = ChunkServer(store, on_hold=on_hold)
         async with net.open_transport(handlers={CHUNKS_ALPN: server.handle}) as srv, net.open_transport() as cli:
             answers = []
             for request in requests:
