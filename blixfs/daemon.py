@@ -41,6 +41,7 @@ import trio
 
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
 from blixfs.chunkproto import OP_HOLD, ChunkServer
+from blixfs.chunkstore import StoreHooks
 from blixfs.content import Content, Network
 from blixfs.discovery import LanDiscovery, interfaces_for_listen
 from blixfs.entry import Kind
@@ -261,8 +262,11 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     transport.register(CHUNKS_ALPN, server.handle)
     transport.register(SYNC_ALPN, sync.handle, per_peer=SESSIONS_PER_PEER, total=SESSIONS_TOTAL)
     await _load_own_holdings(node, content)
-    # Whatever removes chunks (eviction, GC, a corrupt file), this node stops claiming them.
-    node.chunks.on_removed = lambda ids: holdings.evicted(set(ids), content.chunk_ids)
+    # From now on a write is refused (ENOSPC) when the cache budget is full of data that may
+    # be the only copy, and whatever removes chunks (eviction, GC, a corrupt file) makes this
+    # node stop claiming them.
+    hooks = StoreHooks(admit=cache.admit, removed=lambda ids: holdings.evicted(set(ids), content.chunk_ids))
+    node.chunks.hook(hooks)
     async with trio.open_nursery() as nursery:
         await nursery.start(fetcher.serve)
         await nursery.start(replicator.run)

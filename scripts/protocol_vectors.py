@@ -254,9 +254,8 @@ def build() -> _Doc:
     doc.block("frame.error", _hex(error))
 
     peer = NodeAddr(a.hex(), PEER_ADDRS)
-    holdings = Holdings(a.hex())
+    holdings = Holdings(a.hex(), addr=peer)
     holdings.own.seq = HOLDINGS_START  # a running node takes its clock at start; fixed here
-    holdings.own.addr = peer
     holdings.note_complete(mid)
     for index in (0, 1, 9):
         holdings.note_chunk(OTHER_MANIFEST, index, 10)
