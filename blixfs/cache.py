@@ -11,9 +11,10 @@ Never evicted (docs/design.md, "Never lose the last copy"):
   replicas may be dropped once it is superseded);
 * the chunks of pinned images (`blixfs pin`) and of replicas this node holds for others.
 
-Callers: the store asks `admit` before storing data written here (ENOSPC when the budget
-is full of what may not be evicted); the fetcher's `on_stored` hook calls `enforce` after
-each fetched chunk; `blixfs status` reads `budget`. All on the trio thread.
+Callers: once the daemon runs, the store asks `admit` before storing data written here
+(ENOSPC when the budget is full of what may not be evicted: the daemon passes it in the
+store's `blixfs.chunkstore.StoreHooks`); the fetcher's ``on_stored`` hook calls `enforce`
+after each fetched chunk; `blixfs status` reads `budget`. All on the trio thread.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ class CachePolicy:
         self._at = -1.0
         self._generation = -1
         self._set: set[ChunkId] = set()
-        store.admit = self.admit
 
     def keep(self, cid: ChunkId) -> bool:
         """Whether ``cid`` must stay (see the module docstring)."""

@@ -179,15 +179,22 @@ def prove_range(data: bytes, offset: int, length: int) -> bytes:
     return data[start : min(len(data), offset + length)]
 
 
+# A HOLD request: (manifest id, path, requesting peer, writer's signature) -> accepted.
+OnHold = Callable[[ChunkId, str, str, bytes], Awaitable[bool]]
+
+
 class ChunkServer:
     """Serves this node's chunks. Register `handle` for `ALPN` on the transport.
 
     HOLD requests go to ``await on_hold(manifest id, path, peer, signature) -> accepted``
     (the replicator, which checks the signature, the room and the peer's rate); without one
-    they are refused.
+    they are refused. ``allowed(peer, op)`` is access control (`blixfs.members`): whether
+    a peer (hex id) may make a request of that op here, checked on every request (None:
+    anyone). Both are given at construction and fixed for the server's life.
     """
 
-    def __init__(self, store: ChunkStore) -> None:
+    def __init__(self, store: ChunkStore, *, on_hold: OnHold | None = None,
+                 allowed: Callable[[str, int], bool] | None = None) -> None:
         self.store = store
         self.bytes_served = 0
         self.requests = 0
@@ -196,9 +203,8 @@ class ChunkServer:
         # Decoded manifests PROVE asked about: a writer challenges each holder of a version
         # every few minutes, and a large image's manifest is megabytes to decode.
         self._manifests: LRU[ChunkId, Manifest] = LRU(PROVE_MANIFESTS)
-        self.on_hold: Callable[[ChunkId, str, str, bytes], Awaitable[bool]] | None = None
-        # Access control (blixfs.members): may peer (hex id) make a request of this op? None: anyone.
-        self.allowed: Callable[[str, int], bool] | None = None
+        self._on_hold = on_hold
+        self._allowed = allowed
 
     async def _hold(self, stream: Stream, peer_id: str, manifest_id: ChunkId) -> None:
         try:
@@ -208,8 +214,8 @@ class ChunkServer:
                 signature = await stream.receive_exactly(64) if path is not None else b""
         except (trio.TooSlowError, UnexpectedEOF, UnicodeDecodeError):
             path = None
-        accepted = path is not None and self.on_hold is not None and await self.on_hold(manifest_id, path, peer_id,
-                                                                                          signature)
+        accepted = path is not None and self._on_hold is not None and await self._on_hold(manifest_id, path, peer_id,
+                                                                                            signature)
         await self._send(stream, _RESPONSE.pack(OK if accepted else BAD_REQUEST, 0))
 
     async def _have(self, stream: Stream, peer_id: str, count: int) -> bool:
@@ -331,7 +337,7 @@ class ChunkServer:
                 break
             first = False
             version, op, cid, offset, length = _REQUEST.unpack(raw)
-            if self.allowed is not None and not self.allowed(peer_id, op):
+            if self._allowed is not None and not self._allowed(peer_id, op):
                 # Checked on every request: a kept-open stream outlives a revoke.
                 log.warning("peer %s may not make chunk requests of op %d here: refused", peer_id[:16], op)
                 await stream.reset(CODE_NOT_MEMBER)

@@ -70,6 +70,20 @@ class StoreStats:
     bytes: int
 
 
+@dataclass(frozen=True, slots=True)
+class StoreHooks:
+    """What the running daemon asks of, and hears from, the node's store (`DiskChunkStore.hook`).
+
+    ``admit(nbytes)`` is asked before data written here is stored (the node's
+    `blixfs.cache.CachePolicy`): it raises OSError(ENOSPC) when the budget is full of data
+    that may be the only copy. ``removed(ids)`` is told of every chunk removed (evicted,
+    collected, found corrupt), once per batch: the holdings this node announces follow.
+    None: not asked, nobody told."""
+
+    admit: Callable[[int], None] | None = None
+    removed: Callable[[list[ChunkId]], None] | None = None
+
+
 class ChunkStore(Protocol):
     """Where chunk bytes live. See the module docstring for the invariants."""
 
@@ -99,7 +113,7 @@ class ChunkStore(Protocol):
         ...
 
     def delete(self, cid: ChunkId) -> bool:
-        """Remove a chunk; True if it was there. ``on_removed`` hears of it."""
+        """Remove a chunk; True if it was there. The store's removal hook hears of it."""
         ...
 
     def note_written_version(self, manifest_id: bytes) -> None:
@@ -140,11 +154,11 @@ class ChunkStore(Protocol):
 class MemoryChunkStore:
     """A `ChunkStore` in a dict, for unit tests of the layers above."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, on_removed: Callable[[list[ChunkId]], None] | None = None) -> None:
         self._chunks: dict[ChunkId, bytes] = {}
         self._written: dict[bytes, bool] = {}
         self.fail_with: int | None = None  # set to an errno to make put() fail, e.g. ENOSPC
-        self.on_removed: Callable[[list[ChunkId]], None] | None = None
+        self._on_removed = on_removed
 
     def get(self, cid: ChunkId) -> bytes | None:
         return self._chunks.get(cid)
@@ -167,8 +181,8 @@ class MemoryChunkStore:
 
     def delete(self, cid: ChunkId) -> bool:
         found = self._chunks.pop(cid, None) is not None
-        if found and self.on_removed is not None:
-            self.on_removed([cid])
+        if found and self._on_removed is not None:
+            self._on_removed([cid])
         return found
 
     def note_written_version(self, manifest_id: bytes) -> None:
@@ -288,11 +302,7 @@ class DiskChunkStore:
             self._reconcile()
             for marker in crashed:  # only now: a crash during the scan leaves them for the next open
                 marker.unlink(missing_ok=True)
-        # Asked before data written here is stored (the node's `blixfs.cache.CachePolicy`):
-        # raises ENOSPC when the budget is full of data that may be the only copy. None: no budget.
-        self.admit: Callable[[int], None] | None = None
-        # Told of every chunk removed (evicted, collected, found corrupt): holdings follow.
-        self.on_removed: Callable[[list[ChunkId]], None] | None = None
+        self._hooks: StoreHooks | None = None  # set once by the daemon: `hook`
         self.written_generation = 0  # bumped by each new written version (the cache policy recomputes)
 
     def _claim_marker(self) -> list[Path] | None:
@@ -468,8 +478,9 @@ class DiskChunkStore:
         _check_size(data)
         cid = verified_id or chunk_id(data)
         fetched = verified_id is not None
-        if not fetched and self.admit is not None and cid not in self._recency:
-            self.admit(len(data))
+        admit = self._hooks.admit if self._hooks is not None else None
+        if not fetched and admit is not None and cid not in self._recency:
+            admit(len(data))
         # Also when the file was there without a row: a crash between rename and index left it.
         if self._write_file(cid, data) or cid not in self._recency:
             self._index(cid, len(data), fetched)
@@ -521,7 +532,8 @@ class DiskChunkStore:
         return found
 
     def delete_many(self, cids: Iterable[ChunkId]) -> list[ChunkId]:
-        """Remove these chunks; ``on_removed`` hears of them once. Returns those that were there."""
+        """Remove these chunks; the removal hook (`StoreHooks.removed`) hears of them once.
+        Returns those that were there."""
         gone = [cid for cid in cids if self._delete(cid)]
         self._removed(gone)
         return gone
@@ -535,8 +547,17 @@ class DiskChunkStore:
         return True
 
     def _removed(self, cids: list[ChunkId]) -> None:
-        if cids and self.on_removed is not None:
-            self.on_removed(cids)
+        removed = self._hooks.removed if self._hooks is not None else None
+        if cids and removed is not None:
+            removed(cids)
+
+    def hook(self, hooks: StoreHooks) -> None:
+        """Ask and tell ``hooks`` (`StoreHooks`) from now on; once per store (asserted), by the
+        daemon before it serves. The store is opened with the node, before the daemon's
+        services exist (offline gc and status use it without them), so this is the one
+        step that joins them."""
+        assert self._hooks is None, "the store is hooked once"
+        self._hooks = hooks
 
     def note_written_version(self, manifest_id: bytes) -> None:
         cur = self._db.execute("INSERT OR IGNORE INTO written_versions (manifest, durable) VALUES (?, 0)",

@@ -20,7 +20,7 @@ about a version's content:
   read), with progress; used by `blixfs pull` and by replica targets.
 
 Callers: `Vfs` (reads, writes, commits), the daemon, the replicator, on the trio thread.
-Before the daemon attaches the network (`attach`), only what is held here is readable.
+Before the daemon connects it to the network (`connect`), only what is held here is readable.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from blixfs.holdings import Holdings
 from blixfs.manifest import Manifest, ManifestError
 from blixfs.net.transport import TransportError
 from blixfs.peers import PeerBook
-from blixfs.reader import ChunkReader
+from blixfs.reader import ChunkReader, Fetch
 
 log = logging.getLogger(__name__)
 
@@ -77,28 +77,57 @@ def read_manifest(store: ChunkStore, mid: bytes) -> Manifest | None:
         return None
 
 
+@dataclass(frozen=True)
+class Network:
+    """What the content layer reads through once the node is on the network (`Content.connect`).
+
+    ``fetcher`` is built with this content layer's hooks: ``on_fetched=content.reader.remember``
+    (chunks fetched ahead are kept in memory) and ``on_dont_have=content.forget_holder`` (a
+    DONT_HAVE drops what that peer was said to hold); ``connected()`` lists the peers a
+    HAVE may be sent to."""
+
+    fetcher: Fetcher
+    holdings: Holdings
+    peers: PeerBook
+    connected: Callable[[], list[str]]
+
+
 class Content:
-    """See the module docstring. One per node (the VFS's chunk store)."""
+    """See the module docstring. One per node (the VFS's chunk store).
+
+    The VFS builds it before the node is on the network (the mount starts the daemon
+    after), so the network comes in one step: the daemon builds the fetcher with this
+    layer's hooks (`Network`) and calls `connect` once, before it serves."""
 
     def __init__(self, store: ChunkStore, *, cache_chunks: int = 64) -> None:
         self.store = store
         self.reader = ChunkReader(store, cache_chunks=cache_chunks)
-        self.holdings: Holdings | None = None
-        self.fetcher: Fetcher | None = None
-        self.peers: PeerBook | None = None
-        self._connected: Callable[[], list[str]] = list
+        self._net: Network | None = None
         self._manifests: LRU[bytes, Manifest] = LRU(MANIFEST_CACHE)
         self._hints: LRU[ChunkId, tuple[str, ...]] = LRU(HINT_CAPACITY)
         self._locating: dict[ChunkId, trio.Event] = {}
         self.have_queries = 0
 
-    def attach(self, fetcher: Fetcher, holdings: Holdings, peers: PeerBook,
-               connected: Callable[[], list[str]]) -> None:
-        """Called by the daemon once the node is on the network: chunks not held here are
-        fetched from holders; ``connected`` lists the peers a HAVE may be sent to."""
-        self.fetcher, self.holdings, self.peers, self._connected = fetcher, holdings, peers, connected
-        self.reader.use(fetcher)
-        fetcher.on_dont_have = self._forget_hint
+    def connect(self, network: Network) -> None:
+        """Put this node on the network, once (the daemon, before it serves): from then on
+        chunks not held here are fetched from their holders instead of reading as missing."""
+        assert self._net is None, "the content layer is connected once"
+        self._net = network
+
+    @property
+    def fetcher(self) -> Fetcher | None:
+        return self._net.fetcher if self._net is not None else None
+
+    @property
+    def holdings(self) -> Holdings | None:
+        return self._net.holdings if self._net is not None else None
+
+    @property
+    def peers(self) -> PeerBook | None:
+        return self._net.peers if self._net is not None else None
+
+    def _connected(self) -> list[str]:
+        return self._net.connected() if self._net is not None else []
 
     # ------------------------------------------------------------------ manifests
 
@@ -130,7 +159,7 @@ class Content:
             return m
         cid = ChunkId(mid)
         everyone = [*holders, *self._version_holders(mid, None, author)]
-        raw = await self.reader.get(cid, lambda: everyone, None, self._locator(cid, None, 0, author))
+        raw = await self.reader.get(cid, self._fetch(cid, lambda: everyone, None, self._locator(cid, None, 0, author)))
         if raw is None:
             raise FsError(errno.EIO, f"manifest {short(mid)} is not held by this node and no peer is known to hold it")
         return self._decode(mid, bytes(raw))
@@ -183,7 +212,9 @@ class Content:
             return await self.locate(cid, manifest, index, tried)
         return locate
 
-    def _forget_hint(self, peer: str, cid: ChunkId) -> None:
+    def forget_holder(self, peer: str, cid: ChunkId) -> None:
+        """``peer`` answered DONT_HAVE for ``cid`` (the fetcher's ``on_dont_have`` hook): it is
+        no longer offered as a holder found by HAVE."""
         hinted = self._hints.get(cid)
         if hinted is not None and peer in hinted:
             rest = tuple(p for p in hinted if p != peer)
@@ -252,16 +283,30 @@ class Content:
         or its holders; None if not held and no network; FsError(EIO) if no holder could
         serve it in time."""
         manifest = self._manifests.get(mid) if mid is not None else None
-        return await self.reader.get(cid, lambda: self.holders(cid, mid, index, author), label,
-                                     self._locator(cid, manifest, index, author))
+        return await self.reader.get(cid, self._fetch(cid, lambda: self.holders(cid, mid, index, author), label,
+                                                      self._locator(cid, manifest, index, author)))
+
+    def _fetch(self, cid: ChunkId, holders: Callable[[], Sequence[str]], label: str | None,
+               locate: Locate) -> Fetch | None:
+        """How the reader fetches ``cid`` when not held here (None: not on the network).
+        ``holders`` is asked only then: gathering them is not free."""
+        fetcher = self.fetcher
+        if fetcher is None:
+            return None
+
+        async def fetch() -> bytes:
+            return await fetcher.get(cid, holders(), label, locate=locate)
+        return fetch
 
     def prefetch(self, wanted: dict[ChunkId, int], mid: bytes | None, author: bytes | None,
                  label: str | None = None) -> None:
         """Read-ahead: chunks (id -> index in version ``mid``) a sequential reader wants next."""
         manifest = self._manifests.get(mid) if mid is not None else None
-        self.reader.prefetch(
-            wanted, lambda cid: (self.holders(cid, mid, wanted[cid], author),
-                                 self._locator(cid, manifest, wanted[cid], author)), label)
+        missing = self.reader.prefetch(wanted)
+        fetcher = self.fetcher
+        if fetcher is not None:
+            fetcher.prefetch(((cid, self.holders(cid, mid, wanted[cid], author),
+                               self._locator(cid, manifest, wanted[cid], author)) for cid in missing), label)
 
     # ------------------------------------------------------------------ whole versions
 

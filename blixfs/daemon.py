@@ -41,7 +41,8 @@ import trio
 
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
 from blixfs.chunkproto import OP_HOLD, ChunkServer
-from blixfs.content import Content
+from blixfs.chunkstore import StoreHooks
+from blixfs.content import Content, Network
 from blixfs.discovery import LanDiscovery, interfaces_for_listen
 from blixfs.entry import Kind
 from blixfs.errors import FsError
@@ -238,31 +239,34 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     in-process tests): sync, chunk server, fetcher, replication, health, GC, LAN discovery
     on ``mdns_interfaces`` (None: off) and, with ``control``, the control socket. Runs until
     cancelled; reports the `Runtime` when up."""
+    # Each service gets its collaborators and hooks at construction, in dependency order;
+    # the one later step is the content layer's `connect` (the VFS built it before the network).
     self_id = node.node_id.hex()
     peers = PeerBook(self_id)
     for known in node.peers():
         peers.learn(known, "ticket")
-    holdings = Holdings(self_id, node.secret)
-    holdings.own.addr = transport.addr()
-    server = ChunkServer(node.chunks)
-    server.allowed = lambda peer, op: _may(node, peer, Role.WRITE if op == OP_HOLD else Role.READ)
-    transport.register(CHUNKS_ALPN, server.handle)
-    fetcher = Fetcher(node.chunks, transport, peers, fetch_timeout=fetch_timeout,
-                      attempt_timeout=min(ATTEMPT_TIMEOUT, fetch_timeout))
-    fetcher.allowed = lambda peer: _may(node, peer, Role.READ)
-    sync = SyncService(node.replica, transport, holdings)
-    sync.on_address = lambda addr: peers.learn(addr, "exchange")
-    sync.vouched = peers.reached
-    transport.register(SYNC_ALPN, sync.handle, per_peer=SESSIONS_PER_PEER, total=SESSIONS_TOTAL)
-    fetcher.on_stored = node.open_cache().enforce
+    holdings = Holdings(self_id, node.secret, transport.addr())
+    cache = node.open_cache()
     content = vfs.content if vfs is not None else Content(node.chunks)
-    content.attach(fetcher, holdings, peers,
-                   lambda: [s.peer for s in sync.sessions() if s.synced.is_set()])
-    await _load_own_holdings(node, content)
-    # Whatever removes chunks (eviction, GC, a corrupt file), this node stops claiming them.
-    node.chunks.on_removed = lambda ids: holdings.evicted(set(ids), content.chunk_ids)
+    fetcher = Fetcher(node.chunks, transport, peers, fetch_timeout=fetch_timeout,
+                      attempt_timeout=min(ATTEMPT_TIMEOUT, fetch_timeout),
+                      allowed=lambda peer: _may(node, peer, Role.READ), on_stored=cache.enforce,
+                      on_fetched=content.reader.remember, on_dont_have=content.forget_holder)
+    sync = SyncService(node.replica, transport, holdings, on_address=lambda addr: peers.learn(addr, "exchange"),
+                       vouched=peers.reached)
+    content.connect(Network(fetcher, holdings, peers,
+                            lambda: [s.peer for s in sync.sessions() if s.synced.is_set()]))
     replicator = Replicator(node, transport, sync, holdings, peers, content, default_copies=copies)
-    server.on_hold = replicator.on_hold
+    server = ChunkServer(node.chunks, on_hold=replicator.on_hold,
+                         allowed=lambda peer, op: _may(node, peer, Role.WRITE if op == OP_HOLD else Role.READ))
+    transport.register(CHUNKS_ALPN, server.handle)
+    transport.register(SYNC_ALPN, sync.handle, per_peer=SESSIONS_PER_PEER, total=SESSIONS_TOTAL)
+    await _load_own_holdings(node, content)
+    # From now on a write is refused (ENOSPC) when the cache budget is full of data that may
+    # be the only copy, and whatever removes chunks (eviction, GC, a corrupt file) makes this
+    # node stop claiming them.
+    hooks = StoreHooks(admit=cache.admit, removed=lambda ids: holdings.evicted(set(ids), content.chunk_ids))
+    node.chunks.hook(hooks)
     async with trio.open_nursery() as nursery:
         await nursery.start(fetcher.serve)
         await nursery.start(replicator.run)

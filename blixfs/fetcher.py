@@ -86,7 +86,17 @@ class Fetcher:
     """Fetches chunks from peers into the local store. See the module docstring."""
 
     def __init__(self, store: ChunkStore, transport: Transport, peers: PeerBook, *,
-                 attempt_timeout: float = ATTEMPT_TIMEOUT, fetch_timeout: float = FETCH_TIMEOUT) -> None:
+                 attempt_timeout: float = ATTEMPT_TIMEOUT, fetch_timeout: float = FETCH_TIMEOUT,
+                 allowed: Callable[[str], bool] | None = None,
+                 on_stored: Callable[[], object] | None = None,
+                 on_fetched: Callable[[ChunkId, bytes], object] | None = None,
+                 on_dont_have: Callable[[str, ChunkId], object] | None = None) -> None:
+        """Hooks, all optional and fixed for the fetcher's life: ``allowed(peer)`` says whether
+        a peer (hex id) may be asked at all (access control, `blixfs.members`; None: anyone);
+        ``on_stored()`` runs after each fetched chunk is stored (the daemon enforces the cache
+        budget there); ``on_fetched(cid, data)`` gets each chunk fetched (the content layer's
+        reader keeps read-ahead in memory, not only on disk); ``on_dont_have(peer, cid)`` hears
+        of each DONT_HAVE answer (the content layer forgets what that peer was said to hold)."""
         self.store = store
         self.transport = transport
         self.client = ChunkClient(transport)
@@ -102,14 +112,10 @@ class Fetcher:
         self.bytes_fetched = 0
         self.chunks_fetched = 0
         self.transfers: dict[str, Transfer] = {}  # by file path; see `recent_transfers`
-        # Called after each chunk is stored (the daemon enforces the cache budget there).
-        self.on_stored: Callable[[], object] | None = None
-        # Called with each chunk fetched, so a reader keeps read-ahead in memory, not only on disk.
-        self.on_fetched: Callable[[ChunkId, bytes], object] | None = None
-        # Called when a peer answered DONT_HAVE (the content layer forgets what it was told).
-        self.on_dont_have: Callable[[str, ChunkId], object] | None = None
-        # Access control (blixfs.members): may this peer (hex id) be asked at all? None: anyone.
-        self.allowed: Callable[[str], bool] | None = None
+        self._may_ask = allowed
+        self._on_stored = on_stored
+        self._on_fetched = on_fetched
+        self._on_dont_have = on_dont_have
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -251,7 +257,7 @@ class Fetcher:
 
     def _allowed(self, holders: Sequence[str]) -> list[str]:
         """Holders this node may ask: a node not in a closed namespace's member list never is."""
-        return [h for h in holders if self.allowed is None or self.allowed(h)]
+        return [h for h in holders if self._may_ask is None or self._may_ask(h)]
 
     async def _attempt(self, peer: str, cid: ChunkId, reasons: list[str], seconds: float) -> bytes | None:
         """One request to ``peer`` within ``seconds``: the verified chunk, stored; None (and a
@@ -276,8 +282,8 @@ class Fetcher:
             stats.inflight -= 1
         if fetched is None:
             reasons.append(f"{peer[:16]}: does not hold it")
-            if self.on_dont_have is not None:
-                self.on_dont_have(peer, cid)
+            if self._on_dont_have is not None:
+                self._on_dont_have(peer, cid)
             return None
         self.peers.record_ok(peer, len(fetched.data), fetched.seconds)
         self.bytes_fetched += len(fetched.data)
@@ -286,8 +292,8 @@ class Fetcher:
             self.store.put(fetched.data, verified_id=cid)
         except OSError as exc:  # full disk: still serve this read, from memory
             log.warning("fetched chunk %s could not be stored: %s", short(cid), exc)
-        if self.on_fetched is not None:
-            self.on_fetched(cid, fetched.data)
-        if self.on_stored is not None:
-            self.on_stored()
+        if self._on_fetched is not None:
+            self._on_fetched(cid, fetched.data)
+        if self._on_stored is not None:
+            self._on_stored()
         return fetched.data

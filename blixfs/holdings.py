@@ -46,12 +46,14 @@ class NodeHoldings:
 class Holdings:
     """Who holds which manifests. See the module docstring."""
 
-    def __init__(self, self_id: str, secret: bytes | None = None) -> None:
+    def __init__(self, self_id: str, secret: bytes | None = None, addr: NodeAddr | None = None) -> None:
+        """``secret``: this node's endpoint secret, which signs its own HOLDINGS; ``addr``:
+        where this node says it can be reached (its transport's address)."""
         self.self_id = self_id
-        self.secret = secret  # this node's endpoint secret: it signs this node's own HOLDINGS
+        self.secret = secret
         self.nodes: dict[str, NodeHoldings] = {}
         # seq starts from the clock: a restarted node's announcements must beat its old ones.
-        self.own = self.nodes.setdefault(self_id, NodeHoldings(seq=time.time_ns()))
+        self.own = self.nodes.setdefault(self_id, NodeHoldings(seq=time.time_ns(), addr=addr))
         self._held: dict[bytes, int] = {}  # set bits of each of own.partial's bitmaps
         self.changed = trio.Event()  # set when this node's own holdings change (to announce them)
 

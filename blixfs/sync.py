@@ -260,17 +260,23 @@ def holdings_record(frame: HoldingsFrame) -> NodeHoldings:
 class SyncService:
     """Sync sessions of one replica. See the module docstring."""
 
-    def __init__(self, replica: Replica, transport: Transport, holdings: Holdings | None = None) -> None:
+    def __init__(self, replica: Replica, transport: Transport, holdings: Holdings | None = None, *,
+                 on_address: Callable[[NodeAddr], object] | None = None,
+                 vouched: Callable[[str], bool] | None = None,
+                 on_session_synced: Callable[[SessionInfo], None] | None = None) -> None:
+        """Hooks, fixed for the service's life: ``on_address(addr)`` gets each peer address
+        learnt from holdings records; ``vouched(node_id)`` says whether this node has itself
+        reached a node (a probe answered, a transfer): such a node's record may evict those
+        of nodes only heard of when the table is full (None: nobody is vouched for);
+        ``on_session_synced(info)`` runs when a session has caught up."""
         self.replica = replica
         self.transport = transport
         self.holdings = holdings
         self._sessions: dict[int, _Session] = {}
         self._next_id = 0
-        self.on_session_synced: Callable[[SessionInfo], None] | None = None
-        self.on_address: Callable[[NodeAddr], object] | None = None  # a peer's address learnt from holdings
-        # Whether this node has itself reached a node (a probe answered, a transfer): such
-        # a node's record may evict those of nodes only heard of when the table is full.
-        self.vouched: Callable[[str], bool] = lambda node_id: False
+        self._on_session_synced = on_session_synced
+        self._on_address = on_address
+        self._vouched: Callable[[str], bool] = vouched if vouched is not None else lambda node_id: False
         self._sizes: dict[str, tuple[NodeHoldings, int]] = {}  # `_record_bytes`' cache
         replica.listeners.append(self._push)
 
@@ -505,10 +511,10 @@ class SyncService:
         ok, problem = fits()
         if ok:
             return True
-        if node_id in sessions or self.vouched(node_id):
+        if node_id in sessions or self._vouched(node_id):
             # A node we reach ourselves displaces nodes we only heard of, largest first.
             unproven = sorted((n for n in nodes if n != self.holdings.self_id and n not in sessions
-                               and not self.vouched(n)), key=lambda n: -record_bytes(nodes[n]))
+                               and not self._vouched(n)), key=lambda n: -record_bytes(nodes[n]))
             for victim in unproven:
                 del nodes[victim]
                 ok, problem = fits()
@@ -545,8 +551,8 @@ class SyncService:
                 if not info.synced.is_set():
                     info.synced.set()
                     log.info("synced with %s: %d entries received", info.peer[:16], info.entries_received)
-                    if self.on_session_synced is not None:
-                        self.on_session_synced(info)
+                    if self._on_session_synced is not None:
+                        self._on_session_synced(info)
             elif isinstance(frame, HoldingsFrame):
                 record = holdings_record(frame)
                 if self.holdings is not None and frame.node_id.hex() == self.holdings.self_id:
@@ -559,8 +565,8 @@ class SyncService:
                                 info.peer[:16])
                 elif self.holdings is not None and self._room_for(frame.node_id.hex(), record, info) \
                         and self.holdings.update(frame.node_id.hex(), record):
-                    if record.addr is not None and self.on_address is not None:
-                        self.on_address(record.addr)
+                    if record.addr is not None and self._on_address is not None:
+                        self._on_address(record.addr)
                     self._send_to_all(frame, info.peer)  # relay: nodes that only know us learn it too
             elif isinstance(frame, ErrorFrame):
                 log.warning("peer %s closed the session: %s (code %d)", info.peer[:16], frame.message, frame.code)

@@ -115,8 +115,7 @@ def _served(store: MemoryChunkStore, requests: list[bytes],
 
     async def exchange() -> list[bytes]:
         net = MemoryNetwork()
-        server = ChunkServer(store)
-        server.on_hold = on_hold
+        server = ChunkServer(store, on_hold=on_hold)
         async with net.open_transport(handlers={CHUNKS_ALPN: server.handle}) as srv, net.open_transport() as cli:
             answers = []
             for request in requests:
@@ -255,9 +254,8 @@ def build() -> _Doc:
     doc.block("frame.error", _hex(error))
 
     peer = NodeAddr(a.hex(), PEER_ADDRS)
-    holdings = Holdings(a.hex())
+    holdings = Holdings(a.hex(), addr=peer)
     holdings.own.seq = HOLDINGS_START  # a running node takes its clock at start; fixed here
-    holdings.own.addr = peer
     holdings.note_complete(mid)
     for index in (0, 1, 9):
         holdings.note_chunk(OTHER_MANIFEST, index, 10)

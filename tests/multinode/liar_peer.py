@@ -30,7 +30,6 @@ async def main(ticket_text: str, seconds: float) -> None:
     ticket = Ticket.decode(ticket_text)
     secret = generate_secret()
     replica = Replica(MemoryNamespaceStore(), NamespaceKeys(ticket.keys.id), secret)
-    holdings = Holdings(replica.author.hex(), secret)  # signed by itself: a liar about content, not identity
     answered = 0
 
     async def lie(stream: Stream, peer: str) -> None:
@@ -41,14 +40,16 @@ async def main(ticket_text: str, seconds: float) -> None:
         await stream.send_eof()
         answered += 1
 
-    def claim(entries: list[Entry], source: str | None) -> None:
-        for e in entries:
-            if e.manifest is not None and not e.deleted:
-                holdings.note_complete(e.manifest)
-
-    replica.listeners.append(claim)
     async with open_iroh_transport(secret) as transport:
-        holdings.own.addr = transport.addr()
+        # Signed by itself: a liar about content, not identity.
+        holdings = Holdings(replica.author.hex(), secret, transport.addr())
+
+        def claim(entries: list[Entry], source: str | None) -> None:
+            for e in entries:
+                if e.manifest is not None and not e.deleted:
+                    holdings.note_complete(e.manifest)
+
+        replica.listeners.append(claim)
         sync = SyncService(replica, transport, holdings)
         transport.register(SYNC_ALPN, sync.handle)
         transport.register(CHUNKS_ALPN, lie)

@@ -8,6 +8,7 @@ from pathlib import Path
 import trio
 
 from blixfs.chunkproto import hold_signed_bytes
+from blixfs.content import Network
 from blixfs.crypto import sign
 from blixfs.fetcher import Fetcher
 from blixfs.hashing import ChunkId
@@ -31,7 +32,7 @@ async def test_hold_is_accepted_only_for_a_version_the_namespace_holds(tmp_path:
             holdings = Holdings(node.node_id.hex())
             peers = PeerBook(node.node_id.hex())
             sync = SyncService(node.replica, transport, holdings)
-            vfs.content.attach(Fetcher(node.chunks, transport, peers), holdings, peers, list)
+            vfs.content.connect(Network(Fetcher(node.chunks, transport, peers), holdings, peers, list))
             replicator = Replicator(node, transport, sync, holdings, peers, vfs.content)
             async with trio.open_nursery() as nursery:
                 await nursery.start(replicator.run)
