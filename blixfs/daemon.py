@@ -254,6 +254,9 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     sync.on_address = lambda addr: peers.learn(addr, "exchange")
     sync.vouched = peers.reached
     transport.register(SYNC_ALPN, sync.handle, per_peer=SESSIONS_PER_PEER, total=SESSIONS_TOTAL)
+    # At the bound on incoming connections, those of members we sync with are kept (a flood of fresh keys
+    # churns among itself).
+    transport.kept_peers = lambda: {s.peer for s in sync.sessions() if s.synced.is_set()}
     fetcher.on_stored = node.open_cache().enforce
     content = vfs.content if vfs is not None else Content(node.chunks)
     content.attach(fetcher, holdings, peers,
