@@ -732,7 +732,9 @@ class Transport(abc.ABC):
         At most ``per_peer`` streams of one peer and ``total`` in all are served at once;
         a stream beyond either is reset with `CODE_BUSY` (and logged), so one peer
         opening streams as fast as it can neither exhausts this node nor crowds out the
-        others beyond ``total``. Raises ValueError if `alpn` is invalid or already
+        others beyond ``total``. Peers kept first (`kept_peers`, peers this node dialed)
+        are held to ``per_peer`` only: fresh keys filling ``total`` do not lock them out.
+        Raises ValueError if `alpn` is invalid or already
         registered, or a limit is below 1.
         """
         alpn = validate_alpn(alpn)
@@ -818,6 +820,10 @@ class Transport(abc.ABC):
         while len(self._dialed_peers) > DIALED_REMEMBERED:
             self._dialed_peers.popitem(last=False)
 
+    def _kept(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is one of the peers kept first (`kept_peers`, or dialed by us)."""
+        return peer_id in self._dialed_peers or peer_id in self.kept_peers()
+
     def incoming_connections(self) -> int:
         """Incoming connections kept now (counted by `_admit`)."""
         return len(self._incoming)
@@ -834,7 +840,7 @@ class Transport(abc.ABC):
         per_peer, total = self._limits.get(alpn, (STREAMS_PER_PEER, STREAMS_TOTAL))
         key = (alpn, peer_id)
         mine, everyone = self._serving.get(key, 0), self._serving_total.get(alpn, 0)
-        if mine >= per_peer or everyone >= total:
+        if mine >= per_peer or (everyone >= total and not self._kept(peer_id)):
             self._refused += 1
             # One line per 100 refusals: a flood must not flood the log too.
             if self._refused % 100 == 1:

@@ -30,6 +30,7 @@ from blixfs.net.iroh_transport import (
 )
 from blixfs.net.memory import MemoryNetwork
 from blixfs.net.transport import (
+    CODE_BUSY,
     CODE_HANDLER_FAILED,
     CODE_NO_HANDLER,
     CODE_SHUTDOWN,
@@ -519,6 +520,37 @@ async def test_incoming_connections_are_bounded(harness: Harness) -> None:
         assert lost.value.code == CODE_TOO_MANY_CONNECTIONS
         release.set()
         for stream in held:
+            await stream.reset()
+
+
+async def test_kept_peers_are_not_locked_out_by_the_total_stream_bound(harness: Harness) -> None:
+    """Fresh keys filling a protocol's total bound get CODE_BUSY; a kept peer (a member with
+    a synced session) is held to the per-peer bound only."""
+    release = trio.Event()
+
+    async def hold(stream: Stream, peer_id: str) -> None:
+        await stream.receive_some()
+        await stream.send_all(b"held")
+        await release.wait()
+
+    async with harness.open() as server, harness.open() as c1, harness.open() as c2, \
+            harness.open() as kept:
+        server.register(OTHER, hold, per_peer=1, total=1)
+        server.kept_peers = lambda: {kept.node_id}
+        streams = []
+        for client, served in ((c1, True), (c2, False), (kept, True)):
+            stream = await client.open_stream(server.addr(), OTHER)
+            await stream.send_all(b"x")
+            with trio.fail_after(30):
+                if served:
+                    assert await stream.receive_some() == b"held"
+                else:
+                    with pytest.raises(StreamReset) as busy:
+                        await stream.receive_some()
+                    assert busy.value.code == CODE_BUSY
+            streams.append(stream)
+        release.set()
+        for stream in streams:
             await stream.reset()
 
 
