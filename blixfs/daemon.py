@@ -256,6 +256,10 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
                        vouched=peers.reached)
     content.connect(Network(fetcher, holdings, peers,
                             lambda: [s.peer for s in sync.sessions() if s.synced.is_set()]))
+    # At the bound on incoming connections, those of members we sync with are kept (a flood
+    # of fresh keys churns among itself). The caller made the transport before the node's
+    # services existed: this is the one thing it learns from them.
+    transport.kept_peers = lambda: {s.peer for s in sync.sessions() if s.synced.is_set()}
     replicator = Replicator(node, transport, sync, holdings, peers, content, default_copies=copies)
     server = ChunkServer(node.chunks, on_hold=replicator.on_hold,
                          allowed=lambda peer, op: _may(node, peer, Role.WRITE if op == OP_HOLD else Role.READ))

@@ -9,8 +9,11 @@ raises `FrameError` (never anything else) on a frame that does not decode.
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from dataclasses import dataclass
+
+import trio
 
 from blixfs.entry import Entry
 from blixfs.net.transport import Stream, UnexpectedEOF
@@ -210,24 +213,33 @@ def decode(kind: int, payload: bytes) -> Frame:
     return frame
 
 
-async def read_frame(stream: Stream) -> Frame | None:
+async def read_frame(stream: Stream, *, rest_within: float | None = None) -> Frame | None:
     """The next frame from ``stream``, or None at a clean end of stream.
 
-    Raises FrameError for an oversized or malformed frame (before reading its body when
-    the length is out of bounds) and the transport's errors for a broken stream.
+    Waits for the frame's first byte without a deadline of its own (a live session may be
+    quiet for hours); with ``rest_within``, the rest of the frame must arrive within that
+    many seconds of it, or FrameError: a peer that stops mid-frame does not hold the
+    session for good. Raises FrameError for an oversized or malformed frame (before
+    reading its body when the length is out of bounds) and the transport's errors for a
+    broken stream.
     """
     try:
-        head = await stream.receive_exactly(_HEAD.size)
-    except UnexpectedEOF as exc:
-        if exc.received == 0:
-            return None
-        raise FrameError("stream ended inside a frame header") from None
-    length, kind = _HEAD.unpack(head)
-    if not 1 <= length <= MAX_FRAME:
-        raise FrameError(f"frame length {length} out of bounds (1..{MAX_FRAME})")
-    try:
-        payload = await stream.receive_exactly(length - 1)
+        first = await stream.receive_exactly(1)
     except UnexpectedEOF:
-        raise FrameError("stream ended inside a frame") from None
-    return decode(kind, payload)
+        return None
+    with trio.move_on_after(rest_within if rest_within is not None else math.inf) as scope:
+        try:
+            head = first + await stream.receive_exactly(_HEAD.size - 1)
+        except UnexpectedEOF:
+            raise FrameError("stream ended inside a frame header") from None
+        length, kind = _HEAD.unpack(head)
+        if not 1 <= length <= MAX_FRAME:
+            raise FrameError(f"frame length {length} out of bounds (1..{MAX_FRAME})")
+        try:
+            payload = await stream.receive_exactly(length - 1)
+        except UnexpectedEOF:
+            raise FrameError("stream ended inside a frame") from None
+        return decode(kind, payload)
+    assert scope.cancelled_caught
+    raise FrameError(f"the rest of a frame did not arrive within {rest_within:g} s of its first byte")
 

@@ -43,6 +43,7 @@ from blixfs.entry import (
     write_timestamp,
 )
 from blixfs.errors import FsError
+from blixfs.frames import MAX_ENTRY_BYTES
 from blixfs.manifest import MAX_FILE_SIZE
 from blixfs.members import MemberList, Role, check_reserved, is_reserved, member_path
 from blixfs.namespace import NamespaceStore, Outcome
@@ -130,7 +131,10 @@ def check_entry(e: Entry, namespace_id: bytes, now_ns: int) -> str | None:
         return f"timestamp {(e.timestamp_ns - now_ns) / 1e9:.0f} s in the future"
     if e.timestamp_ns < 0 or e.mtime_ns < 0 or e.ctime_ns < 0:
         return "negative time"
-    # A new field gets an upper bound from the start (mtime/ctime have none, protocol.md 15.1).
+    # 64-bit nanoseconds: another implementation must be able to hold and re-encode them, and
+    # the VFS hands them to the kernel (which takes 64 bits).
+    if e.mtime_ns > MAX_TIME_NS or e.ctime_ns > MAX_TIME_NS:
+        return "mtime or ctime out of bounds"
     if e.atime_ns is not None and not 0 <= e.atime_ns <= MAX_TIME_NS:
         return "atime out of bounds"
     problem = _path_problem(e.path) or _root_problem(e) or check_reserved(e)
@@ -253,6 +257,12 @@ class Replica:
             if problem:
                 raise FsError(errno.EPERM, problem)
         signed = [self._sign(e) for e in entries]
+        for e in signed:
+            # The field bounds count characters, the encoding escapes control characters in 6
+            # bytes: an entry within them can still be larger than any peer accepts, and would
+            # be refused by every receiver (protocol.md 15.2).
+            if len(e.serialize()) > MAX_ENTRY_BYTES:
+                raise FsError(errno.ENOSPC, f"the entry of {e.path} would be larger than {MAX_ENTRY_BYTES} bytes")
         outcomes = self.store.apply(signed, durable=durable)
         own = max((e.timestamp_ns for e in signed if e.author == self.author), default=None)
         if own is not None:

@@ -16,8 +16,12 @@ frame that is not HELLO closes the session with an error frame or a reset (codes
 docs/protocol.md) and a log line naming the peer; the replica is untouched by
 anything that failed to decode, and entries that decode but fail validation are
 refused one by one (`Replica.merge_remote`). Every await on the peer has a deadline
-except waiting for live entries; a dead connection ends that wait through the
-transport (keep-alives, idle timeout) and the dialing side reconnects with backoff.
+except waiting for the first byte of the next frame after HELLO (live entries may not
+come for hours; the rest of a frame has `FRAME_TIMEOUT`); a dead connection ends that
+wait through the transport (keep-alives, idle timeout) and the dialing side reconnects
+with backoff. A peer that holds sessions open without sending is bounded by the stream
+limits (`SESSIONS_PER_PEER`, `SESSIONS_TOTAL`, which members with a synced session and
+peers this node dialed may exceed: `Transport.register`).
 
 Callers: the node daemon (`blixfs.daemon`), which registers `handle` for the ALPN and
 runs `maintain` for every peer it should dial, in its nursery.
@@ -37,6 +41,7 @@ import trio
 from blixfs import crypto
 from blixfs.entry import Entry
 from blixfs.frames import (
+    MAX_ENTRY_BYTES,
     Entries,
     ErrorFrame,
     FrameError,
@@ -61,6 +66,9 @@ CODE_OVERLOADED = CODE_APP_MIN + 3
 CODE_NOT_MEMBER = CODE_APP_MIN + 4  # the peer is not in this closed namespace's member list
 HELLO_TIMEOUT = 10.0
 SEND_TIMEOUT = 30.0
+# A frame's bytes after its first must arrive within this (a 1 MiB frame at 20 KB/s): a peer
+# that stops mid-frame ends its session. Between frames there is no deadline (live phase).
+FRAME_TIMEOUT = 60.0
 BATCH_BYTES = 256 * 1024
 LIVE_QUEUE = 10_000  # frames queued for one session's live sending, at most
 LIVE_QUEUE_BYTES = 16 << 20  # and bytes: frames are up to 1 MiB, so a count alone bounded nothing
@@ -91,11 +99,18 @@ class SessionInfo:
 
 
 def _batches(entries: list[Entry]) -> list[list[Entry]]:
+    """``entries`` in frames of about `BATCH_BYTES`. An entry larger than `MAX_ENTRY_BYTES`
+    (stored before `Replica.commit_local` refused them) is left out with a log line:
+    receivers refuse the whole frame, and the entry would be in every later diff."""
     out: list[list[Entry]] = []
     batch: list[Entry] = []
     size = 0
     for e in entries:
         n = len(e.serialize()) + 4
+        if n - 4 > MAX_ENTRY_BYTES:
+            log.warning("not sending %s: its entry is %d bytes, more than a peer accepts (%d)", e.path, n - 4,
+                        MAX_ENTRY_BYTES)
+            continue
         if batch and size + n > BATCH_BYTES:
             out.append(batch)
             batch, size = [], 0
@@ -537,7 +552,7 @@ class SyncService:
 
     async def _receiver(self, stream: Stream, info: SessionInfo) -> None:
         while True:
-            frame = await read_frame(stream)
+            frame = await read_frame(stream, rest_within=FRAME_TIMEOUT)
             if frame is None:
                 return
             if isinstance(frame, Entries):

@@ -61,6 +61,7 @@ from blixfs.net.transport import (
     CODE_ABORTED,
     CODE_NO_HANDLER,
     CODE_SHUTDOWN,
+    CODE_TOO_MANY_CONNECTIONS,
     MAX_ADDRS,
     MUX_ALPN,
     STREAM_HEADER_TIMEOUT,
@@ -96,6 +97,9 @@ DEFAULT_PROBE_TIMEOUT = 2.0
 DEFAULT_CLOSE_TIMEOUT = 1.0
 """How long `aclose` waits for iroh to finish closing the endpoint."""
 SECRET_KEY_LEN = 32
+MAX_HANDSHAKES = 128
+"""Incoming handshakes in progress at once; more are ignored (the dialer times out). Each
+costs a task for up to the handshake timeout, before the peer's key is even known."""
 
 
 # --- 1. the bytes lowering fix ----------------------------------------------------------
@@ -421,6 +425,8 @@ class IrohTransport(Transport):
         self._probe_timeout = probe_timeout
         self._conns: dict[tuple[str, bytes], list[_Connection]] = {}
         self._dials: dict[tuple[str, bytes], _PendingDial] = {}
+        self._handshaking = 0
+        self._handshakes_ignored = 0
 
     # -- Transport API --
 
@@ -534,6 +540,7 @@ class IrohTransport(Transport):
             conns.remove(conn)
         if not conns:
             self._conns.pop(key, None)
+        self._forget_incoming(conn)
 
     async def _connection(self, peer: NodeAddr, alpn: bytes) -> _Connection:
         """A live connection to `peer` for `alpn`, joining or starting a shared dial."""
@@ -593,6 +600,7 @@ class IrohTransport(Transport):
                 return
             conn = _Connection(raw, remote, alpn, dialed=True, transport=self)
             self._add(conn)
+            self._note_dialed(remote)
             self._dialed += 1
             pending.conn = conn
             logger.debug("dialed %r", conn)
@@ -653,24 +661,45 @@ class IrohTransport(Transport):
                 return
             if incoming is None:  # endpoint closed
                 return
+            if self._handshaking >= MAX_HANDSHAKES:
+                self._handshakes_ignored += 1
+                if self._handshakes_ignored % 100 == 1:
+                    logger.warning("%d incoming handshakes in progress: ignoring a new one (%d so far)",
+                                   self._handshaking, self._handshakes_ignored)
+                with suppress(TransportError), trio.move_on_after(1):
+                    await _call(incoming.ignore)
+                continue
+            self._handshaking += 1
             self._nursery.start_soon(self._accept_one, incoming)
 
     async def _accept_one(self, incoming: Any) -> None:
         raw = None
-        with trio.move_on_after(self._handshake_timeout) as scope:
-            try:
-                accepting = await _call(incoming.accept)
-                raw = await _call(accepting.connect)
-            except TransportError as exc:
-                # e.g. the dialer asked for an ALPN we don't serve: it got TLS alert 120.
-                logger.info("incoming connection failed its handshake: %s", exc)
-                return
+        try:
+            with trio.move_on_after(self._handshake_timeout) as scope:
+                try:
+                    accepting = await _call(incoming.accept)
+                    raw = await _call(accepting.connect)
+                except TransportError as exc:
+                    # e.g. the dialer asked for an ALPN we don't serve: it got TLS alert 120.
+                    logger.info("incoming connection failed its handshake: %s", exc)
+                    return
+        finally:
+            self._handshaking -= 1
         if scope.cancelled_caught or raw is None:
             logger.info("incoming connection: no handshake within %g s", self._handshake_timeout)
             return
         conn = _Connection(
             raw, str(raw.remote_id()), bytes(raw.alpn()), dialed=False, transport=self
         )
+
+        def close(code: int, reason: str) -> None:
+            conn.dead = True
+            with suppress(_ffi.IrohError, _ffi.InternalError):
+                raw.close(code, reason.encode())
+
+        if not self._admit(conn, conn.peer_id, close):
+            close(CODE_TOO_MANY_CONNECTIONS, "too many connections")
+            return
         self._add(conn)
         self._accepted += 1
         logger.debug("accepted %r", conn)
@@ -694,7 +723,7 @@ class IrohTransport(Transport):
             await stream.reset(CODE_NO_HANDLER)
             return
         self._streams_accepted += 1
-        await self._run_handler(alpn, handler, stream, conn.peer_id)
+        await self._run_handler(alpn, handler, stream, conn.peer_id, conn)
 
     async def _serve_connection(self, conn: _Connection) -> None:
         """Accept the peer's streams on `conn` until it dies, one handler task each."""

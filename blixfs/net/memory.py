@@ -21,6 +21,7 @@ import trio
 from blixfs.net.transport import (
     CODE_NO_HANDLER,
     CODE_SHUTDOWN,
+    CODE_TOO_MANY_CONNECTIONS,
     MUX_ALPN,
     ConnectError,
     ConnectionLost,
@@ -296,6 +297,16 @@ class MemoryTransport(_Transport):
         conn = _MemConnection(self, remote, alpn)
         self._conns.setdefault((peer_id, alpn), []).append(conn)
         remote._conns.setdefault((self._node_id, alpn), []).append(conn)
+
+        def close(code: int, reason: str) -> None:
+            conn.lose(ConnectionLost(f"peer closed the connection (code {code}: {reason})", code=code))
+
+        if not remote._admit(conn, self._node_id, close):
+            # As with iroh, the acceptor closes the connection: the dialer sees the code.
+            close(CODE_TOO_MANY_CONNECTIONS, "too many connections")
+            raise ConnectionLost(f"node {peer_id[:10]} refused the connection: too many connections",
+                                 code=CODE_TOO_MANY_CONNECTIONS)
+        self._note_dialed(peer_id)
         self._dialed += 1
         remote._accepted += 1
         logger.debug("memory connection %s -> %s for %r", self._node_id[:10], peer_id[:10], alpn)
@@ -308,6 +319,7 @@ class MemoryTransport(_Transport):
             conns.remove(conn)
         if not conns:
             self._conns.pop(key, None)
+        self._forget_incoming(conn)
 
     def _deliver(self, stream: MemoryStream) -> None:
         handler = self._handlers.get(stream.alpn)
@@ -320,7 +332,7 @@ class MemoryTransport(_Transport):
             self._nursery.start_soon(stream.reset, CODE_NO_HANDLER)
             return
         self._streams_accepted += 1
-        self._nursery.start_soon(self._run_handler, stream.alpn, handler, stream, stream.peer_id)
+        self._nursery.start_soon(self._run_handler, stream.alpn, handler, stream, stream.peer_id, stream._conn)
 
 
 __all__ = ["MemoryNetwork", "MemoryStream", "MemoryTransport", "TransportError"]

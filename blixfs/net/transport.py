@@ -30,7 +30,8 @@ import enum
 import ipaddress
 import logging
 import struct
-from collections.abc import Awaitable, Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -53,6 +54,9 @@ CODE_SHUTDOWN = 4
 """The node is shutting down (stream reset or connection close)."""
 CODE_BUSY = 5
 """Too many streams of this protocol are being served (from this peer, or in all): refused."""
+CODE_TOO_MANY_CONNECTIONS = 6
+"""Connection close code: this node keeps too many incoming connections (in all, or of
+this peer) and refused or dropped this one. The peer may redial later."""
 CODE_APP_MIN = 0x100
 """The first code protocols above the transport may use for their own errors."""
 CODE_MAX = 2**62 - 1
@@ -62,6 +66,14 @@ STREAMS_PER_PEER = 64
 """Default bound on the incoming streams of one protocol one peer may have served at once."""
 STREAMS_TOTAL = 1024
 """Default bound on the incoming streams of one protocol served at once, all peers together."""
+
+CONNECTIONS_IN = 1024
+"""Default bound on the incoming connections a node keeps at once, all peers together."""
+CONNECTIONS_IN_PER_PEER = 4
+"""Default bound on the incoming connections of one peer (one is normal; more while a dead
+one has not timed out yet)."""
+DIALED_REMEMBERED = 4096
+"""Peers this node dialed that it remembers as such (their connections are kept first)."""
 
 MAX_ALPN_LEN = 255
 """TLS limits a protocol name to 255 bytes."""
@@ -649,6 +661,14 @@ class PathStats:
         return self.lost_packets / self.sent_datagrams if self.sent_datagrams else 0.0
 
 
+@dataclass
+class _Inbound:
+    """What `Transport._admit` keeps of one incoming connection."""
+
+    peer_id: str
+    close: Callable[[int, str], None]  # close the connection with (code, reason); must not raise
+
+
 class Transport(abc.ABC):
     """A node's endpoint: opens streams to peers, and serves registered ALPNs.
 
@@ -675,6 +695,19 @@ class Transport(abc.ABC):
         self._serving: dict[tuple[bytes, str], int] = {}  # streams being served, per (ALPN, peer)
         self._serving_total: dict[bytes, int] = {}
         self._refused = 0
+        # Incoming connections, least recently used first (see `_admit`): key -> _Inbound.
+        self._incoming: OrderedDict[object, _Inbound] = OrderedDict()
+        self._incoming_of: dict[str, int] = {}  # incoming connections per peer
+        self._serving_of: dict[str, int] = {}  # streams being served per peer, all protocols
+        self._dialed_peers: OrderedDict[str, None] = OrderedDict()  # most recent last
+        self._conns_refused = 0
+        self.max_incoming = CONNECTIONS_IN
+        """Incoming connections kept at once (see `_admit`)."""
+        self.max_incoming_per_peer = CONNECTIONS_IN_PER_PEER
+        self.kept_peers: Callable[[], Collection[str]] = lambda: ()
+        """Peers whose incoming connections are never dropped for a newcomer's sake and who
+        may take the room of fresh ones (the daemon: members with a synced session). Called
+        only when the incoming connections are at their bound."""
         self._closed = False
         self._nursery: trio.Nursery | None = None
         self._tasks_scope: trio.CancelScope | None = None
@@ -699,7 +732,9 @@ class Transport(abc.ABC):
         At most ``per_peer`` streams of one peer and ``total`` in all are served at once;
         a stream beyond either is reset with `CODE_BUSY` (and logged), so one peer
         opening streams as fast as it can neither exhausts this node nor crowds out the
-        others beyond ``total``. Raises ValueError if `alpn` is invalid or already
+        others beyond ``total``. Peers kept first (`kept_peers`, peers this node dialed)
+        are held to ``per_peer`` only: fresh keys filling ``total`` do not lock them out.
+        Raises ValueError if `alpn` is invalid or already
         registered, or a limit is below 1.
         """
         alpn = validate_alpn(alpn)
@@ -710,13 +745,102 @@ class Transport(abc.ABC):
         self._handlers[alpn] = handler
         self._limits[alpn] = (per_peer, total)
 
-    async def _run_handler(self, alpn: bytes, handler: StreamHandler, stream: Stream, peer_id: str) -> None:
+    # -- incoming connections --
+
+    def _admit(self, key: object, peer_id: str, close: Callable[[int, str], None]) -> bool:
+        """Whether to keep a new incoming connection (``key`` identifies it, ``close`` closes
+        it); called by the implementations once the peer is authenticated. False: the
+        caller closes it with `CODE_TOO_MANY_CONNECTIONS` (and `_admit` logged it).
+
+        Endpoint keys are free, so a hostile member can connect with any number of them.
+        At most `max_incoming` incoming connections are kept, and `max_incoming_per_peer`
+        of one peer. At the bound, the connection used least recently (no stream being
+        served on it, the oldest last stream) of a peer that is neither kept
+        (`kept_peers`) nor dialed by this node is closed to make room; a newcomer that is
+        kept or dialed may close a busy one too. Without such a victim the newcomer is
+        refused. So a flood of fresh keys churns among itself, and never pushes out the
+        peers this node syncs with."""
+        if self._incoming_of.get(peer_id, 0) >= self.max_incoming_per_peer:
+            self._refuse_connection(peer_id, f"{self._incoming_of[peer_id]} connections of this peer")
+            return False
+        if len(self._incoming) >= self.max_incoming:
+            kept = set(self.kept_peers())
+            kept.update(self._dialed_peers)
+            privileged = peer_id in kept
+            victim = None
+            busy_victim = None
+            for other_key, other in self._incoming.items():  # least recently used first
+                if other.peer_id in kept:
+                    continue
+                if not self._serving_of.get(other.peer_id):
+                    victim = other_key
+                    break
+                if busy_victim is None:
+                    busy_victim = other_key
+            if victim is None and privileged:
+                victim = busy_victim
+            if victim is None:
+                self._refuse_connection(peer_id, f"{len(self._incoming)} incoming connections, none idle")
+                return False
+            dropped = self._incoming[victim]
+            self._forget_incoming(victim)
+            self._refuse_connection(dropped.peer_id, "the least recently used, dropped to make room")
+            dropped.close(CODE_TOO_MANY_CONNECTIONS, "too many connections")
+        self._incoming[key] = _Inbound(peer_id, close)
+        self._incoming_of[peer_id] = self._incoming_of.get(peer_id, 0) + 1
+        return True
+
+    def _refuse_connection(self, peer_id: str, why: str) -> None:
+        self._conns_refused += 1
+        # One line per 100: a flood must not flood the log too.
+        if self._conns_refused % 100 == 1:
+            logger.warning("incoming connection of %s closed: %s (limits %d, %d per peer; %d closed so far)",
+                           peer_id[:16], why, self.max_incoming, self.max_incoming_per_peer, self._conns_refused)
+
+    def _forget_incoming(self, key: object) -> None:
+        """An incoming connection ended (or was dropped): no longer counted. Idempotent."""
+        inbound = self._incoming.pop(key, None)
+        if inbound is None:
+            return
+        left = self._incoming_of[inbound.peer_id] - 1
+        if left:
+            self._incoming_of[inbound.peer_id] = left
+        else:
+            del self._incoming_of[inbound.peer_id]
+
+    def _touch_incoming(self, key: object) -> None:
+        """A stream arrived on ``key``: it is now the most recently used."""
+        if key in self._incoming:
+            self._incoming.move_to_end(key)
+
+    def _note_dialed(self, peer_id: str) -> None:
+        """This node dialed ``peer_id``: its incoming connections are kept first (`_admit`)."""
+        self._dialed_peers[peer_id] = None
+        self._dialed_peers.move_to_end(peer_id)
+        while len(self._dialed_peers) > DIALED_REMEMBERED:
+            self._dialed_peers.popitem(last=False)
+
+    def _kept(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is one of the peers kept first (`kept_peers`, or dialed by us)."""
+        return peer_id in self._dialed_peers or peer_id in self.kept_peers()
+
+    def incoming_connections(self) -> int:
+        """Incoming connections kept now (counted by `_admit`)."""
+        return len(self._incoming)
+
+    # -- incoming streams --
+
+    async def _run_handler(self, alpn: bytes, handler: StreamHandler, stream: Stream, peer_id: str,
+                           conn: object = None) -> None:
         """`run_stream_handler` within the limits `register` set for ``alpn``. Called by the
-        implementations, one task per incoming stream; raises nothing but cancellation."""
+        implementations, one task per incoming stream (on connection ``conn``, the key given
+        to `_admit`, if incoming); raises nothing but cancellation."""
+        if conn is not None:
+            self._touch_incoming(conn)
         per_peer, total = self._limits.get(alpn, (STREAMS_PER_PEER, STREAMS_TOTAL))
         key = (alpn, peer_id)
         mine, everyone = self._serving.get(key, 0), self._serving_total.get(alpn, 0)
-        if mine >= per_peer or everyone >= total:
+        if mine >= per_peer or (everyone >= total and not self._kept(peer_id)):
             self._refused += 1
             # One line per 100 refusals: a flood must not flood the log too.
             if self._refused % 100 == 1:
@@ -727,6 +851,7 @@ class Transport(abc.ABC):
             return
         self._serving[key] = mine + 1
         self._serving_total[alpn] = everyone + 1
+        self._serving_of[peer_id] = self._serving_of.get(peer_id, 0) + 1
         try:
             await run_stream_handler(handler, stream, peer_id)
         finally:
@@ -736,6 +861,13 @@ class Transport(abc.ABC):
             else:
                 del self._serving[key]
             self._serving_total[alpn] -= 1
+            left = self._serving_of[peer_id] - 1
+            if left:
+                self._serving_of[peer_id] = left
+            else:
+                del self._serving_of[peer_id]
+            if conn is not None:
+                self._touch_incoming(conn)
 
     def serving(self, alpn: bytes, peer_id: str | None = None) -> int:
         """Incoming streams of ``alpn`` being served now (of ``peer_id``, or in all)."""

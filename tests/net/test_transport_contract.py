@@ -30,9 +30,11 @@ from blixfs.net.iroh_transport import (
 )
 from blixfs.net.memory import MemoryNetwork
 from blixfs.net.transport import (
+    CODE_BUSY,
     CODE_HANDLER_FAILED,
     CODE_NO_HANDLER,
     CODE_SHUTDOWN,
+    CODE_TOO_MANY_CONNECTIONS,
     ConnectError,
     ConnectionLost,
     NodeAddr,
@@ -42,6 +44,7 @@ from blixfs.net.transport import (
     StreamReset,
     Transport,
     TransportClosed,
+    TransportError,
     UnexpectedEOF,
 )
 
@@ -474,6 +477,81 @@ async def test_one_receiver_at_a_time(harness: Harness) -> None:
 
 
 # --- NodeAddr -----------------------------------------------------------------------------
+
+
+async def test_incoming_connections_are_bounded(harness: Harness) -> None:
+    """At the bound, an idle fresh connection makes room; with none idle a fresh newcomer
+    is refused with CODE_TOO_MANY_CONNECTIONS, and a kept peer pushes out a busy fresh one."""
+    release = trio.Event()
+
+    async def hold(stream: Stream, peer_id: str) -> None:
+        await stream.receive_some()
+        await stream.send_all(b"held")
+        await release.wait()
+
+    async with harness.open({ECHO: echo, OTHER: hold}) as server, harness.open() as c1, \
+            harness.open() as c2, harness.open() as c3, harness.open() as c4:
+        server.max_incoming = 2
+        assert await request(c1, server.addr(), b"a") == b"a"
+        assert await request(c2, server.addr(), b"b") == b"b"
+        assert server.incoming_connections() == 2
+        # c1 is the least recently used idle connection: c3 takes its room.
+        assert await request(c3, server.addr(), b"c") == b"c"
+        assert server.incoming_connections() == 2
+        # Now c2 and c3 are busy (a stream each being served): a fresh newcomer is refused.
+        held = []
+        for client in (c2, c3):
+            stream = await client.open_stream(server.addr(), OTHER)
+            await stream.send_all(b"x")
+            assert await stream.receive_some() == b"held"
+            held.append(stream)
+        with pytest.raises(TransportError) as refused:
+            with trio.fail_after(30):
+                await request(c1, server.addr(), b"again")
+        assert refused.value.code == CODE_TOO_MANY_CONNECTIONS
+        assert server.incoming_connections() == 2
+        # A kept peer (e.g. a member this node syncs with) pushes out a busy fresh connection.
+        server.kept_peers = lambda: {c4.node_id}
+        assert await request(c4, server.addr(), b"d") == b"d"
+        assert server.incoming_connections() == 2
+        with pytest.raises(ConnectionLost) as lost:
+            with trio.fail_after(30):
+                await held[0].receive_some()
+        assert lost.value.code == CODE_TOO_MANY_CONNECTIONS
+        release.set()
+        for stream in held:
+            await stream.reset()
+
+
+async def test_kept_peers_are_not_locked_out_by_the_total_stream_bound(harness: Harness) -> None:
+    """Fresh keys filling a protocol's total bound get CODE_BUSY; a kept peer (a member with
+    a synced session) is held to the per-peer bound only."""
+    release = trio.Event()
+
+    async def hold(stream: Stream, peer_id: str) -> None:
+        await stream.receive_some()
+        await stream.send_all(b"held")
+        await release.wait()
+
+    async with harness.open() as server, harness.open() as c1, harness.open() as c2, \
+            harness.open() as kept:
+        server.register(OTHER, hold, per_peer=1, total=1)
+        server.kept_peers = lambda: {kept.node_id}
+        streams = []
+        for client, served in ((c1, True), (c2, False), (kept, True)):
+            stream = await client.open_stream(server.addr(), OTHER)
+            await stream.send_all(b"x")
+            with trio.fail_after(30):
+                if served:
+                    assert await stream.receive_some() == b"held"
+                else:
+                    with pytest.raises(StreamReset) as busy:
+                        await stream.receive_some()
+                    assert busy.value.code == CODE_BUSY
+            streams.append(stream)
+        release.set()
+        for stream in streams:
+            await stream.reset()
 
 
 def test_node_addr_encodings() -> None:
