@@ -218,19 +218,29 @@ class ChunkServer:
                                                                                             signature)
         await self._send(stream, _RESPONSE.pack(OK if accepted else BAD_REQUEST, 0))
 
+    @staticmethod
+    async def _request_body(stream: Stream, peer_id: str, op: str, count: int, limit: int,
+                            size: int) -> bytes | None:
+        """The ``size`` bytes that follow a request of ``count`` items (1 to ``limit``); None
+        when the count is out of bounds or the bytes do not come whole within REQUEST_TIMEOUT:
+        the stream is then reset with CODE_BAD_REQUEST (its next request cannot be found)."""
+        if not 1 <= count <= limit:
+            log.info("peer %s sent a %s of %d items: refused", peer_id[:16], op, count)
+            await stream.reset(CODE_BAD_REQUEST)
+            return None
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                return await stream.receive_exactly(size)
+        except (trio.TooSlowError, UnexpectedEOF):
+            log.info("peer %s sent an incomplete %s: closing", peer_id[:16], op)
+            await stream.reset(CODE_BAD_REQUEST)
+            return None
+
     async def _have(self, stream: Stream, peer_id: str, count: int) -> bool:
         """Answer a HAVE of ``count`` ids from the store's index (no disk read). False when the
         request was malformed and the stream was reset."""
-        if not 1 <= count <= MAX_HAVE:
-            log.info("peer %s sent a HAVE of %d ids: refused", peer_id[:16], count)
-            await stream.reset(CODE_BAD_REQUEST)
-            return False
-        try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                raw = await stream.receive_exactly(32 * count)
-        except (trio.TooSlowError, UnexpectedEOF):
-            log.info("peer %s sent an incomplete HAVE: closing", peer_id[:16])
-            await stream.reset(CODE_BAD_REQUEST)
+        raw = await self._request_body(stream, peer_id, "HAVE", count, MAX_HAVE, 32 * count)
+        if raw is None:
             return False
         self.have_requests += 1
         held = [self.store.has(ChunkId(raw[i : i + 32])) for i in range(0, len(raw), 32)]
@@ -240,16 +250,9 @@ class ChunkServer:
     async def _prove(self, stream: Stream, peer_id: str, manifest_id: ChunkId, count: int) -> bool:
         """Answer a PROVE (module docstring). False when the request was malformed and the
         stream was reset; a proof about data not held is DONT_HAVE, never a failure here."""
-        if not 1 <= count <= MAX_PROVE_RANGES:
-            log.info("peer %s sent a PROVE of %d ranges: refused", peer_id[:16], count)
-            await stream.reset(CODE_BAD_REQUEST)
-            return False
-        try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                raw = await stream.receive_exactly(NONCE_LEN + _RANGE.size * count)
-        except (trio.TooSlowError, UnexpectedEOF):
-            log.info("peer %s sent an incomplete PROVE: closing", peer_id[:16])
-            await stream.reset(CODE_BAD_REQUEST)
+        raw = await self._request_body(stream, peer_id, "PROVE", count, MAX_PROVE_RANGES,
+                                       NONCE_LEN + _RANGE.size * count)
+        if raw is None:
             return False
         nonce = raw[:NONCE_LEN]
         ranges = [_RANGE.unpack_from(raw, NONCE_LEN + i * _RANGE.size) for i in range(count)]
