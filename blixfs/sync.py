@@ -419,6 +419,13 @@ class SyncService:
             self._next_id += 1
             # Registered before the diff is taken: a change made while we send it is queued.
             self._sessions[sid] = session
+            if not self._member(peer):
+                # A revoke arrived while the HELLOs were exchanged: `_drop_non_members` ran
+                # before this session was registered, so it is refused here instead.
+                self._sessions.pop(sid, None)
+                log.warning("peer %s was revoked while its session started: closing it", peer[:16])
+                await stream.reset(CODE_NOT_MEMBER)
+                return
             try:
                 with session.scope:
                     async with trio.open_nursery() as nursery:
