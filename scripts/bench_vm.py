@@ -1,11 +1,25 @@
 #!/usr/bin/env python3
-"""Benchmark booting a real Linux guest under qemu (TCG) from blixfs mounts, side by side.
+"""Benchmark a VM's disk on blixfs against the local disk, side by side in one run.
 
-    .venv/bin/python scripts/bench_vm.py [--rounds N] [--cache MODE] [--timeout S] [--workdir DIR]
-                                         [--keep] [--snapshot-boot]
+    .venv/bin/python scripts/bench_vm.py [--parts boot,io,fsync] [--rounds N] [--cache MODE]
+                                         [--timeout S] [--workdir DIR] [--keep] [--snapshot-boot]
+                                         [--fsync-sizes 1,20,100] [--fsyncs N] [--growth-fsyncs N]
 
-Needs root (FUSE, drop_caches) and qemu-system-x86_64 (scripts/install.sh); about a
-minute. Not a test: the figures depend on the machine and its neighbours. The guest is
+Needs root (FUSE, drop_caches), qemu-system-x86_64 and qemu-img (scripts/install.sh); a few
+minutes. Not a test: the figures depend on the machine and its neighbours. Three parts:
+
+**io** (`qemu-img bench`): a qcow2 of random data (256 MiB), once on the local disk and once
+in a mount, page cache dropped before each run; 4 KiB reads, and 4 KiB writes with a flush
+every 16 requests, both with ``-t none`` (O_DIRECT, as qemu ``cache=none``: the page cache
+would otherwise measure itself). qemu-img bench walks the image with a fixed step; a step of
+4 MiB + 4 KiB scatters the requests over every chunk, as random I/O does.
+
+**fsync**: 4 KiB write + fsync at random 4 KiB-aligned places of a sparse 1, 20 and 100 GiB
+image (p50 and p99), local disk beside the mount; then the store growth after many such
+fsyncs at distinct places of the 100 GiB image, against the bytes of the chunks they
+touched (goal <= 1.1x).
+
+**boot**: boots a real Linux guest under qemu (TCG) from blixfs mounts. The guest is
 scripts/build_guest.sh's (built once, then cached): it reads and checks 8 MiB of its ext4
 root, writes 4 MiB with fsync, and prints a marker on its serial console before powering
 off. Every boot writes to its disk (never -snapshot, except the optional extra one). Boots:
@@ -18,7 +32,8 @@ off. Every boot writes to its disk (never -snapshot, except the optional extra o
 With --snapshot-boot, (5): a fresh node D boots a third pristine copy cold with qemu
 -snapshot (reads over the network, writes to a temp overlay on the local disk).
 
-All nodes run ``--copies 1`` so that no replica moves the image before a cold boot. The
+All nodes run ``--copies 1`` so that no replica moves the image before a cold boot (and
+no replica traffic shares the machine with the io and fsync parts). The
 page cache is dropped before every boot (local included). Each boot's time runs from
 qemu's start to its exit (the guest powers off right after its marker). With --rounds N
 every boot is repeated N times, each round on fresh copies and fresh cold nodes, and the
@@ -33,6 +48,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -91,13 +107,20 @@ class Row:
 class Bench:
     """The nodes and boots of one run; ``close`` removes every node and mount it made."""
 
-    def __init__(self, guest: Guest, work: Path, *, cache: str | None, timeout: float) -> None:
+    def __init__(self, guest: Guest | None, work: Path, *, cache: str | None, timeout: float) -> None:
         self.guest = guest
         self.work = work
         self.cache = cache
         self.timeout = timeout
         self.nodes: list[MountedNode] = []
         self.rows: list[Row] = []
+        self._io_node: MountedNode | None = None
+
+    def io_node(self) -> MountedNode:
+        """One node of its own for the io and fsync parts (made on first use)."""
+        if self._io_node is None:
+            self._io_node = self.node("io")
+        return self._io_node
 
     def node(self, name: str, join: MountedNode | None = None) -> MountedNode:
         """A ``blixfs mount`` daemon (``--copies 1``), joined to ``join``'s namespace if given."""
@@ -111,6 +134,7 @@ class Bench:
         return node
 
     def boot(self, label: str, image: Path, *, snapshot: bool = False) -> BootResult:
+        assert self.guest is not None, "boots need the guest (the boot part builds it)"
         drop_caches()
         note(f"booting {label}: {image}")
         serial = self.work / f"serial-{len(self.rows) + 1}.log"
@@ -152,6 +176,7 @@ def run(bench: Bench, rounds: int, snapshot_boot: bool) -> None:
     earlier round's node, which holds the same chunks, as well as from A.
     """
     guest = bench.guest
+    assert guest is not None
     a = bench.node("a")  # running from the start, so that every boot shares the machine with it
     for r in range(1, rounds + 1):
         note(f"round {r}/{rounds}")
@@ -181,6 +206,145 @@ def run(bench: Bench, rounds: int, snapshot_boot: bool) -> None:
             d = cold_node(bench, f"d{r}", a, names[SNAPSHOT])
             bench.boot(SNAPSHOT, d.mnt / names[SNAPSHOT], snapshot=True)
             bench.rows[-1].note = f"fetched {fetched_bytes(d) / (1 << 20):.1f} MiB; writes to a local overlay"
+
+
+# ------------------------------------------------------------------ io: qemu-img bench
+
+IO_IMAGE_BYTES = 256 << 20
+IO_STEP = (4 << 20) + 4096  # scatters 4 KiB requests over every 256 KiB chunk of the image
+IO_GOAL = 0.4  # qemu-img bench 4 KiB read and write, as a fraction of the local disk's rate
+
+
+def qemu_img_bench(image: Path, *, write: bool, count: int) -> float:
+    """Requests per second of one ``qemu-img bench`` run (4 KiB, O_DIRECT, depth 1)."""
+    drop_caches()
+    args = ["qemu-img", "bench", "-f", "qcow2", "-t", "none", "-c", str(count), "-d", "1", "-s", "4096",
+            "-S", str(IO_STEP)]
+    if write:
+        args += ["-w", "--flush-interval=16", "--pattern=90"]
+    started = time.monotonic()
+    out = subprocess.run([*args, str(image)], check=True, capture_output=True, text=True).stdout
+    elapsed = time.monotonic() - started
+    for line in out.splitlines():  # "Run completed in 1.234 seconds."
+        if line.startswith("Run completed in "):
+            elapsed = float(line.split()[3])
+    return count / elapsed
+
+
+def io_part(bench: Bench, count: int) -> list[str]:
+    """qemu-img bench 4 KiB reads and writes on a qcow2 of random data, local disk and mount."""
+    raw = bench.work / "io-random.raw"
+    with open(raw, "wb") as f:
+        for _ in range(IO_IMAGE_BYTES >> 20):
+            f.write(os.urandom(1 << 20))
+    local = bench.work / "io-local.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(local)], check=True)
+    raw.unlink()
+    node = bench.io_node()
+    mounted = node.mnt / "io.qcow2"
+    subprocess.run(["cp", str(local), str(mounted)], check=True)
+    lines = [f"qemu-img bench, 4 KiB requests, -t none, {count} requests, image {IO_IMAGE_BYTES >> 20} MiB "
+             f"of random data, step {IO_STEP} bytes", "",
+             f"{'':<34} {'local disk':>12} {'blixfs':>12} {'x local':>8}  goal"]
+    for label, write in (("4 KiB reads (req/s)", False), ("4 KiB writes, flush/16 (req/s)", True)):
+        note(f"qemu-img bench: {label}")
+        here = qemu_img_bench(local, write=write, count=count)
+        there = qemu_img_bench(mounted, write=write, count=count)
+        ratio = there / here
+        lines.append(f"{label:<34} {here:>12.0f} {there:>12.0f} {ratio:>7.2f}x  >= {IO_GOAL}x: "
+                     f"{'MET' if ratio >= IO_GOAL else 'NOT MET'}")
+    check = subprocess.run(["qemu-img", "check", "-f", "qcow2", str(mounted)], capture_output=True, text=True)
+    lines.append(f"qemu-img check of the mounted image after the writes: "
+                 f"{'clean' if check.returncode == 0 else 'FAILED: ' + check.stdout.strip()}")
+    return lines
+
+
+# ------------------------------------------------------------------ fsync: cost against image size
+
+CHUNK = 256 << 10  # the node's default chunk size: what a 4 KiB write touches in the store
+FSYNC_GOAL_LOCAL = 10.0  # 100 GiB image, as a multiple of the local disk's p50
+FSYNC_GOAL_SMALL = 1.5  # 100 GiB image, as a multiple of the 1 GiB image's p50 on blixfs
+GROWTH_GOAL = 1.1  # store growth over the bytes of the chunks the writes touched
+
+
+def fsync_latencies(path: Path, size: int, fsyncs: int, offsets: list[int] | None = None) -> list[float]:
+    """Seconds of each 4 KiB pwrite + fsync at random aligned places of a sparse ``size`` file."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    rng = random.Random(size)
+    places = offsets if offsets is not None else [rng.randrange(size // 4096) * 4096 for _ in range(fsyncs)]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        times = []
+        for offset in places:
+            block = os.urandom(4096)
+            started = time.perf_counter()
+            os.pwrite(fd, block, offset)
+            os.fsync(fd)
+            times.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+    return times
+
+
+def chunk_store_bytes(home: Path) -> int:
+    """Bytes of the chunk files in a node's store (its index and temp files not counted)."""
+    total = 0
+    for sub in (home / "chunks").iterdir():
+        if sub.is_dir() and len(sub.name) == 2:
+            total += sum(entry.stat().st_size for entry in os.scandir(sub) if entry.is_file())
+    return total
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def fsync_part(bench: Bench, sizes_gib: list[int], fsyncs: int, growth_fsyncs: int) -> list[str]:
+    """The fsync table (local disk and mount, per image size) and the store growth."""
+    node = bench.io_node()
+    local_dir = bench.work / "fsync-local"
+    local_dir.mkdir(exist_ok=True)
+    lines = [f"4 KiB write + fsync at random places of a sparse image, {fsyncs} each (ms)", "",
+             f"{'image':<12} {'local p50':>10} {'local p99':>10} {'blixfs p50':>11} {'blixfs p99':>11} {'x local':>8}"]
+    p50s: dict[int, float] = {}
+    local_p50s: dict[int, float] = {}
+    for gib in sizes_gib:
+        note(f"fsync: {gib} GiB image")
+        here = fsync_latencies(local_dir / f"{gib}g.img", gib << 30, fsyncs)
+        there = fsync_latencies(node.mnt / f"fsync-{gib}g.img", gib << 30, fsyncs)
+        (local_dir / f"{gib}g.img").unlink()
+        local_p50s[gib], p50s[gib] = pct(here, 0.5), pct(there, 0.5)
+        lines.append(f"{str(gib) + ' GiB':<12} {pct(here, 0.5) * 1e3:>10.2f} {pct(here, 0.99) * 1e3:>10.2f} "
+                     f"{pct(there, 0.5) * 1e3:>11.2f} {pct(there, 0.99) * 1e3:>11.2f} "
+                     f"{p50s[gib] / local_p50s[gib]:>7.1f}x")
+    big, small = max(sizes_gib), min(sizes_gib)
+    lines.append("")
+    vs_local = p50s[big] / local_p50s[big]
+    lines.append(f"goal: {big} GiB p50 <= {FSYNC_GOAL_LOCAL:.0f}x local disk: "
+                 f"{'MET' if vs_local <= FSYNC_GOAL_LOCAL else 'NOT MET'} ({vs_local:.1f}x)")
+    if big != small:
+        vs_small = p50s[big] / p50s[small]
+        lines.append(f"goal: {big} GiB p50 <= {FSYNC_GOAL_SMALL}x the {small} GiB image's: "
+                     f"{'MET' if vs_small <= FSYNC_GOAL_SMALL else 'NOT MET'} ({vs_small:.2f}x)")
+    if growth_fsyncs:
+        note(f"store growth: {growth_fsyncs} fsyncs at distinct places of a {big} GiB image")
+        rng = random.Random(7)
+        chunks = rng.sample(range((big << 30) // CHUNK), growth_fsyncs)
+        offsets = [c * CHUNK + rng.randrange(CHUNK // 4096) * 4096 for c in chunks]
+        before = chunk_store_bytes(node.home)
+        path = node.mnt / f"growth-{big}g.img"
+        fsync_latencies(path, big << 30, growth_fsyncs, offsets)  # closed at the end: published
+        grown = chunk_store_bytes(node.home) - before
+        touched = growth_fsyncs * CHUNK
+        lines.append(f"store growth after {growth_fsyncs} 4 KiB fsyncs at distinct places of {big} GiB: "
+                     f"{grown / (1 << 20):.1f} MiB for {touched / (1 << 20):.1f} MiB of touched chunks = "
+                     f"{grown / touched:.2f}x; goal <= {GROWTH_GOAL}x: "
+                     f"{'MET' if grown <= GROWTH_GOAL * touched else 'NOT MET'}")
+    for gib in sizes_gib:
+        (node.mnt / f"fsync-{gib}g.img").unlink()
+    return lines
 
 
 def report(rows: list[Row]) -> None:
@@ -221,6 +385,8 @@ def report(rows: list[Row]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="io,fsync,boot",
+                        help="which parts to run, comma-separated, from io, fsync, boot (default: all)")
     parser.add_argument("--cache", default=None, help="qemu -drive cache= mode for every boot (default: qemu's, "
                         "writeback; e.g. none for O_DIRECT)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds a boot may take before it is killed")
@@ -231,25 +397,50 @@ def main() -> int:
                         help="repeat every boot this many times (fresh copies, fresh cold nodes); medians are printed")
     parser.add_argument("--snapshot-boot", action="store_true",
                         help="also boot cold with qemu -snapshot on a fresh node (reads only through the mount)")
+    parser.add_argument("--io-requests", type=int, default=10000, help="requests per qemu-img bench run")
+    parser.add_argument("--fsync-sizes", default="1,20,100", help="sparse image sizes in GiB for the fsync table")
+    parser.add_argument("--fsyncs", type=int, default=200, help="4 KiB write + fsync per image size")
+    parser.add_argument("--growth-fsyncs", type=int, default=1000,
+                        help="fsyncs at distinct places for the store growth figure (0: skip it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - {"io", "fsync", "boot"}
+    if unknown or not parts:
+        parser.error(f"--parts: unknown part(s) {sorted(unknown)}; choose from io, fsync, boot")
+    try:
+        sizes = sorted({int(x) for x in args.fsync_sizes.split(",")})
+    except ValueError:
+        parser.error(f"--fsync-sizes: {args.fsync_sizes!r} is not a comma-separated list of GiB")
+    if not sizes or sizes[0] < 1 or args.fsyncs < 1 or args.io_requests < 1 or args.growth_fsyncs < 0:
+        parser.error("sizes, --fsyncs and --io-requests must be at least 1")
 
     reason = fuse_available() or qemu_missing()
     if reason:
         print(f"bench_vm: {reason}", file=sys.stderr)
         return 2
-    note("building the guest (cached after the first time)")
-    guest = build_guest()
-    note(f"guest: {guest.dir}")
+    guest = None
+    if "boot" in parts:
+        note("building the guest (cached after the first time)")
+        guest = build_guest()
+        note(f"guest: {guest.dir}")
     work = Path(tempfile.mkdtemp(prefix="bench-vm-", dir=args.workdir))
     bench = Bench(guest, work, cache=args.cache, timeout=args.timeout)
+    tables: list[list[str]] = []
     try:
-        run(bench, args.rounds, args.snapshot_boot)
+        if "io" in parts:
+            tables.append(io_part(bench, args.io_requests))
+        if "fsync" in parts:
+            tables.append(fsync_part(bench, sizes, args.fsyncs, args.growth_fsyncs))
+        if "boot" in parts:
+            run(bench, args.rounds, args.snapshot_boot)
     except BaseException as exc:  # incl. Ctrl-C and the runner's pytest.fail: report what ran, then clean up
         note(f"stopped: {exc!r}")
         for node in bench.nodes:
             note(f"log of {node.log_path.name} (tail):\n{node.log()[-3000:]}")
-        report(bench.rows)
+        print_tables(tables)
+        if bench.rows:
+            report(bench.rows)
         raise
     finally:
         bench.close()
@@ -257,8 +448,16 @@ def main() -> int:
             note(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    report(bench.rows)
+    print_tables(tables)
+    if bench.rows:
+        report(bench.rows)
     return 0
+
+
+def print_tables(tables: list[list[str]]) -> None:
+    for lines in tables:
+        print()
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
