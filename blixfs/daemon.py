@@ -196,9 +196,10 @@ async def _load_own_holdings(node: Node, content: Content) -> None:
     (the store's index is in memory; worker threads touch files only), one version at a time."""
     for e in [e for e in node.namespace.entries_since({}) if not e.deleted and e.manifest is not None]:
         assert e.manifest is not None
-        ids = content.chunk_ids(e.manifest)
-        if ids is not None:
-            content.note_held(e.manifest, ids)
+        with contextlib.suppress(FsError):
+            m = content.manifest(e.manifest)
+            if m is not None:
+                content.note_held(e.manifest, m)
         await trio.lowlevel.checkpoint()
 
 
@@ -269,7 +270,7 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     # From now on a write is refused (ENOSPC) when the cache budget is full of data that may
     # be the only copy, and whatever removes chunks (eviction, GC, a corrupt file) makes this
     # node stop claiming them.
-    hooks = StoreHooks(admit=cache.admit, removed=lambda ids: holdings.evicted(set(ids), content.chunk_ids))
+    hooks = StoreHooks(admit=cache.admit, removed=lambda ids: holdings.evicted(set(ids), content.held_chunks))
     node.chunks.hook(hooks)
     async with trio.open_nursery() as nursery:
         await nursery.start(fetcher.serve)
@@ -422,6 +423,7 @@ async def _gc(runtime: Runtime, request: dict[str, Any]) -> dict[str, Any]:
     report = collect(node.namespace, node.chunks,
                      grace_seconds=float(DEFAULT_GRACE_SECONDS if grace is None else grace),
                      also_live=vfs.open_chunk_ids() if vfs is not None else (),
+                     also_versions=vfs.open_versions() if vfs is not None else (),
                      dry_run=bool(request.get("dry_run", False)))
     return report.as_dict()
 

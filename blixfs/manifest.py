@@ -11,7 +11,7 @@ the layout (not on the wire). With ``n`` chunks:
 
 * depth 0: the root's entries are the ``n`` chunk ids (files of up to `FANOUT` chunks);
 * depth d >= 1: entry k is the id of a *page* of level d-1 covering chunks
-  ``[k * FANOUT**d, (k+1) * FANOUT**d)``.
+  ``[k * _span(d), (k+1) * _span(d))``.
 
 A page encodes ``b"BXP1" | level: u8 | count: u16 | count x id(32)``: level 0 lists
 chunk ids, level L lists pages of level L-1, each covering ``FANOUT**L`` chunks. The
@@ -69,7 +69,7 @@ class ManifestError(ValueError):
     """A root or page that does not decode, or whose fields do not fit their place."""
 
 
-class MissingPage(Exception):  # noqa: N818 - a condition to handle (load the page, retry), not a failure
+class MissingPage(Exception):
     """A page the walk needs is not in the caller's page source: load ``pid`` and retry."""
 
     def __init__(self, pid: ChunkId, level: int, start: int) -> None:
@@ -101,6 +101,11 @@ def chunk_length(index: int, size: int, chunk_size: int) -> int:
     return max(0, min(chunk_size, size - start))
 
 
+def _span(level: int) -> int:
+    """Chunks one entry covers in a page of ``level`` (FANOUT**level)."""
+    return int(FANOUT**level)
+
+
 def tree_depth(count: int) -> int:
     """The least depth whose root lists at most FANOUT entries for ``count`` chunks."""
     depth, cover = 0, FANOUT
@@ -111,7 +116,7 @@ def tree_depth(count: int) -> int:
 
 def page_count(level: int, start: int, n: int) -> int:
     """Entries of the page of ``level`` starting at chunk ``start`` in a tree of ``n`` chunks."""
-    return -(-min(FANOUT ** (level + 1), n - start) // FANOUT**level)
+    return -(-min(_span(level + 1), n - start) // _span(level))
 
 
 def encode_page(level: int, ids: list[ChunkId]) -> bytes:
@@ -165,7 +170,7 @@ class Manifest:
             return
         if self.depth != tree_depth(n):
             raise ManifestError(f"depth {self.depth} for {n} chunks (must be {tree_depth(n)})")
-        if len(self.entries) != -(-n // FANOUT**self.depth):
+        if len(self.entries) != -(-n // _span(self.depth)):
             raise ManifestError(f"{len(self.entries)} root entries cannot make {self.size} bytes at depth {self.depth}")
 
     @property
@@ -267,12 +272,12 @@ def lookup(root: Manifest, get: PageGet, index: int) -> ChunkId:
     given by ``get``; `ManifestError` if one does not fit its place."""
     if root.depth == 0:
         return root.entries[index]
-    n, span = root.count, FANOUT**root.depth
+    n, span = root.count, _span(root.depth)
     k = index // span
     pid, level, start = root.entries[k], root.depth - 1, k * span
     while pid != HOLE:
         ids = _load(get, pid, level, start, n)
-        step = FANOUT**level
+        step = _span(level)
         j = (index - start) // step
         pid, start = _at(ids, j), start + j * step
         if level == 0:
@@ -281,17 +286,40 @@ def lookup(root: Manifest, get: PageGet, index: int) -> ChunkId:
     return HOLE
 
 
+def path_pages(root: Manifest, get: PageGet, index: int) -> list[tuple[ChunkId, bytes]]:
+    """The pages (id, bytes) on the path from the root to chunk ``index`` (< root.count),
+    stopping at a hole subtree: what `update` reads to change that chunk. `MissingPage`."""
+    if root.depth == 0:
+        return []
+    out: list[tuple[ChunkId, bytes]] = []
+    n, span = root.count, _span(root.depth)
+    k = index // span
+    pid, level, start = root.entries[k], root.depth - 1, k * span
+    while pid != HOLE:
+        raw = get(pid)
+        if raw is None:
+            raise MissingPage(pid, level, start)
+        ids = check_page(raw, level, page_count(level, start, n))
+        out.append((pid, raw))
+        if level == 0:
+            break
+        step = _span(level)
+        j = (index - start) // step
+        pid, start, level = _at(ids, j), start + j * step, level - 1
+    return out
+
+
 def page_at(root: Manifest, get: PageGet, level: int, start: int) -> ChunkId | None:
     """The id of the page of ``level`` starting at chunk ``start`` (a multiple of
     FANOUT**(level+1)); HOLE inside a hole subtree; None if the tree has no such page."""
     if level >= root.depth or start >= root.count:
         return None
-    n, span = root.count, FANOUT**root.depth
+    n, span = root.count, _span(root.depth)
     k = start // span
     pid, lvl, s = root.entries[k], root.depth - 1, k * span
     while lvl > level and pid != HOLE:
         ids = _load(get, pid, lvl, s, n)
-        step = FANOUT**lvl
+        step = _span(lvl)
         j = (start - s) // step
         pid, s, lvl = _at(ids, j), s + j * step, lvl - 1
     return pid
@@ -308,7 +336,7 @@ def iter_tree(root: Manifest, get: PageGet, on_missing: Callable[[MissingPage], 
             if cid != HOLE:
                 yield -1, i, cid
         return
-    span = FANOUT**root.depth
+    span = _span(root.depth)
     stack = [(root.depth - 1, k * span, pid) for k, pid in reversed(list(enumerate(root.entries))) if pid != HOLE]
     while stack:
         level, start, pid = stack.pop()
@@ -320,7 +348,7 @@ def iter_tree(root: Manifest, get: PageGet, on_missing: Callable[[MissingPage], 
                 raise
             on_missing(exc)
             continue
-        step = FANOUT**level
+        step = _span(level)
         count = len(ids) // ID_LEN
         if level == 0:
             for j in range(count):
@@ -371,7 +399,7 @@ def update(root: Manifest, get: PageGet, changes: Mapping[int, ChunkId], size: i
                 (_at(ids, i - start) if ids and i < eff else HOLE) for i in range(start, hi)]
 
     def build(level: int, start: int) -> ChunkId:
-        cover = min(FANOUT ** (level + 1), n - start)
+        cover = min(_span(level + 1), n - start)
         hi = start + cover
         if not changed(start, hi):
             if start >= eff:
@@ -379,12 +407,9 @@ def update(root: Manifest, get: PageGet, changes: Mapping[int, ChunkId], size: i
             old = page_at(root, get, level, start)
             if old == HOLE:
                 return HOLE  # old chunks there were holes; any past the old end are holes too
-            if old is not None and min(FANOUT ** (level + 1), n_old - start) == cover and hi <= eff:
+            if old is not None and min(_span(level + 1), n_old - start) == cover and hi <= eff:
                 return old
-        if level == 0:
-            ids = leaf(start, hi)
-        else:
-            ids = [build(level - 1, s) for s in range(start, hi, FANOUT**level)]
+        ids = leaf(start, hi) if level == 0 else [build(level - 1, s) for s in range(start, hi, _span(level))]
         if all(c == HOLE for c in ids):
             return HOLE
         raw = encode_page(level, ids)
@@ -396,8 +421,23 @@ def update(root: Manifest, get: PageGet, changes: Mapping[int, ChunkId], size: i
     if depth == 0:
         entries = [changes[i] if i in changes else old_id(i) for i in range(n)]
     else:
-        entries = [build(depth - 1, s) for s in range(0, n, FANOUT**depth)]
+        entries = [build(depth - 1, s) for s in range(0, n, _span(depth))]
     return Manifest(size=size, chunk_size=cs, entries=tuple(entries), depth=depth), pages
+
+
+def stored_bytes(root: Manifest, get: PageGet) -> tuple[int, bool]:
+    """Bytes the version's chunks occupy (holes none), and whether that is exact: a subtree
+    whose page ``get`` does not give counts whole (an upper bound). Streams page by page."""
+    n, total, exact = root.count, 0, True
+    missing: list[MissingPage] = []
+    for level, start, _ in iter_tree(root, get, on_missing=missing.append):
+        if level < 0:
+            total += chunk_length(start, root.size, root.chunk_size)
+    for page in missing:
+        exact = False
+        end = min(n, page.start + _span(page.level + 1))
+        total += min(root.size, end * root.chunk_size) - page.start * root.chunk_size
+    return total, exact
 
 
 def flat(root: Manifest, get: PageGet) -> list[ChunkId]:

@@ -114,6 +114,7 @@ def test_real_fanout_sparse_16_tib_costs_a_few_pages() -> None:
     assert len(pages) == 3 * 3 and len(root.encode()) < 2048
     assert list(iter_chunks(root, store.get)) == sorted(writes.items())
     again, pages = update(root, store.get, {n // 2 + 1: cid(4)}, MAX_FILE_SIZE)
+    assert lookup(again, {**store.pages, **pages}.get, n // 2 + 1) == cid(4)
     assert len(pages) == 3
     with pytest.raises(ManifestError):
         Manifest(MAX_FILE_SIZE + 1, CS, ())
