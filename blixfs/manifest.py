@@ -390,26 +390,39 @@ def update(root: Manifest, get: PageGet, changes: Mapping[int, ChunkId], size: i
     def old_id(i: int) -> ChunkId:
         return lookup(root, get, i) if i < eff else HOLE
 
-    def leaf(start: int, hi: int) -> list[ChunkId]:
-        old = page_at(root, get, 0, start)
-        if old is None or start >= eff:
-            return [changes[i] if i in changes else old_id(i) for i in range(start, hi)]
-        ids = b"" if old == HOLE else _load(get, old, 0, start, n_old)
-        return [changes[i] if i in changes else
-                (_at(ids, i - start) if ids and i < eff else HOLE) for i in range(start, hi)]
-
-    def build(level: int, start: int) -> ChunkId:
+    def build(level: int, start: int, old: ChunkId | None) -> ChunkId:
+        """The new subtree of ``level`` at ``start``; ``old`` is the old tree's page there
+        (None: the old tree has none), so each old page is read once, from its parent."""
         cover = min(_span(level + 1), n - start)
         hi = start + cover
         if not changed(start, hi):
-            if start >= eff:
-                return HOLE
-            old = page_at(root, get, level, start)
-            if old == HOLE:
+            if start >= eff or old == HOLE:
                 return HOLE  # old chunks there were holes; any past the old end are holes too
             if old is not None and min(_span(level + 1), n_old - start) == cover and hi <= eff:
                 return old
-        ids = leaf(start, hi) if level == 0 else [build(level - 1, s) for s in range(start, hi, _span(level))]
+        old_ids = _load(get, old, level, start, n_old) if old is not None and old != HOLE else None
+        olds = len(old_ids) // ID_LEN if old_ids is not None else 0
+        ids: list[ChunkId] = []
+        if level == 0:
+            for i in range(start, hi):
+                if i in changes:
+                    ids.append(changes[i])
+                elif i >= eff or old == HOLE:
+                    ids.append(HOLE)
+                elif old_ids is not None:
+                    ids.append(_at(old_ids, i - start) if i - start < olds else HOLE)
+                else:
+                    ids.append(old_id(i))
+        else:
+            step = _span(level)
+            for j, s in enumerate(range(start, hi, step)):
+                if old_ids is not None:
+                    child = _at(old_ids, j) if j < olds else None
+                elif old == HOLE:
+                    child = HOLE
+                else:
+                    child = page_at(root, get, level - 1, s)
+                ids.append(build(level - 1, s, child))
         if all(c == HOLE for c in ids):
             return HOLE
         raw = encode_page(level, ids)
@@ -421,7 +434,7 @@ def update(root: Manifest, get: PageGet, changes: Mapping[int, ChunkId], size: i
     if depth == 0:
         entries = [changes[i] if i in changes else old_id(i) for i in range(n)]
     else:
-        entries = [build(depth - 1, s) for s in range(0, n, _span(depth))]
+        entries = [build(depth - 1, s, page_at(root, get, depth - 1, s)) for s in range(0, n, _span(depth))]
     return Manifest(size=size, chunk_size=cs, entries=tuple(entries), depth=depth), pages
 
 
