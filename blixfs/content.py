@@ -480,6 +480,17 @@ class Content:
             self.holdings.note_complete(mid)
         return report
 
+    async def fetch_pages(self, mid: bytes, author: bytes | None) -> None:
+        """Fetch and store version ``mid``'s root and every page not held here (not its
+        chunks): what GC needs to know what the version references. FsError (EIO) when
+        one cannot be had; nothing when this node is not on the network."""
+        if self.fetcher is None:
+            return
+        m = await self.load(mid, author)
+        report = VersionFetch(m)
+        if not await self._fetch_pages(m, mid, author, None, (), report):
+            raise FsError(errno.EIO, f"pages of {short(mid)} could not be had: {report.failed[0]}")
+
     async def _fetch_pages(self, m: Manifest, mid: bytes, author: bytes | None, label: str | None,
                            extra_holders: Sequence[str], report: VersionFetch) -> bool:
         """Fetch and store the pages of ``m`` not held here, one level per round (a page's
@@ -489,8 +500,9 @@ class Content:
         for _ in range(m.depth + 1):
             missing: list[MissingPage] = []
             try:
-                for _level, _start, _cid in iter_tree(m, self.store.get, on_missing=missing.append):
-                    pass
+                for level, start, pid in iter_tree(m, self.store.get, on_missing=missing.append, chunks=False):
+                    if level == 0 and not self.store.has(pid):
+                        missing.append(MissingPage(pid, level, start))
             except ManifestError as exc:
                 raise FsError(errno.EIO, f"manifest {short(mid)} has an invalid page: {exc}") from exc
             if not missing:

@@ -48,7 +48,6 @@ from blixfs.entry import Kind
 from blixfs.errors import FsError
 from blixfs.fetcher import ATTEMPT_TIMEOUT, FETCH_TIMEOUT, Fetcher
 from blixfs.gc import DEFAULT_GRACE_SECONDS, collect, live_versions
-from blixfs.hashing import ChunkId
 from blixfs.health import DEFAULT_EXPIRY, HealthMonitor
 from blixfs.holdings import Holdings
 from blixfs.members import Role, member_report, parse_node_id
@@ -411,14 +410,16 @@ def _invalid(request: dict[str, Any] | None) -> str | None:
 
 
 async def _gc(runtime: Runtime, request: dict[str, Any]) -> dict[str, Any]:
-    """Collect garbage, first fetching the manifests of live files this node lacks (they say
-    which chunks are referenced; without them nothing can be freed safely)."""
+    """Collect garbage, first fetching the manifest roots and pages of live files this node
+    lacks (they say which chunks are referenced; without them nothing can be freed safely).
+    A node that read part of an image holds only the pages on the paths it read: the rest
+    are fetched here (16 KiB per 512 chunks: 13 MiB for a 100 GiB image)."""
     vfs, node = runtime.vfs, runtime.node
     if vfs is not None:
         for e in live_versions(node.namespace):
-            if e.manifest is not None and not node.chunks.has(ChunkId(e.manifest)):
+            if e.manifest is not None:
                 with contextlib.suppress(FsError):
-                    await runtime.content.load(e.manifest, e.author)
+                    await runtime.content.fetch_pages(e.manifest, e.author)
     grace = request.get("grace")
     report = collect(node.namespace, node.chunks,
                      grace_seconds=float(DEFAULT_GRACE_SECONDS if grace is None else grace),

@@ -326,10 +326,11 @@ def page_at(root: Manifest, get: PageGet, level: int, start: int) -> ChunkId | N
 
 
 def iter_tree(root: Manifest, get: PageGet, on_missing: Callable[[MissingPage], None] | None = None,
-              ) -> Iterator[tuple[int, int, ChunkId]]:
+              *, chunks: bool = True) -> Iterator[tuple[int, int, ChunkId]]:
     """Every non-hole node, page by page, in order: (level, first chunk, id), level -1 for a
     chunk. HOLE subtrees are skipped. A page ``get`` does not give raises `MissingPage`, or
-    with ``on_missing`` is reported there and its subtree skipped (yielded as a page still)."""
+    with ``on_missing`` is reported there and its subtree skipped (yielded as a page still).
+    ``chunks=False``: pages only (level-0 pages are yielded, not read)."""
     n = root.count
     if root.depth == 0:
         for i, cid in enumerate(root.entries):
@@ -341,6 +342,8 @@ def iter_tree(root: Manifest, get: PageGet, on_missing: Callable[[MissingPage], 
     while stack:
         level, start, pid = stack.pop()
         yield level, start, pid
+        if level == 0 and not chunks:
+            continue
         try:
             ids = _load(get, pid, level, start, n)
         except MissingPage as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from blixfs.daemon import _gc
 from blixfs.gc import collect
 from blixfs.hashing import ChunkId
 from blixfs.manifest import MAX_FILE_SIZE, PAGE_BYTES, Manifest, iter_tree
@@ -81,3 +82,29 @@ async def test_commits_of_4k_on_a_100_gib_image_store_the_touched_chunks_and_a_f
     fh = await vfs.open(attr.ino, os.O_RDONLY)
     assert await vfs.read(fh, places[0], 4096) != bytes(4096)
     await vfs.release(fh)
+
+
+async def test_gc_on_a_node_holding_some_pages_fetches_the_rest_before_it_frees_anything(tmp_path: Path) -> None:
+    async with cluster(tmp_path, ["a", "c"]) as nodes:
+        a, c = nodes["a"], nodes["c"]
+        fh = await a.open_for_write("disk.img", create=True)
+        ino = (await a.vfs.lookup(ROOT_INO, "disk.img")).ino
+        await a.vfs.setattr(ino, size=GiB)  # 16 Ki chunks of 64 KiB: a root of 32 pages
+        places = {0: os.urandom(4096), GiB // 2: os.urandom(4096), GiB - 4096: os.urandom(4096)}
+        for offset, data in places.items():
+            await a.vfs.write(fh, offset, data)
+        await a.vfs.release(fh)
+        e = a.entry("disk.img")
+        assert e is not None and e.manifest is not None
+        await wait_until(lambda: c.entry("disk.img") == e, "the image's version on c")
+        fh = await c.vfs.open((await c.vfs.lookup(ROOT_INO, "disk.img")).ino, os.O_RDONLY)
+        assert await c.vfs.read(fh, GiB // 2, 4096) == places[GiB // 2]  # one page of three fetched
+        await c.vfs.release(fh)
+        report = collect(c.node.namespace, c.node.chunks, grace_seconds=0, dry_run=True)
+        assert report.missing_manifests and "disk.img" in report.missing_manifests[0]  # unprovable: frees nothing
+        done = await _gc(c.runtime, {"grace": 0})  # the daemon's gc fetches the pages first
+        assert done["missing_manifests"] == [] and done["freed_chunks"] == 0
+        fh = await c.vfs.open((await c.vfs.lookup(ROOT_INO, "disk.img")).ino, os.O_RDONLY)
+        for offset, data in places.items():
+            assert await c.vfs.read(fh, offset, 4096) == data
+        await c.vfs.release(fh)
