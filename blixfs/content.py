@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -53,6 +55,7 @@ from blixfs.reader import ChunkReader, Fetch
 log = logging.getLogger(__name__)
 
 MANIFEST_CACHE = 256  # decoded manifests kept in memory
+STORED_TTL = 30.0  # seconds a version's stored bytes are reused while some of its pages are not here
 PAGE_CACHE = 1024  # manifest pages kept in memory (16 MiB: 512 Ki chunk ids, 128 GiB at 256 KiB)
 HINT_CAPACITY = 1 << 17  # chunk ids whose HAVE answers are remembered (128 Ki x 256 KiB = 32 GiB of content)
 LOCATE_WINDOW = 256  # chunks of a version asked about in one HAVE (64 MiB at 256 KiB)
@@ -125,7 +128,7 @@ class Content:
         self._net: Network | None = None
         self._manifests: LRU[bytes, Manifest] = LRU(MANIFEST_CACHE)
         self._pages: LRU[ChunkId, bytes] = LRU(PAGE_CACHE)
-        self._stored: LRU[bytes, int] = LRU(MANIFEST_CACHE)
+        self._stored: LRU[bytes, tuple[int, float]] = LRU(MANIFEST_CACHE)  # bytes, valid until
         self._hints: LRU[ChunkId, tuple[str, ...]] = LRU(HINT_CAPACITY)
         self._locating: dict[ChunkId, trio.Event] = {}
         self.have_queries = 0
@@ -191,16 +194,17 @@ class Content:
     def stored_bytes(self, mid: bytes, m: Manifest) -> int:
         """Bytes version ``mid``'s chunks occupy (holes none), from the pages held here; a
         subtree whose page is not here counts whole (an upper bound: replica room is never
-        overcommitted). Exact results are cached: a version is immutable."""
-        cached: int | None = self._stored.get(mid)
-        if cached is not None:
-            return cached
+        overcommitted). Cached: for good once exact (a version is immutable), for
+        `STORED_TTL` seconds while pages are missing (attributes ask on every getattr)."""
+        now = time.monotonic()
+        cached: tuple[int, float] | None = self._stored.get(mid)
+        if cached is not None and now < cached[1]:
+            return cached[0]
         try:
             total, exact = stored_bytes(m, lambda pid: self.page(pid) if self.store.has(pid) else None)
         except ManifestError:
             return m.size
-        if exact:
-            self._stored[mid] = total
+        self._stored[mid] = (total, math.inf if exact else now + STORED_TTL)
         return total
 
     # ------------------------------------------------------------------ pages
@@ -480,16 +484,19 @@ class Content:
             self.holdings.note_complete(mid)
         return report
 
-    async def fetch_pages(self, mid: bytes, author: bytes | None) -> None:
+    async def fetch_pages(self, mid: bytes, author: bytes | None, holders: Sequence[str] = ()) -> Manifest:
         """Fetch and store version ``mid``'s root and every page not held here (not its
-        chunks): what GC needs to know what the version references. FsError (EIO) when
-        one cannot be had; nothing when this node is not on the network."""
+        chunks): what GC needs to know what the version references, and replication its
+        exact size. FsError (EIO) when one cannot be had; only the root when this node is
+        not on the network."""
+        m = await self.load(mid, author, holders)
         if self.fetcher is None:
-            return
-        m = await self.load(mid, author)
+            return m
         report = VersionFetch(m)
-        if not await self._fetch_pages(m, mid, author, None, (), report):
+        if not await self._fetch_pages(m, mid, author, None, holders, report):
             raise FsError(errno.EIO, f"pages of {short(mid)} could not be had: {report.failed[0]}")
+        self._stored.pop(mid, None)  # an estimate made without them
+        return m
 
     async def _fetch_pages(self, m: Manifest, mid: bytes, author: bytes | None, label: str | None,
                            extra_holders: Sequence[str], report: VersionFetch) -> bool:

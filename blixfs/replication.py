@@ -524,7 +524,7 @@ class Replicator:
         if manifest_id not in self.node.replicas():
             try:
                 with trio.fail_after(HOLD_MANIFEST_TIMEOUT):
-                    m = await self.content.load(manifest_id, holders=[peer])
+                    m = await self.content.fetch_pages(manifest_id, None, holders=[peer])  # its exact size
             except (FsError, trio.TooSlowError) as exc:
                 return self._refuse_hold(peer, manifest_id, path, f"its manifest could not be had: {exc}")
             room = self.replica_room()
@@ -548,7 +548,7 @@ class Replicator:
         try:
             author = next((v.author for v in self.node.namespace.versions(path) if v.manifest == manifest_id), None)
             if follows is not None:
-                m = await self.content.load(manifest_id, author)
+                m = await self.content.fetch_pages(manifest_id, author)  # its exact size
                 old = self.content.manifest(follows) if self.node.chunks.has(ChunkId(follows)) else None
                 replicas = self.node.replicas()
                 others = self.replica_bytes() - (self.content.stored_bytes(follows, old) if old is not None else 0)
