@@ -398,6 +398,8 @@ def update(root: Manifest, get: PageGet, changes: Mapping[int, ChunkId], size: i
         (None: the old tree has none), so each old page is read once, from its parent."""
         cover = min(_span(level + 1), n - start)
         hi = start + cover
+        if start >= eff:
+            old = HOLE  # cut by a truncate (or past the old end): holes, whatever the old page said
         if not changed(start, hi):
             if start >= eff or old == HOLE:
                 return HOLE  # old chunks there were holes; any past the old end are holes too

@@ -936,7 +936,8 @@ class Vfs:
         root = content.root
         if root is None or root.depth == 0:
             return
-        ends = [root.count - 1, min(content.limit, root.count) - 1, chunk_count(new_size, content.chunk_size) - 1]
+        ends = [root.count - 1, min(content.limit, root.count) - 1, chunk_count(new_size, content.chunk_size) - 1,
+                chunk_count(content.size, content.chunk_size) - 1]
         leaves = {i // FANOUT: i for i in [*indices, *ends] if 0 <= i < root.count}
         for index in leaves.values():
             for pid, raw in path_pages(root, lambda pid: self._page(content, pid), index):
