@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blixfs.chunkstore import MemoryChunkStore
-from blixfs.hashing import HOLE
 from blixfs import manifest
 from blixfs import vfs as vfs_module
+from blixfs.chunkstore import MemoryChunkStore
+from blixfs.hashing import HOLE
 from blixfs.manifest import MIN_CHUNK_SIZE
 from blixfs.vfs import ROOT_INO, Vfs
 from tests.helpers import make_replica
