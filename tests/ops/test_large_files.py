@@ -6,16 +6,21 @@ Whole nodes in one process over the in-memory network (tests/cluster.py), and a 
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
+import pytest
+
+from blixfs.chunkstore import MemoryChunkStore
 from blixfs.daemon import _gc
+from blixfs.errors import FsError
 from blixfs.gc import collect
 from blixfs.hashing import ChunkId
-from blixfs.manifest import MAX_FILE_SIZE, PAGE_BYTES, Manifest, iter_tree
-from blixfs.vfs import ROOT_INO
+from blixfs.manifest import MAX_FILE_SIZE, MIN_CHUNK_SIZE, PAGE_BYTES, Manifest, iter_tree
+from blixfs.vfs import ROOT_INO, Vfs
 from tests.cluster import CHUNK, cluster, wait_until
-from tests.helpers import make_vfs
+from tests.helpers import make_replica, make_vfs
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -108,3 +113,23 @@ async def test_gc_on_a_node_holding_some_pages_fetches_the_rest_before_it_frees_
         for offset, data in places.items():
             assert await c.vfs.read(fh, offset, 4096) == data
         await c.vfs.release(fh)
+
+
+async def test_a_page_that_does_not_fit_its_place_reads_as_eio_never_as_data() -> None:
+    store = MemoryChunkStore()
+    vfs = Vfs(make_replica(), store, chunk_size=MIN_CHUNK_SIZE)
+    fh, attr = await vfs.create(ROOT_INO, "f", 0o644, os.O_RDWR, 0, 0)
+    await vfs.write(fh, 0, os.urandom(768 * MIN_CHUNK_SIZE))  # two leaf pages: 512 ids and 256
+    await vfs.release(fh)
+    e = vfs.namespace.get("f")
+    assert e is not None and e.manifest is not None
+    root = vfs.content.manifest(e.manifest)
+    assert root is not None and root.depth == 1
+    first, second = root.entries
+    store._chunks[first] = store._chunks[second]  # a store (or peer) giving a page that belongs elsewhere
+    reader = Vfs(vfs.replica, store, chunk_size=MIN_CHUNK_SIZE)  # nothing cached
+    fh = await reader.open((await reader.lookup(ROOT_INO, "f")).ino, os.O_RDONLY)
+    with pytest.raises(FsError) as err:
+        await reader.read(fh, 0, 4096)
+    assert err.value.errno == errno.EIO
+    await reader.release(fh)
