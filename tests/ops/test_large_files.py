@@ -118,7 +118,7 @@ async def test_gc_on_a_node_holding_some_pages_fetches_the_rest_before_it_frees_
 async def test_a_page_that_does_not_fit_its_place_reads_as_eio_never_as_data() -> None:
     store = MemoryChunkStore()
     vfs = Vfs(make_replica(), store, chunk_size=MIN_CHUNK_SIZE)
-    fh, attr = await vfs.create(ROOT_INO, "f", 0o644, os.O_RDWR, 0, 0)
+    fh, _ = await vfs.create(ROOT_INO, "f", 0o644, os.O_RDWR, 0, 0)
     await vfs.write(fh, 0, os.urandom(768 * MIN_CHUNK_SIZE))  # two leaf pages: 512 ids and 256
     await vfs.release(fh)
     e = vfs.namespace.get("f")
