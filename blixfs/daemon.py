@@ -416,10 +416,13 @@ async def _gc(runtime: Runtime, request: dict[str, Any]) -> dict[str, Any]:
     are fetched here (16 KiB per 512 chunks: 13 MiB for a 100 GiB image)."""
     vfs, node = runtime.vfs, runtime.node
     if vfs is not None:
-        for e in live_versions(node.namespace):
-            if e.manifest is not None:
-                with contextlib.suppress(FsError):
-                    await runtime.content.fetch_pages(e.manifest, e.author)
+        versions: dict[bytes, bytes | None] = {e.manifest: e.author for e in live_versions(node.namespace)
+                                               if e.manifest is not None}
+        for mid in vfs.open_versions():  # open files keep the version they read whole too
+            versions.setdefault(mid, None)
+        for mid, author in versions.items():
+            with contextlib.suppress(FsError):
+                await runtime.content.fetch_pages(mid, author)
     grace = request.get("grace")
     report = collect(node.namespace, node.chunks,
                      grace_seconds=float(DEFAULT_GRACE_SECONDS if grace is None else grace),
