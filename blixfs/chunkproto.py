@@ -56,7 +56,7 @@ from lru import LRU
 from blixfs import crypto
 from blixfs.chunkstore import MAX_CHUNK_BYTES, ChunkStore
 from blixfs.hashing import HOLE, ChunkId, chunk_id, short
-from blixfs.manifest import Manifest, ManifestError
+from blixfs.manifest import Manifest, ManifestError, MissingPage, lookup
 from blixfs.net.transport import (
     CODE_APP_MIN,
     NodeAddr,
@@ -273,15 +273,32 @@ class ChunkServer:
                 return DONT_HAVE, b""  # a manifest that does not decode is not held
             self._manifests[manifest_id] = manifest
         parts: list[bytes] = []
+        pages: dict[ChunkId, bytes] = {}
         for index, offset, length in ranges:
-            if index >= len(manifest.ids) or length > MAX_PROVE_LENGTH:
+            if index >= manifest.count or length > MAX_PROVE_LENGTH:
                 return BAD_REQUEST, b""
-            cid = manifest.ids[index]
+            cid = await self._chunk_at(manifest, index, pages)
+            if cid is None:
+                return DONT_HAVE, b""  # a version held here has its pages here
             data = bytes(manifest.length(index)) if cid == HOLE else await self.store.load(cid)
             if data is None:
                 return DONT_HAVE, b""
             parts.append(prove_range(data, offset, length))
         return OK, prove_digest(nonce, parts)
+
+    async def _chunk_at(self, manifest: Manifest, index: int, pages: dict[ChunkId, bytes]) -> ChunkId | None:
+        """Chunk ``index`` of ``manifest``, its pages read from the store (into ``pages``);
+        None if one is not held here or does not fit its place."""
+        while True:
+            try:
+                return lookup(manifest, pages.get, index)
+            except MissingPage as missing:
+                raw = await self.store.load(missing.pid)
+                if raw is None:
+                    return None
+                pages[missing.pid] = raw
+            except ManifestError:
+                return None
 
     @staticmethod
     async def _send(stream: Stream, data: bytes) -> None:

@@ -3,9 +3,14 @@
 One place for what the VFS, the daemon (`blixfs pull`), replication and GC need to know
 about a version's content:
 
-* **Manifests.** `manifest(mid)` decodes a manifest held here (cached, LRU);
+* **Manifests.** `manifest(mid)` decodes a manifest root held here (cached, LRU);
   `load(mid, holders)` fetches it first when only peers hold it. A manifest that does
   not decode is EIO, never a crash.
+* **Pages** of manifest trees (`blixfs.manifest`) are read lazily like chunks: `page`
+  gives one held here (memory LRU, then the store), `load_page` fetches it from the
+  version's holders, and `walk(fn, mid, author)` runs a synchronous walk ``fn(get)``,
+  loading each page it misses and running it again: the caller then uses the ids with
+  no await in between. A page that does not fit its place in the tree is EIO.
 * **Holders by content** (docs/protocol.md 14.2). Whoever holds the *bytes* of a chunk
   can serve it, whatever version it read them under. `holders(cid, manifest, index,
   author)` gathers, cheapest first: the nodes whose holdings say they hold chunk
@@ -27,8 +32,11 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 from lru import LRU
@@ -39,7 +47,7 @@ from blixfs.errors import FsError
 from blixfs.fetcher import ATTEMPT_TIMEOUT, READ_AHEAD_PARALLEL, Fetcher, Locate
 from blixfs.hashing import HOLE, ChunkId, short
 from blixfs.holdings import Holdings
-from blixfs.manifest import Manifest, ManifestError
+from blixfs.manifest import Manifest, ManifestError, MissingPage, PageGet, iter_chunks, iter_tree, lookup, stored_bytes
 from blixfs.net.transport import TransportError
 from blixfs.peers import PeerBook
 from blixfs.reader import ChunkReader, Fetch
@@ -47,6 +55,8 @@ from blixfs.reader import ChunkReader, Fetch
 log = logging.getLogger(__name__)
 
 MANIFEST_CACHE = 256  # decoded manifests kept in memory
+STORED_TTL = 30.0  # seconds a version's stored bytes are reused while some of its pages are not here
+PAGE_CACHE = 1024  # manifest pages kept in memory (16 MiB: 512 Ki chunk ids, 128 GiB at 256 KiB)
 HINT_CAPACITY = 1 << 17  # chunk ids whose HAVE answers are remembered (128 Ki x 256 KiB = 32 GiB of content)
 LOCATE_WINDOW = 256  # chunks of a version asked about in one HAVE (64 MiB at 256 KiB)
 LOCATE_PEERS = 16  # connected peers asked at once
@@ -77,6 +87,19 @@ def read_manifest(store: ChunkStore, mid: bytes) -> Manifest | None:
         return None
 
 
+def walk_held(store: ChunkStore, mid: bytes) -> tuple[Manifest | None, list[ChunkId]]:
+    """Every page and non-hole chunk id of version ``mid`` read from ``store``, streamed page
+    by page (the root's id is not included), and the root; (None, []) when the root is not
+    held. `MissingPage` when a page is not held here, `ManifestError` when one is invalid."""
+    m = read_manifest(store, mid)
+    if m is None:
+        return None, []
+    return m, [cid for _, _, cid in iter_tree(m, store.get)]
+
+
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
 class Network:
     """What the content layer reads through once the node is on the network (`Content.connect`).
@@ -104,6 +127,8 @@ class Content:
         self.reader = ChunkReader(store, cache_chunks=cache_chunks)
         self._net: Network | None = None
         self._manifests: LRU[bytes, Manifest] = LRU(MANIFEST_CACHE)
+        self._pages: LRU[ChunkId, bytes] = LRU(PAGE_CACHE)
+        self._stored: LRU[bytes, tuple[int, float]] = LRU(MANIFEST_CACHE)  # bytes, valid until
         self._hints: LRU[ChunkId, tuple[str, ...]] = LRU(HINT_CAPACITY)
         self._locating: dict[ChunkId, trio.Event] = {}
         self.have_queries = 0
@@ -144,13 +169,101 @@ class Content:
         cached: Manifest | None = self._manifests.get(mid)
         return cached
 
-    def chunk_ids(self, mid: bytes) -> list[ChunkId] | None:
-        """A held manifest's chunk ids (holes included); None if not held or invalid."""
+    def held_chunks(self, mid: bytes) -> tuple[int, list[tuple[int, ChunkId]], bool] | None:
+        """A held version's chunk count, its non-hole (index, id) pairs under the pages in the
+        store (a subtree whose page is not is left out), and whether every page is there;
+        None if its root is not held or anything is invalid. For the holdings on eviction."""
         try:
             m = self.manifest(mid)
         except FsError:
             return None
-        return list(m.ids) if m is not None else None
+        if m is None:
+            return None
+        out: list[tuple[int, ChunkId]] = []
+        missing: list[MissingPage] = []
+        try:
+            for level, start, cid in iter_tree(m, lambda pid: self.page(pid) if self.store.has(pid) else None,
+                                               on_missing=missing.append):
+                if level < 0:
+                    out.append((start, cid))
+        except ManifestError as exc:
+            log.error("manifest %s held here has an invalid page: %s", short(mid), exc)
+            return None
+        return m.count, out, not missing
+
+    def stored_bytes(self, mid: bytes, m: Manifest) -> int:
+        """Bytes version ``mid``'s chunks occupy (holes none), from the pages held here; a
+        subtree whose page is not here counts whole (an upper bound: replica room is never
+        overcommitted). Cached: for good once exact (a version is immutable), for
+        `STORED_TTL` seconds while pages are missing (attributes ask on every getattr)."""
+        now = time.monotonic()
+        cached: tuple[int, float] | None = self._stored.get(mid)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        try:
+            total, exact = stored_bytes(m, lambda pid: self.page(pid) if self.store.has(pid) else None)
+        except ManifestError:
+            return m.size
+        self._stored[mid] = (total, math.inf if exact else now + STORED_TTL)
+        return total
+
+    # ------------------------------------------------------------------ pages
+
+    def page(self, pid: ChunkId) -> bytes | None:
+        """A manifest page held here (memory, then the store; sync); None if not held."""
+        raw: bytes | None = self._pages.get(pid)
+        if raw is None:
+            raw = self.store.get(pid)
+            if raw is not None:
+                self._pages[pid] = raw
+        return raw
+
+    def cached_page(self, pid: ChunkId) -> bytes | None:
+        """A page in memory: never reads the disk (hints gathered on every read)."""
+        raw: bytes | None = self._pages.get(pid)
+        return raw
+
+    async def load_page(self, pid: ChunkId, mid: bytes | None, author: bytes | None,
+                        holders: Sequence[str] = ()) -> bytes:
+        """Page ``pid`` of version ``mid``: held here, or fetched (verified by its id) from the
+        version's holders, its author, or peers that answer HAVE; EIO if it cannot be had."""
+        raw = self.page(pid)
+        if raw is not None:
+            return raw
+        everyone = [*holders, *(self._version_holders(mid, None, author) if mid is not None else [])]
+        got = await self.reader.get(pid, self._fetch(pid, lambda: everyone, None, self._locator(pid, None, 0, author)))
+        if got is None:
+            raise FsError(errno.EIO, f"manifest page {short(pid)} is not held by this node and no peer is known "
+                                     "to hold it")
+        raw = bytes(got)
+        self._pages[pid] = raw
+        return raw
+
+    async def walk(self, fn: Callable[[PageGet], T], mid: bytes | None, author: bytes | None,
+                   holders: Sequence[str] = ()) -> T:
+        """``fn(get)``, a synchronous walk of version ``mid``'s tree, run again after loading
+        each page it missed (`MissingPage`); the pages it used stay readable through
+        `page` until the caller next awaits. EIO if a page cannot be had or is invalid."""
+        loaded: dict[ChunkId, bytes] = {}
+
+        def get(pid: ChunkId) -> bytes | None:
+            return loaded.get(pid) or self.page(pid)
+        while True:
+            try:
+                return fn(get)
+            except MissingPage as missing:
+                loaded[missing.pid] = await self.load_page(missing.pid, mid, author, holders)
+            except ManifestError as exc:
+                raise FsError(errno.EIO, f"manifest {short(mid or b'')} has an invalid page: {exc}") from exc
+
+    def _cached_id(self, m: Manifest, index: int) -> ChunkId | None:
+        """Chunk ``index`` of ``m`` if its pages are in memory; None otherwise (a hint only)."""
+        if index >= m.count:
+            return None
+        try:
+            return lookup(m, self.cached_page, index)
+        except (MissingPage, ManifestError):
+            return None
 
     async def load(self, mid: bytes, author: bytes | None = None, holders: Sequence[str] = ()) -> Manifest:
         """The manifest, fetched from its holders when not held here; EIO if it cannot be had."""
@@ -200,7 +313,7 @@ class Content:
             if mid is not None:
                 out += holdings.holders(mid, index)
             for other, m in self._manifests.items():
-                if other != mid and index < len(m.ids) and m.ids[index] == cid:
+                if other != mid and self._cached_id(m, index) == cid:
                     out += holdings.holders(other, index)
         out += self._hints.get(cid, ())
         if author is not None:
@@ -235,8 +348,9 @@ class Content:
             return []
         window = [cid]
         if manifest is not None:
-            for c in manifest.ids[index + 1 : index + LOCATE_WINDOW]:
-                if c != HOLE and c != cid and c not in self._locating and c not in self._hints \
+            for i in range(index + 1, min(index + LOCATE_WINDOW, manifest.count)):
+                c = self._cached_id(manifest, i)
+                if c is not None and c != HOLE and c != cid and c not in self._locating and c not in self._hints \
                         and not self.store.has(c):
                     window.append(c)
         window = list(dict.fromkeys(window))
@@ -313,66 +427,148 @@ class Content:
     async def fetch_version(self, mid: bytes, *, author: bytes | None, label: str | None,
                             extra_holders: Sequence[str] = (), progress: Progress | None = None,
                             parallel: int = READ_AHEAD_PARALLEL) -> VersionFetch:
-        """Fetch and store every chunk of version ``mid`` not held here, announcing each in
-        the holdings, then the version as held whole. Failures are collected, not raised
-        (the caller decides); FsError only when the manifest itself cannot be had."""
+        """Fetch and store every page, then every chunk, of version ``mid`` not held here,
+        announcing each chunk in the holdings, then the version as held whole. Failures are
+        collected, not raised (the caller decides); FsError only when the root itself cannot
+        be had or a page is invalid (EIO). Streams: pages level by level, then chunks page by
+        page through ``parallel`` workers, never a list of every chunk."""
         fetcher = self.fetcher
         if fetcher is None:
             raise FsError(errno.EIO, "this node is not on the network")
         m = await self.load(mid, author, extra_holders)
         if not self.store.has(ChunkId(mid)):  # held in memory only (full disk): not held
             raise FsError(errno.ENOSPC, f"manifest {short(mid)} could not be stored")
-        missing = [(i, cid) for i, cid in enumerate(m.ids) if cid != HOLE and not self.store.has(cid)]
-        report = VersionFetch(m, missing_bytes=sum(m.length(i) for i, _ in missing))
-        limit = trio.CapacityLimiter(parallel)
+        report = VersionFetch(m)
+        if not await self._fetch_pages(m, mid, author, label, extra_holders, report):
+            return report
+        try:
+            report.missing_bytes = sum(m.length(i) for i, cid in iter_chunks(m, self.store.get)
+                                       if not self.store.has(cid))
+        except (MissingPage, ManifestError) as exc:  # evicted or corrupted meanwhile
+            report.failed.append(f"manifest {short(mid)}: {exc}")
+            return report
+        send, receive = trio.open_memory_channel[tuple[int, ChunkId]](parallel)
+
+        async def worker() -> None:
+            async for index, cid in receive:
+                await one(index, cid)
 
         async def one(index: int, cid: ChunkId) -> None:
-            async with limit:
-                try:
-                    if not self.store.has(cid):
-                        holders = [*extra_holders, *self.holders(cid, mid, index, author)]
-                        await fetcher.get(cid, holders, label, must_store=True,
-                                          locate=self._locator(cid, m, index, author))
-                except FsError as exc:
-                    report.failed.append(str(exc))
-                    return
+            try:
+                if not self.store.has(cid):
+                    holders = [*extra_holders, *self.holders(cid, mid, index, author)]
+                    await fetcher.get(cid, holders, label, must_store=True,
+                                      locate=self._locator(cid, m, index, author))
+            except FsError as exc:
+                report.failed.append(str(exc))
+                return
             report.fetched_bytes += m.length(index)
             if self.holdings is not None:
-                self.holdings.note_chunk(mid, index, len(m.ids))
+                self.holdings.note_chunk(mid, index, m.count)
             if progress is not None:
                 result = progress(report.fetched_bytes, report.missing_bytes)
                 if result is not None:
                     await result
 
         async with trio.open_nursery() as nursery:
-            for index, cid in missing:
-                nursery.start_soon(one, index, cid)
+            for _ in range(parallel):
+                nursery.start_soon(worker)
+            async with send:
+                try:
+                    for index, cid in iter_chunks(m, self.store.get):
+                        if not self.store.has(cid):
+                            await send.send((index, cid))
+                except (MissingPage, ManifestError) as exc:
+                    report.failed.append(f"manifest {short(mid)}: {exc}")
         if not report.failed and self.holdings is not None:
             self.holdings.note_complete(mid)
         return report
 
+    async def fetch_pages(self, mid: bytes, author: bytes | None, holders: Sequence[str] = ()) -> Manifest:
+        """Fetch and store version ``mid``'s root and every page not held here (not its
+        chunks): what GC needs to know what the version references, and replication its
+        exact size. FsError (EIO) when one cannot be had; only the root when this node is
+        not on the network."""
+        m = await self.load(mid, author, holders)
+        if self.fetcher is None:
+            return m
+        report = VersionFetch(m)
+        if not await self._fetch_pages(m, mid, author, None, holders, report):
+            raise FsError(errno.EIO, f"pages of {short(mid)} could not be had: {report.failed[0]}")
+        self._stored.pop(mid, None)  # an estimate made without them
+        return m
+
+    async def _fetch_pages(self, m: Manifest, mid: bytes, author: bytes | None, label: str | None,
+                           extra_holders: Sequence[str], report: VersionFetch) -> bool:
+        """Fetch and store the pages of ``m`` not held here, one level per round (a page's
+        children are known once it is here); False (failures in ``report``) if one cannot be."""
+        fetcher = self.fetcher
+        assert fetcher is not None
+        for _ in range(m.depth + 1):
+            missing: list[MissingPage] = []
+            try:
+                for level, start, pid in iter_tree(m, self.store.get, on_missing=missing.append, chunks=False):
+                    if level == 0 and not self.store.has(pid):
+                        missing.append(MissingPage(pid, level, start))
+            except ManifestError as exc:
+                raise FsError(errno.EIO, f"manifest {short(mid)} has an invalid page: {exc}") from exc
+            if not missing:
+                return True
+
+            async def one(page: MissingPage) -> None:
+                holders = [*extra_holders, *self._version_holders(mid, None, author)]
+                try:
+                    await fetcher.get(page.pid, holders, label, must_store=True,
+                                      locate=self._locator(page.pid, None, 0, author))
+                except FsError as exc:
+                    report.failed.append(str(exc))
+            limit = trio.CapacityLimiter(READ_AHEAD_PARALLEL)
+
+            async def limited(page: MissingPage, limit: trio.CapacityLimiter = limit) -> None:
+                async with limit:
+                    await one(page)
+            async with trio.open_nursery() as nursery:
+                for page in missing:
+                    nursery.start_soon(limited, page)
+            if report.failed:
+                return False
+        return True
+
     def holds_whole(self, mid: bytes) -> bool:
-        """Whether every chunk of held manifest ``mid`` is in the store."""
-        ids = self.chunk_ids(mid)
-        return ids is not None and all(self.store.has(c) for c in set(ids) if c != HOLE)
+        """Whether every page and chunk of held manifest ``mid`` is in the store."""
+        try:
+            m = self.manifest(mid)
+            return m is not None and all(self.store.has(c) for _, _, c in iter_tree(m, self.store.get))
+        except (FsError, MissingPage, ManifestError):
+            return False
 
     def holds_complete(self, mid: bytes) -> bool:
         """Whether this node announces version ``mid`` as held whole (no network: False)."""
         return self.holdings is not None and mid in self.holdings.own.complete
 
-    def note_held(self, mid: bytes, ids: Iterable[ChunkId], *, whole: bool = False) -> None:
-        """Announce which chunks of version ``mid`` (chunk list ``ids``) this node holds:
-        whole (``whole``: the caller knows), or the chunks found in the store (a commit over
-        content only partly held here)."""
+    def note_held(self, mid: bytes, m: Manifest, *, whole: bool = False) -> None:
+        """Announce which chunks of version ``mid`` (root ``m``) this node holds: whole
+        (``whole``: the caller knows), or the chunks found in the store (a commit over
+        content only partly held here; a subtree whose page is not here is not announced).
+        Holes are held by everyone: a version whose every page and data chunk is here is whole."""
         if self.holdings is None:
             return
         if whole:
             self.holdings.note_complete(mid)
             return
-        ids = list(ids)
-        held = [i for i, c in enumerate(ids) if c == HOLE or self.store.has(c)]
-        if len(held) == len(ids):
+        held: list[int] = []
+        complete = True
+        try:
+            for level, start, cid in iter_tree(m, self.store.get, on_missing=lambda _: None):
+                if not self.store.has(cid):
+                    complete = False
+                elif level < 0:
+                    held.append(start)
+        except ManifestError as exc:
+            log.error("manifest %s held here has an invalid page: %s", short(mid), exc)
+            return
+        if complete:
             self.holdings.note_complete(mid)
             return
         for i in held:
-            self.holdings.note_chunk(mid, i, len(ids))
+            self.holdings.note_chunk(mid, i, m.count)

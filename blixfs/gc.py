@@ -1,14 +1,14 @@
 """Garbage collection: free chunks no live version references, after a grace period.
 
-What is live: every current entry's manifest and chunks, and every kept sibling's
-(conflict versions hold data someone may still want), plus what the caller adds (the
-chunks of files open with uncommitted changes). A chunk is collected only when nothing
-live references it *and* it was last used before the grace period: a version that
-arrives from a peer, or a commit in progress, references chunks this node stored a
-moment earlier.
+What is live: every current entry's manifest root, pages and chunks, and every kept
+sibling's (conflict versions hold data someone may still want), plus what the caller adds
+(the chunks of files open with uncommitted changes, and the versions they were opened
+at). A chunk is collected only when nothing live references it *and* it was last used
+before the grace period: a version that arrives from a peer, or a commit in progress,
+references chunks this node stored a moment earlier.
 
-Safety first: chunks are referenced through manifests, so a live file whose manifest is
-not held here makes every other chunk unprovable. Then `collect` frees nothing and
+Safety first: chunks are referenced through manifests, so a live file whose manifest root
+or one of whose pages is not held here makes every other chunk unprovable. Then `collect` frees nothing and
 says which files; the daemon fetches those manifests first (`blixfs gc` asks it).
 
 Callers: `blixfs gc` (offline, or through the daemon), the daemon's periodic sweep.
@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from blixfs.chunkstore import DiskChunkStore
 from blixfs.content import read_manifest
 from blixfs.entry import Entry
-from blixfs.hashing import HOLE, ChunkId
+from blixfs.hashing import ChunkId, short
+from blixfs.manifest import ManifestError, MissingPage, iter_tree
 from blixfs.namespace import NamespaceStore
 
 log = logging.getLogger(__name__)
@@ -51,27 +52,34 @@ def live_versions(namespace: NamespaceStore) -> list[Entry]:
     return [e for e in namespace.entries_since({}) if not e.deleted and e.manifest is not None]
 
 
-def live_chunks(namespace: NamespaceStore, chunks: DiskChunkStore) -> tuple[set[ChunkId], list[str]]:
-    """Chunk ids referenced by live versions, and the paths whose manifest is not held here."""
+def live_chunks(namespace: NamespaceStore, chunks: DiskChunkStore,
+                also_versions: Iterable[bytes] = ()) -> tuple[set[ChunkId], list[str]]:
+    """Ids referenced by live versions (roots, pages, chunks; streamed page by page), and the
+    paths whose root or a page is not held here (or is invalid)."""
     live: set[ChunkId] = set()
     missing: list[str] = []
-    for e in live_versions(namespace):
-        assert e.manifest is not None
-        mid = ChunkId(e.manifest)
-        live.add(mid)
+    versions = [(e.path, e.manifest) for e in live_versions(namespace) if e.manifest is not None]
+    versions += [(f"(open file, version {short(mid)})", mid) for mid in also_versions]
+    for path, mid in versions:
+        live.add(ChunkId(mid))
         m = read_manifest(chunks, mid)
         if m is None:
-            missing.append(e.path)
+            missing.append(path)
             continue
-        live.update(c for c in m.ids if c != HOLE)
+        try:
+            live.update(cid for _, _, cid in iter_tree(m, chunks.get))
+        except (MissingPage, ManifestError) as exc:
+            missing.append(f"{path} ({exc})")
     return live, missing
 
 
 def collect(namespace: NamespaceStore, chunks: DiskChunkStore, *, grace_seconds: float = DEFAULT_GRACE_SECONDS,
-            also_live: Iterable[ChunkId] = (), dry_run: bool = False) -> GcReport:
-    """Free (or with ``dry_run`` only count) unreferenced chunks older than the grace period."""
+            also_live: Iterable[ChunkId] = (), also_versions: Iterable[bytes] = (),
+            dry_run: bool = False) -> GcReport:
+    """Free (or with ``dry_run`` only count) unreferenced chunks older than the grace period.
+    ``also_live``: more ids to keep; ``also_versions``: more versions (roots) to keep whole."""
     report = GcReport(dry_run=dry_run)
-    live, report.missing_manifests = live_chunks(namespace, chunks)
+    live, report.missing_manifests = live_chunks(namespace, chunks, also_versions)
     live.update(also_live)
     report.live_chunks = len(live)
     if report.missing_manifests:

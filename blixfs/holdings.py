@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -110,34 +110,42 @@ class Holdings:
             self.own.complete.add(manifest_id)
             self._touched()
 
-    def evicted(self, cids: set[ChunkId], manifest_ids: Callable[[bytes], Iterable[ChunkId] | None]) -> None:
+    def evicted(self, cids: set[ChunkId],
+                versions: Callable[[bytes], tuple[int, list[tuple[int, ChunkId]], bool] | None]) -> None:
         """This node evicted ``cids``; what it announces follows, so peers do not ask it for them.
 
-        A version held whole that lost chunks is announced as partial, with the chunks it
-        still holds; a partial one loses those bits. A version whose manifest went, or is
-        unknown (``manifest_ids`` gives a manifest's chunk ids, None if unknown), is dropped.
+        ``versions(mid)`` gives a version's chunk count, its non-hole (index, id) pairs under
+        the pages held here, and whether every page is held; None if its root is unknown.
+        A version held whole that lost chunks or pages is announced as partial, with the
+        chunks it still holds; a partial one loses those bits. A version whose root went,
+        or is unknown, is dropped.
         """
         for mid in [*self.own.complete, *self.own.partial]:
-            ids = manifest_ids(mid)
-            if ids is None or mid in cids:
+            known = versions(mid)
+            if known is None or mid in cids:
                 self._drop(mid)
                 continue
-            ids = list(ids)
-            lost = [i for i, c in enumerate(ids) if c in cids]
-            if not lost:
-                continue
+            count, pairs, all_pages = known
+            lost = [i for i, c in pairs if c in cids]
             if mid in self.own.complete:
+                if not lost and all_pages:
+                    continue
                 self.own.complete.discard(mid)
-                bits = self.own.partial[mid] = bytearray(b"\xff" * (len(ids) // 8))
-                if len(ids) % 8:
-                    bits.append((1 << (len(ids) % 8)) - 1)
-                self._held[mid] = len(ids)
-            bits = self.own.partial[mid]
-            for i in lost:
-                mask = 1 << (i % 8)
-                if bits[i // 8] & mask:
-                    bits[i // 8] &= ~mask
-                    self._held[mid] -= 1
+                bits = self.own.partial[mid] = bytearray(-(-count // 8))
+                self._held[mid] = 0
+                for i, c in pairs:
+                    if c not in cids:
+                        bits[i // 8] |= 1 << (i % 8)
+                        self._held[mid] += 1
+            elif not lost:
+                continue
+            else:
+                bits = self.own.partial[mid]
+                for i in lost:
+                    mask = 1 << (i % 8)
+                    if bits[i // 8] & mask:
+                        bits[i // 8] &= ~mask
+                        self._held[mid] -= 1
             if self._held[mid] == 0:
                 self._drop(mid)
             self._touched()

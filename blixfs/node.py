@@ -46,7 +46,7 @@ from blixfs.chunkstore import DiskChunkStore
 from blixfs.content import read_manifest
 from blixfs.errors import FsError
 from blixfs.hashing import ChunkId
-from blixfs.manifest import DEFAULT_CHUNK_SIZE
+from blixfs.manifest import DEFAULT_CHUNK_SIZE, ManifestError, iter_tree
 from blixfs.namespace import SqliteNamespaceStore
 from blixfs.net.iroh_transport import load_or_create_secret_key
 from blixfs.net.transport import NodeAddr
@@ -221,7 +221,11 @@ class Node:
             protected.add(mid)
             m = read_manifest(self.chunks, mid)
             if m is not None:
-                protected.update(m.ids)
+                # Pages not held here are not here to evict: the walk skips their subtrees.
+                try:
+                    protected.update(cid for _, _, cid in iter_tree(m, self.chunks.get, on_missing=lambda _: None))
+                except ManifestError as exc:
+                    log.error("version %s held here has an invalid page: %s", mid.hex()[:12], exc)
         return protected
 
     def open_cache(self) -> CachePolicy:

@@ -63,6 +63,7 @@ from blixfs.entry import COPIES_KEY, Entry, Kind
 from blixfs.errors import FsError
 from blixfs.hashing import HOLE, ChunkId, short
 from blixfs.holdings import Holdings
+from blixfs.manifest import Manifest, ManifestError, iter_tree, lookup
 from blixfs.net.transport import Transport, TransportError
 from blixfs.node import Node
 from blixfs.peers import PeerBook
@@ -253,20 +254,24 @@ class Replicator:
             log.info("cannot challenge the holders of %s: its manifest is not to be had (%s)", short(manifest_id),
                      exc)
             return None
-        data_indices = [i for i, c in enumerate(m.ids) if c != HOLE]
-        held = [i for i in data_indices if self.node.chunks.has(m.ids[i])]
+        held, anyone = self._sample(m)
+        picked: list[tuple[int, ChunkId]]
         if held:
-            picked = random.sample(held, min(PROVE_RANGES, len(held)))
-        elif data_indices:
-            picked = [random.choice(data_indices)]
-        else:  # only holes: the proof shows the manifest is held
-            picked = [0] if m.ids else []
-        if not picked:
+            picked = held
+        elif anyone:
+            picked = anyone
+        elif m.count:  # no data chunk under the pages held here: look the first chunk up
+            try:
+                picked = [(0, await self.content.walk(lambda get: lookup(m, get, 0), manifest_id, None,
+                                                      self.holdings.holders(manifest_id)))]
+            except FsError as exc:
+                log.info("cannot challenge the holders of %s: %s", short(manifest_id), exc)
+                return None
+        else:
             return None
         ranges: list[tuple[int, int, int]] = []
         parts: list[bytes] = []
-        for index in picked:
-            cid = m.ids[index]
+        for index, cid in picked:
             try:
                 data = bytes(m.length(index)) if cid == HOLE else await self.content.chunk(cid, manifest_id, index,
                                                                                           None)
@@ -281,6 +286,32 @@ class Replicator:
             ranges.append((index, offset, length))
             parts.append(prove_range(data, offset, length))
         return ranges, parts
+
+    def _sample(self, m: Manifest) -> tuple[list[tuple[int, ChunkId]], list[tuple[int, ChunkId]]]:
+        """Up to PROVE_RANGES random data chunks of ``m`` held here, and one random data chunk,
+        as (index, id), in one streaming pass over the pages held here (reservoir sampling:
+        no list of every chunk)."""
+        held: list[tuple[int, ChunkId]] = []
+        data: list[tuple[int, ChunkId]] = []
+        seen_held = seen_data = 0
+        try:
+            for level, index, cid in iter_tree(m, self.content.page, on_missing=lambda _: None):
+                if level >= 0:
+                    continue
+                seen_data += 1
+                if random.randrange(seen_data) == 0:
+                    data = [(index, cid)]
+                if self.node.chunks.has(cid):
+                    seen_held += 1
+                    if len(held) < PROVE_RANGES:
+                        held.append((index, cid))
+                    else:
+                        slot = random.randrange(seen_held)
+                        if slot < PROVE_RANGES:
+                            held[slot] = (index, cid)
+        except ManifestError as exc:
+            log.error("a page of a version held here is invalid: %s", exc)
+        return held, data
 
     async def _prove(self, peer: str, manifest_id: bytes, proof: Proof) -> None:
         """Challenge ``peer`` about ``manifest_id`` once and record the outcome in ``proof``."""
@@ -319,7 +350,12 @@ class Replicator:
         if manifest_id in self._durable:
             return
         m = self.content.manifest(manifest_id) if self.node.chunks.has(ChunkId(manifest_id)) else None
-        ids = {c for c in m.ids if c != HOLE} if m is not None else set()
+        ids: set[ChunkId] = set()
+        if m is not None:
+            try:  # pages and chunks held here (a subtree whose page is not here holds nothing here)
+                ids = {c for _, _, c in iter_tree(m, self.node.chunks.get, on_missing=lambda _: None)}
+            except ManifestError as exc:
+                log.error("version %s held here has an invalid page: %s", short(manifest_id), exc)
         # The cache policy stops protecting its chunks (those of versions written here that
         # are not durable yet stay protected), and the ones written here become evictable.
         self.node.chunks.set_written_versions(durable=[manifest_id])
@@ -367,7 +403,7 @@ class Replicator:
             return sum(bin(b).count("1") for b in got) if got else 0
 
         m = self.content.cached_manifest(rep.manifest)
-        size = m.stored_bytes() if m is not None else 0
+        size = self.content.stored_bytes(rep.manifest, m) if m is not None else 0
 
         def room(peer: str) -> int:
             record = partial.get(peer)
@@ -412,7 +448,11 @@ class Replicator:
         m = self.content.cached_manifest(manifest_id)
         if bits is None or m is None:
             return 0.0
-        total = sum(1 for c in m.ids if c != HOLE) or 1
+        try:
+            total = sum(1 for level, _, _ in iter_tree(m, self.content.cached_page, on_missing=lambda _: None)
+                        if level < 0) or 1
+        except ManifestError:
+            return 0.0
         return round(sum(bin(b).count("1") for b in bits) / total, 3)
 
     # ----------------------------------------------------------------- target side
@@ -433,7 +473,7 @@ class Replicator:
                     m = self.content.manifest(mid)
                 except FsError:
                     m = None
-            total += m.stored_bytes() if m is not None else 0
+            total += self.content.stored_bytes(mid, m) if m is not None else 0
         return total
 
     def replica_room(self) -> int:
@@ -484,13 +524,13 @@ class Replicator:
         if manifest_id not in self.node.replicas():
             try:
                 with trio.fail_after(HOLD_MANIFEST_TIMEOUT):
-                    m = await self.content.load(manifest_id, holders=[peer])
+                    m = await self.content.fetch_pages(manifest_id, None, holders=[peer])  # its exact size
             except (FsError, trio.TooSlowError) as exc:
                 return self._refuse_hold(peer, manifest_id, path, f"its manifest could not be had: {exc}")
             room = self.replica_room()
-            if m.stored_bytes() > room:
-                return self._refuse_hold(peer, manifest_id, path,
-                                         f"{m.stored_bytes()} bytes, room for replicas is {room}")
+            size = self.content.stored_bytes(manifest_id, m)
+            if size > room:
+                return self._refuse_hold(peer, manifest_id, path, f"{size} bytes, room for replicas is {room}")
         replicas = self.node.replicas()
         if manifest_id not in replicas:
             replicas[manifest_id] = path
@@ -508,12 +548,12 @@ class Replicator:
         try:
             author = next((v.author for v in self.node.namespace.versions(path) if v.manifest == manifest_id), None)
             if follows is not None:
-                m = await self.content.load(manifest_id, author)
+                m = await self.content.fetch_pages(manifest_id, author)  # its exact size
                 old = self.content.manifest(follows) if self.node.chunks.has(ChunkId(follows)) else None
                 replicas = self.node.replicas()
-                others = self.replica_bytes() - (old.stored_bytes() if old is not None else 0)
+                others = self.replica_bytes() - (self.content.stored_bytes(follows, old) if old is not None else 0)
                 if manifest_id not in replicas:
-                    others += m.stored_bytes()  # its record was not written yet: count it
+                    others += self.content.stored_bytes(manifest_id, m)  # its record was not written yet: count it
                 if others > self.replica_budget():
                     self._too_big[manifest_id] = True
                     replicas.pop(manifest_id, None)

@@ -34,7 +34,9 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+from lru import LRU
 
 from blixfs import metrics
 from blixfs.chunkstore import ChunkStore
@@ -58,7 +60,19 @@ from blixfs.entry import (
 )
 from blixfs.errors import FsError, storage_errno
 from blixfs.hashing import HOLE, ChunkId, short
-from blixfs.manifest import DEFAULT_CHUNK_SIZE, Manifest, check_file_size, chunk_count, chunk_length
+from blixfs.manifest import (
+    DEFAULT_CHUNK_SIZE,
+    FANOUT,
+    Manifest,
+    ManifestError,
+    MissingPage,
+    check_file_size,
+    chunk_count,
+    chunk_length,
+    lookup,
+    path_pages,
+    update,
+)
 from blixfs.namespace import NamespaceStore
 from blixfs.replica import Replica
 
@@ -68,6 +82,8 @@ ROOT_INO = 1
 META_XATTR_PREFIX = "user.blixfs."
 USER_XATTR_PREFIX = "user."
 DEFAULT_MAX_DIRTY_BYTES = 64 << 20
+OPEN_PAGES = 64  # manifest pages an open file keeps for its reads (512 Ki chunk ids: 8 GiB at 256 KiB)
+_T = TypeVar("_T")
 READ_AHEAD_BYTES = 4 << 20  # like the mount's read_ahead_kb: chunks loaded ahead of a sequential reader
 _ZEROS = memoryview(bytes(DEFAULT_CHUNK_SIZE * 4))
 
@@ -107,26 +123,42 @@ class FsStats:
 class OpenContent:
     """The mutable content of one file inode while it has open handles (or is being truncated).
 
-    ``ids`` is the chunk list of the last stored state; ``dirty`` holds chunks written
-    since, each exactly as long as the chunk is (``chunk_length(i, size)``).
+    Never a list of every chunk id (64 Mi of them at 16 TiB): chunk i is ``dirty[i]``
+    (written since, exactly ``chunk_length(i, size)`` long), else ``overlay[i]`` (stored
+    since: spilled), else a hole if ``i >= limit`` (a truncate cut it), else chunk i of
+    ``root``, the stored version it came from, whose pages are read lazily (`Vfs._ids`).
+    ``pinned`` keeps the pages on the paths to changed chunks and to the ends a resize
+    moves, until the commit that rewrites them (`Vfs._pin`): a commit never awaits.
     """
 
     chunk_size: int
     size: int
-    ids: list[ChunkId]
     mtime_ns: int
+    root: Manifest | None = None  # None: a new (empty) file
+    limit: int = 0  # chunks of ``root`` at or past this index are holes (cut by a truncate)
+    overlay: dict[int, ChunkId] = field(default_factory=dict)
+    pinned: dict[ChunkId, bytes] = field(default_factory=dict)
+    pages: LRU[ChunkId, bytes] = field(default_factory=lambda: LRU(OPEN_PAGES))
     dirty: dict[int, bytearray] = field(default_factory=dict)
     changed: bool = False  # differs from the committed entry (dirty, spilled, or resized)
     handles: int = 0
     unlinked: bool = False  # its path is gone: nothing is committed any more
     last_read_end: int = -1  # a read starting here continues a sequential pattern
     read_ahead_end: int = 0  # chunks below this index were already read ahead
-    manifest: bytes | None = None  # the stored version ``ids`` came from (for holders and holdings)
+    manifest: bytes | None = None  # the stored version ``root`` came from (for holders and holdings)
     author: bytes = b""  # who wrote that version: it holds the content
     # The entry this content was read from or last committed as. A commit supersedes only
     # what this node had seen: a peer's version that arrived meanwhile with other content
     # stays a concurrent version (a conflict copy), never silently overwritten.
     base: Entry | None = None
+
+    def reset(self, root: Manifest | None) -> None:
+        """Now exactly stored version ``root`` (opened, followed, or just committed)."""
+        self.root = root
+        self.limit = root.count if root is not None else 0
+        self.overlay.clear()
+        self.pinned.clear()
+        self.pages.clear()
 
     def dirty_bytes(self) -> int:
         return sum(map(len, self.dirty.values()))
@@ -333,7 +365,8 @@ class Vfs:
         return await self.content.load(e.manifest, e.author)
 
     def _stored_bytes(self, e: Entry) -> int:
-        """Bytes the file's chunks take (holes none); its size while the manifest is on peers only.
+        """Bytes the file's chunks take (holes none); its size while the manifest is on peers only
+        (and pages not here count whole: `Content.stored_bytes`).
 
         Attributes never need content: listing a directory must work before any chunk is here.
         """
@@ -342,7 +375,21 @@ class Vfs:
         if cached is None and self.chunks.has(ChunkId(e.manifest)):
             with contextlib.suppress(FsError):
                 cached = self.content.manifest(e.manifest)
-        return cached.stored_bytes() if cached is not None else e.size
+        return self.content.stored_bytes(e.manifest, cached) if cached is not None else e.size
+
+    def _open_stored_bytes(self, content: OpenContent) -> int:
+        """Bytes an open file's stored chunks take: its version's, then what changed since
+        (an estimate when the version is a tree: chunks replaced count on both sides)."""
+        cs, root = content.chunk_size, content.root
+        stored = sum(chunk_length(i, content.size, cs) for i, cid in content.overlay.items()
+                     if cid != HOLE and i not in content.dirty)
+        if root is None:
+            return stored
+        if root.depth == 0:
+            return stored + sum(chunk_length(i, content.size, cs) for i, cid in enumerate(root.entries[:content.limit])
+                                if cid != HOLE and i not in content.dirty and i not in content.overlay)
+        base = self.content.stored_bytes(content.manifest, root) if content.manifest is not None else 0
+        return min(content.size, stored + base)
 
     def _attr(self, ino: int, e: Entry) -> Attr:
         size, mtime, blocks = e.size, e.mtime_ns, 0
@@ -350,9 +397,7 @@ class Vfs:
         if e.kind is Kind.FILE:
             if content is not None:
                 size, mtime = content.size, content.mtime_ns
-                stored = sum(chunk_length(i, size, content.chunk_size)
-                             for i, cid in enumerate(content.ids) if cid != HOLE and i not in content.dirty)
-                blocks = -(-(stored + content.dirty_bytes()) // 512)
+                blocks = -(-(self._open_stored_bytes(content) + content.dirty_bytes()) // 512)
             elif e.manifest is not None:
                 blocks = -(-self._stored_bytes(e) // 512)
         elif e.kind is Kind.SYMLINK:
@@ -769,7 +814,7 @@ class Vfs:
             return
         content.manifest, content.author, content.base = current.manifest, current.author, current
         content.size = m.size if m is not None else 0
-        content.ids = list(m.ids) if m is not None else []
+        content.reset(m)
         content.chunk_size = m.chunk_size if m is not None else content.chunk_size
         content.dirty.clear()
         content.mtime_ns = current.mtime_ns
@@ -786,7 +831,7 @@ class Vfs:
         if existing is not None:
             return existing, False
         if e.manifest is None or emptied:
-            content = OpenContent(chunk_size=self.chunk_size, size=0, ids=[], mtime_ns=e.mtime_ns,
+            content = OpenContent(chunk_size=self.chunk_size, size=0, mtime_ns=e.mtime_ns,
                                   changed=e.size > 0, base=e)
         else:
             m = await self._load_manifest(e)
@@ -795,8 +840,9 @@ class Vfs:
             existing = self._contents.get(ino)  # another request may have opened it while we fetched
             if existing is not None:
                 return existing, False
-            content = OpenContent(chunk_size=m.chunk_size, size=m.size, ids=list(m.ids), mtime_ns=e.mtime_ns,
+            content = OpenContent(chunk_size=m.chunk_size, size=m.size, mtime_ns=e.mtime_ns,
                                   manifest=e.manifest, author=e.author, base=e)
+            content.reset(m)
         self._contents[ino] = content
         return content, True
 
@@ -846,27 +892,78 @@ class Vfs:
             raise FsError(errno.EIO, f"chunk {short(cid)} has {len(data)} bytes, manifest says {length}")
         return data
 
-    def _note_held(self, content: OpenContent, index: int) -> None:
-        """Holdings: this node now holds chunk ``index`` of the version ``content`` came from
-        (on disk: a chunk served from memory because the disk was full is not announced)."""
-        cid = content.ids[index]
+    def _note_held(self, content: OpenContent, index: int, cid: ChunkId) -> None:
+        """Holdings: this node now holds chunk ``index`` (``cid``, from the read's plan) of the
+        version ``content`` came from (on disk: a chunk served from memory because the disk
+        was full is not announced)."""
         holdings = self.content.holdings
-        if (holdings is not None and content.manifest is not None and not content.changed
-                and (cid == HOLE or self.chunks.has(cid))):
-            holdings.note_chunk(content.manifest, index, len(content.ids))
+        if (holdings is not None and content.manifest is not None and content.root is not None
+                and not content.changed and (cid == HOLE or self.chunks.has(cid))):
+            holdings.note_chunk(content.manifest, index, content.root.count)
 
-    async def _load_for_update(self, content: OpenContent, indices: Iterable[int]) -> dict[ChunkId, bytes]:
-        """Load the stored bytes of the clean chunks at ``indices`` before a synchronous update.
+    def _page(self, content: OpenContent, pid: ChunkId) -> bytes | None:
+        """A page of ``content``'s version: pinned, kept for reads, or held by this node (sync)."""
+        return content.pinned.get(pid) or content.pages.get(pid) or self.content.page(pid)
+
+    def _cid(self, content: OpenContent, index: int) -> ChunkId:
+        """The stored id of chunk ``index`` (not its dirty bytes); `MissingPage` when a page
+        of the version is not loaded: the caller runs under `_ids`."""
+        got = content.overlay.get(index)
+        if got is not None:
+            return got
+        if content.root is None or index >= content.limit:
+            return HOLE
+        return lookup(content.root, lambda pid: self._page(content, pid), index)
+
+    async def _ids(self, content: OpenContent, fn: Callable[[], _T]) -> _T:
+        """``fn()``, which reads chunk ids of ``content`` synchronously (`_cid`), run again
+        after loading each page it missed (from this node or the version's holders). The
+        caller then acts on the result with no await: the pages stay until it does.
+        EIO if a page cannot be had or does not fit its place in the tree."""
+        while True:
+            try:
+                return fn()
+            except MissingPage as missing:
+                content.pages[missing.pid] = await self.content.load_page(missing.pid, content.manifest,
+                                                                          content.author or None)
+            except ManifestError as exc:
+                raise FsError(errno.EIO, f"the manifest of an open file has an invalid page: {exc}") from exc
+
+    def _pin(self, content: OpenContent, indices: Iterable[int], new_size: int) -> None:
+        """Pin the pages a commit will read (`manifest.update`): those on the paths to chunks
+        about to change (``indices``) and to the ends a resize to ``new_size`` moves. Sync,
+        under `_ids`; one walk per leaf page."""
+        root = content.root
+        if root is None or root.depth == 0:
+            return
+        ends = [root.count - 1, min(content.limit, root.count) - 1, chunk_count(new_size, content.chunk_size) - 1,
+                chunk_count(content.size, content.chunk_size) - 1]
+        leaves = {i // FANOUT: i for i in [*indices, *ends] if 0 <= i < root.count}
+        for index in leaves.values():
+            for pid, raw in path_pages(root, lambda pid: self._page(content, pid), index):
+                content.pinned[pid] = raw
+
+    async def _load_for_update(self, content: OpenContent, indices: Iterable[int], *, changing: Iterable[int] = (),
+                               new_size: int | None = None) -> dict[ChunkId, bytes]:
+        """Load the stored bytes of the clean chunks at ``indices`` before a synchronous update,
+        and pin the pages its commit will read (`_pin`: chunks ``changing``, a resize to
+        ``new_size``).
 
         Awaiting may let other requests change ``content``; the loop re-checks until
         every chunk still needed is loaded, so the caller can then mutate without awaiting.
         """
         loaded: dict[ChunkId, bytes] = {}
         wanted = sorted(set(indices))
+        changing = list(changing)
+
+        def plan() -> list[tuple[int, ChunkId, int]]:
+            self._pin(content, changing, content.size if new_size is None else new_size)
+            ids = [(i, self._cid(content, i)) for i in wanted if i < chunk_count(content.size, content.chunk_size)
+                   and i not in content.dirty]
+            return [(i, cid, chunk_length(i, content.size, content.chunk_size)) for i, cid in ids
+                    if cid != HOLE and cid not in loaded]
         while True:
-            need = [(i, content.ids[i], chunk_length(i, content.size, content.chunk_size)) for i in wanted
-                    if i < len(content.ids) and i not in content.dirty and content.ids[i] != HOLE
-                    and content.ids[i] not in loaded]
+            need = await self._ids(content, plan)
             if not need:
                 return loaded
             for i, cid, length in need:
@@ -879,7 +976,7 @@ class Vfs:
         """
         buf = content.dirty.get(index)
         if buf is None:
-            cid = content.ids[index] if index < len(content.ids) else HOLE
+            cid = self._cid(content, index)
             buf = bytearray(loaded[cid]) if cid != HOLE else bytearray()
             content.dirty[index] = buf
         if len(buf) > length:
@@ -907,19 +1004,20 @@ class Vfs:
             keep = chunk_count(new_size, cs)
             if new_size % cs:
                 self._load_chunk(content, keep - 1, new_size % cs, loaded)
-            del content.ids[keep:]
+            content.limit = min(content.limit, keep)
             for idx in [i for i in content.dirty if i >= keep]:
                 del content.dirty[idx]
+            for idx in [i for i in content.overlay if i >= keep]:
+                del content.overlay[idx]
         else:
             if old % cs:
                 last = old // cs
                 self._load_chunk(content, last, chunk_length(last, new_size, cs), loaded)
-            content.ids.extend([HOLE] * (chunk_count(new_size, cs) - len(content.ids)))
         content.size = new_size
         content.changed = True
 
     async def _truncate(self, content: OpenContent, new_size: int) -> None:
-        loaded = await self._load_for_update(content, self._resize_loads(content, new_size))
+        loaded = await self._load_for_update(content, self._resize_loads(content, new_size), new_size=new_size)
         self._resize(content, new_size, loaded)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -931,20 +1029,24 @@ class Vfs:
         handle = self._handle(fh)
         content = handle.content
         label = self.inodes.known_path(handle.ino)  # for per-file transfer progress
-        end = min(offset + size, content.size)
         cs = content.chunk_size
-        plan: list[bytes | tuple[int, ChunkId, int, int, int]] = []
-        pos = offset
-        while pos < end:
-            idx = pos // cs
-            within = pos - idx * cs
-            n = min(cs - within, end - pos)
-            buf = content.dirty.get(idx)
-            if buf is None:
-                plan.append((idx, content.ids[idx], chunk_length(idx, content.size, cs), within, n))
-            else:
-                plan.append(bytes(memoryview(buf)[within : within + n]))
-            pos += n
+
+        def planned() -> tuple[list[bytes | tuple[int, ChunkId, int, int, int]], int]:
+            plan: list[bytes | tuple[int, ChunkId, int, int, int]] = []
+            end = min(offset + size, content.size)  # as of the plan: loading pages awaits
+            pos = offset
+            while pos < end:
+                idx = pos // cs
+                within = pos - idx * cs
+                n = min(cs - within, end - pos)
+                buf = content.dirty.get(idx)
+                if buf is None:
+                    plan.append((idx, self._cid(content, idx), chunk_length(idx, content.size, cs), within, n))
+                else:
+                    plan.append(bytes(memoryview(buf)[within : within + n]))
+                pos += n
+            return plan, end
+        plan, end = await self._ids(content, planned)
         # The kernel's own read-ahead sends several requests at once and they may be served
         # out of order: a read near where the last one ended counts as sequential.
         if end > offset and abs(offset - content.last_read_end) <= READ_AHEAD_BYTES:
@@ -952,9 +1054,16 @@ class Vfs:
             first = max((end - 1) // cs + 1, content.read_ahead_end)
             last = (end - 1) // cs + 1 + max(1, READ_AHEAD_BYTES // cs)
             if first < last:
-                ahead = {cid: i for i, cid in enumerate(content.ids[first:last], first)
-                         if cid != HOLE and i not in content.dirty}
-                content.read_ahead_end = last
+                ahead: dict[ChunkId, int] = {}
+                for i in range(first, min(last, chunk_count(content.size, cs))):
+                    try:
+                        cid = self._cid(content, i)
+                    except (MissingPage, ManifestError):  # the next page: read ahead once a read loads it
+                        last = i
+                        break
+                    if cid != HOLE and i not in content.dirty:
+                        ahead[cid] = i
+                content.read_ahead_end = max(content.read_ahead_end, last)
                 self.content.prefetch(ahead, content.manifest, content.author or None, label)
         content.last_read_end = max(end, content.last_read_end) if content.last_read_end >= 0 else end
         parts: list[bytes | memoryview] = []
@@ -964,7 +1073,7 @@ class Vfs:
             else:
                 idx, cid, length, within, n = item
                 data = await self._chunk_bytes(content, idx, cid, length, label)
-                self._note_held(content, idx)
+                self._note_held(content, idx, cid)
                 parts.append(memoryview(data)[within : within + n])
         return b"".join(parts)
 
@@ -981,7 +1090,8 @@ class Vfs:
         check_file_size(end, cs)
         # The first and last chunk may be partly overwritten: their old bytes are needed.
         loaded = await self._load_for_update(
-            content, [offset // cs, (end - 1) // cs, *self._resize_loads(content, max(end, content.size))])
+            content, [offset // cs, (end - 1) // cs, *self._resize_loads(content, max(end, content.size))],
+            changing=range(offset // cs, (end - 1) // cs + 1), new_size=max(end, content.size))
         # No await from here on: the update below is atomic for other requests.
         if end > content.size:
             self._resize(content, end, loaded)
@@ -1017,7 +1127,7 @@ class Vfs:
             log.error("storing %d dirty chunks failed: %s", len(indices), exc)
             raise FsError(storage_errno(exc), f"cannot store written data: {exc.strerror}") from exc
         for idx, cid in stored.items():
-            content.ids[idx] = cid
+            content.overlay[idx] = cid
             del content.dirty[idx]
 
     def _spill(self, content: OpenContent, keep: int) -> None:
@@ -1035,9 +1145,9 @@ class Vfs:
         if e is None:
             raise FsError(errno.ENOENT, f"{path} vanished while open")
         self._store_dirty(content, sorted(content.dirty))
+        manifest = self._manifest_of(content, path)
         manifest_id: bytes | None = None
         try:
-            manifest = Manifest(content.size, content.chunk_size, tuple(content.ids))
             if content.size:
                 manifest_id = self.chunks.put(manifest.encode())
             if durable:
@@ -1064,11 +1174,30 @@ class Vfs:
         whole = content.manifest is None or self.content.holds_complete(content.manifest)
         content.changed = False
         content.manifest, content.author, content.base = manifest_id, self.author, new
+        content.reset(manifest if manifest_id is not None else None)
         if manifest_id is not None:
             self.content.remember(manifest_id, manifest)
-            self.content.note_held(manifest_id, content.ids, whole=whole)
+            self.content.note_held(manifest_id, manifest, whole=whole)
             self.chunks.note_written_version(manifest_id)
         metrics.commits.inc()
+
+    def _manifest_of(self, content: OpenContent, path: str) -> Manifest:
+        """The root of ``content``'s new version, its dirty chunks stored already; the pages it
+        adds are stored here (only those on the paths to what changed: `manifest.update`).
+        The pages it reads were pinned when the changes were made (`_pin`)."""
+        root = content.root if content.root is not None else Manifest.empty(content.chunk_size)
+        try:
+            manifest, pages = update(root, lambda pid: self._page(content, pid), content.overlay, content.size,
+                                     content.limit)
+        except (MissingPage, ManifestError) as exc:
+            log.error("%s: its new manifest cannot be built: %s", path, exc)
+            raise FsError(errno.EIO, f"the manifest of {path} cannot be built: {exc}") from exc
+        try:
+            for raw in pages.values():
+                self.chunks.put(raw)
+        except OSError as exc:
+            raise FsError(storage_errno(exc), f"cannot store the manifest of {path}: {exc.strerror}") from exc
+        return manifest
 
     async def flush(self, fh: int) -> None:
         """close(2) of one fd: commit so the new version is visible (not yet durable)."""
@@ -1103,8 +1232,13 @@ class Vfs:
                 metrics.open_files.set(len(self._contents))
 
     def open_chunk_ids(self) -> set[ChunkId]:
-        """Chunks open files refer to (spilled but not yet committed ones too): GC keeps them."""
-        return {cid for content in self._contents.values() for cid in content.ids if cid != HOLE}
+        """Chunks open files stored but not yet committed (spilled): GC keeps them."""
+        return {cid for content in self._contents.values() for cid in content.overlay.values() if cid != HOLE}
+
+    def open_versions(self) -> set[bytes]:
+        """The versions open files were opened at (or last committed as): GC keeps them whole,
+        whatever the namespace now says."""
+        return {content.manifest for content in self._contents.values() if content.manifest is not None}
 
     async def flush_all(self, *, durable: bool = True) -> None:
         """Commit every open file (on unmount). Errors are logged, not raised, so every file gets its try."""

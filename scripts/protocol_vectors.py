@@ -36,7 +36,7 @@ from blixfs.entry import Entry, Kind
 from blixfs.frames import Entries, ErrorFrame, Hello, Synced, encode, holdings_signed_bytes
 from blixfs.hashing import HOLE, ChunkId
 from blixfs.holdings import Holdings
-from blixfs.manifest import Manifest
+from blixfs.manifest import FANOUT, Manifest
 from blixfs.members import MemberList, member_path
 from blixfs.namespace import MemoryNamespaceStore
 from blixfs.net.memory import MemoryNetwork
@@ -55,6 +55,7 @@ AUTHOR_A_SEED = bytes([0x02]) * 32
 AUTHOR_B_SEED = bytes([0x03]) * 32
 CHUNK_SIZE = 4096
 MANIFEST_CONTENT = bytes([0x61]) * 4096 + bytes(4096) + bytes([0x62]) * 1808  # 'a'*4096, zeros, 'b'*1808
+TREE_CONTENT = bytes([0x61]) * 4096 + bytes(4096 * 511) + bytes([0x62]) * 4096  # a depth-1 tree of two pages
 PEER_ADDRS = ("192.0.2.1:4433", "[2001:db8::1]:4433")
 OTHER_MANIFEST = bytes([0xEE]) * 32  # an arbitrary manifest id, partly held in the HOLDINGS vector
 HOLDINGS_START = 1_700_000_002_000_000_000  # node A's clock (ns) when it started: its first HOLDINGS seq
@@ -330,6 +331,22 @@ def build() -> _Doc:
     doc.block("manifest.id", _hex(mid))
     if sorted(chunks) != sorted(c for c in manifest.ids if c != HOLE):
         raise AssertionError("stored chunks are not the non-hole ids")
+    tree, blobs = Manifest.of_bytes(TREE_CONTENT, CHUNK_SIZE)
+    pages = [blobs[pid] for pid in tree.entries]
+    doc.say(f"A tree (depth 1): {len(TREE_CONTENT)} bytes at {CHUNK_SIZE}-byte chunks: 4096 bytes `0x61`,",
+            f"{FANOUT - 1} chunks of zeros, then 4096 bytes `0x62`: {tree.count} chunks, more than FANOUT",
+            f"({FANOUT}). Its root lists two pages of level 0: the first holds chunk 0 (the",
+            "`0x61` chunk of the manifest above) and 511 hole ids, the second the `0x62` chunk:")
+    doc.block("manifest.tree.root", _hex(tree.encode()))
+    doc.block("manifest.tree.id", _hex(blake3.blake3(tree.encode()).digest()))
+    head = pages[0][: 7 + 32]
+    if pages[0] != head + bytes(32 * (FANOUT - 1)):
+        raise AssertionError("page 0 is not its head and 511 hole ids")
+    doc.say("Page 0 (its id is the root's first entry) is these 39 bytes (magic `BXP1`, level 0,",
+            f"count {FANOUT}, the id of chunk 0) followed by {FANOUT - 1} hole ids ({32 * (FANOUT - 1)} zero bytes);",
+            "page 1 (the root's second entry) is given whole:")
+    doc.block("manifest.tree.page0_head", _hex(head))
+    doc.block("manifest.tree.page1", _hex(pages[1]))
 
     _chunks_example(doc, manifest, chunks, mbytes, ChunkId(mid))
     _merge_example(doc, a, b)

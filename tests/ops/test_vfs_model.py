@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blixfs import manifest
+from blixfs import vfs as vfs_module
 from blixfs.chunkstore import MemoryChunkStore
 from blixfs.hashing import HOLE
 from blixfs.manifest import MIN_CHUNK_SIZE
@@ -35,6 +38,19 @@ def test_vfs_matches_a_bytearray(ops: list[tuple[object, ...]], rnd: object) -> 
     import trio
 
     trio.run(_run, ops)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops_strategy)
+def test_vfs_over_manifest_trees_matches_a_bytearray(ops: list[tuple[object, ...]]) -> None:
+    """The same with pages of 2 ids: 12 chunks make a tree of depth 3, so writes, truncates
+    and reopens cross pages, grow and shrink the tree, and commit only touched pages."""
+    import trio
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(manifest, "FANOUT", 2)
+        mp.setattr(vfs_module, "FANOUT", 2)
+        trio.run(_run, ops)
 
 
 async def _run(ops: list[tuple[object, ...]]) -> None:
@@ -76,6 +92,7 @@ async def _run(ops: list[tuple[object, ...]]) -> None:
     assert await vfs.read(fh, 0, MAX * 2) == bytes(model)
     if entry.manifest is not None:  # zero chunks are holes: never stored
         m = vfs.content.manifest(entry.manifest)
-        for i, cid in enumerate(m.ids):
+        assert m is not None
+        for i, cid in enumerate(manifest.flat(m, store.get)):
             chunk = bytes(model[i * CS : (i + 1) * CS])
             assert (cid == HOLE) == (chunk == bytes(len(chunk)))

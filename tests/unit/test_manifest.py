@@ -1,4 +1,5 @@
-"""Manifests and fixed-size chunking: layout, holes, encoding, and hostile input."""
+"""Manifests and fixed-size chunking: layout, holes, encoding, and hostile input (roots;
+trees of pages are in test_manifest_tree.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blixfs.hashing import HOLE, chunk_id, content_id, is_zero
-from blixfs.manifest import MAGIC, Manifest, ManifestError, chunk_count, chunk_length
+from blixfs.manifest import LEGACY_MAGIC, Manifest, ManifestError, chunk_count, chunk_length
 
 CS = 64 * 1024
 
@@ -54,6 +55,8 @@ def test_encode_decode_round_trip(size: int, seed: int) -> None:
            for i in range(chunk_count(size, CS))]
     m = Manifest(size, CS, tuple(ids))  # type: ignore[arg-type]
     assert Manifest.decode(m.encode()) == m
+    legacy = Manifest(size, CS, tuple(ids), legacy=True)  # type: ignore[arg-type]
+    assert Manifest.decode(legacy.encode()) == legacy and legacy.encode()[:4] == LEGACY_MAGIC
 
 
 def test_manifest_id_is_content_addressed() -> None:
@@ -66,16 +69,17 @@ def test_manifest_id_is_content_addressed() -> None:
     ("blob", "why"),
     [
         (b"", "shorter than its header"),
-        (b"XXXX" + bytes(16), "magic"),
-        (struct.pack("<4sQII", MAGIC, 10, CS, 1), "cannot hold"),
-        (struct.pack("<4sQII", MAGIC, 10, CS, 0xFFFFFFFF), "cannot hold"),
-        (struct.pack("<4sQII", MAGIC, 10, CS, 1) + struct.pack("<I32s", 11, bytes(32)), "length"),
-        (struct.pack("<4sQII", MAGIC, 2 * CS, CS, 1) + struct.pack("<I32s", CS, bytes(32)), "chunks cannot make"),
-        (struct.pack("<4sQII", MAGIC, 10, 7, 1) + struct.pack("<I32s", 10, bytes(32)), "chunk size"),
-        (struct.pack("<4sQII", MAGIC, 1 << 60, CS, 0), "file size"),
+        (b"XXXX" + bytes(40), "magic"),
+        (struct.pack("<4sQII", LEGACY_MAGIC, 10, CS, 1), "cannot hold"),
+        (struct.pack("<4sQII", LEGACY_MAGIC, 10, CS, 0xFFFFFFFF), "cannot hold"),
+        (struct.pack("<4sQII", LEGACY_MAGIC, 10, CS, 1) + struct.pack("<I32s", 11, bytes(32)), "length"),
+        (struct.pack("<4sQII", LEGACY_MAGIC, 2 * CS, CS, 1) + struct.pack("<I32s", CS, bytes(32)),
+         "chunks cannot make"),
+        (struct.pack("<4sQII", LEGACY_MAGIC, 10, 7, 1) + struct.pack("<I32s", 10, bytes(32)), "chunk size"),
+        (struct.pack("<4sQII", LEGACY_MAGIC, 1 << 60, CS, 0), "file size"),
     ],
 )
-def test_hostile_manifests_are_rejected(blob: bytes, why: str) -> None:
+def test_hostile_legacy_manifests_are_rejected(blob: bytes, why: str) -> None:
     with pytest.raises(ManifestError, match=why):
         Manifest.decode(blob)
 

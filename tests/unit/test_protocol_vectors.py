@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from blixfs import crypto
 from blixfs.entry import Entry
 from blixfs.frames import Entries, ErrorFrame, Hello, HoldingsFrame, Synced, decode, holdings_signed_bytes
-from blixfs.manifest import Manifest
+from blixfs.manifest import FANOUT, Manifest, iter_chunks, lookup
 from blixfs.net.transport import NodeAddr
 from blixfs.sync import holdings_record, holdings_verified
 from blixfs.ticket import Ticket
@@ -207,6 +207,19 @@ def test_manifest() -> None:
     for i, cid in enumerate(m.ids):
         piece = content[i * m.chunk_size : (i + 1) * m.chunk_size]
         assert cid == (bytes(32) if piece.count(0) == len(piece) else blake3.blake3(piece).digest())
+
+
+def test_manifest_tree() -> None:
+    root = Manifest.decode(raw("manifest.tree.root"))
+    assert blake3.blake3(raw("manifest.tree.root")).digest() == raw("manifest.tree.id")
+    page0 = raw("manifest.tree.page0_head") + bytes(32 * (FANOUT - 1))
+    pages = {blake3.blake3(page0).digest(): page0,
+             blake3.blake3(raw("manifest.tree.page1")).digest(): raw("manifest.tree.page1")}
+    assert root.depth == 1 and list(root.entries) == list(pages)
+    content = GEN.TREE_CONTENT
+    expect = [(i, blake3.blake3(content[i * 4096 : (i + 1) * 4096]).digest()) for i in (0, FANOUT)]
+    assert list(iter_chunks(root, pages.get)) == expect
+    assert lookup(root, pages.get, 0) == Manifest.decode(raw("manifest.encoded")).ids[0]
 
 
 def test_chunk_protocol() -> None:
