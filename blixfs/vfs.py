@@ -845,10 +845,11 @@ class Vfs:
     async def _open_handle(self, ino: int, e: Entry, flags: int) -> int:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         content, _ = await self._content_for(ino, e, emptied=writable and bool(flags & os.O_TRUNC))
-        if flags & os.O_TRUNC and writable and content.size:
-            self._resize(content, 0, {})  # truncating to 0 needs no stored bytes
-            content.mtime_ns = self._clock()
-            self._journal_of(ino, content).record_truncate(0)
+        if flags & os.O_TRUNC and writable:
+            if content.size:
+                self._resize(content, 0, {})  # truncating to 0 needs no stored bytes
+                content.mtime_ns = self._clock()
+            self._journal_of(ino, content).record_truncate(0)  # emptied already when loaded so
         content.handles += 1
         metrics.open_files.set(len(self._contents))
         fh = self._next_fh
