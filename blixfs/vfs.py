@@ -151,6 +151,7 @@ class OpenContent:
     base: Entry | None = None
     journal: FileJournal | None = None  # writes since the last publish, for fsync (blixfs.journal)
     changed_at: float | None = None  # monotonic time of the first change since the last publish
+    base_synced: bool = False  # ``base`` was published durably here: a journal over it needs no syncfs
 
     def dirty_bytes(self) -> int:
         return sum(map(len, self.dirty.values()))
@@ -804,6 +805,11 @@ class Vfs:
                         "version they had", current.path, exc)
             return
         content.manifest, content.author, content.base = current.manifest, current.author, current
+        content.base_synced = False
+        if content.journal is not None:  # no-op truncates only (nothing changed): over the old base
+            content.journal.discard()
+            content.journal = None
+        content.changed_at = None
         content.size = m.size if m is not None else 0
         content.ids = list(m.ids) if m is not None else []
         content.chunk_size = m.chunk_size if m is not None else content.chunk_size
@@ -1185,11 +1191,12 @@ class Vfs:
         if j is None or j.overflowed or j.path != self.inodes.known_path(ino):
             return False
         try:
-            if j.file is None:
+            if j.file is None and not content.base_synced:
                 # The version the journal names must survive a crash with it: a close may have
                 # committed it without a sync. syncfs covers the chunks and namespace.db (same
-                # home); once per journal, not per fsync.
+                # home); at most once per journal, not per fsync.
                 self.chunks.sync()
+                content.base_synced = True
             j.sync()
         except OSError as exc:
             log.error("journal of %s: fsync failed: %s", j.path, exc)
@@ -1205,7 +1212,11 @@ class Vfs:
         daemon's timer (`publish_due`), `commit_path`, a rename, unmount. On failure
         (ENOSPC) the writes and the journal stay for the next try."""
         j = content.journal
-        self._commit(ino, content, durable=durable or j is not None)
+        durable = durable or j is not None
+        committed = content.changed and not content.unlinked
+        self._commit(ino, content, durable=durable)
+        if committed:
+            content.base_synced = durable
         if not content.changed:
             content.changed_at = None
         if j is not None and (not content.changed or content.unlinked):

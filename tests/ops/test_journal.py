@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from blixfs import journal as jmod
+from blixfs.content import Network
 from blixfs.errors import FsError
 from blixfs.node import Node
 from blixfs.vfs import ROOT_INO, Vfs
@@ -233,3 +234,26 @@ async def test_a_replay_over_a_peers_newer_version_keeps_both(tmp_path: Path) ->
         assert sorted(name for name, _ in await c.vfs.readdir(ROOT_INO)) == sorted(names)
         contents = {await c.read(name) for name in names}
         assert contents == {bytes(data), theirs}  # neither overwritten, neither lost
+
+
+async def test_a_node_holding_nothing_replays_its_journal_fetching_the_base_from_peers(tmp_path: Path) -> None:
+    async with cluster(tmp_path, ["a", "c"]) as nodes:
+        a, c = nodes["a"], nodes["c"]
+        data = bytearray(os.urandom(SIZE))
+        await a.write("img", 0, bytes(data), create=True)
+        await wait_until(lambda: c.entry("img") == a.entry("img"), "the image on c")
+        fh = await c.open_for_write("img")
+        for offset in (CHUNK + 7, 9 * CHUNK - 3):  # partial chunks: their other bytes are on a only
+            await c.vfs.write(fh, offset, b"C" * 4096)
+            data[offset : offset + 4096] = b"C" * 4096
+            await c.vfs.fsync(fh, True)
+        # c crashes, and what it had fetched (cache) is gone too; it restarts on the network
+        c.node.chunks.delete_many(list(c.node.chunks.ids()))
+        restarted = c.node.vfs(chunk_size=CHUNK)
+        rt = c.runtime
+        restarted.content.connect(Network(rt.fetcher, rt.holdings, rt.peers,
+                                          lambda: [s.peer for s in rt.sync.sessions() if s.synced.is_set()]))
+        assert await restarted.recover_journals() == []
+        assert await read_all(restarted, "img") == bytes(data)
+        await wait_until(lambda: a.entry("img") == c.node.namespace.get("img"), "the replayed version on a")
+        assert await a.read("img") == bytes(data)
