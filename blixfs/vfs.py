@@ -1138,6 +1138,8 @@ class Vfs:
         acknowledged before is lost, and the writes stay in memory for the next try."""
         h = self._handle(fh)
         content = h.content
+        if not content.changed and content.base_synced:
+            return  # the content is the version published durably here: nothing to make durable
         if content.changed and not content.unlinked and self._journal_sync(h.ino, content):
             return
         self._publish(h.ino, content, durable=True)
