@@ -1318,7 +1318,7 @@ class Vfs:
                 await self._replay(files[0])
                 files.pop(0)
             self._unrecovered.pop(path, None)
-        except FsError as exc:
+        except (FsError, OSError) as exc:  # OSError: reading the journal file itself
             log.error("%s: its journal could not be replayed yet (%s): kept, tried again later", path, exc)
             raise FsError(errno.EIO, f"{path} has fsync'd writes that could not be replayed yet "
                                      f"({exc}): its journal is kept and tried again") from exc
