@@ -165,7 +165,7 @@ def _decode_header(payload: bytes) -> Header:
     try:
         path = payload[_HEADER.size : _HEADER.size + path_len].decode("utf-8")
         base = Entry.deserialize(payload[_HEADER.size + path_len :])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise JournalError(f"unreadable header: {exc}") from exc
     if base.path != path:
         raise JournalError(f"header names {path!r} but its base entry is of {base.path!r}")

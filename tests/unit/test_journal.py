@@ -178,3 +178,21 @@ def test_a_journal_past_its_bound_or_unsynced_past_the_buffer_overflows(tmp_path
     for i in range(20):
         guest.record_write(i * 4096, b"g" * 4096)
     assert guest.overflowed  # the next fsync publishes instead
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=600),
+                 st.builds(lambda head, tail: head + tail,
+                           st.just(jmod._HEADER.pack(jmod.MAGIC, 4096, 3) + b"a/b"), st.binary(max_size=300))))
+def test_a_checksummed_header_with_any_payload_decodes_or_fails_with_journal_error(payload: bytes) -> None:
+    with contextlib.suppress(JournalError):
+        decode(frame(jmod.KIND_HEADER, payload))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)), max_size=8))
+def test_checksummed_records_of_any_kind_and_payload_never_break_the_reader(frames: list[tuple[int, bytes]]) -> None:
+    raw = encode_header(HEADER) + b"".join(frame(kind, payload) for kind, payload in frames)
+    _, records = decode(raw)
+    for r in records:  # whatever is yielded is within bounds
+        assert (r.offset + len(r.data) if isinstance(r, Write) else r.size) <= 1 << 44
