@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from blixfs.daemon import ask_daemon
+from blixfs.daemon import PUBLISH_INTERVAL, ask_daemon
 from blixfs.entry import Kind
 from blixfs.errors import FsError
 from blixfs.gc import DEFAULT_GRACE_SECONDS, collect
@@ -100,6 +100,9 @@ def _open_node(ctx: click.Context, *, lock: bool) -> Node:
               metavar="SECONDS", help="Unreferenced chunks used more recently than this are kept.")
 @click.option("--peer-expiry", type=click.FloatRange(10), default=3600.0, show_default=True, metavar="SECONDS",
               help="Peers unreachable and unseen this long leave the peer list.")
+@click.option("--publish-interval", type=click.FloatRange(0.1, 86400), default=PUBLISH_INTERVAL, show_default=True,
+              metavar="SECONDS", help="How long a file kept open (a running VM's image) may hold fsync'd writes that "
+                                      "peers do not see yet; closing it or `blixfs commit` publishes at once.")
 @click.option("--mdns/--no-mdns", default=True, show_default=True,
               help="Find nodes of this namespace on the LAN (mDNS), on the interfaces of --listen.")
 @click.option("--mdns-interface", "mdns_interfaces", multiple=True, metavar="NAME|IP",
@@ -114,7 +117,7 @@ def _open_node(ctx: click.Context, *, lock: bool) -> Node:
 @click.pass_context
 def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bool | None,
           metrics_port: int | None, chunk_size: str | None, cache_size: str | None, fetch_timeout: float,
-          copies: int, gc_interval: float, gc_grace: float, peer_expiry: float, mdns: bool,
+          copies: int, gc_interval: float, gc_grace: float, peer_expiry: float, publish_interval: float, mdns: bool,
           mdns_interfaces: tuple[str, ...],
           internet: bool, listen: str | None) -> None:
     """Mount the namespace at MOUNTPOINT and serve it in the foreground until Ctrl-C or SIGTERM.
@@ -141,7 +144,7 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
         run_mount(node, vfs, mountpoint.expanduser().absolute(), direct_io=direct_io, allow_other=allow_other,
                   fetch_timeout=fetch_timeout, copies=copies, gc_interval=gc_interval, gc_grace=gc_grace,
                   internet=internet, mdns=mdns, mdns_interfaces=list(mdns_interfaces) or None,
-                  peer_expiry=peer_expiry)
+                  peer_expiry=peer_expiry, publish_interval=publish_interval)
     except MountError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -416,6 +419,30 @@ def pull(ctx: click.Context, path: str) -> None:
     peers = ", ".join(f"{p} ({_human(b)})" for p, b in reply["peers"].items()) or "none (already held here)"
     click.echo(f"pulled {reply['path']}: {_human(reply['bytes'])} fetched of {_human(reply['total'])} in "
                f"{reply['seconds']:.2f} s ({_human(reply['bytes'] / seconds)}/s) from {peers}")
+
+
+@main.command()
+@click.argument("path")
+@click.pass_context
+def commit(ctx: click.Context, path: str) -> None:
+    """Publish PATH's latest writes to peers now, durably.
+
+    A file kept open (a running VM's image) is made durable by each fsync through this
+    node's journal, and published (made visible to peers as a new version) when it is
+    closed and every --publish-interval. This publishes it now, e.g. before another
+    node starts from the image. PATH is a file in the mount or a namespace path; the
+    daemon must be running (blixfs mount).
+    """
+    rel = _namespace_path(path)
+    reply = ask_daemon(ctx.obj["home"], {"op": "commit", "path": rel}, timeout=None)
+    if reply is None:
+        raise click.ClickException("no daemon is running for this home: start it with blixfs mount DIR")
+    if not reply.get("ok"):
+        raise click.ClickException(str(reply.get("error")))
+    if reply["published"]:
+        click.echo(f"published {rel}")
+    else:
+        click.echo(f"{rel}: nothing to publish (no writes since its last version)")
 
 
 @main.command()

@@ -16,6 +16,7 @@ Control protocol: one JSON object per line each way, one request per connection:
                                     {"ok": true, "bytes", "total", "seconds", "peers": {id: bytes}}
     {"op": "allow", "node": HEX, "role": "read"|"write"|"admin"} -> {"ok": true, "member": {...}}
     {"op": "revoke", "node": HEX} -> {"ok": true, "member": {...}} (both: {"ok": false, "error"} when refused)
+    {"op": "commit", "path": P}  -> {"ok": true, "path": P, "published": b} | {"ok": false, "error": "..."}
 
 Only the socket file's permissions (0600, in the home) guard it. Every request is
 validated (`_invalid`: an object, a known string ``op``, fields of the right type, at
@@ -70,6 +71,9 @@ GC_INTERVAL = 600.0
 # off its handshake retransmits meanwhile. Short, so a peer is reconnected soon after it returns.
 CONNECT_TIMEOUT = 4.0
 MAX_REQUEST = 64 * 1024
+# How long a file's writes may stay unpublished (fsync'd into the journal, not visible to
+# peers) while it stays open: a running VM's image reaches peers this often.
+PUBLISH_INTERVAL = 30.0
 
 
 @dataclass
@@ -206,7 +210,7 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
                        fetch_timeout: float = FETCH_TIMEOUT, copies: int = DEFAULT_COPIES,
                        gc_interval: float = GC_INTERVAL, gc_grace: float = DEFAULT_GRACE_SECONDS,
                        internet: bool = False, peer_expiry: float = DEFAULT_EXPIRY, mdns: bool = True,
-                       mdns_interfaces: list[str] | None = None,
+                       mdns_interfaces: list[str] | None = None, publish_interval: float = PUBLISH_INTERVAL,
                        task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the node's network services until cancelled; reports the `Runtime` when up."""
     bind = listen or node.listen_addr()
@@ -226,14 +230,14 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
         await serve_node(node, transport, vfs=vfs, fetch_timeout=fetch_timeout, copies=copies,
                          gc_interval=gc_interval, gc_grace=gc_grace, peer_expiry=peer_expiry,
                          mdns_interfaces=(mdns_interfaces or interfaces_for_listen(bind.rsplit(":", 1)[0]))
-                         if mdns else None, task_status=task_status)
+                         if mdns else None, publish_interval=publish_interval, task_status=task_status)
 
 
 async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None,
                      fetch_timeout: float = FETCH_TIMEOUT, copies: int = DEFAULT_COPIES,
                      gc_interval: float = GC_INTERVAL, gc_grace: float = DEFAULT_GRACE_SECONDS,
                      peer_expiry: float = DEFAULT_EXPIRY, mdns_interfaces: list[str] | None = None,
-                     control: bool = True,
+                     control: bool = True, publish_interval: float = PUBLISH_INTERVAL,
                      task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
     """The node's services on ``transport`` (iroh for a daemon, the in-memory network for
     in-process tests): sync, chunk server, fetcher, replication, health, GC, LAN discovery
@@ -292,6 +296,11 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
 
             discovery = LanDiscovery(self_id, port, node.replica.keys.id, on_lan_peer, interfaces)
             await nursery.start(discovery.run)
+        if vfs is not None:
+            # Writes a crash left in journals are replayed before the mount serves (on the
+            # network: a write-anywhere node may need its base's chunks from peers).
+            await vfs.recover_journals()
+            nursery.start_soon(_publish_every, vfs, publish_interval)
         if control:
             await nursery.start(serve_control, node.home / "control.sock", runtime)
         log.info("node %s listening on %s", node.node_id.hex()[:16], transport.addr())
@@ -365,6 +374,8 @@ async def _reply(raw: bytes, runtime: Runtime, stream: trio.SocketStream) -> dic
     assert request is not None
     if request["op"] == "gc":
         return {"ok": True, **await _gc(runtime, request)}
+    if request["op"] == "commit":
+        return await _commit(runtime, str(request.get("path") or ""))
     if request["op"] == "pull":
         # Streams progress lines, then the final reply; no deadline (a big image takes a while).
         async def progress(update: dict[str, Any]) -> None:
@@ -383,6 +394,7 @@ _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "join": {"ticket": (str,)},
     "gc": {"dry_run": (bool,), "grace": (int, float)},
     "pull": {"path": (str,)},
+    "commit": {"path": (str,)},
     "allow": {"node": (str,), "role": (str,)},
     "revoke": {"node": (str,)},
 }
@@ -434,6 +446,27 @@ async def _gc(runtime: Runtime, request: dict[str, Any]) -> dict[str, Any]:
 
 class PullError(Exception):
     """A pull that cannot complete, with the reason."""
+
+
+async def _commit(runtime: Runtime, path: str) -> dict[str, Any]:
+    """``blixfs commit PATH``: publish the file's unpublished (journaled) writes now."""
+    if runtime.vfs is None:
+        return {"ok": False, "error": "this daemon serves no mount"}
+    try:
+        published = await runtime.vfs.commit_path(path)
+    except FsError as exc:
+        return {"ok": False, "error": exc.message if path in exc.message else f"{path or '/'}: {exc.message}"}
+    return {"ok": True, "path": path, "published": published}
+
+
+async def _publish_every(vfs: Vfs, interval: float) -> None:
+    """Publish files with writes older than ``interval`` (checked a few times per interval,
+    so a file waits at most about 1.25 intervals), and retry journals whose replay failed."""
+    while True:
+        await trio.sleep(max(0.05, interval / 4))
+        if vfs.unrecovered:
+            await vfs.recover_journals()
+        vfs.publish_due(interval)
 
 
 async def _collect_every(runtime: Runtime, interval: float, grace: float) -> None:

@@ -24,3 +24,4 @@ dirty_bytes = Gauge("blixfs_dirty_bytes", "Written bytes held in memory, not yet
 def counter_value(counter: Counter) -> float:
     """The current value of an unlabelled counter (for tests and `status`)."""
     return float(counter._value.get())
+journal_syncs = Counter("blixfs_journal_syncs_total", "fsyncs made durable through the journal (no version published)")

@@ -15,6 +15,8 @@ Home layout (``--home``, ``$BLIXFS_HOME``, else ``$XDG_DATA_HOME/blixfs``)::
                           valid), the cache budget
     daemon.lock           held (flock) by the one daemon using this home
     control.sock          the running daemon's control socket (`blixfs.daemon`)
+    journal/              write-ahead journals of files with fsync'd, unpublished writes
+                          (`blixfs.journal`), replayed at the next start after a crash
 
 The JSON files are written atomically and durably, each keeping its previous version as
 ``NAME.bak``; a torn one is logged and its backup read (`blixfs.statefile`). When neither is
@@ -46,6 +48,7 @@ from blixfs.chunkstore import DiskChunkStore
 from blixfs.content import read_manifest
 from blixfs.errors import FsError
 from blixfs.hashing import ChunkId
+from blixfs.journal import DEFAULT_MAX_JOURNAL_BYTES, Journal
 from blixfs.manifest import DEFAULT_CHUNK_SIZE, ManifestError, iter_tree
 from blixfs.namespace import SqliteNamespaceStore
 from blixfs.net.iroh_transport import load_or_create_secret_key
@@ -308,8 +311,10 @@ class Node:
             message += f"; will sync with {ticket.peer.node_id[:16]}"
         return message
 
-    def vfs(self, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Vfs:
-        return Vfs(self.replica, self.chunks, chunk_size=chunk_size, statfs_path=str(self.home))
+    def vfs(self, *, chunk_size: int = DEFAULT_CHUNK_SIZE, journal_bytes: int = DEFAULT_MAX_JOURNAL_BYTES) -> Vfs:
+        """The node's VFS, with its write-ahead journal (``journal/``: fsync without publishing)."""
+        return Vfs(self.replica, self.chunks, chunk_size=chunk_size, statfs_path=str(self.home),
+                   journal=Journal(self.home / "journal", max_bytes=journal_bytes))
 
     def status(self) -> dict[str, Any]:
         """Figures for `blixfs status`: store size, chunks, files, namespace, peers."""

@@ -20,8 +20,13 @@ Concurrency and locking invariants (see docs/design.md, "Locking"):
   before the entry commits is harmless if the commit never comes: they are
   unreferenced garbage, never a half-visible file. A commit that fails (ENOSPC)
   leaves the dirty buffers in place, so the next flush can try again.
-* fsync is durable: the chunk store is synced (syncfs) before the entry is
-  committed with SQLite synchronous=FULL.
+* fsync is durable. With a journal (`blixfs.journal`, every daemon's Vfs) it appends the
+  writes since the last fsync to the file's journal and syncs that: no version is
+  published. Versions are published (`_publish`: stored, synced, committed with SQLite
+  synchronous=FULL, then the journal dropped) on close, by the daemon's timer
+  (`publish_due`), past the journal's bound, before a rename and on `commit_path`.
+  Without a journal, fsync publishes. Journals left by a crash are replayed
+  (`recover_journals`, and before a file's content is loaded) over the version they name.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
+import trio
 from lru import LRU
 
 from blixfs import metrics
@@ -60,6 +67,7 @@ from blixfs.entry import (
 )
 from blixfs.errors import FsError, storage_errno
 from blixfs.hashing import HOLE, ChunkId, short
+from blixfs.journal import FileJournal, Journal, JournalError, Truncate, read_journal
 from blixfs.manifest import (
     DEFAULT_CHUNK_SIZE,
     FANOUT,
@@ -86,6 +94,19 @@ OPEN_PAGES = 64  # manifest pages an open file keeps for its reads (512 Ki chunk
 _T = TypeVar("_T")
 READ_AHEAD_BYTES = 4 << 20  # like the mount's read_ahead_kb: chunks loaded ahead of a sequential reader
 _ZEROS = memoryview(bytes(DEFAULT_CHUNK_SIZE * 4))
+
+
+class _NoJournal:
+    """Where the changes of a file without a journal are recorded: nowhere."""
+
+    def record_write(self, offset: int, data: bytes | memoryview) -> None:
+        pass
+
+    def record_truncate(self, size: int) -> None:
+        pass
+
+
+_NO_JOURNAL = _NoJournal()
 
 
 def _zeros(n: int) -> bytes | memoryview:
@@ -151,6 +172,9 @@ class OpenContent:
     # what this node had seen: a peer's version that arrived meanwhile with other content
     # stays a concurrent version (a conflict copy), never silently overwritten.
     base: Entry | None = None
+    journal: FileJournal | None = None  # writes since the last publish, for fsync (blixfs.journal)
+    changed_at: float | None = None  # monotonic time of the first change since the last publish
+    base_synced: bool = False  # ``base`` was published durably here: a journal over it needs no syncfs
 
     def reset(self, root: Manifest | None) -> None:
         """Now exactly stored version ``root`` (opened, followed, or just committed)."""
@@ -235,6 +259,7 @@ class Vfs:
         max_dirty_bytes: int = DEFAULT_MAX_DIRTY_BYTES,
         clock: Callable[[], int] = time.time_ns,
         owner: tuple[int, int] = (os.getuid(), os.getgid()),
+        journal: Journal | None = None,
     ) -> None:
         self.replica = replica
         self.namespace: NamespaceStore = replica.store
@@ -258,6 +283,13 @@ class Vfs:
         # FUSE read is at most 1 MiB and usually 128 KiB, so a sequential reader asks for each
         # chunk several times in a row: the content layer keeps recent chunks in memory.
         self.content = Content(chunks, cache_chunks=max(16, (64 << 20) // chunk_size))
+        # Journals left by the last run, by path, oldest first: replayed before the file is read.
+        self.journal = journal
+        self._unrecovered: dict[str, list[Path]] = {}
+        self._recovering: dict[str, trio.Event] = {}
+        self._replaying: set[int] = set()  # inodes being replayed: their writes are not journaled again
+        if journal is not None:
+            self._find_journals(journal)
 
     # ----------------------------------------------------------------- helpers
 
@@ -494,6 +526,8 @@ class Vfs:
                 check_file_size(size, content.chunk_size)
                 await self._truncate(content, size)
                 content.mtime_ns = mtime_ns if mtime_ns is not None else now
+                if not temporary:
+                    self._journal_of(ino, content).record_truncate(size)
                 if temporary:
                     self._commit(ino, content)
             finally:
@@ -679,6 +713,8 @@ class Vfs:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         src = self._child_path(old_parent, old_name)
         dst = self._child_path(new_parent, new_name)
+        if src != dst:
+            await self._publish_journaled_under(src)
         e = self._entry(src)
         if src == dst:
             return
@@ -813,6 +849,11 @@ class Vfs:
                         "version they had", current.path, exc)
             return
         content.manifest, content.author, content.base = current.manifest, current.author, current
+        content.base_synced = False
+        if content.journal is not None:  # no-op truncates only (nothing changed): over the old base
+            content.journal.discard()
+            content.journal = None
+        content.changed_at = None
         content.size = m.size if m is not None else 0
         content.reset(m)
         content.chunk_size = m.chunk_size if m is not None else content.chunk_size
@@ -830,6 +871,12 @@ class Vfs:
         existing = self._contents.get(ino)
         if existing is not None:
             return existing, False
+        if e.path in self._unrecovered:
+            await self._recover_path(e.path)
+            e = self._entry(e.path)
+            existing = self._contents.get(ino)
+            if existing is not None:
+                return existing, False
         if e.manifest is None or emptied:
             content = OpenContent(chunk_size=self.chunk_size, size=0, mtime_ns=e.mtime_ns,
                                   changed=e.size > 0, base=e)
@@ -849,9 +896,11 @@ class Vfs:
     async def _open_handle(self, ino: int, e: Entry, flags: int) -> int:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         content, _ = await self._content_for(ino, e, emptied=writable and bool(flags & os.O_TRUNC))
-        if flags & os.O_TRUNC and writable and content.size:
-            self._resize(content, 0, {})  # truncating to 0 needs no stored bytes
-            content.mtime_ns = self._clock()
+        if flags & os.O_TRUNC and writable:
+            if content.size:
+                self._resize(content, 0, {})  # truncating to 0 needs no stored bytes
+                content.mtime_ns = self._clock()
+            self._journal_of(ino, content).record_truncate(0)  # emptied already when loaded so
         content.handles += 1
         metrics.open_files.set(len(self._contents))
         fh = self._next_fh
@@ -1113,6 +1162,7 @@ class Vfs:
             pos += n
         content.changed = True
         content.mtime_ns = self._clock()
+        self._journal_of(handle.ino, content).record_write(offset, data)
         if content.dirty_bytes() > self._max_dirty:
             self._spill(content, keep=end // cs)
         return len(data)
@@ -1200,15 +1250,27 @@ class Vfs:
         return manifest
 
     async def flush(self, fh: int) -> None:
-        """close(2) of one fd: commit so the new version is visible (not yet durable)."""
+        """close(2) of one fd: publish so the new version is visible (durable if it was journaled)."""
         h = self._handle(fh)
         if h.writable:
-            self._commit(h.ino, h.content)
+            self._publish(h.ino, h.content)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        """fsync(2): commit durably; returns only when the data survives a crash."""
+        """fsync(2)/fdatasync(2): returns only when the data survives a crash.
+
+        With a journal, the writes since the last fsync are appended to the file's journal
+        and synced: no version is published, and the cost is what changed (see
+        `blixfs.journal`). Without one, or when the journal cannot carry it (past its
+        bound, not started at the file's first change, renamed since), the file is
+        published durably instead. ENOSPC (or EIO) when the disk refuses: nothing
+        acknowledged before is lost, and the writes stay in memory for the next try."""
         h = self._handle(fh)
-        self._commit(h.ino, h.content, durable=True)
+        content = h.content
+        if not content.changed and content.base_synced:
+            return  # the content is the version published durably here: nothing to make durable
+        if content.changed and not content.unlinked and self._journal_sync(h.ino, content):
+            return
+        self._publish(h.ino, content, durable=True)
 
     async def release(self, fh: int) -> None:
         """Last close of a handle: commit what is left; forget the content with the last handle.
@@ -1222,14 +1284,235 @@ class Vfs:
         h.content.handles -= 1
         try:
             if h.writable:
-                self._commit(h.ino, h.content)
+                self._publish(h.ino, h.content)
         finally:
             if h.content.handles == 0:
                 if h.content.changed and not h.content.unlinked:
-                    log.error("inode %d closed with %d uncommitted bytes (see earlier errors)",
-                              h.ino, h.content.dirty_bytes())
+                    log.error("inode %d closed with %d uncommitted bytes (see earlier errors%s)",
+                              h.ino, h.content.dirty_bytes(),
+                              "; its fsync'd writes are in its journal" if h.content.journal else "")
+                elif h.content.journal is not None:  # unlinked: its data goes with it
+                    h.content.journal.discard()
                 self._contents.pop(h.ino, None)
                 metrics.open_files.set(len(self._contents))
+
+    # ------------------------------------------------------- journal and publishing
+
+    def _journal_of(self, ino: int, content: OpenContent) -> FileJournal | _NoJournal:
+        """Where a change to ``content`` is recorded: its journal, started at its first change
+        since the last publish (so it holds every change over its base). Called after each
+        change (write, truncate). A file changed before its journal could start has none
+        until its next publish: its fsync publishes."""
+        first = content.changed_at is None
+        if first:
+            content.changed_at = time.monotonic()
+        if content.journal is not None:
+            return content.journal
+        path = self.inodes.known_path(ino)
+        if (not first or self.journal is None or ino in self._replaying or content.base is None
+                or content.unlinked or path is None):
+            return _NO_JOURNAL
+        content.journal = self.journal.start(path, content.chunk_size, content.base)
+        return content.journal
+
+    def _journal_sync(self, ino: int, content: OpenContent) -> bool:
+        """fsync through the journal; False when it cannot carry this one (the caller publishes)."""
+        j = content.journal
+        if j is None or j.overflowed or j.path != self.inodes.known_path(ino):
+            return False
+        try:
+            if j.file is None and not content.base_synced:
+                # The version the journal names must survive a crash with it: a close may have
+                # committed it without a sync. syncfs covers the chunks and namespace.db (same
+                # home); at most once per journal, not per fsync.
+                self.chunks.sync()
+                content.base_synced = True
+            j.sync()
+        except OSError as exc:
+            log.error("journal of %s: fsync failed: %s", j.path, exc)
+            raise FsError(storage_errno(exc), f"cannot journal the writes of {j.path}: {exc.strerror}") from exc
+        metrics.journal_syncs.inc()
+        return True
+
+    def _publish(self, ino: int, content: OpenContent, *, durable: bool = False) -> None:
+        """Commit ``content`` as a new version, visible to peers; durable when it had a
+        journal, which is dropped after (and for an unlinked file, whose data goes).
+
+        Callers: close (flush, release), fsync when the journal cannot carry it, the
+        daemon's timer (`publish_due`), `commit_path`, a rename, unmount. On failure
+        (ENOSPC) the writes and the journal stay for the next try."""
+        j = content.journal
+        durable = durable or j is not None
+        committed = content.changed and not content.unlinked
+        self._commit(ino, content, durable=durable)
+        if committed:
+            content.base_synced = durable
+        if not content.changed:
+            content.changed_at = None
+        if j is not None and (not content.changed or content.unlinked):
+            j.discard()
+            content.journal = None
+
+    def publish_due(self, age: float) -> int:
+        """Publish (durably) every open file changed more than ``age`` seconds ago and not
+        published since: the daemon's timer (``--publish-interval``), so peers see a VM's
+        writes coalesced. Failures are logged (the next round tries again). Returns how many."""
+        now = time.monotonic()
+        published = 0
+        for ino, content in list(self._contents.items()):
+            if (content.changed and not content.unlinked and content.changed_at is not None
+                    and now - content.changed_at >= age):
+                try:
+                    self._publish(ino, content, durable=True)
+                    published += 1
+                except FsError as exc:
+                    log.error("could not publish %s: %s", self.inodes.known_path(ino), exc)
+        return published
+
+    async def commit_path(self, path: str) -> bool:
+        """``blixfs commit PATH``: publish ``path``'s unpublished writes now, durably (and
+        replay a journal a crash left for it). False if it had none. ENOENT if no such
+        entry, EISDIR/EINVAL if not a file, EIO if its journal cannot be replayed yet."""
+        replayed = False
+        if path in self._unrecovered:
+            await self._recover_path(path)
+            replayed = True
+        e = self._entry(path)
+        if e.kind is not Kind.FILE:
+            raise FsError(errno.EISDIR if e.kind is Kind.DIR else errno.EINVAL, f"{path} is not a file")
+        ino = self.inodes.known(path)
+        content = self._contents.get(ino) if ino is not None else None
+        if ino is None or content is None or not content.changed or content.unlinked:
+            return replayed
+        self._publish(ino, content, durable=True)
+        return True
+
+    async def _publish_journaled_under(self, src: str) -> None:
+        """Before ``src`` (and what is below it) moves: replay journals left for it and publish
+        journaled open files, so no journal names a path that no longer holds its file."""
+        prefix = src + "/"
+        for pending in [p for p in self._unrecovered if p == src or p.startswith(prefix)]:
+            await self._recover_path(pending)
+        for ino, content in list(self._contents.items()):
+            path = self.inodes.known_path(ino)
+            if content.journal is not None and path is not None and (path == src or path.startswith(prefix)):
+                self._publish(ino, content, durable=True)
+
+    def _find_journals(self, journal: Journal) -> None:
+        for file in journal.found:
+            try:
+                with journal.reader(file) as f:
+                    header, _ = read_journal(f, file.name)
+            except (JournalError, OSError) as exc:
+                log.warning("journal %s holds nothing acknowledged (%s): dropped", file, exc)
+                journal.remove(file)
+                continue
+            self._unrecovered.setdefault(header.path, []).append(file)
+        if self._unrecovered:
+            log.info("journals of %d files left by the last run: replaying them before they are read",
+                     len(self._unrecovered))
+
+    @property
+    def unrecovered(self) -> list[str]:
+        """Paths with a journal left by the last run, not replayed yet."""
+        return list(self._unrecovered)
+
+    async def recover_journals(self) -> list[str]:
+        """Replay every journal the last run left (after a crash) over the version it names,
+        publish the result durably, drop the journal. The daemon calls it once on the
+        network, before the mount serves; a file whose replay fails (its base's chunks on
+        peers not reachable) keeps its journal, is retried by the daemon's timer and before
+        its content is loaded (open fails with EIO meanwhile). Returns those paths."""
+        failed = []
+        for path in list(self._unrecovered):
+            try:
+                await self._recover_path(path)
+            except FsError:
+                failed.append(path)
+        return failed
+
+    async def _recover_path(self, path: str) -> None:
+        """Replay ``path``'s journals, oldest first (one replay at a time per path); EIO on failure."""
+        pending = self._recovering.get(path)
+        if pending is not None:
+            await pending.wait()
+            if path in self._unrecovered:
+                raise FsError(errno.EIO, f"{path} has fsync'd writes that could not be replayed yet")
+            return
+        done = self._recovering[path] = trio.Event()
+        try:
+            files = self._unrecovered.get(path, [])
+            while files:
+                await self._replay(files[0])
+                files.pop(0)
+            self._unrecovered.pop(path, None)
+        except (FsError, OSError) as exc:  # OSError: reading the journal file itself
+            log.error("%s: its journal could not be replayed yet (%s): kept, tried again later", path, exc)
+            raise FsError(errno.EIO, f"{path} has fsync'd writes that could not be replayed yet "
+                                     f"({exc}): its journal is kept and tried again") from exc
+        finally:
+            del self._recovering[path]
+            done.set()
+
+    async def _replay(self, file: Path) -> None:
+        """Apply one journal over its base and publish the result durably; then drop it.
+
+        The base is the version the writes were made over. The result is committed as a
+        successor of the current version if that is the base (or has its content), and
+        over a peer's other version as a concurrent one (the same rule as `_commit`: the
+        peer's stays, shown as a conflict copy). A later version of this node that has
+        seen the base and differs in content (a publish the journal's removal did not
+        outlive, a delete, a rename) means there is nothing to replay."""
+        assert self.journal is not None
+        with self.journal.reader(file) as f:
+            try:
+                header, records = read_journal(f, file.name)
+            except JournalError as exc:
+                log.warning("journal %s holds nothing acknowledged (%s): dropped", file, exc)
+                self.journal.remove(file)
+                return
+            path, base = header.path, header.base
+            current = self.namespace.get_any(path)
+            if (current is not None and current.author == self.author
+                    and current.entry_hash() != base.entry_hash() and dominates(current, base)
+                    and (current.deleted or (current.manifest, current.size) != (base.manifest, base.size))):
+                log.info("journal %s of %s: superseded by this node's later version: dropped", file.name, path)
+                self.journal.remove(file)
+                return
+            if current is None:
+                raise FsError(errno.ENOENT, f"{path}: neither its version nor a later one is in the namespace")
+            ino = self.inodes.ino(path)
+            if ino in self._contents:
+                raise FsError(errno.EBUSY, f"{path} is open while its journal is replayed")
+            m = await self._load_manifest(base) if base.manifest is not None else None
+            if ino in self._contents:  # opened while the manifest was fetched
+                raise FsError(errno.EBUSY, f"{path} is open while its journal is replayed")
+            content = OpenContent(chunk_size=m.chunk_size if m is not None else header.chunk_size,
+                                  size=m.size if m is not None else 0,
+                                  mtime_ns=base.mtime_ns, manifest=base.manifest, author=base.author, base=base,
+                                  handles=1)
+            content.reset(m)
+            self._contents[ino] = content
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = Handle(ino, content, True)
+            self._replaying.add(ino)
+            replayed = 0
+            try:
+                for record in records:
+                    if isinstance(record, Truncate):
+                        check_file_size(record.size, content.chunk_size)
+                        await self._truncate(content, record.size)
+                    else:
+                        await self.write(fh, record.offset, record.data)
+                    replayed += 1
+                self._commit(ino, content, durable=True)
+            finally:
+                self._replaying.discard(ino)
+                self._handles.pop(fh, None)
+                self._contents.pop(ino, None)
+        log.info("journal %s of %s: %d records replayed and published", file.name, path, replayed)
+        self.journal.remove(file)
 
     def open_chunk_ids(self) -> set[ChunkId]:
         """Chunks open files stored but not yet committed (spilled): GC keeps them."""
@@ -1244,6 +1527,6 @@ class Vfs:
         """Commit every open file (on unmount). Errors are logged, not raised, so every file gets its try."""
         for ino, content in list(self._contents.items()):
             try:
-                self._commit(ino, content, durable=durable)
+                self._publish(ino, content, durable=durable)
             except FsError as exc:
                 log.error("could not commit inode %d at unmount: %s", ino, exc)
