@@ -66,10 +66,15 @@ def write_file(path: Path, size: int, block: bytes, salt: int) -> float:
     return size / (time.perf_counter() - t)
 
 
+DROP = "3"  # --drop-caches
+
+
 def drop_caches() -> None:
-    """Empty the kernel page cache, so the next read comes from the disk (for both sides)."""
+    """Empty the kernel page cache, so the next read comes from the disk (for both sides);
+    with --drop-caches 3 (the default) also the cached inodes and directory entries, which
+    costs blixfs a lookup from disk on the first read of each chunk file."""
     os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    Path("/proc/sys/vm/drop_caches").write_text(DROP + "\n")
 
 
 def read_file(path: Path, drop: bool) -> float:
@@ -130,14 +135,14 @@ def random_writes(path: Path, size: int, count: int) -> tuple[float, float, floa
 
 
 @contextmanager
-def mounted(home: Path, mnt: Path, chunk_size: str) -> Iterator[None]:
+def mounted(home: Path, mnt: Path, chunk_size: str, tree: Path = REPO) -> Iterator[None]:
     mnt.mkdir(parents=True, exist_ok=True)
     name = f"blixfs-bench-{uuid.uuid4().hex}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind("\0" + name)
         proc = subprocess.Popen(
             [sys.executable, "-m", "blixfs.cli", "--home", str(home), "mount", str(mnt), "--chunk-size", chunk_size],
-            cwd=REPO, env={**os.environ, "NOTIFY_SOCKET": "@" + name},
+            cwd=tree, env={**os.environ, "NOTIFY_SOCKET": "@" + name},
         )
         ready, _, _ = select.select([notify], [], [], 30)
         if not ready:
@@ -159,7 +164,14 @@ def main() -> None:
     ap.add_argument("--random-writes", type=int, default=5000, help="number of 4 KiB random writes")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; each figure is their median (default 3)")
     ap.add_argument("--workdir", type=Path, default=None, help="where to put files (default: a temp dir on /var/tmp)")
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="also mount a node running the blixfs code of this tree (e.g. `git worktree add` of "
+                         "main), first chunk size: before and after measured side by side in one run")
+    ap.add_argument("--drop-caches", choices=["1", "3"], default="3",
+                    help="what to drop before cold reads: 1 page cache, 3 also inodes and dentries (default)")
     args = ap.parse_args()
+    global DROP
+    DROP = args.drop_caches
     if os.geteuid() != 0:
         raise SystemExit("run as root: the benchmark mounts FUSE filesystems")
     size = args.size_mib * MiB
@@ -167,14 +179,20 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="blixfs-bench-", dir=args.workdir or "/var/tmp"))
     try:
         local = work / "local.bin"
-        print(f"file {args.size_mib} MiB, {args.rounds} rounds (medians), workdir {work}")
+        print(f"file {args.size_mib} MiB, {args.rounds} rounds (medians), drop_caches={DROP}, workdir {work}")
         # This VM's disk swings 2-3x between runs: each figure is the median of
         # --rounds, and the local and mounted measurements alternate within a round.
         files = {"local": local}
         samples: dict[str, dict[str, list[float]]] = {}
         iops_of: dict[str, tuple[float, float, float]] = {}
         wiops_of: dict[str, tuple[float, float, float]] = {}
+        reads: dict[str, list[tuple[float, float, float]]] = {}
+        writes: dict[str, list[tuple[float, float, float]]] = {}
         with contextlib.ExitStack() as stack:
+            if args.baseline_tree is not None:
+                cs = args.chunk_size[0]
+                stack.enter_context(mounted(work / "home-base", work / "mnt-base", cs, args.baseline_tree.resolve()))
+                files[f"base {cs}"] = work / "mnt-base" / "bench.bin"
             for cs in args.chunk_size:
                 stack.enter_context(mounted(work / f"home-{cs}", work / f"mnt-{cs}", cs))
                 files[cs] = work / f"mnt-{cs}" / "bench.bin"
@@ -184,11 +202,14 @@ def main() -> None:
                     got.setdefault("write", []).append(write_file(f, size, block, rnd))
                     got.setdefault("warm read", []).append(read_file(f, drop=True))
                     got.setdefault("cached read", []).append(read_file(f, drop=False))
-            for name, f in files.items():
-                drop_caches()
-                iops_of[name] = random_reads(f, size, args.random_reads)
-            for name, f in files.items():
-                wiops_of[name] = random_writes(f, size, args.random_writes)
+                for name, f in files.items():
+                    drop_caches()
+                    reads.setdefault(name, []).append(random_reads(f, size, args.random_reads))
+                for name, f in files.items():
+                    writes.setdefault(name, []).append(random_writes(f, size, args.random_writes))
+        for name in files:
+            iops_of[name] = tuple(statistics.median(r[i] for r in reads[name]) for i in range(3))  # type: ignore[assignment]
+            wiops_of[name] = tuple(statistics.median(r[i] for r in writes[name]) for i in range(3))  # type: ignore[assignment]
         base = {k: statistics.median(v) for k, v in samples.pop("local").items()}
         rows = [(cs, {k: statistics.median(v) for k, v in samples[cs].items()}, iops_of[cs]) for cs in samples]
         print(f"\n{'':14}{'local disk':>14}" + "".join(f"{'blixfs ' + cs:>16}{'ratio':>8}" for cs, _, _ in rows))

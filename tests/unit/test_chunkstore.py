@@ -459,3 +459,12 @@ def test_decoding_any_file_gives_its_payload_or_a_problem(junk: bytes, size: int
                     if flip < len(raw) else junk):
         got = chunkstore._decode(damaged)
         assert isinstance(got, str) or got == data
+
+
+def test_a_chunk_of_more_blocks_than_one_writev_takes_round_trips(tmp_path: Path) -> None:
+    store = DiskChunkStore(tmp_path / "c")
+    data = os.urandom(chunkstore.MAX_CHUNK_BYTES)  # a largest manifest
+    assert 2 * len(data) // BS + 1 > chunkstore._IOV_MAX  # more parts (digest + block each) than one writev
+    cid = store.put(data)
+    assert store.get(cid) == data
+    assert store.read_range(cid, len(data) - BS - 5, BS + 5) == data[-BS - 5 :]
