@@ -400,6 +400,18 @@ class Content:
         return await self.reader.get(cid, self._fetch(cid, lambda: self.holders(cid, mid, index, author), label,
                                                       self._locator(cid, manifest, index, author)))
 
+    async def chunk_range(self, cid: ChunkId, mid: bytes | None, index: int, author: bytes | None,
+                          offset: int, length: int, label: str | None = None) -> bytes | None:
+        """Bytes [offset, offset + length) of chunk ``index`` of version ``mid`` (fewer past
+        its end): checked by block from memory or the store when held here, else the chunk
+        is fetched whole and verified by BLAKE3 as `chunk` does (then kept in memory, so the
+        rest of it is read from there). None and FsError(EIO) as for `chunk`."""
+        part = self.reader.get_range(cid, offset, length)
+        if part is not None:
+            return part
+        data = await self.chunk(cid, mid, index, author, label)
+        return None if data is None else data[offset : offset + length]
+
     def _fetch(self, cid: ChunkId, holders: Callable[[], Sequence[str]], label: str | None,
                locate: Locate) -> Fetch | None:
         """How the reader fetches ``cid`` when not held here (None: not on the network).

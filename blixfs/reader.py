@@ -5,6 +5,9 @@ Callers: `blixfs.content.Content` (for the VFS), on the trio thread.
 * `get` returns verified bytes or None (missing). A FUSE read is at most 1 MiB and
   usually 128 KiB, so a sequential reader asks for each chunk several times in a
   row: recent chunks stay in memory and are verified once.
+* `get_range` serves a read of part of a chunk held here: from memory if the chunk is
+  there, else only the store's blocks that cover it (`ChunkStore.read_range`), so a
+  4 KiB guest read neither reads nor checks the rest of a 256 KiB chunk.
 * `prefetch` tells the store which chunks a sequential reader will want next. The
   disk store turns that into posix_fadvise(WILLNEED), so the kernel reads those
   chunk files asynchronously while this thread keeps serving; the later `get` then
@@ -59,6 +62,17 @@ class ChunkReader:
             if data is not None:
                 self._cache[cid] = data
         return data
+
+    def get_range(self, cid: ChunkId, offset: int, length: int) -> bytes | None:
+        """Bytes [offset, offset + length) of a chunk held here (fewer past its end), checked:
+        from memory if the whole chunk is there, else only the store blocks covering the range
+        (a 4 KiB read reads 16 KiB, not the chunk). None if not held here (or found corrupt:
+        the store dropped it), for the caller to fetch it whole. Not kept in memory: a range
+        is not a chunk, and the store reads it again more cheaply than memory would hold it."""
+        data = self._cache.get(cid)
+        if data is not None:
+            return data[offset : offset + length]
+        return self.store.read_range(cid, offset, length)
 
     def prefetch(self, cids: Iterable[ChunkId]) -> list[ChunkId]:
         """Hint that ``cids`` will be read soon: local ones are advised to the kernel; returns

@@ -941,6 +941,21 @@ class Vfs:
             raise FsError(errno.EIO, f"chunk {short(cid)} has {len(data)} bytes, manifest says {length}")
         return data
 
+    async def _chunk_range(self, content: OpenContent, index: int, cid: ChunkId, length: int, within: int,
+                           n: int, label: str | None) -> bytes | memoryview:
+        """Bytes [within, within + n) of clean chunk ``cid`` (``index`` of ``content``, ``length``
+        long): only the blocks covering them when held here, else as `_chunk_bytes`. EIO if the
+        chunk cannot be had or is shorter than the plan says."""
+        if cid == HOLE:
+            return _zeros(n)
+        data = await self.content.chunk_range(cid, content.manifest, index, content.author or None, within, n, label)
+        if data is None:
+            log.error("chunk %s is not held by this node and no peer is known to hold it", short(cid))
+            raise FsError(errno.EIO, f"chunk {short(cid)} is not available")
+        if len(data) != n:
+            raise FsError(errno.EIO, f"chunk {short(cid)} is shorter than the {length} bytes its manifest says")
+        return data
+
     def _note_held(self, content: OpenContent, index: int, cid: ChunkId) -> None:
         """Holdings: this node now holds chunk ``index`` (``cid``, from the read's plan) of the
         version ``content`` came from (on disk: a chunk served from memory because the disk
@@ -1121,9 +1136,8 @@ class Vfs:
                 parts.append(item)
             else:
                 idx, cid, length, within, n = item
-                data = await self._chunk_bytes(content, idx, cid, length, label)
+                parts.append(await self._chunk_range(content, idx, cid, length, within, n, label))
                 self._note_held(content, idx, cid)
-                parts.append(memoryview(data)[within : within + n])
         return b"".join(parts)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:

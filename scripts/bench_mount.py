@@ -15,6 +15,7 @@ What is measured:
   from a peer), as opposed to the lazy-fetch issue's cold reads.
 * cached read: the same again without dropping: what a re-reading guest sees.
 * 4 KiB random reads with O_DIRECT, one at a time: every request reaches the daemon.
+* 4 KiB random writes with O_DIRECT, one at a time, then one fsync (counted in the IOPS).
 """
 
 from __future__ import annotations
@@ -65,10 +66,15 @@ def write_file(path: Path, size: int, block: bytes, salt: int) -> float:
     return size / (time.perf_counter() - t)
 
 
+DROP = "3"  # --drop-caches
+
+
 def drop_caches() -> None:
-    """Empty the kernel page cache, so the next read comes from the disk (for both sides)."""
+    """Empty the kernel page cache, so the next read comes from the disk (for both sides);
+    with --drop-caches 3 (the default) also the cached inodes and directory entries, which
+    costs blixfs a lookup from disk on the first read of each chunk file."""
     os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    Path("/proc/sys/vm/drop_caches").write_text(DROP + "\n")
 
 
 def read_file(path: Path, drop: bool) -> float:
@@ -105,15 +111,38 @@ def random_reads(path: Path, size: int, count: int) -> tuple[float, float, float
     return count / elapsed, statistics.median(lat) * 1e3, lat[int(len(lat) * 0.99)] * 1e3
 
 
+def random_writes(path: Path, size: int, count: int) -> tuple[float, float, float]:
+    """IOPS (the closing fsync included), p50 and p99 latency (ms) of O_DIRECT 4 KiB writes
+    of fresh data at random aligned offsets, one at a time."""
+    rng = random.Random(11)
+    buf = mmap.mmap(-1, 4096)
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    lat = []
+    try:
+        t0 = time.perf_counter()
+        for i in range(count):
+            off = rng.randrange(size // 4096) * 4096
+            struct.pack_into("<QQ", buf, 0, i, off)
+            t = time.perf_counter()
+            os.pwritev(fd, [buf], off)
+            lat.append(time.perf_counter() - t)
+        os.fsync(fd)
+        elapsed = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    lat.sort()
+    return count / elapsed, statistics.median(lat) * 1e3, lat[int(len(lat) * 0.99)] * 1e3
+
+
 @contextmanager
-def mounted(home: Path, mnt: Path, chunk_size: str) -> Iterator[None]:
+def mounted(home: Path, mnt: Path, chunk_size: str, tree: Path = REPO) -> Iterator[None]:
     mnt.mkdir(parents=True, exist_ok=True)
     name = f"blixfs-bench-{uuid.uuid4().hex}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind("\0" + name)
         proc = subprocess.Popen(
             [sys.executable, "-m", "blixfs.cli", "--home", str(home), "mount", str(mnt), "--chunk-size", chunk_size],
-            cwd=REPO, env={**os.environ, "NOTIFY_SOCKET": "@" + name},
+            cwd=tree, env={**os.environ, "NOTIFY_SOCKET": "@" + name},
         )
         ready, _, _ = select.select([notify], [], [], 30)
         if not ready:
@@ -132,9 +161,17 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=1024, help="file size (default 1024)")
     ap.add_argument("--chunk-size", nargs="+", default=["256K", "64K"], help="chunk sizes to compare")
     ap.add_argument("--random-reads", type=int, default=20000, help="number of 4 KiB random reads")
+    ap.add_argument("--random-writes", type=int, default=5000, help="number of 4 KiB random writes")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; each figure is their median (default 3)")
     ap.add_argument("--workdir", type=Path, default=None, help="where to put files (default: a temp dir on /var/tmp)")
+    ap.add_argument("--baseline-tree", type=Path, default=None,
+                    help="also mount a node running the blixfs code of this tree (e.g. `git worktree add` of "
+                         "main), first chunk size: before and after measured side by side in one run")
+    ap.add_argument("--drop-caches", choices=["1", "3"], default="3",
+                    help="what to drop before cold reads: 1 page cache, 3 also inodes and dentries (default)")
     args = ap.parse_args()
+    global DROP
+    DROP = args.drop_caches
     if os.geteuid() != 0:
         raise SystemExit("run as root: the benchmark mounts FUSE filesystems")
     size = args.size_mib * MiB
@@ -142,13 +179,20 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="blixfs-bench-", dir=args.workdir or "/var/tmp"))
     try:
         local = work / "local.bin"
-        print(f"file {args.size_mib} MiB, {args.rounds} rounds (medians), workdir {work}")
+        print(f"file {args.size_mib} MiB, {args.rounds} rounds (medians), drop_caches={DROP}, workdir {work}")
         # This VM's disk swings 2-3x between runs: each figure is the median of
         # --rounds, and the local and mounted measurements alternate within a round.
         files = {"local": local}
         samples: dict[str, dict[str, list[float]]] = {}
         iops_of: dict[str, tuple[float, float, float]] = {}
+        wiops_of: dict[str, tuple[float, float, float]] = {}
+        reads: dict[str, list[tuple[float, float, float]]] = {}
+        writes: dict[str, list[tuple[float, float, float]]] = {}
         with contextlib.ExitStack() as stack:
+            if args.baseline_tree is not None:
+                cs = args.chunk_size[0]
+                stack.enter_context(mounted(work / "home-base", work / "mnt-base", cs, args.baseline_tree.resolve()))
+                files[f"base {cs}"] = work / "mnt-base" / "bench.bin"
             for cs in args.chunk_size:
                 stack.enter_context(mounted(work / f"home-{cs}", work / f"mnt-{cs}", cs))
                 files[cs] = work / f"mnt-{cs}" / "bench.bin"
@@ -158,11 +202,15 @@ def main() -> None:
                     got.setdefault("write", []).append(write_file(f, size, block, rnd))
                     got.setdefault("warm read", []).append(read_file(f, drop=True))
                     got.setdefault("cached read", []).append(read_file(f, drop=False))
-            for name, f in files.items():
-                drop_caches()
-                iops_of[name] = random_reads(f, size, args.random_reads)
+                for name, f in files.items():
+                    drop_caches()
+                    reads.setdefault(name, []).append(random_reads(f, size, args.random_reads))
+                for name, f in files.items():
+                    writes.setdefault(name, []).append(random_writes(f, size, args.random_writes))
+        for name in files:
+            iops_of[name] = tuple(statistics.median(r[i] for r in reads[name]) for i in range(3))  # type: ignore[assignment]
+            wiops_of[name] = tuple(statistics.median(r[i] for r in writes[name]) for i in range(3))  # type: ignore[assignment]
         base = {k: statistics.median(v) for k, v in samples.pop("local").items()}
-        base_iops = iops_of.pop("local")
         rows = [(cs, {k: statistics.median(v) for k, v in samples[cs].items()}, iops_of[cs]) for cs in samples]
         print(f"\n{'':14}{'local disk':>14}" + "".join(f"{'blixfs ' + cs:>16}{'ratio':>8}" for cs, _, _ in rows))
         for key in ("write", "warm read", "cached read"):
@@ -170,15 +218,18 @@ def main() -> None:
             for _, got, _ in rows:
                 line += f"{got[key] / 1e6:16.0f}{got[key] / base[key]:8.2f}"
             print(line)
-        line = f"{'4K rand IOPS':14}{base_iops[0]:14.0f}"
-        for _, _, iops in rows:
-            line += f"{iops[0]:16.0f}{iops[0] / base_iops[0]:8.2f}"
-        print(line)
-        line = f"{'  p50/p99 ms':14}{base_iops[1]:8.3f}/{base_iops[2]:.3f}"
-        for _, _, iops in rows:
-            line += f"{iops[1]:>10.3f}/{iops[2]:.3f}{'':8}"
-        print(line)
-        print("\ngoals (issue 2): warm sequential read >= 0.5x local disk, write >= 0.3x")
+        for label, measured in (("4K rand read", iops_of), ("4K rand write", wiops_of)):
+            base_iops = measured["local"]
+            line = f"{label + ' IOPS':14}{base_iops[0]:14.0f}"
+            for cs, _, _ in rows:
+                line += f"{measured[cs][0]:16.0f}{measured[cs][0] / base_iops[0]:8.2f}"
+            print(line)
+            line = f"{'  p50/p99 ms':14}{base_iops[1]:8.3f}/{base_iops[2]:.3f}"
+            for cs, _, _ in rows:
+                line += f"{measured[cs][1]:>10.3f}/{measured[cs][2]:.3f}{'':8}"
+            print(line)
+        print("\ngoals: warm sequential read >= 0.5x local disk, write >= 0.3x (issue 2); "
+              "4K random read >= 0.4x (issue 11)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -13,7 +13,7 @@ import pyfuse3
 import pytest
 
 from blixfs import metrics
-from blixfs.chunkstore import DiskChunkStore, MemoryChunkStore
+from blixfs.chunkstore import BLOCK_SIZE, DiskChunkStore, MemoryChunkStore
 from blixfs.entry import Entry, Kind
 from blixfs.errors import FsError
 from blixfs.manifest import MAX_FILE_SIZE, MIN_CHUNK_SIZE, max_file_size
@@ -296,3 +296,31 @@ async def test_a_stored_root_that_is_not_a_directory_never_replaces_the_root() -
     await vfs.setattr(ROOT_INO, mode=0o700)  # a local change of the root supersedes it with a directory
     root = vfs.namespace.get("")
     assert root is not None and root.kind is Kind.DIR and stat.S_IMODE(root.mode) == 0o700
+
+
+async def test_small_reads_of_clean_chunks_read_only_their_blocks(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4 KiB read of a chunk held here reads the blocks covering it, never the whole chunk;
+    a block found corrupt makes the read EIO (no peer here), never other bytes."""
+    store = DiskChunkStore(tmp_path / "c")
+    vfs = Vfs(make_replica(), store, chunk_size=256 * 1024)
+    data = os.urandom(3 * 256 * 1024 + 1000)
+    await write_file(vfs, "img", data)
+    fh = await vfs.open((await vfs.lookup(ROOT_INO, "img")).ino, os.O_RDONLY)
+    whole: list[object] = []
+    real_get = store.get
+    monkeypatch.setattr(store, "get", lambda cid: whole.append(cid) or real_get(cid))
+    for off in (0, 4096, 256 * 1024 - 2048, 700_000, len(data) - 4096, len(data) - 100):
+        assert await vfs.read(fh, off, 4096) == data[off : off + 4096]
+    assert whole == []
+    for cid in store.ids():  # one bit of block 1 of every full chunk
+        path = store.root / cid.hex()[:2] / cid.hex()
+        raw = bytearray(path.read_bytes())
+        if len(raw) > 256 * 1024:
+            raw[16 + BLOCK_SIZE + 8 + 8 + 5] ^= 1
+            path.write_bytes(raw)
+    assert await vfs.read(fh, 0, 4096) == data[:4096]  # block 0 checks
+    with pytest.raises(FsError) as info:
+        await vfs.read(fh, 256 * 1024 + BLOCK_SIZE, 4096)
+    assert info.value.errno == errno.EIO
+    await vfs.release(fh)

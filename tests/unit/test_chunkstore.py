@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import errno
 import os
+import random
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import xxhash
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from blixfs import metrics
+from blixfs import chunkstore, metrics
 from blixfs.chunkstore import ChunkStore, DiskChunkStore, MemoryChunkStore, StoreStats
 from blixfs.hashing import HOLE, chunk_id
 
@@ -268,3 +273,198 @@ def test_a_store_opened_beside_a_live_one_leaves_its_temp_files(tmp_path: Path) 
     DiskChunkStore(tmp_path / "c").close()
     assert os.listdir(tmp_path / "c" / "tmp") == ["being-written"]
     daemon.close()
+
+
+# ------------------------------------------------------------------ range reads by block
+
+BS = chunkstore.BLOCK_SIZE
+
+
+def _edges(size: int) -> list[int]:
+    """Offsets at and around every block edge of a ``size``-byte chunk, and its ends."""
+    out = {0, 1, size - 1, size, size + 1}
+    for edge in range(BS, size + BS, BS):
+        out |= {edge - 1, edge, edge + 1}
+    return sorted(o for o in out if 0 <= o <= size + 1)
+
+
+def _payload(size: int) -> bytes:
+    return random.Random(size).randbytes(size)
+
+
+@pytest.mark.parametrize("size", [1, BS - 1, BS, BS + 1, 3 * BS + 100, 16 * BS])
+async def test_range_reads_at_every_block_edge(store: ChunkStore, size: int) -> None:
+    data = _payload(size)
+    cid = store.put(data)
+    edges = _edges(size)
+    for offset in edges:
+        for end in edges:
+            if end < offset:
+                continue
+            want = data[offset:end]
+            assert store.read_range(cid, offset, end - offset) == want, (offset, end)
+            assert await store.load_range(cid, offset, end - offset) == want, (offset, end)
+    assert store.read_range(cid, 0, size + 100) == data  # past the end: like pread
+    assert store.read_range(chunk_id(b"nope"), 0, 10) is None
+    assert await store.load_range(chunk_id(b"nope"), 0, 10) is None
+
+
+def test_range_reads_match_slices(tmp_path: Path) -> None:
+    """Any range of any chunk reads as the slice of its bytes, biased to block edges."""
+    store = DiskChunkStore(tmp_path / "c")
+    try:
+        @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(st.integers(1, 5 * BS + 7), st.data())
+        def check(size: int, draw: st.DataObject) -> None:
+            data = _payload(size)
+            cid = store.put(data)
+            point = st.one_of(st.sampled_from(_edges(size)), st.integers(0, size + 2))
+            offset = draw.draw(point)
+            length = draw.draw(st.one_of(st.integers(0, 2 * BS + 3), st.sampled_from([4096, BS, size])))
+            assert store.read_range(cid, offset, length) == data[offset : offset + length]
+
+        check()
+    finally:
+        store.close()
+
+
+def test_a_range_read_reads_only_the_blocks_it_covers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = DiskChunkStore(tmp_path / "c")
+    data = os.urandom(256 * 1024)
+    cid = store.put(data)
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        reads.append(n)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    assert store.read_range(cid, 5 * 4096, 4096) == data[5 * 4096 : 6 * 4096]
+    assert sum(reads) <= BS + 8  # one block and its digest, not the chunk
+
+
+@pytest.mark.parametrize("via", ["read_range", "load_range"])
+async def test_a_corrupt_block_is_found_by_a_range_read(
+        tmp_path: Path, via: str, caplog: pytest.LogCaptureFixture) -> None:
+    removed: list[list[bytes]] = []
+    store = DiskChunkStore(tmp_path / "c")
+    store.hook(chunkstore.StoreHooks(removed=removed.append))
+    data = os.urandom(4 * BS)
+    cid = store.put(data)
+    path = _only_file(store)
+    raw = bytearray(path.read_bytes())
+    raw[16 + 2 * (BS + 8) + 8 + 100] ^= 0x01  # one bit of block 2's payload
+    path.write_bytes(raw)
+    before = metrics.counter_value(metrics.chunks_corrupt)
+
+    async def read(offset: int, length: int) -> bytes | None:
+        if via == "read_range":
+            return store.read_range(cid, offset, length)
+        return await store.load_range(cid, offset, length)
+
+    assert await read(0, 4096) == data[:4096]  # block 0 is intact and checked: served
+    assert await read(2 * BS + 4096, 4096) is None  # block 2 is not: the chunk reads as missing
+    assert metrics.counter_value(metrics.chunks_corrupt) == before + 1
+    assert "corrupt" in caplog.text and cid.hex()[:12] in caplog.text
+    assert not path.exists() and not store.has(cid) and removed == [[cid]]
+    assert await read(0, 4096) is None
+    assert store.put(data) == cid and store.read_range(cid, 2 * BS, 10) == data[2 * BS : 2 * BS + 10]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "digest", "header"])
+def test_range_reads_of_damaged_files_never_return_unchecked_bytes(tmp_path: Path, damage: str) -> None:
+    store = DiskChunkStore(tmp_path / "c")
+    data = os.urandom(3 * BS)
+    cid = store.put(data)
+    path = _only_file(store)
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[: 16 + 2 * (BS + 8) + 8 + 10]  # block 2 torn
+    elif damage == "digest":
+        raw[16 + (BS + 8)] ^= 0x80  # block 1's digest
+    else:
+        raw[6] ^= 0x01  # the length in the header: whole reads see it, range reads do not need it
+    path.write_bytes(raw)
+    got = [store.read_range(cid, off, 100) for off in (0, BS, 2 * BS)]
+    for off, part in zip((0, BS, 2 * BS), got, strict=True):
+        assert part is None or part == data[off : off + 100]
+    assert None in got or damage == "header"
+    assert store.get(cid) is None and not path.exists()  # the whole read always finds it
+
+
+def _write_v1(path: Path, data: bytes) -> None:
+    header = struct.pack("<4sIQ", b"BXC1", len(data), xxhash.xxh3_64_intdigest(data))
+    path.write_bytes(header + data)
+
+
+async def test_bxc1_files_still_read_and_are_rewritten_by_block(tmp_path: Path) -> None:
+    store = DiskChunkStore(tmp_path / "c")
+    data = os.urandom(100_000)
+    cid = store.put(data)
+    path = _only_file(store)
+    _write_v1(path, data)  # as a store from before blocks wrote it
+    assert store.get(cid) == data and await store.load(cid) == data
+    assert path.read_bytes()[:4] == b"BXC1"  # whole reads leave it as it is
+    assert store.read_range(cid, 70_000, 5000) == data[70_000:75_000]
+    assert path.read_bytes()[:4] == b"BXC2"  # the first range read rewrote it
+    assert store.read_range(cid, 1, 99_999) == data[1:] and store.get(cid) == data
+    _write_v1(path, data)
+    assert await store.load_range(cid, 99_990, 100) == data[99_990:]
+    assert path.read_bytes()[:4] == b"BXC2"
+
+
+def test_a_corrupt_bxc1_file_reads_as_missing(tmp_path: Path) -> None:
+    store = DiskChunkStore(tmp_path / "c")
+    data = os.urandom(50_000)
+    cid = store.put(data)
+    path = _only_file(store)
+    _write_v1(path, data)
+    raw = bytearray(path.read_bytes())
+    raw[30_000] ^= 0x10
+    path.write_bytes(raw)
+    assert store.read_range(cid, 0, 10) is None and not path.exists()
+
+
+def test_bxc1_files_are_indexed_after_a_crash(tmp_path: Path) -> None:
+    store = DiskChunkStore(tmp_path / "c")
+    data = os.urandom(20_000)
+    cid = store.put(data)
+    _write_v1(_only_file(store), data)
+    store._db.execute("DELETE FROM chunks")  # as if the crash came between rename and index
+    _crash(store)
+    again = DiskChunkStore(tmp_path / "c")
+    assert again.has(cid) and again.stats().bytes == 20_000
+    assert again.read_range(cid, 19_000, 2000) == data[19_000:]
+
+
+def test_a_range_read_of_a_chunk_another_store_wrote_reads_its_header(tmp_path: Path) -> None:
+    reader = DiskChunkStore(tmp_path / "c")  # its index was loaded before the chunk existed
+    writer = DiskChunkStore(tmp_path / "c")
+    data = os.urandom(2 * BS + 5)
+    cid = writer.put(data)
+    assert reader.read_range(cid, BS - 3, 10) == data[BS - 3 : BS + 7]
+    writer.close()
+    reader.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 3 * BS), st.integers(0, 255))
+def test_decoding_any_file_gives_its_payload_or_a_problem(junk: bytes, size: int, flip: int) -> None:
+    """A chunk file's decoder never crashes and never returns other bytes than were written."""
+    data = _payload(size)
+    raw = bytearray(b"".join(bytes(p) for p in chunkstore._encode(data)))
+    assert chunkstore._decode(raw) == data
+    for damaged in (junk, raw[: len(junk)], raw + junk, bytes(raw[:flip]) + bytes([raw[flip] ^ 1]) + raw[flip + 1 :]
+                    if flip < len(raw) else junk):
+        got = chunkstore._decode(damaged)
+        assert isinstance(got, str) or got == data
+
+
+def test_a_chunk_of_more_blocks_than_one_writev_takes_round_trips(tmp_path: Path) -> None:
+    store = DiskChunkStore(tmp_path / "c")
+    data = os.urandom(chunkstore.MAX_CHUNK_BYTES)  # a largest manifest
+    assert 2 * len(data) // BS + 1 > chunkstore._IOV_MAX  # more parts (digest + block each) than one writev
+    cid = store.put(data)
+    assert store.get(cid) == data
+    assert store.read_range(cid, len(data) - BS - 5, BS + 5) == data[-BS - 5 :]
