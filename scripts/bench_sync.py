@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ import blixfs.replica
 import blixfs.sync
 from blixfs import crypto
 from blixfs.entry import Entry, Kind
-from blixfs.namespace import Outcome, SqliteNamespaceStore
+from blixfs.namespace import PAGE_ENTRIES, Outcome, SqliteNamespaceStore
 from blixfs.net.iroh_transport import open_iroh_transport
 from blixfs.net.transport import NodeAddr
 from blixfs.replica import NamespaceKeys, Replica
@@ -143,15 +143,24 @@ class ServerStats:
 
 
 def instrument_server(store: SqliteNamespaceStore, stats: ServerStats) -> None:
-    original_since = store.entries_since
+    original_pages = store.pages_since
 
-    def entries_since(vector: Mapping[bytes, int]) -> Iterator[Entry]:
-        start = time.perf_counter()
-        entries = list(original_since(vector))
-        stats.times["diff"] = stats.times.get("diff", 0.0) + time.perf_counter() - start
-        return iter(entries)
+    def pages_since(vector: Mapping[bytes, int], page: int = PAGE_ENTRIES) -> Generator[list[Entry], None, None]:
+        pages = original_pages(vector, page)
+        try:
+            while True:
+                start = time.perf_counter()
+                try:
+                    batch = next(pages)
+                except StopIteration:
+                    return
+                finally:
+                    stats.times["diff"] = stats.times.get("diff", 0.0) + time.perf_counter() - start
+                yield batch
+        finally:
+            pages.close()
 
-    store.entries_since = entries_since  # type: ignore[method-assign]
+    store.pages_since = pages_since  # type: ignore[method-assign]
     blixfs.sync._batches = _timed(blixfs.sync._batches, stats.times, "batch")
     original_encode = blixfs.frames.encode  # what blixfs.sync calls
 
@@ -287,25 +296,27 @@ class Receiver:
 
 
 def instrument_receiver(replica: Replica, rx: Receiver) -> None:
-    """Time the receiver's merge work; the wrappers are per process, re-pointed for each run."""
+    """Time the receiver's merge work; the wrappers are per process, re-pointed for each run.
+    A session checks a frame (`Replica.check`, timed as verify) while the one before it is
+    merged (`Replica.merge_checked`: access control, SQLite apply, listeners)."""
     store = replica.store
     store.apply = _timed(store.apply, rx.times, "apply")  # type: ignore[method-assign]
-    original_merge = replica.merge_remote
+    original_merge = replica.merge_checked
 
-    async def merge_remote(entries: Sequence[Entry], peer: str) -> tuple[list[Outcome], int]:
+    def merge_checked(entries: Sequence[Entry], checked: Sequence[str | None], peer: str) -> tuple[list[Outcome], int]:
         if rx.first_frame is None:
             rx.first_frame = time.perf_counter()
         rx.frames += 1
         start = time.perf_counter()
         try:
-            return await original_merge(entries, peer)
+            return original_merge(entries, checked, peer)
         finally:
             elapsed = time.perf_counter() - start
             rx.times["merge"] = rx.times.get("merge", 0.0) + elapsed
             if len(entries) == 1 and entries[0].path.startswith(LIVE_PREFIX):
                 rx.live_merge_ms.append(elapsed * 1000)
 
-    replica.merge_remote = merge_remote  # type: ignore[method-assign]
+    replica.merge_checked = merge_checked  # type: ignore[method-assign]
     replica.listeners.append(rx.on_change)
 
 
@@ -323,8 +334,6 @@ async def sync_once(server: Server, peer: NodeAddr, setup: dict[str, Any], workd
         replica = Replica(store, NamespaceKeys(bytes.fromhex(setup["namespace"])), crypto.generate_secret())
         instrument_receiver(replica, rx)
         async with open_iroh_transport(crypto.generate_secret(), bind_addr="127.0.0.1:0") as transport:
-            sync = SyncService(replica, transport)
-            transport.register(ALPN, sync.handle)
             synced: list[tuple[float, float, dict[str, float], int]] = []
             done = trio.Event()
 
@@ -333,7 +342,8 @@ async def sync_once(server: Server, peer: NodeAddr, setup: dict[str, Any], workd
                 synced.append((time.perf_counter(), time.process_time(), dict(rx.times), rx.frames))
                 done.set()
 
-            sync.on_session_synced = on_synced
+            sync = SyncService(replica, transport, on_session_synced=on_synced)
+            transport.register(ALPN, sync.handle)
             async with trio.open_nursery() as nursery:
                 start, start_cpu = time.perf_counter(), time.process_time()
                 nursery.start_soon(sync.maintain, peer)
