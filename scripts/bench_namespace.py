@@ -145,8 +145,8 @@ def main() -> None:
                     for i in range(args.files):
                         with open(work / "mnt-a" / f"file-{i}", "wb") as f:
                             f.write(os.urandom(args.file_mib * MiB))
-                    wait(lambda: status(b)["namespace"]["files"] >= status(a)["namespace"]["files"], 600,
-                         "B to hold A's namespace")
+                    wait(lambda: any(s["synced"] for s in status(b)["sessions"]), 600,
+                         "B to hold A's namespace (its session with A synced)")
                     synced_s = time.perf_counter() - t
                     wait(lambda: all(durable(a, f"file-{i}") for i in range(args.files)), 600,
                          "the files to be durable")
