@@ -310,11 +310,15 @@ def instrument_receiver(replica: Replica, rx: Receiver) -> None:
     store = replica.store
     store.apply = _timed(store.apply, rx.times, "apply")  # type: ignore[method-assign]
     original_merge = replica.merge_checked
+    original_check = replica.check
 
-    def merge_checked(entries: Sequence[Entry], checked: Sequence[str | None], peer: str) -> tuple[list[Outcome], int]:
+    async def check(entries: Sequence[Entry]) -> list[str | None]:  # once per ENTRIES frame
         if rx.first_frame is None:
             rx.first_frame = time.perf_counter()
         rx.frames += 1
+        return await original_check(entries)
+
+    def merge_checked(entries: Sequence[Entry], checked: Sequence[str | None], peer: str) -> tuple[list[Outcome], int]:
         start = time.perf_counter()
         try:
             return original_merge(entries, checked, peer)
@@ -325,6 +329,7 @@ def instrument_receiver(replica: Replica, rx: Receiver) -> None:
                 rx.live_merge_ms.append(elapsed * 1000)
 
     replica.merge_checked = merge_checked  # type: ignore[method-assign]
+    replica.check = check  # type: ignore[method-assign]
     replica.listeners.append(rx.on_change)
 
 
