@@ -355,8 +355,9 @@ class SqliteNamespaceStore(_Merging):
         whole table by the first open of a database that lacks them.
 
         Only this class writes the entries table (the daemon holds the home's lock; the CLI
-        reads). An older blixfs writing the same home would leave the counts behind: they
-        are `DELETE`d from ``counts`` to be recounted at the next open (`recount`)."""
+        reads). An older blixfs writing the same home leaves the counts behind (statfs and
+        ``blixfs status`` figures only: nothing else reads them); deleting the ``counts`` row
+        makes the next open count again. `recount` is the check (tests)."""
         self._db.execute("CREATE TABLE IF NOT EXISTS counts (id INTEGER PRIMARY KEY CHECK (id = 0), files INTEGER"
                          " NOT NULL, dirs INTEGER NOT NULL, symlinks INTEGER NOT NULL, file_bytes INTEGER NOT NULL)")
         self._db.execute("BEGIN IMMEDIATE")
