@@ -197,13 +197,16 @@ async def _load_own_holdings(node: Node, content: Content) -> None:
     """What this node holds of each live version, from its store: whole, or which chunks
     (a version written here over content it did not hold is partial). On the trio thread
     (the store's index is in memory; worker threads touch files only), one version at a time."""
-    for e in [e for e in node.namespace.entries_since({}) if not e.deleted and e.manifest is not None]:
-        assert e.manifest is not None
-        with contextlib.suppress(FsError):
-            m = content.manifest(e.manifest)
-            if m is not None:
-                content.note_held(e.manifest, m)
-        await trio.lowlevel.checkpoint()
+    with contextlib.closing(node.namespace.pages_since({})) as pages:  # a page at a time: bounded memory
+        for page in pages:
+            for e in page:
+                if e.deleted or e.manifest is None:
+                    continue
+                with contextlib.suppress(FsError):
+                    m = content.manifest(e.manifest)
+                    if m is not None:
+                        content.note_held(e.manifest, m)
+                await trio.lowlevel.checkpoint()
 
 
 async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None = None,
@@ -476,7 +479,7 @@ async def _collect_every(runtime: Runtime, interval: float, grace: float) -> Non
         await trio.sleep(interval)
         try:
             if runtime.replicator is not None:
-                runtime.replicator.drop_unreferenced_replicas()
+                await runtime.replicator.drop_unreferenced_replicas()
             await _gc(runtime, {"grace": grace})
         except Exception:
             log.exception("periodic gc failed")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import enum
 import logging
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -38,6 +38,8 @@ from lru import LRU
 from blixfs.entry import Entry, Kind, dominates, parent_of
 
 log = logging.getLogger(__name__)
+
+PAGE_ENTRIES = 256  # entries per `pages_since` page: decoding one costs ~10 us, a page a few ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +109,13 @@ class NamespaceStore(Protocol):
         """Current entries and conflict versions newer than ``vector`` for their author."""
         ...
 
+    def pages_since(self, vector: Mapping[bytes, int], page: int = PAGE_ENTRIES) -> Generator[list[Entry], None, None]:
+        """`entries_since` in lists of at most ``page`` entries, read from one snapshot of the
+        store taken at the first page: writes applied while the caller is between pages
+        neither show up nor hide anything (the sync sender yields to the event loop there,
+        `blixfs.sync`). Close the iterator when stopping early (it holds a read transaction)."""
+        ...
+
     def vector(self) -> dict[bytes, int]: ...
 
     def authors(self) -> set[bytes]:
@@ -118,7 +127,10 @@ class NamespaceStore(Protocol):
         """Raise this store's vector pointwise to ``known`` (after a complete reconciliation)."""
         ...
 
-    def stats(self) -> NamespaceStats: ...
+    def stats(self) -> NamespaceStats:
+        """Counts of the live current entries (tombstones and conflict versions left out) and
+        the files' bytes. O(1): statfs asks it (`Vfs.statfs`)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -126,6 +138,9 @@ class NamespaceStore(Protocol):
 def _descendant_range(path: str) -> tuple[str, str]:
     # Keys strictly below "a/b" are exactly those in ["a/b/", "a/b0"): '0' follows '/' in ASCII.
     return (path + "/", path + "0") if path else ("", "\U0010ffff")
+
+
+_COUNT_INDEX = {Kind.FILE: 0, Kind.DIR: 1}  # in `counts` and `_delta`; anything else counts as a symlink
 
 
 def _stats_of(entries: Iterator[Entry]) -> NamespaceStats:
@@ -251,6 +266,11 @@ class MemoryNamespaceStore(_Merging):
         everything = [*self._entries.values(), *self._conflicts.values()]
         return iter([e for e in everything if e.timestamp_ns > vector.get(e.author, -1)])
 
+    def pages_since(self, vector: Mapping[bytes, int], page: int = PAGE_ENTRIES) -> Generator[list[Entry], None, None]:
+        everything = list(self.entries_since(vector))  # the snapshot: later applies do not show
+        for i in range(0, len(everything), page):
+            yield everything[i:i + page]
+
     def vector(self) -> dict[bytes, int]:
         return dict(self._vector)
 
@@ -312,16 +332,46 @@ class SqliteNamespaceStore(_Merging):
         # an INSERT without a column list (older blixfs on the same home) still fits.
         # (A SEARCH over it is not a covering index scan: each counted directory's row is
         # read, ~0.6 us; files are never read. A stored column would need a migration.)
-        if "kind" not in {r[1] for r in self._db.execute("PRAGMA table_xinfo(entries)")}:
-            try:
-                self._db.execute("ALTER TABLE entries ADD COLUMN kind TEXT"
-                                 " GENERATED ALWAYS AS (json_extract(CAST(data AS TEXT), '$.kind')) VIRTUAL")
-            except sqlite3.OperationalError as exc:  # another process opening it just added it
-                if "duplicate column" not in str(exc):
-                    raise
+        self._add_virtual_column("entries", "kind", "json_extract(CAST(data AS TEXT), '$.kind')")
         self._db.execute("CREATE INDEX IF NOT EXISTS entries_by_kind ON entries (parent, kind, deleted)")
+        self._init_counts()
+        self._path = path
         self._cache: LRU[str, Entry | None] = LRU(cache_entries)
         self._pending: dict[str, Entry] = {}  # written by the apply in progress, not yet committed
+        self._delta = [0, 0, 0, 0]  # the apply in progress's change to the counts (files, dirs, symlinks, bytes)
+
+    def _add_virtual_column(self, table: str, column: str, expression: str) -> None:
+        if column in {r[1] for r in self._db.execute(f"PRAGMA table_xinfo({table})")}:
+            return
+        try:
+            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT GENERATED ALWAYS AS ({expression}) VIRTUAL")
+        except sqlite3.OperationalError as exc:  # another process opening it just added it
+            if "duplicate column" not in str(exc):
+                raise
+
+    def _init_counts(self) -> None:
+        """The running counts `stats` answers from: one row, changed by each `apply` in its
+        own transaction (they commit or roll back with the entries). Counted once over the
+        whole table by the first open of a database that lacks them.
+
+        Only this class writes the entries table (the daemon holds the home's lock; the CLI
+        reads). An older blixfs writing the same home leaves the counts behind (statfs and
+        ``blixfs status`` figures only: nothing else reads them); deleting the ``counts`` row
+        makes the next open count again. `recount` is the check (tests)."""
+        self._db.execute("CREATE TABLE IF NOT EXISTS counts (id INTEGER PRIMARY KEY CHECK (id = 0), files INTEGER"
+                         " NOT NULL, dirs INTEGER NOT NULL, symlinks INTEGER NOT NULL, file_bytes INTEGER NOT NULL)")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if self._db.execute("SELECT 1 FROM counts").fetchone() is None:
+                self._db.execute(
+                    "INSERT INTO counts SELECT 0, count(*) FILTER (WHERE kind = 'file'),"
+                    " count(*) FILTER (WHERE kind = 'dir'), count(*) FILTER (WHERE kind NOT IN ('file', 'dir')),"
+                    " coalesce(sum(json_extract(CAST(data AS TEXT), '$.size')) FILTER (WHERE kind = 'file'), 0)"
+                    " FROM entries WHERE deleted = 0")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
 
     def _load(self, path: str) -> Entry | None:
         if path in self._cache:
@@ -373,6 +423,13 @@ class SqliteNamespaceStore(_Merging):
         return self._pending[path] if path in self._pending else self._load(path)
 
     def _put_current(self, entry: Entry) -> None:
+        old = self._current(entry.path)  # loaded by the merge already: no query
+        for e, sign in ((old, -1), (entry, 1)):
+            if e is not None and not e.deleted:
+                i = _COUNT_INDEX.get(e.kind, 2)
+                self._delta[i] += sign
+                if e.kind is Kind.FILE:
+                    self._delta[3] += sign * e.size
         self._db.execute(
             "INSERT OR REPLACE INTO entries (path, parent, deleted, timestamp, author, hash, data)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -398,12 +455,16 @@ class SqliteNamespaceStore(_Merging):
     def apply(self, entries: Sequence[Entry], *, durable: bool = False) -> list[Outcome]:
         outcomes: list[Outcome] = []
         self._pending = {}
+        self._delta = [0, 0, 0, 0]
         if durable:
             self._db.execute("PRAGMA synchronous=FULL")
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 outcomes = [self._merge(e) for e in entries]
+                if any(self._delta):
+                    self._db.execute("UPDATE counts SET files = files + ?, dirs = dirs + ?, symlinks = symlinks + ?,"
+                                     " file_bytes = file_bytes + ?", self._delta)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._rollback()
@@ -422,14 +483,26 @@ class SqliteNamespaceStore(_Merging):
         return [Entry.deserialize(r[0]) for r in rows]
 
     def entries_since(self, vector: Mapping[bytes, int]) -> Iterator[Entry]:
-        for table in ("entries", "conflicts"):
-            authors = [r[0] for r in self._db.execute(f"SELECT DISTINCT author FROM {table}")]
-            for author in authors:
-                rows = self._db.execute(
-                    f"SELECT data FROM {table} WHERE author = ? AND timestamp > ?", (author, vector.get(author, -1))
-                ).fetchall()
-                for (data,) in rows:
-                    yield Entry.deserialize(data)
+        for page in self.pages_since(vector):
+            yield from page
+
+    def pages_since(self, vector: Mapping[bytes, int], page: int = PAGE_ENTRIES) -> Generator[list[Entry], None, None]:
+        # A connection of its own in a read transaction: WAL gives it a snapshot that the
+        # writes of this store's connection, committed between pages, do not change. (On the
+        # shared connection a cursor would see rows move between the tables mid-scan: a
+        # conflict version promoted to current after the entries were read would be missed.)
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("BEGIN")
+            for table in ("entries", "conflicts"):
+                authors = [r[0] for r in db.execute(f"SELECT DISTINCT author FROM {table}")]
+                for author in authors:
+                    cursor = db.execute(f"SELECT data FROM {table} WHERE author = ? AND timestamp > ?",
+                                        (author, vector.get(bytes(author), -1)))
+                    while rows := cursor.fetchmany(page):
+                        yield [Entry.deserialize(data) for (data,) in rows]
+        finally:
+            db.close()  # ends the read transaction
 
     def vector(self) -> dict[bytes, int]:
         return {bytes(a): int(t) for a, t in self._db.execute("SELECT author, timestamp FROM vector")}
@@ -463,6 +536,11 @@ class SqliteNamespaceStore(_Merging):
             yield Entry.deserialize(data)
 
     def stats(self) -> NamespaceStats:
+        files, dirs, links, size = self._db.execute("SELECT files, dirs, symlinks, file_bytes FROM counts").fetchone()
+        return NamespaceStats(int(files), int(dirs), int(links), int(size))
+
+    def recount(self) -> NamespaceStats:
+        """`stats` counted over every entry (what the running counts must equal; tests)."""
         return _stats_of(self.entries())
 
     def close(self) -> None:

@@ -277,8 +277,21 @@ class Replica:
         in worker threads (two signature checks per entry), so the trio thread keeps
         serving FUSE requests meanwhile.
         """
-        now = self._clock()
-        problems = await _check_all(list(entries), self.keys.id, now)
+        return self.merge_checked(entries, await self.check(entries), peer)
+
+    async def check(self, entries: Sequence[Entry]) -> list[str | None]:
+        """The first half of `merge_remote`: why each entry must be refused (None: well formed
+        and signed), in worker threads for large batches. Depends on nothing but the
+        entries and the clock, so a session checks its next frame while this one is
+        applied (`blixfs.sync`); access control waits for `merge_checked`."""
+        return await _check_all(list(entries), self.keys.id, self._clock())
+
+    def merge_checked(self, entries: Sequence[Entry], checked: Sequence[str | None],
+                      peer: str) -> tuple[list[Outcome], int]:
+        """The second half of `merge_remote`, given ``checked = await check(entries)``: access
+        control (the member list as of the batches applied before this one), then apply and
+        notify. Batches must be merged in the order they arrived."""
+        problems = list(checked)
         # Access control last: who may write depends on the member records of this batch too.
         well_formed = [i for i, p in enumerate(problems) if p is None]
         for i, p in zip(well_formed, self.members.admit([entries[i] for i in well_formed]), strict=True):

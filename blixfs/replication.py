@@ -3,7 +3,8 @@ the last copy the cache throws away.
 
 Writer side (`Replicator.run`, a reconcile loop, once a second): for each live file whose
 current version's content this node wrote (the store's written versions: a chmod or xattr
-set on another node makes that node the entry's author, not the data's), count the nodes
+set on another node makes that node the entry's author, not the data's; an index kept up
+to date from namespace changes, `Replicator._own_files`, not a scan of the namespace), count the nodes
 whose holdings say they hold that version whole, this one included when it does (a node
 that wrote 4 KiB into an image it never held holds only what it wrote). Below the file's
 R (`user.blixfs.copies`, else the namespace default), ask more peers to hold it (the HOLD
@@ -45,12 +46,12 @@ counts as a holder, so the images a host's VMs use are the ones it is asked to k
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import secrets
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -73,6 +74,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_COPIES = 2
 TICK_SECONDS = 1.0
+TICK_BATCH = 256  # files looked at per round between yields to the event loop
+RECENT_VERSIONS = 4096  # versions of recently changed paths remembered (`Replicator._own_files`)
 TARGET_PATIENCE = 60.0
 HOLD_TIMEOUT = 5.0
 PROVE_INTERVAL = 300.0  # each holder of each version written here is challenged again this often
@@ -146,6 +149,15 @@ class Replicator:
         self._hold_tokens: LRU[str, tuple[float, float]] = LRU(HOLD_PEERS)  # peer -> (tokens, when)
         self._too_big: LRU[bytes, bool] = LRU(HOLD_PEERS)  # new versions a replica did not follow (no room)
         self.holds_refused = 0
+        self._own: dict[str, Entry] = {}  # `_own_files`' index: path -> its live entry
+        self._dirty: set[str] = set()  # paths changed since `_own_files` last looked
+        self._written: set[bytes] = set()  # the written versions `_own` was built from ...
+        self._written_generation = -1  # ... as of this `written_generation`
+        self._built = False  # `_own` was built by its one pass over the namespace
+        self._recent: LRU[bytes, str] = LRU(RECENT_VERSIONS)  # versions of changed paths -> the path
+        self._elsewhere: dict[bytes, str] = {}  # replicas found referenced at another path than their record's
+        self._unreferenced: set[bytes] = set()  # replicas nothing referenced at the last look (until a change does)
+        node.replica.listeners.append(self._on_change)
 
     # ----------------------------------------------------------------- writer side
 
@@ -165,20 +177,61 @@ class Replicator:
                     log.exception("replication round failed")
                 await trio.sleep(TICK_SECONDS)
 
-    def _own_files(self) -> Iterable[Entry]:
-        """Live files whose current content this node wrote (whoever authored the entry)."""
-        written = self.node.chunks.written_versions()
-        for e in self.node.namespace.entries():
-            if not e.deleted and e.kind is Kind.FILE and e.manifest is not None and e.manifest in written:
-                yield e
+    def _on_change(self, entries: list[Entry], source: str | None) -> None:
+        """Replica listener (every applied change, local or a peer's): what `_own_files` and
+        `drop_unreferenced_replicas` must look at again. O(1) per entry."""
+        for e in entries:
+            if e.manifest is not None and not e.deleted:
+                self._recent[e.manifest] = e.path
+                self._unreferenced.discard(e.manifest)
+            # Only a path in the index, or content written here, can change the index: a peer's
+            # 100,000 entries of a session start cost no lookups at the next round.
+            if not self._built or e.path in self._own or e.manifest in self._written:
+                self._dirty.add(e.path)
+
+    async def _own_files(self) -> list[Entry]:
+        """Live files whose current content this node wrote (whoever authored the entry).
+
+        Kept as an index (`_own`), not found by decoding every entry each round: built by
+        one pass over the namespace (a page at a time, yielding between pages) at the first
+        round, then brought up to date from the paths that changed (`_on_change`) and the
+        versions noted as written since (`written_generation`: a commit notes its version
+        right after the entry is applied; `_recent` finds the path of such a version even if
+        a round ran in between). Work per round: the changes, plus one query of the written
+        versions when they changed."""
+        chunks, namespace = self.node.chunks, self.node.namespace
+        generation = chunks.written_generation
+        if generation != self._written_generation:
+            written = set(chunks.written_versions())
+            new, self._written, self._written_generation = written - self._written, written, generation
+            if not self._built:
+                with contextlib.closing(namespace.pages_since({})) as pages:
+                    for page in pages:
+                        self._dirty.update(e.path for e in page if e.manifest in written and not e.deleted)
+                        await trio.lowlevel.checkpoint()
+                self._built = True
+            else:
+                self._dirty.update(path for mid in new if (path := self._recent.get(mid)) is not None)
+        dirty, self._dirty = self._dirty, set()
+        for i, path in enumerate(dirty):
+            if i and i % TICK_BATCH == 0:
+                await trio.lowlevel.checkpoint()
+            e = namespace.get(path)
+            if e is not None and e.kind is Kind.FILE and e.manifest is not None and e.manifest in self._written:
+                self._own[path] = e
+            else:
+                self._own.pop(path, None)
+        return list(self._own.values())
 
     async def tick(self) -> None:
         now = time.monotonic()
         if self.node.replicas():
-            self.drop_unreferenced_replicas()  # replicas follow their files (see the module docstring)
+            await self.drop_unreferenced_replicas()  # replicas follow their files (see the module docstring)
         self.holdings.note_free(self.replica_room())
         seen: dict[str, FileReplication] = {}
-        for e in self._own_files():
+        for i, e in enumerate(await self._own_files()):
+            if i and i % TICK_BATCH == 0:
+                await trio.lowlevel.checkpoint()  # many files written here: FUSE requests run between them
             assert e.manifest is not None
             rep = self.files.get(e.path)
             if rep is None or rep.manifest != e.manifest:
@@ -574,17 +627,39 @@ class Replicator:
         finally:
             self._pulling.discard(manifest_id)
 
-    def drop_unreferenced_replicas(self) -> int:
+    async def drop_unreferenced_replicas(self) -> int:
         """Replicas follow their files: a held version that is superseded makes this node hold
         the file's current version too, and the old record goes once the new one is whole
         here (until then its chunks stay protected: the new version may need them and be
         held nowhere else). Versions of files that are gone are forgotten (GC then frees
-        them). Returns how many records were dropped."""
+        them). Returns how many records were dropped.
+
+        Whether a version is still referenced is asked of its path's versions (a renamed
+        file's: of the path it was found at); only a version referenced at neither is
+        looked for in the whole namespace, in one paged pass, and the answer "nowhere" is
+        kept until a change references it again (`_on_change`): a replica following its
+        file costs no pass per round."""
+        namespace = self.node.namespace
         replicas = self.node.replicas()
-        live = {e.manifest for e in self.node.namespace.entries_since({}) if not e.deleted and e.manifest}
+
+        def referenced_at(mid: bytes, path: str | None) -> bool:
+            return path is not None and any(v.manifest == mid and not v.deleted for v in namespace.versions(path))
+
+        unknown = {mid for mid, path in replicas.items() if not referenced_at(mid, path)
+                   and not referenced_at(mid, self._elsewhere.get(mid)) and mid not in self._unreferenced}
+        if unknown:
+            found: dict[bytes, str] = {}
+            with contextlib.closing(namespace.pages_since({})) as pages:
+                for page in pages:
+                    found.update((e.manifest, e.path) for e in page if e.manifest in unknown and not e.deleted)
+                    await trio.lowlevel.checkpoint()
+            self._elsewhere.update(found)
+            self._unreferenced.update(unknown - set(found))
+        self._elsewhere = {m: p for m, p in self._elsewhere.items() if m in replicas}
+        self._unreferenced &= set(replicas)
         kept: dict[bytes, str] = {}
         for mid, path in replicas.items():
-            if mid in live:
+            if mid not in self._unreferenced:  # referenced at its path or elsewhere
                 kept[mid] = path
                 continue
             current = self.node.namespace.get(path)

@@ -29,11 +29,12 @@ runs `maintain` for every peer it should dial, in its nursery.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import trio
@@ -44,6 +45,7 @@ from blixfs.frames import (
     MAX_ENTRY_BYTES,
     Entries,
     ErrorFrame,
+    Frame,
     FrameError,
     Hello,
     HoldingsFrame,
@@ -70,6 +72,8 @@ SEND_TIMEOUT = 30.0
 # that stops mid-frame ends its session. Between frames there is no deadline (live phase).
 FRAME_TIMEOUT = 60.0
 BATCH_BYTES = 256 * 1024
+APPLY_SLICE = 64  # entries of a received frame applied in one transaction, between yields to the event loop
+DIFF_PAGE = 256  # entries read from the store (and decoded) between two yields to the event loop
 LIVE_QUEUE = 10_000  # frames queued for one session's live sending, at most
 LIVE_QUEUE_BYTES = 16 << 20  # and bytes: frames are up to 1 MiB, so a count alone bounded nothing
 # Other nodes' holdings records kept (protocol.md section 10): at most this many nodes, and
@@ -433,9 +437,9 @@ class SyncService:
                         await self._receiver(stream, info)
                         nursery.cancel_scope.cancel()
             except* FrameError as group:
-                await self._refuse(stream, peer, group.exceptions[0])
+                await self._refuse(stream, peer, _first(group))
             except* (TransportError, trio.TooSlowError) as group:
-                log.info("session with %s ended: %s", peer[:16], group.exceptions[0])
+                log.info("session with %s ended: %s", peer[:16], _first(group))
             finally:
                 self._sessions.pop(sid, None)
         except FrameError as exc:
@@ -457,14 +461,19 @@ class SyncService:
         store = self.replica.store
         # Before the diff: everything up to it is in the diff or beats it.
         vector = sendable_vector(store.vector(), store.authors())
-        diff = list(store.entries_since(their_vector))
         if self.holdings is not None:  # who holds what, before the entries that will be read
             for node_id, record in list(self.holdings.nodes.items()):
                 if node_id == self.holdings.self_id or record.signed is not None:
                     await self._send(stream, encode(holdings_frame(node_id, record, self.holdings.secret)))
-        for batch in _batches(diff):
-            await self._send(stream, encode(Entries(batch)))
-            session.info.entries_sent += len(batch)
+        # The diff streams from one snapshot of the store, a page at a time: neither the whole
+        # namespace in memory nor a long stretch of the event loop (FUSE requests, other
+        # sessions run between pages). A change applied meanwhile is in the live queue.
+        with contextlib.closing(store.pages_since(their_vector, DIFF_PAGE)) as pages:
+            for page in pages:
+                for batch in _batches(page):
+                    await self._send(stream, encode(Entries(batch)))
+                    session.info.entries_sent += len(batch)
+                await trio.lowlevel.checkpoint()
         await self._send(stream, encode(Synced(vector)))
         while True:
             frame = await session.queue.get()
@@ -558,41 +567,103 @@ class SyncService:
         return cached[1]
 
     async def _receiver(self, stream: Stream, info: SessionInfo) -> None:
-        while True:
-            frame = await read_frame(stream, rest_within=FRAME_TIMEOUT)
-            if frame is None:
-                return
-            if isinstance(frame, Entries):
-                _, refused = await self.replica.merge_remote(frame.entries, info.peer)
-                info.entries_received += len(frame.entries)
+        """Read frames and hand them, in order, to `_apply_frames`. An ENTRIES frame's checks
+        (signatures, in worker threads) start as soon as it is read, so they run while the
+        frame before it is applied on this thread: a session start costs about its
+        signature checks, not their sum with decoding and SQLite. At most two frames wait
+        here besides the one being applied (bounded memory: frames are at most 1 MiB)."""
+        send, receive = trio.open_memory_channel[tuple[Frame, _Checks | None]](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._apply_frames, receive, info)
+            async with send:
+                while True:
+                    frame = await read_frame(stream, rest_within=FRAME_TIMEOUT)
+                    if frame is None:
+                        return
+                    checks = None
+                    if isinstance(frame, Entries):
+                        checks = _Checks()
+                        nursery.start_soon(checks.run, self.replica, frame.entries)
+                    await send.send((frame, checks))
+                    if isinstance(frame, ErrorFrame):
+                        return
+
+    async def _apply_frames(self, frames: trio.MemoryReceiveChannel[tuple[Frame, _Checks | None]],
+                            info: SessionInfo) -> None:
+        async with frames:
+            async for frame, checks in frames:
+                await self._apply_frame(frame, checks, info)
+
+    async def _apply_frame(self, frame: Frame, checks: _Checks | None, info: SessionInfo) -> None:
+        if isinstance(frame, Entries):
+            assert checks is not None
+            problems = await checks.result()
+            # In slices, yielding between them: a frame holds ~350 entries, whose SQLite apply
+            # and listeners would keep FUSE requests waiting tens of ms. In order, so access
+            # control sees the member records of the slices before.
+            for i in range(0, len(frame.entries), APPLY_SLICE):
+                if i:
+                    await trio.lowlevel.checkpoint()
+                part = frame.entries[i:i + APPLY_SLICE]
+                _, refused = self.replica.merge_checked(part, problems[i:i + APPLY_SLICE], info.peer)
+                info.entries_received += len(part)
                 info.refused += refused
                 if not refused:  # valid (signed) versions by these authors: SYNCED may speak for them
-                    info.authors.update(e.author for e in frame.entries)
-            elif isinstance(frame, Synced):
-                self._advance(frame.vector, info)
-                if not info.synced.is_set():
-                    info.synced.set()
-                    log.info("synced with %s: %d entries received", info.peer[:16], info.entries_received)
-                    if self._on_session_synced is not None:
-                        self._on_session_synced(info)
-            elif isinstance(frame, HoldingsFrame):
-                record = holdings_record(frame)
-                if self.holdings is not None and frame.node_id.hex() == self.holdings.self_id:
-                    pass  # our own, relayed back (or forged): we know our holdings
-                elif not holdings_verified(frame):
-                    log.warning("peer %s sent holdings of %s not signed by that node: refused", info.peer[:16],
-                                frame.node_id.hex()[:16])
-                elif record.seq > time.time_ns() + MAX_FUTURE_NS:
-                    log.warning("peer %s relayed holdings with a sequence number from the future: ignored",
-                                info.peer[:16])
-                elif self.holdings is not None and self._room_for(frame.node_id.hex(), record, info) \
-                        and self.holdings.update(frame.node_id.hex(), record):
-                    if record.addr is not None and self._on_address is not None:
-                        self._on_address(record.addr)
-                    self._send_to_all(frame, info.peer)  # relay: nodes that only know us learn it too
-            elif isinstance(frame, ErrorFrame):
-                log.warning("peer %s closed the session: %s (code %d)", info.peer[:16], frame.message, frame.code)
-                return
-            else:
-                raise FrameError(f"unexpected {type(frame).__name__} during a session")
+                    info.authors.update(e.author for e in part)
+        elif isinstance(frame, Synced):
+            self._advance(frame.vector, info)
+            if not info.synced.is_set():
+                info.synced.set()
+                log.info("synced with %s: %d entries received", info.peer[:16], info.entries_received)
+                if self._on_session_synced is not None:
+                    self._on_session_synced(info)
+        elif isinstance(frame, HoldingsFrame):
+            record = holdings_record(frame)
+            if self.holdings is not None and frame.node_id.hex() == self.holdings.self_id:
+                pass  # our own, relayed back (or forged): we know our holdings
+            elif not holdings_verified(frame):
+                log.warning("peer %s sent holdings of %s not signed by that node: refused", info.peer[:16],
+                            frame.node_id.hex()[:16])
+            elif record.seq > time.time_ns() + MAX_FUTURE_NS:
+                log.warning("peer %s relayed holdings with a sequence number from the future: ignored",
+                            info.peer[:16])
+            elif self.holdings is not None and self._room_for(frame.node_id.hex(), record, info) \
+                    and self.holdings.update(frame.node_id.hex(), record):
+                if record.addr is not None and self._on_address is not None:
+                    self._on_address(record.addr)
+                self._send_to_all(frame, info.peer)  # relay: nodes that only know us learn it too
+        elif isinstance(frame, ErrorFrame):
+            log.warning("peer %s closed the session: %s (code %d)", info.peer[:16], frame.message, frame.code)
+        else:
+            raise FrameError(f"unexpected {type(frame).__name__} during a session")
 
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception of ``group``, out of nested groups (the receiver's nursery nests one)."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+class _Checks:
+    """The checks of one ENTRIES frame (`Replica.check`), run ahead of its turn to be applied."""
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._problems: list[str | None] = []
+        self._error: BaseException | None = None
+
+    async def run(self, replica: Replica, entries: Sequence[Entry]) -> None:
+        try:
+            self._problems = await replica.check(entries)
+        except Exception as exc:  # handed to the applying task, which ends the session with it
+            self._error = exc
+        finally:
+            self._done.set()
+
+    async def result(self) -> list[str | None]:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._problems

@@ -1,0 +1,125 @@
+"""Large-namespace support of the SQLite store: running counts and paged snapshot diffs."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blixfs.entry import Entry, Kind
+from blixfs.namespace import MemoryNamespaceStore, SqliteNamespaceStore
+
+A = bytes([1]) * 32
+B = bytes([2]) * 32
+KINDS = [Kind.FILE, Kind.DIR, Kind.SYMLINK]
+
+
+def entry(path: str, ts: int, author: bytes = A, kind: Kind = Kind.FILE, size: int = 0, deleted: bool = False,
+          seen: dict[bytes, int] | None = None) -> Entry:
+    return Entry(path=path, kind=kind, mode=0o644, uid=0, gid=0, size=size if kind is Kind.FILE else 0,
+                 mtime_ns=ts, ctime_ns=ts, author=author, timestamp_ns=ts, deleted=deleted, seen=seen or {},
+                 target="t" if kind is Kind.SYMLINK else "")
+
+
+def random_history(rng: random.Random, n: int) -> list[Entry]:
+    """Creates, overwrites (seen: replace), concurrent versions of two authors (conflicts),
+    deletes, kind changes and renames (a delete at one path, a create at another)."""
+    out: list[Entry] = []
+    paths = [f"p{i}" for i in range(12)]
+    for ts in range(1, n + 1):
+        author = rng.choice([A, B])
+        path = rng.choice(paths)
+        prior = [e for e in out if e.path == path]
+        seen = {e.author: e.timestamp_ns for e in prior if rng.random() < 0.6}  # else concurrent: a conflict
+        op = rng.random()
+        if op < 0.2 and prior:
+            out.append(entry(path, ts, author, deleted=True, seen=seen))
+        elif op < 0.3 and prior:  # rename: the old path deleted, the content at a new one
+            out.append(entry(path, ts, author, deleted=True, seen=seen))
+            out.append(entry(rng.choice(paths), ts, author, size=prior[-1].size))
+        else:
+            out.append(entry(path, ts, author, rng.choice(KINDS), rng.randrange(0, 1 << 40), seen=seen))
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 7))
+def test_running_counts_equal_a_recount_through_any_history(tmp_path_factory: object, seed: int,
+                                                            batch: int) -> None:
+    rng = random.Random(seed)
+    history = random_history(rng, 60)
+    rng.shuffle(history)  # any arrival order: merges, stale versions, conflicts promoted
+    path = Path(tmp_path_factory.mktemp("ns")) / "n.db"  # type: ignore[attr-defined]
+    store, memory = SqliteNamespaceStore(path), MemoryNamespaceStore()
+    try:
+        for i in range(0, len(history), batch):
+            store.apply(history[i:i + batch])
+            memory.apply(history[i:i + batch])
+            assert store.stats() == store.recount() == memory.stats()
+        store.close()
+        again = SqliteNamespaceStore(path)  # persisted with the entries
+        assert again.stats() == again.recount()
+        again.close()
+    finally:
+        store.close()
+
+
+def test_counts_roll_back_with_a_failed_batch(tmp_path: Path) -> None:
+    store = SqliteNamespaceStore(tmp_path / "n.db")
+    store.apply([entry("a", 1, size=7)])
+    bad = entry("b", 2)
+    object.__setattr__(bad, "kind", "not a kind")  # canonical() fails mid-batch
+    with pytest.raises(AttributeError):
+        store.apply([entry("c", 3, size=5), bad])
+    assert store.stats() == store.recount() and store.stats().file_bytes == 7
+    store.close()
+
+
+def test_a_database_without_counts_is_counted_once_when_opened(tmp_path: Path) -> None:
+    store = SqliteNamespaceStore(tmp_path / "n.db")
+    store.apply([entry("d", 1, kind=Kind.DIR), entry("d/f", 2, size=3), entry("g", 3, size=4),
+                 entry("g", 4, deleted=True, seen={A: 3})])
+    store.close()
+    db = sqlite3.connect(tmp_path / "n.db")
+    db.execute("DROP TABLE counts")  # a database made before the counts (or written by an older blixfs)
+    db.commit()
+    db.close()
+    again = SqliteNamespaceStore(tmp_path / "n.db")
+    st_ = again.stats()
+    assert (st_.files, st_.dirs, st_.symlinks, st_.file_bytes) == (1, 1, 0, 3)
+    again.close()
+
+
+def test_pages_are_bounded_and_read_from_one_snapshot(tmp_path: Path) -> None:
+    store = SqliteNamespaceStore(tmp_path / "n.db")
+    store.apply([entry(f"f{i}", i + 1) for i in range(50)] + [entry(f"g{i}", i + 1, author=B) for i in range(30)])
+    pages = store.pages_since({B: 10}, page=8)
+    first = next(pages)
+    # applied between pages: a new path, and a version that moves "f0" into the conflicts table
+    store.apply([entry("late", 100), entry("f0", 101, author=B)])
+    rest = list(pages)
+    assert all(1 <= len(p) <= 8 for p in [first, *rest])
+    got = [e for page in [first, *rest] for e in page]
+    # exactly the snapshot's diff: A's "f0" once (it was current then), nothing applied later
+    assert sorted((e.path, e.author) for e in got) == sorted(
+        [(f"f{i}", A) for i in range(50)] + [(f"g{i}", B) for i in range(10, 30)])
+    later = sorted((e.path, e.timestamp_ns) for e in store.entries_since({A: 50, B: 30}))
+    assert later == [("f0", 101), ("late", 100)]  # the store itself moved on
+    store.close()
+
+
+def test_closing_pages_early_ends_the_read_transaction(tmp_path: Path) -> None:
+    store = SqliteNamespaceStore(tmp_path / "n.db")
+    store.apply([entry(f"f{i}", i + 1) for i in range(40)])
+    pages = store.pages_since({}, page=4)
+    next(pages)
+    pages.close()
+    store.apply([entry(f"h{i}", 100 + i) for i in range(40)])
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # a reader left behind would hold the WAL
+    busy = store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    assert busy == 0
+    store.close()
