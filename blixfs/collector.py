@@ -79,6 +79,8 @@ class NodeCollector(Collector):
         yield _family("blixfs_cache_bytes", node.chunks.total_bytes)
         yield _family("blixfs_cache_budget_bytes", node.cache.budget if node.cache is not None else node.cache_size())
         yield _family("blixfs_fetches_in_flight", sum(st.inflight for st in rt.peers.stats.values()))
+        if rt.vfs is not None:
+            yield _family("blixfs_dirty_bytes", rt.vfs.dirty_bytes())
 
     @staticmethod
     def _replication(rt: Runtime) -> Iterator[Metric]:
@@ -154,6 +156,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "blixfs_cache_bytes": ("Bytes of chunks in the local store (cache and data written here)", ()),
     "blixfs_cache_budget_bytes": ("Byte budget of the chunk cache", ()),
     "blixfs_fetches_in_flight": ("Chunk requests to peers under way", ()),
+    "blixfs_dirty_bytes": ("Written bytes held in memory, not yet in the chunk store", ()),
     "blixfs_replication_files": ("Files whose current version this node wrote, by replication state "
                                  "(local-only, replicating, durable)", ("state",)),
     "blixfs_replication_bytes_to_go": ("Bytes still to copy before every file written here has its copies "

@@ -47,7 +47,6 @@ gc_freed_bytes = Counter("blixfs_gc_freed_bytes_total", "Bytes of unreferenced c
 commits = Counter("blixfs_commits_total", "File versions committed to the namespace")
 fuse_errors = Counter("blixfs_fuse_unexpected_errors_total", "Unexpected exceptions in FUSE handlers (answered EIO)")
 open_files = Gauge("blixfs_open_files", "Files with at least one open handle")
-dirty_bytes = Gauge("blixfs_dirty_bytes", "Written bytes held in memory, not yet in the chunk store")
 
 # A FUSE request answered from memory takes tens of microseconds; one that waits for a
 # peer takes up to the fetch deadline (20 s by default).

@@ -1102,6 +1102,10 @@ class Vfs:
                 self._contents.pop(h.ino, None)
                 metrics.open_files.set(len(self._contents))
 
+    def dirty_bytes(self) -> int:
+        """Written bytes held in memory, not yet in the chunk store (the metrics read it)."""
+        return sum(content.dirty_bytes() for content in self._contents.values())
+
     def open_chunk_ids(self) -> set[ChunkId]:
         """Chunks open files refer to (spilled but not yet committed ones too): GC keeps them."""
         return {cid for content in self._contents.values() for cid in content.ids if cid != HOLE}

@@ -98,10 +98,14 @@ async def test_an_image_read_on_b_is_fetched_on_b_and_served_on_a_in_equal_bytes
         assert value(sa, "blixfs_replication_bytes_to_go") == 0
 
 
-async def test_a_file_wanting_two_copies_on_a_lone_node_has_all_its_bytes_to_go(tmp_path: Path) -> None:
+async def test_a_file_written_on_a_lone_node_is_dirty_then_local_only_with_all_its_bytes_to_go(tmp_path: Path) -> None:
     async with cluster(tmp_path, ["a"], copies=2) as nodes:
         a = nodes["a"]
-        await a.write("img", 0, os.urandom(300_000), create=True)
+        fh = await a.open_for_write("img", create=True)
+        await a.vfs.write(fh, 0, os.urandom(300_000))
+        assert value(node_state(a.runtime), "blixfs_dirty_bytes") == 300_000  # in memory until the close
+        await a.vfs.release(fh)
+        assert value(node_state(a.runtime), "blixfs_dirty_bytes") == 0
         await wait_until(lambda: value(node_state(a.runtime), "blixfs_replication_files", state="local-only") == 1,
                          "img local-only")
         assert value(node_state(a.runtime), "blixfs_replication_bytes_to_go") == 300_000
