@@ -54,7 +54,8 @@ async def test_an_image_read_on_b_is_fetched_on_b_and_served_on_a_in_equal_bytes
         a, b = nodes["a"], nodes["b"]
         la, lb = metrics.peer_label(a.id), metrics.peer_label(b.id)
         await a.write("img", 0, data, create=True)
-        await wait_until(lambda: b.entry("img") is not None, "img on b")
+        # The create is a version of its own (empty): wait for the written one.
+        await wait_until(lambda: (e := b.entry("img")) is not None and e.size == size, "img written, on b")
         before = scrape()
         assert await b.read("img") == data
         assert await b.read("img") == data  # the second read is served from b's store and memory
