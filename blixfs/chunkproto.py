@@ -53,7 +53,7 @@ import blake3
 import trio
 from lru import LRU
 
-from blixfs import crypto
+from blixfs import crypto, metrics
 from blixfs.chunkstore import MAX_CHUNK_BYTES, ChunkStore
 from blixfs.hashing import HOLE, ChunkId, chunk_id, short
 from blixfs.manifest import Manifest, ManifestError, MissingPage, lookup
@@ -226,6 +226,7 @@ class ChunkServer:
         the stream is then reset with CODE_BAD_REQUEST (its next request cannot be found)."""
         if not 1 <= count <= limit:
             log.info("peer %s sent a %s of %d items: refused", peer_id[:16], op, count)
+            metrics.count_refused("chunks", "bad_request")
             await stream.reset(CODE_BAD_REQUEST)
             return None
         try:
@@ -233,6 +234,7 @@ class ChunkServer:
                 return await stream.receive_exactly(size)
         except (trio.TooSlowError, UnexpectedEOF):
             log.info("peer %s sent an incomplete %s: closing", peer_id[:16], op)
+            metrics.count_refused("chunks", "bad_request")
             await stream.reset(CODE_BAD_REQUEST)
             return None
 
@@ -337,6 +339,7 @@ class ChunkServer:
         except trio.TooSlowError:
             # The stream is broken by the cancelled send: closing it resets it (CODE_ABORTED).
             log.info("peer %s did not take a response within %.0f s: stream dropped", peer_id[:16], SEND_TIMEOUT)
+            metrics.count_refused("chunks", "slow_reader")
 
     async def _serve(self, stream: Stream, peer_id: str) -> None:
         first = True
@@ -345,6 +348,7 @@ class ChunkServer:
                 raw = await self._next_request(stream, first)
             except ValueError:
                 log.info("peer %s sent no complete chunk request: closing", peer_id[:16])
+                metrics.count_refused("chunks", "bad_request")
                 await stream.reset(CODE_BAD_REQUEST)
                 return
             except TransportError as exc:
@@ -360,6 +364,7 @@ class ChunkServer:
             if self._allowed is not None and not self._allowed(peer_id, op):
                 # Checked on every request: a kept-open stream outlives a revoke.
                 log.warning("peer %s may not make chunk requests of op %d here: refused", peer_id[:16], op)
+                metrics.count_refused("chunks", "not_member")
                 await stream.reset(CODE_NOT_MEMBER)
                 return
             if version == VERSION and op == OP_HOLD:
@@ -375,6 +380,7 @@ class ChunkServer:
                 continue
             if version != VERSION or op != OP_GET:
                 log.warning("peer %s sent a chunk request of version %d op %d: refused", peer_id[:16], version, op)
+                metrics.count_refused("chunks", "unknown_op")
                 await self._send(stream, _RESPONSE.pack(BAD_REQUEST, 0))
                 break
             data = await self.store.load(ChunkId(cid))
@@ -387,6 +393,7 @@ class ChunkServer:
                 data = data[min(offset, len(data)) : end]
             await self._send(stream, _RESPONSE.pack(OK, len(data)) + data)
             self.bytes_served += len(data)
+            metrics.count_served(peer_id, len(data))
         await stream.send_eof()
 
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import trio
 
+from blixfs import collector
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
 from blixfs.chunkproto import OP_HOLD, ChunkServer
 from blixfs.chunkstore import StoreHooks
@@ -284,6 +285,7 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
         runtime = Runtime(node, transport, sync, nursery, peers, holdings, fetcher, server, content, vfs,
                           replicator)
         await nursery.start(HealthMonitor(transport, peers, holdings, sync, expiry=peer_expiry).run)
+        await nursery.start(collector.watch, runtime)  # state gauges, read at scrape time
         nursery.start_soon(_save_recency_every, node, RECENCY_SAVE_SECONDS)
         nursery.start_soon(_collect_every, runtime, gc_interval, gc_grace)
         nursery.start_soon(sync.announce_holdings)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from blixfs import metrics
 from blixfs.chunkproto import ChunkClient, FetchFailed
 from blixfs.chunkstore import ChunkStore
 from blixfs.errors import FsError
@@ -159,8 +160,10 @@ class Fetcher:
             if held is not None:  # e.g. a read-ahead that waited for the limiter while a read fetched it
                 return held
             pending = self._loading[cid] = _Load()
+            started = time.perf_counter()
             try:
                 pending.data = await self._fetch(cid, holders, locate)
+                metrics.fetch_seconds.labels("ok").observe(time.perf_counter() - started)
                 if label is not None:
                     t = self.transfers.setdefault(label, Transfer())
                     t.bytes += len(pending.data)
@@ -168,6 +171,7 @@ class Fetcher:
                     t.updated = time.monotonic()
             except FsError as exc:
                 pending.error = exc
+                metrics.fetch_seconds.labels("failed").observe(time.perf_counter() - started)
             finally:
                 del self._loading[cid]
                 pending.done.set()
@@ -286,6 +290,7 @@ class Fetcher:
                 self._on_dont_have(peer, cid)
             return None
         self.peers.record_ok(peer, len(fetched.data), fetched.seconds)
+        metrics.count_fetched(peer, len(fetched.data))
         self.bytes_fetched += len(fetched.data)
         self.chunks_fetched += 1
         try:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from blixfs import metrics
 from blixfs.chunkstore import DiskChunkStore
 from blixfs.content import read_manifest
 from blixfs.entry import Entry
@@ -103,5 +104,7 @@ def collect(namespace: NamespaceStore, chunks: DiskChunkStore, *, grace_seconds:
         gone = [m for m in chunks.written_versions() if m not in live]
         chunks.set_written_versions(forget=gone)  # versions written here that nothing references
     if report.freed_chunks and not dry_run:
+        metrics.gc_freed_chunks.inc(report.freed_chunks)
+        metrics.gc_freed_bytes.inc(report.freed_bytes)
         log.info("gc freed %d chunks (%d bytes)", report.freed_chunks, report.freed_bytes)
     return report

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from blixfs import metrics
 from blixfs.net.transport import NodeAddr
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class PeerBook:
     def forget(self, node_id: str) -> None:
         self.stats.pop(node_id, None)
         self.addrs.pop(node_id, None)
+        metrics.peer_label.release(node_id)  # its metric series go, and its label slot is free again
 
     def addr(self, node_id: str) -> NodeAddr:
         # Without an address the transport reuses a connection the peer opened to us.

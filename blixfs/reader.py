@@ -15,6 +15,9 @@ Callers: `blixfs.content.Content` (for the VFS), on the trio thread.
   read-ahead of the FUSE file does not cross chunk boundaries by itself.
   (Measured, docs/design.md: Python threads loading chunks ahead cost more in
   hops and GIL hand-offs than they saved.)
+
+Every `get` is counted as a cache hit (memory, store) or miss (fetched), and the chunks
+fetched ahead are followed to their use or waste (`blixfs.readahead`), for the metrics.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from lru import LRU
 
+from blixfs import metrics
 from blixfs.chunkstore import ChunkStore
 from blixfs.hashing import ChunkId
+from blixfs.readahead import ReadAheadLedger
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +46,16 @@ class ChunkReader:
     def __init__(self, store: ChunkStore, *, cache_chunks: int = 64) -> None:
         self.store = store
         self._cache: LRU[ChunkId, bytes] = LRU(cache_chunks)
+        self.ahead = ReadAheadLedger()
+        self._hit_memory = metrics.cache_hits.labels("memory")
+        self._hit_store = metrics.cache_hits.labels("store")
 
     def remember(self, cid: ChunkId, data: bytes) -> None:
         """Keep a chunk just fetched in memory (the fetcher's ``on_fetched`` hook), so the
         read that wants a chunk fetched ahead does not read back from disk what was just
         written there."""
         self._cache[cid] = data
+        self.ahead.arrived(cid, len(data))
 
     async def get(self, cid: ChunkId, fetch: Fetch | None = None) -> bytes | None:
         """The chunk's verified bytes; None if this node does not hold it and ``fetch`` is None.
@@ -55,12 +64,20 @@ class ChunkReader:
         FsError(EIO), when no holder could serve it in time, propagates.
         """
         data = self._cache.get(cid)
-        if data is None:
-            data = self.store.get(cid)
-            if data is None and fetch is not None:
-                data = await fetch()
-            if data is not None:
-                self._cache[cid] = data
+        if data is not None:
+            self._hit_memory.inc()
+            self.ahead.read(cid)
+            return data
+        data = self.store.get(cid)
+        if data is not None:
+            self._hit_store.inc()
+            self.ahead.read(cid)
+        elif fetch is not None:
+            self.ahead.demanded(cid)
+            metrics.cache_misses.inc()
+            data = await fetch()
+        if data is not None:
+            self._cache[cid] = data
         return data
 
     def get_range(self, cid: ChunkId, offset: int, length: int) -> bytes | None:
@@ -81,4 +98,6 @@ class ChunkReader:
         local = [cid for cid in wanted if self.store.has(cid)]
         self.store.advise(local)
         held = set(local)
-        return [cid for cid in wanted if cid not in held]
+        missing = [cid for cid in wanted if cid not in held]
+        self.ahead.expect(missing)
+        return missing

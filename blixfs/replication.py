@@ -485,13 +485,14 @@ class Replicator:
     def report(self) -> list[dict[str, object]]:
         out = []
         for rep in sorted(self.files.values(), key=lambda r: r.path):
-            progress = {p[:16]: self._progress(p, rep.manifest) for p in rep.targets}
+            progress = {p[:16]: self.progress(p, rep.manifest) for p in rep.targets}
             out.append({"path": rep.path, "manifest": rep.manifest.hex(), "state": rep.state,
                         "copies": rep.copies, "want": rep.want, "targets": progress,
                         "unproven": [p[:16] for p in rep.claimed if p not in rep.holders]})
         return out
 
-    def _progress(self, peer: str, manifest_id: bytes) -> float:
+    def progress(self, peer: str, manifest_id: bytes) -> float:
+        """The share of version ``manifest_id`` that ``peer``'s holdings say it holds (0 to 1)."""
         record = self.holdings.nodes.get(peer)
         if record is None:
             return 0.0

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
-from blixfs import crypto
+from blixfs import crypto, metrics
 from blixfs.entry import Entry
 from blixfs.frames import (
     MAX_ENTRY_BYTES,
@@ -100,6 +100,7 @@ class SessionInfo:
     refused: int = 0
     authors: set[bytes] = field(default_factory=set)  # of valid entries received in this session
     holdings_refused: int = 0  # HOLDINGS not taken: the table was full
+    last_entry: float = 0.0  # trio time of the last ENTRIES frame received (the metrics' sync lag)
 
 
 def _batches(entries: list[Entry]) -> list[list[Entry]]:
@@ -397,6 +398,7 @@ class SyncService:
         if not self._member(peer):
             # Checked before any HELLO: a non-member of a closed namespace learns nothing of it.
             log.warning("peer %s is not a member of this closed namespace: no session", peer[:16])
+            metrics.count_refused("sync", "not_member")
             if not initiator:
                 with trio.move_on_after(SEND_TIMEOUT):
                     await stream.send_all(encode(ErrorFrame(CODE_NOT_MEMBER, "not a member of this namespace")))
@@ -413,6 +415,7 @@ class SyncService:
             if theirs.namespace_id != replica.keys.id:
                 log.warning("peer %s asked for namespace %s, which this node does not hold",
                             peer[:16], theirs.namespace_id.hex()[:16])
+                metrics.count_refused("sync", "wrong_namespace")
                 await self._send(stream, encode(ErrorFrame(CODE_WRONG_NAMESPACE, "unknown namespace")))
                 await stream.reset(CODE_WRONG_NAMESPACE)
                 return
@@ -428,6 +431,7 @@ class SyncService:
                 # before this session was registered, so it is refused here instead.
                 self._sessions.pop(sid, None)
                 log.warning("peer %s was revoked while its session started: closing it", peer[:16])
+                metrics.count_refused("sync", "not_member")
                 await stream.reset(CODE_NOT_MEMBER)
                 return
             try:
@@ -446,11 +450,13 @@ class SyncService:
             await self._refuse(stream, peer, exc)
         except trio.TooSlowError:
             log.warning("peer %s did not say HELLO within %.0f s: closing the session", peer[:16], HELLO_TIMEOUT)
+            metrics.count_refused("sync", "hello_timeout")
             await stream.reset(CODE_BAD_FRAME)
 
     @staticmethod
     async def _refuse(stream: Stream, peer: str, exc: BaseException) -> None:
         log.warning("peer %s sent a bad frame (%s): closing the session", peer[:16], exc)
+        metrics.count_refused("sync", "bad_frame")
         await stream.reset(CODE_BAD_FRAME)
 
     async def _send(self, stream: Stream, data: bytes) -> None:
@@ -553,6 +559,7 @@ class SyncService:
                     log.info("holdings table full: records of nodes never reached dropped for %s", node_id[:16])
                     return True
         info.holdings_refused += 1
+        metrics.count_refused("sync", "holdings_full")
         if info.holdings_refused % 100 == 1:
             log.warning("holdings of %s relayed by %s ignored: the table would hold %s (%d ignored from this peer)",
                         node_id[:16], info.peer[:16], problem, info.holdings_refused)
@@ -608,6 +615,9 @@ class SyncService:
                 _, refused = self.replica.merge_checked(part, problems[i:i + APPLY_SLICE], info.peer)
                 info.entries_received += len(part)
                 info.refused += refused
+                info.last_entry = trio.current_time()
+                metrics.sync_entries_received.labels(metrics.peer_label(info.peer)).inc(len(part))
+                metrics.count_refused("sync", "bad_entry", refused)
                 if not refused:  # valid (signed) versions by these authors: SYNCED may speak for them
                     info.authors.update(e.author for e in part)
         elif isinstance(frame, Synced):
@@ -624,6 +634,7 @@ class SyncService:
             elif not holdings_verified(frame):
                 log.warning("peer %s sent holdings of %s not signed by that node: refused", info.peer[:16],
                             frame.node_id.hex()[:16])
+                metrics.count_refused("sync", "holdings_unsigned")
             elif record.seq > time.time_ns() + MAX_FUTURE_NS:
                 log.warning("peer %s relayed holdings with a sequence number from the future: ignored",
                             info.peer[:16])

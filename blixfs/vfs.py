@@ -1528,6 +1528,10 @@ class Vfs:
         log.info("journal %s of %s: %d records replayed and published", file.name, path, replayed)
         self.journal.remove(file)
 
+    def dirty_bytes(self) -> int:
+        """Written bytes held in memory, not yet in the chunk store (the metrics read it)."""
+        return sum(content.dirty_bytes() for content in self._contents.values())
+
     def open_chunk_ids(self) -> set[ChunkId]:
         """Chunks open files stored but not yet committed (spilled): GC keeps them."""
         return {cid for content in self._contents.values() for cid in content.overlay.values() if cid != HOLE}
