@@ -205,6 +205,7 @@ class ChunkServer:
         self._manifests: LRU[ChunkId, Manifest] = LRU(PROVE_MANIFESTS)
         self._on_hold = on_hold
         self._allowed = allowed
+        self.on_served: Callable[[str, int], object] | None = None  # (peer, bytes) per chunk sent: analytics
 
     async def _hold(self, stream: Stream, peer_id: str, manifest_id: ChunkId) -> None:
         try:
@@ -370,6 +371,8 @@ class ChunkServer:
                 data = data[min(offset, len(data)) : end]
             await self._send(stream, _RESPONSE.pack(OK, len(data)) + data)
             self.bytes_served += len(data)
+            if self.on_served is not None:
+                self.on_served(peer_id, len(data))
         await stream.send_eof()
 
 

@@ -226,6 +226,7 @@ class Vfs:
         # FUSE read is at most 1 MiB and usually 128 KiB, so a sequential reader asks for each
         # chunk several times in a row: the content layer keeps recent chunks in memory.
         self.content = Content(chunks, cache_chunks=max(16, (64 << 20) // chunk_size))
+        self.on_read: Callable[[str | None, int, list[Any]], object] | None = None  # blixfs.analytics
 
     # ----------------------------------------------------------------- helpers
 
@@ -966,6 +967,8 @@ class Vfs:
                 data = await self._chunk_bytes(content, idx, cid, length, label)
                 self._note_held(content, idx)
                 parts.append(memoryview(data)[within : within + n])
+        if self.on_read is not None:
+            self.on_read(label, max(0, end - offset), plan)
         return b"".join(parts)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
