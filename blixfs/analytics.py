@@ -14,7 +14,8 @@ What is kept, all bounded (a peer may invent node ids; a namespace may hold many
 
 * ``transfers``: the last `MAX_TRANSFERS` finished transfers (image, start, end, bytes,
   chunks, read-ahead bytes, bytes per peer);
-* ``image_access``: per image, the `MAX_IMAGES` most recently read: application reads
+* ``image_access``: per image, the `MAX_IMAGES` most recently active (in memory too: one
+  pushed out that comes back starts again from zero): application reads
   and bytes, chunk reads and misses (a chunk read that had to wait for a fetch it
   started), bytes fetched, read-ahead bytes fetched, used (read later) and wasted
   (forgotten unread, see below);
@@ -38,7 +39,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,8 +141,9 @@ class Analytics:
 
     def __init__(self, db_path: Path | None) -> None:
         self.db_path = db_path
-        self.images: dict[str, ImageCounts] = {}
-        self.peers: dict[str, PeerCounts] = {}
+        # Least recently active first: at the bound, the least recently active one goes.
+        self.images: OrderedDict[str, ImageCounts] = OrderedDict()
+        self.peers: OrderedDict[str, PeerCounts] = OrderedDict()
         self.totals: dict[str, int] = {"fetched": 0, "served": 0, "read": 0}
         self.live: dict[str, LiveTransfer] = {}
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_IN_MEMORY)
@@ -151,7 +153,6 @@ class Analytics:
         self._dirty_peers: set[str] = set()
         self._finished: list[dict[str, Any]] = []
         self._db: sqlite3.Connection | None = None
-        self._refused_labels = 0
         if db_path is not None:
             self._open(db_path)
 
@@ -161,19 +162,16 @@ class Analytics:
         """The fetcher stored chunk ``cid`` (``nbytes``) from ``peer`` for image ``label``."""
         now = time.time()
         self.totals["fetched"] += nbytes
-        p = self._peer(peer, now)
-        if p is not None:
-            p.fetched += nbytes
+        self._peer(peer, now).fetched += nbytes
         if label is None:
             return
         img = self._image(label, now)
-        if img is not None:
-            img.fetched += nbytes
-            if why == READ:
-                img.misses += 1
-            elif why == AHEAD:
-                img.ahead += nbytes
-                self._ahead[cid] = (label, nbytes)
+        img.fetched += nbytes
+        if why == READ:
+            img.misses += 1
+        elif why == AHEAD:
+            img.ahead += nbytes
+            self._ahead[cid] = (label, nbytes)
         t = self.live.get(label)
         if t is None:
             if len(self.live) >= MAX_IMAGES:
@@ -190,9 +188,7 @@ class Analytics:
     def on_served(self, peer: str, nbytes: int) -> None:
         """The chunk server sent ``nbytes`` of chunk data to ``peer``."""
         self.totals["served"] += nbytes
-        p = self._peer(peer, time.time())
-        if p is not None:
-            p.served += nbytes
+        self._peer(peer, time.time()).served += nbytes
 
     def on_read(self, label: str | None, nbytes: int, plan: Iterable[object]) -> None:
         """The VFS answered a read of ``nbytes`` of image ``label``; ``plan`` is the read's
@@ -201,8 +197,6 @@ class Analytics:
         if label is None:
             return
         img = self._image(label, time.time())
-        if img is None:
-            return
         img.reads += 1
         img.bytes_read += nbytes
         ahead = self._ahead
@@ -220,25 +214,26 @@ class Analytics:
             img.ahead_wasted += entry[1]
             self._dirty_images.add(entry[0])
 
-    def _image(self, label: str, now: float) -> ImageCounts | None:
+    def _image(self, label: str, now: float) -> ImageCounts:
         img = self.images.get(label)
         if img is None:
             if len(self.images) >= MAX_IMAGES:
-                self._refused_labels += 1
-                if self._refused_labels % 1000 == 1:
-                    log.warning("analytics: %d images counted already; not counting %r", MAX_IMAGES, label[:80])
-                return None
+                self.images.popitem(last=False)
             img = self.images[label] = ImageCounts()
+        else:
+            self.images.move_to_end(label)
         img.last = now
         self._dirty_images.add(label)
         return img
 
-    def _peer(self, peer: str, now: float) -> PeerCounts | None:
+    def _peer(self, peer: str, now: float) -> PeerCounts:
         p = self.peers.get(peer)
         if p is None:
             if len(self.peers) >= MAX_PEERS:
-                return None
+                self.peers.popitem(last=False)
             p = self.peers[peer] = PeerCounts()
+        else:
+            self.peers.move_to_end(peer)
         p.last = now
         self._dirty_peers.add(peer)
         return p
@@ -323,11 +318,11 @@ class Analytics:
                 self.history.appendleft({"path": row[0], "started": row[1], "ended": row[2], "bytes": row[3],
                                          "chunks": row[4], "ahead_bytes": row[5], "peers": _peers(row[6])})
             cols = ", ".join(IMAGE_FIELDS)
-            for row in db.execute(f"SELECT path, {cols}, last FROM image_access ORDER BY last DESC LIMIT ?",
-                                  (MAX_IMAGES,)):
+            for row in db.execute(f"SELECT path, {cols}, last FROM image_access ORDER BY last LIMIT ? OFFSET "
+                                  f"MAX(0, (SELECT COUNT(*) FROM image_access) - ?)", (MAX_IMAGES, MAX_IMAGES)):
                 self.images[row[0]] = ImageCounts(*row[1:])
-            for row in db.execute("SELECT peer, fetched, served, last FROM peer_bytes ORDER BY last DESC LIMIT ?",
-                                  (MAX_PEERS,)):
+            for row in db.execute("SELECT peer, fetched, served, last FROM peer_bytes ORDER BY last LIMIT ? OFFSET "
+                                  "MAX(0, (SELECT COUNT(*) FROM peer_bytes) - ?)", (MAX_PEERS, MAX_PEERS)):
                 self.peers[row[0]] = PeerCounts(*row[1:])
             for key, value in db.execute("SELECT key, value FROM totals"):
                 if key in self.totals:

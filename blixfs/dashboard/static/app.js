@@ -87,7 +87,9 @@ function lineChart(series, points) {
   svg.append(sv("text", { x: W - 10, y: H - 6, "text-anchor": "end", "font-size": 11, fill: "#6b7385" }, when(t1)));
   for (const s of series) {
     const d = points.map((p, i) => `${i ? "L" : "M"}${x(p.t).toFixed(1)},${y(p[s.key] || 0).toFixed(1)}`).join("");
-    svg.append(sv("path", { d, fill: "none", stroke: s.color, "stroke-width": 2 }));
+    const attrs = { d, fill: "none", stroke: s.color, "stroke-width": 2 };
+    if (s.dash) attrs["stroke-dasharray"] = s.dash;
+    svg.append(sv("path", attrs));
   }
   return svg;
 }
@@ -108,14 +110,14 @@ function overview(d) {
   const rep = d.replication;
   const series = [{ key: "fetched", label: "fetched from peers", color: "#2f6fde" },
     { key: "served", label: "served to peers", color: "#2e9d57" },
-    { key: "read", label: "read by applications", color: "#d99a00" }];
+    { key: "read", label: "read by applications", color: "#d99a00", dash: "6 4" }];
   const warn = d.warnings.length
     ? el("ul", { class: "warnings" }, d.warnings.map((w) => el("li", { class: `w-${w.kind}` }, w.text)))
     : el("p", { class: "ok-msg" }, "No warnings: within budget, every peer reachable, every file durable.");
   return [
     el("div", { class: "grid" },
-      card("This node", short(d.node.id), d.node.addr),
-      card("Namespace", d.namespace.id_prefix + "…", `${d.namespace.capability}, ${d.namespace.files} files` +
+      card("This node", short(d.node.id), `listening on ${d.node.addr.split("@").pop()}`),
+      card("Namespace", short(d.namespace.id_prefix) + "…", `${d.namespace.capability}, ${d.namespace.files} file${d.namespace.files === 1 ? "" : "s"}` +
         (d.namespace.closed ? ", member list" : ", open")),
       card("Store", bytes(st.bytes), `of ${bytes(st.budget)} cache budget`, barOf(st.bytes, st.budget)),
       card("Replicas for others", bytes(st.replica_bytes), `of ${bytes(st.replica_budget)}`,
@@ -123,7 +125,8 @@ function overview(d) {
       card("Cache hit ratio", pct(c.hit_ratio), `${c.chunk_reads} chunk reads, ${c.misses} fetched on demand`),
       card("Peers", String(d.peers.total), states),
       card("Fetched / served", `${bytes(t.fetched)} / ${bytes(t.served)}`, `${bytes(t.read)} read by applications`),
-      card("Replication", `${rep.durable} durable`, `${rep.replicating} replicating, ${rep["local-only"]} local only`)),
+      card("Files written here", `${rep.durable} durable`,
+        `${rep.replicating} replicating, ${rep["local-only"]} local only`)),
     section("Rates, last 10 minutes", legend(series), lineChart(series, d.rates)),
     section("Warnings", warn),
   ];
@@ -177,8 +180,9 @@ function topology(d) {
   const peers = d.nodes.filter((n) => n.role === "peer"), far = d.nodes.filter((n) => n.role === "peer-of-peer");
   const pos = new Map([[d.self, [cx, cy]]]);
   peers.forEach((n, i) => {
-    const a = -Math.PI / 2 + 2 * Math.PI * i / Math.max(peers.length, 1);
-    pos.set(n.id, [cx + 170 * Math.cos(a), cy + 150 * Math.sin(a)]);
+    // Two peers sit left and right of this node, not on its label below it.
+    const a = 2 * Math.PI * i / Math.max(peers.length, 1);
+    pos.set(n.id, [cx + 220 * Math.cos(a), cy + 150 * Math.sin(a)]);
   });
   far.forEach((n, i) => {
     const a = -Math.PI / 2 + Math.PI / Math.max(far.length, 1) + 2 * Math.PI * i / Math.max(far.length, 1);
@@ -188,7 +192,8 @@ function topology(d) {
     const [x1, y1] = pos.get(l.from), [x2, y2] = pos.get(l.to);
     svg.append(sv("line", { class: `link ${l.state}`, x1, y1, x2, y2 }));
     if (l.rtt_ms !== null) {
-      svg.append(sv("text", { class: "rtt", x: (x1 + x2) / 2 + 6, y: (y1 + y2) / 2 - 6 }, `${l.rtt_ms} ms`));
+      svg.append(sv("text", { class: "rtt", x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 8, "text-anchor": "middle" },
+        `RTT ${l.rtt_ms} ms`));
     }
   }
   for (const n of d.nodes) {
@@ -241,7 +246,7 @@ function images(d) {
     el("td", {}, new Date(i.modified * 1000).toLocaleString())));
   const note = d.total > d.shown ? el("p", { class: "key" }, `${d.shown} of ${d.total} files shown`) : null;
   return [section(`Images (${d.total})`, note, table([["path"], ["size", "num"], ["metadata"],
-    ["copies held / wanted", "num"], ["replication"], ["where held"], ["hit ratio", "num"], ["modified"]], rows,
+    ["copies held / wanted", "num"], ["replication (if written here)"], ["where held"], ["hit ratio", "num"], ["modified"]], rows,
   "the namespace has no files"))];
 }
 
