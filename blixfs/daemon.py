@@ -275,8 +275,8 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     transport.kept_peers = lambda: {s.peer for s in sync.sessions() if s.synced.is_set()}
     replicator = Replicator(node, transport, sync, holdings, peers, content, default_copies=copies)
     server = ChunkServer(node.chunks, on_hold=replicator.on_hold,
-                         allowed=lambda peer, op: _may(node, peer, Role.WRITE if op == OP_HOLD else Role.READ))
-    server.on_served = analytics.on_served
+                         allowed=lambda peer, op: _may(node, peer, Role.WRITE if op == OP_HOLD else Role.READ),
+                         on_served=analytics.on_served)
     if vfs is not None:
         vfs.on_read = analytics.on_read
     transport.register(CHUNKS_ALPN, server.handle)

@@ -37,7 +37,7 @@ def _holding(record_complete: set[bytes], partial: dict[bytes, bytearray], mid: 
     bits = partial.get(mid)
     if bits is None:
         return 0.0
-    held = sum(bin(b).count("1") for b in bits)
+    held = int.from_bytes(bits, "big").bit_count()  # C speed: a 1 TiB image's bitmap is 512 KiB
     total = chunks if chunks else len(bits) * 8
     return round(min(1.0, held / max(total, 1)), 3)
 
