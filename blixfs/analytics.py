@@ -128,7 +128,7 @@ class LiveTransfer:
         if self.window and now - self.window[0][0] > 0.5:
             t0, b0 = self.window[0]
             return max(0.0, (self.bytes - b0) / (now - t0))
-        return self.bytes / max(self.updated - self.started, 1e-3)
+        return self.bytes / max(now - self.started, 1.0)  # one chunk in a millisecond is no rate yet
 
     def record(self) -> dict[str, Any]:
         return {"path": self.path, "started": round(self.started, 3), "ended": round(self.updated, 3),

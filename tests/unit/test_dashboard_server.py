@@ -76,3 +76,23 @@ async def test_served_by_hypercorn_on_trio() -> None:
             assert name + b": " + value in head.lower() or name + b": " + value in head
         assert json.loads(body) == {"page": "topology"}
         nursery.cancel_scope.cancel()
+
+
+def test_mount_refuses_a_public_dashboard_without_the_flag(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from blixfs.cli import main
+
+    result = CliRunner().invoke(main, ["--home", str(tmp_path / "home"), "mount", str(tmp_path / "mnt"),
+                                       "--dashboard", "0.0.0.0:8080"])
+    assert result.exit_code == 2 and "--dashboard-public" in result.output
+    assert not (tmp_path / "home").exists()  # refused before anything was made
+
+
+def test_dashboard_command_without_a_daemon(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from blixfs.cli import main
+
+    result = CliRunner().invoke(main, ["--home", str(tmp_path), "dashboard"])
+    assert result.exit_code == 1 and "no daemon is running" in result.output
