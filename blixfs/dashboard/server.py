@@ -28,7 +28,8 @@ from typing import Any, cast
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from blixfs.dashboard.api import PAGES, DashboardApi
 
@@ -140,7 +141,10 @@ class DashboardApp:
 async def serve_dashboard(api: DashboardApi, host: str, port: int,
                           *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the dashboard on ``host:port`` until cancelled; reports its URL when listening.
-    OSError if the address cannot be bound (taken, not this machine's)."""
+    OSError, before anything starts, if the address cannot be bound (taken, not this
+    machine's): the socket is bound here, then handed to hypercorn's trio worker
+    (`hypercorn.trio.serve` would bind it inside its nurseries, and its OSError would come
+    out wrapped in exception groups)."""
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
@@ -148,10 +152,13 @@ async def serve_dashboard(api: DashboardApi, host: str, port: int,
     config.include_server_header = False
     config.keep_alive_timeout = 30
     config.graceful_timeout = 1
+    sockets = config.create_sockets()
+    for sock in sockets.insecure_sockets:
+        sock.listen(config.backlog)
+    # hypercorn types scopes and events as TypedDicts; the app reads them as plain mappings.
+    app = wrap_app(cast(Any, DashboardApp(api, host)), config.wsgi_max_body_size, "asgi")
     async with trio.open_nursery() as nursery:
-        # hypercorn types scopes and events as TypedDicts; the app reads them as plain mappings.
-        app = cast(Any, DashboardApp(api, host))
-        binds: list[str] = await nursery.start(functools.partial(serve, app, config, mode="asgi"))
+        binds: list[str] = await nursery.start(functools.partial(worker_serve, app, config, sockets=sockets))
         url = binds[0] if binds else f"http://{host}:{port}"
         log.info("dashboard at %s", url)
         task_status.started(url)

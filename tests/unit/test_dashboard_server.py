@@ -78,6 +78,19 @@ async def test_served_by_hypercorn_on_trio() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_an_address_in_use_is_an_oserror_before_anything_starts() -> None:
+    taken = trio.socket.socket()
+    await taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(OSError):  # not wrapped in a group: serve_node catches it and goes on
+                await nursery.start(serve_dashboard, FakeApi(), "127.0.0.1", port)
+    finally:
+        taken.close()
+
+
 def test_mount_refuses_a_public_dashboard_without_the_flag(tmp_path: Any) -> None:
     from click.testing import CliRunner
 
