@@ -190,11 +190,13 @@ class ChunkServer:
     (the replicator, which checks the signature, the room and the peer's rate); without one
     they are refused. ``allowed(peer, op)`` is access control (`blixfs.members`): whether
     a peer (hex id) may make a request of that op here, checked on every request (None:
-    anyone). Both are given at construction and fixed for the server's life.
+    anyone). ``on_served(peer, nbytes)`` hears of each chunk sent (`blixfs.analytics`). All
+    are given at construction and fixed for the server's life.
     """
 
     def __init__(self, store: ChunkStore, *, on_hold: OnHold | None = None,
-                 allowed: Callable[[str, int], bool] | None = None) -> None:
+                 allowed: Callable[[str, int], bool] | None = None,
+                 on_served: Callable[[str, int], object] | None = None) -> None:
         self.store = store
         self.bytes_served = 0
         self.requests = 0
@@ -205,6 +207,7 @@ class ChunkServer:
         self._manifests: LRU[ChunkId, Manifest] = LRU(PROVE_MANIFESTS)
         self._on_hold = on_hold
         self._allowed = allowed
+        self._on_served = on_served
 
     async def _hold(self, stream: Stream, peer_id: str, manifest_id: ChunkId) -> None:
         try:
@@ -394,6 +397,8 @@ class ChunkServer:
             await self._send(stream, _RESPONSE.pack(OK, len(data)) + data)
             self.bytes_served += len(data)
             metrics.count_served(peer_id, len(data))
+            if self._on_served is not None:
+                self._on_served(peer_id, len(data))
         await stream.send_eof()
 
 

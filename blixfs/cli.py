@@ -114,10 +114,17 @@ def _open_node(ctx: click.Context, *, lock: bool) -> Node:
 @click.option("--listen", metavar="IP:PORT", default=None,
               help="Where peers reach this node [default: 127.0.0.1 and a port chosen once and kept, "
                    "so tickets stay valid]. Use 0.0.0.0:PORT to serve other hosts.")
+@click.option("--dashboard", "dashboard", metavar="[ADDR:]PORT", default=None,
+              help="Serve the dashboard (overview, transfers, topology, images; JSON under /api/) on "
+                   "ADDR:PORT [ADDR default 127.0.0.1]. `blixfs dashboard` prints its address.")
+@click.option("--dashboard-public", is_flag=True,
+              help="Allow --dashboard on an address that is not loopback (it shows this node's peers, "
+                   "files and traffic, never keys or tickets, to whoever reaches it).")
 @click.pass_context
 def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bool | None,
-          metrics_port: int | None, chunk_size: str | None, cache_size: str | None, fetch_timeout: float,
-          copies: int, gc_interval: float, gc_grace: float, peer_expiry: float, publish_interval: float, mdns: bool,
+          dashboard: str | None, dashboard_public: bool, metrics_port: int | None, chunk_size: str | None,
+          cache_size: str | None, fetch_timeout: float, copies: int, gc_interval: float, gc_grace: float,
+          peer_expiry: float, publish_interval: float, mdns: bool,
           mdns_interfaces: tuple[str, ...],
           internet: bool, listen: str | None) -> None:
     """Mount the namespace at MOUNTPOINT and serve it in the foreground until Ctrl-C or SIGTERM.
@@ -125,8 +132,13 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
     The node syncs with the peers it joined through tickets. A stale mount left at
     MOUNTPOINT by a daemon that was killed is cleaned up first.
     """
+    from blixfs.dashboard.server import DashboardError, parse_listen
     from mount.runner import MountError, run_mount  # pyfuse3 only where a mount is made
 
+    try:
+        dashboard_at = parse_listen(dashboard, public=dashboard_public) if dashboard is not None else None
+    except DashboardError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dashboard") from None
     node = _open_node(ctx, lock=True)
     try:
         if listen is not None:
@@ -144,7 +156,7 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
         run_mount(node, vfs, mountpoint.expanduser().absolute(), direct_io=direct_io, allow_other=allow_other,
                   fetch_timeout=fetch_timeout, copies=copies, gc_interval=gc_interval, gc_grace=gc_grace,
                   internet=internet, mdns=mdns, mdns_interfaces=list(mdns_interfaces) or None,
-                  peer_expiry=peer_expiry, publish_interval=publish_interval)
+                  peer_expiry=peer_expiry, publish_interval=publish_interval, dashboard=dashboard_at)
     except MountError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -614,6 +626,21 @@ def images(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command()
+@click.pass_context
+def dashboard(ctx: click.Context) -> None:
+    """Print the address of the running daemon's dashboard (started with mount --dashboard)."""
+    reply = ask_daemon(ctx.obj["home"], {"op": "dashboard"})
+    if reply is None:
+        raise click.ClickException("no daemon is running for this home: start it with "
+                                   "blixfs mount DIR --dashboard 8080")
+    if not reply.get("ok"):
+        raise click.ClickException(str(reply.get("error")))
+    if not reply.get("url"):
+        raise click.ClickException("the daemon serves no dashboard: mount with --dashboard [ADDR:]PORT")
+    click.echo(reply["url"])
+
+
+@main.command()
 @click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
 def unmount(mountpoint: Path) -> None:
     """Unmount a blixfs mount (also one whose daemon died)."""
@@ -638,6 +665,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
         node.close()
     live = ask_daemon(ctx.obj["home"], {"op": "status"})
     info["daemon"] = live if live and live.get("ok") else None
+    if as_json and info["daemon"] is not None:
+        # The dashboard's JSON, built by the same functions as its /api/ pages.
+        pages = ask_daemon(ctx.obj["home"], {"op": "api", "page": "all"})
+        info["dashboard"] = pages["page"] if pages and pages.get("ok") else None
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

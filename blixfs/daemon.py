@@ -17,6 +17,9 @@ Control protocol: one JSON object per line each way, one request per connection:
     {"op": "allow", "node": HEX, "role": "read"|"write"|"admin"} -> {"ok": true, "member": {...}}
     {"op": "revoke", "node": HEX} -> {"ok": true, "member": {...}} (both: {"ok": false, "error"} when refused)
     {"op": "commit", "path": P}  -> {"ok": true, "path": P, "published": b} | {"ok": false, "error": "..."}
+    {"op": "dashboard"}          -> {"ok": true, "url": "http://127.0.0.1:PORT" | null}
+    {"op": "api", "page": P}     -> {"ok": true, "page": {...}}: the dashboard's JSON of page P
+                                    (overview, transfers, topology, images; "all": every page)
 
 Only the socket file's permissions (0600, in the home) guard it. Every request is
 validated (`_invalid`: an object, a known string ``op``, fields of the right type, at
@@ -41,10 +44,13 @@ from typing import Any
 import trio
 
 from blixfs import collector
+from blixfs.analytics import Analytics
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
 from blixfs.chunkproto import OP_HOLD, ChunkServer
 from blixfs.chunkstore import StoreHooks
 from blixfs.content import Content, Network
+from blixfs.dashboard.api import PAGES, DashboardApi
+from blixfs.dashboard.server import serve_dashboard
 from blixfs.discovery import LanDiscovery, interfaces_for_listen
 from blixfs.entry import Kind
 from blixfs.errors import FsError
@@ -93,6 +99,9 @@ class Runtime:
     vfs: Vfs | None = None
     replicator: Replicator | None = None
     maintained: set[str] = field(default_factory=set)  # peers a sync session is kept with
+    analytics: Analytics | None = None
+    dashboard: str | None = None  # the dashboard's URL when it is served
+    api: DashboardApi | None = None  # the dashboard's JSON (also `blixfs status --json`)
 
     def peers_report(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -215,8 +224,10 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
                        gc_interval: float = GC_INTERVAL, gc_grace: float = DEFAULT_GRACE_SECONDS,
                        internet: bool = False, peer_expiry: float = DEFAULT_EXPIRY, mdns: bool = True,
                        mdns_interfaces: list[str] | None = None, publish_interval: float = PUBLISH_INTERVAL,
+                       dashboard: tuple[str, int] | None = None,
                        task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the node's network services until cancelled; reports the `Runtime` when up."""
+    """Run the node's network services until cancelled; reports the `Runtime` when up.
+    ``dashboard``: (host, port) to serve the dashboard on (`blixfs.dashboard.server.parse_listen`)."""
     bind = listen or node.listen_addr()
     async with contextlib.AsyncExitStack() as stack:
         try:
@@ -234,7 +245,8 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
         await serve_node(node, transport, vfs=vfs, fetch_timeout=fetch_timeout, copies=copies,
                          gc_interval=gc_interval, gc_grace=gc_grace, peer_expiry=peer_expiry,
                          mdns_interfaces=(mdns_interfaces or interfaces_for_listen(bind.rsplit(":", 1)[0]))
-                         if mdns else None, publish_interval=publish_interval, task_status=task_status)
+                         if mdns else None, publish_interval=publish_interval, dashboard=dashboard,
+                         task_status=task_status)
 
 
 async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None,
@@ -242,11 +254,13 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
                      gc_interval: float = GC_INTERVAL, gc_grace: float = DEFAULT_GRACE_SECONDS,
                      peer_expiry: float = DEFAULT_EXPIRY, mdns_interfaces: list[str] | None = None,
                      control: bool = True, publish_interval: float = PUBLISH_INTERVAL,
+                     dashboard: tuple[str, int] | None = None,
                      task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
     """The node's services on ``transport`` (iroh for a daemon, the in-memory network for
     in-process tests): sync, chunk server, fetcher, replication, health, GC, LAN discovery
-    on ``mdns_interfaces`` (None: off) and, with ``control``, the control socket. Runs until
-    cancelled; reports the `Runtime` when up."""
+    on ``mdns_interfaces`` (None: off), transfer analytics (`blixfs.analytics`, saved in
+    ``<home>/analytics.db``), with ``control`` the control socket and with ``dashboard``
+    (host, port) the dashboard. Runs until cancelled; reports the `Runtime` when up."""
     # Each service gets its collaborators and hooks at construction, in dependency order;
     # the one later step is the content layer's `connect` (the VFS built it before the network).
     self_id = node.node_id.hex()
@@ -256,10 +270,12 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     holdings = Holdings(self_id, node.secret, transport.addr())
     cache = node.open_cache()
     content = vfs.content if vfs is not None else Content(node.chunks)
+    analytics = Analytics(node.home / "analytics.db")
     fetcher = Fetcher(node.chunks, transport, peers, fetch_timeout=fetch_timeout,
                       attempt_timeout=min(ATTEMPT_TIMEOUT, fetch_timeout),
                       allowed=lambda peer: _may(node, peer, Role.READ), on_stored=cache.enforce,
-                      on_fetched=content.reader.remember, on_dont_have=content.forget_holder)
+                      on_fetched=content.reader.remember, on_dont_have=content.forget_holder,
+                      on_chunk=analytics.on_chunk)
     sync = SyncService(node.replica, transport, holdings, on_address=lambda addr: peers.learn(addr, "exchange"),
                        vouched=peers.reached)
     content.connect(Network(fetcher, holdings, peers,
@@ -270,7 +286,10 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     transport.kept_peers = lambda: {s.peer for s in sync.sessions() if s.synced.is_set()}
     replicator = Replicator(node, transport, sync, holdings, peers, content, default_copies=copies)
     server = ChunkServer(node.chunks, on_hold=replicator.on_hold,
-                         allowed=lambda peer, op: _may(node, peer, Role.WRITE if op == OP_HOLD else Role.READ))
+                         allowed=lambda peer, op: _may(node, peer, Role.WRITE if op == OP_HOLD else Role.READ),
+                         on_served=analytics.on_served)
+    if vfs is not None:
+        vfs.on_read = analytics.on_read
     transport.register(CHUNKS_ALPN, server.handle)
     transport.register(SYNC_ALPN, sync.handle, per_peer=SESSIONS_PER_PEER, total=SESSIONS_TOTAL)
     await _load_own_holdings(node, content)
@@ -283,7 +302,10 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
         await nursery.start(fetcher.serve)
         await nursery.start(replicator.run)
         runtime = Runtime(node, transport, sync, nursery, peers, holdings, fetcher, server, content, vfs,
-                          replicator)
+                          replicator, analytics=analytics)
+        runtime.api = DashboardApi(runtime)
+        await nursery.start(analytics.run, lambda: {"fetched": fetcher.bytes_fetched, "served": server.bytes_served,
+                                                    "read": analytics.totals["read"]})
         await nursery.start(HealthMonitor(transport, peers, holdings, sync, expiry=peer_expiry).run)
         await nursery.start(collector.watch, runtime)  # state gauges, read at scrape time
         nursery.start_soon(_save_recency_every, node, RECENCY_SAVE_SECONDS)
@@ -306,6 +328,11 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
             # network: a write-anywhere node may need its base's chunks from peers).
             await vfs.recover_journals()
             nursery.start_soon(_publish_every, vfs, publish_interval)
+        if dashboard is not None:
+            try:
+                runtime.dashboard = await nursery.start(serve_dashboard, runtime.api, *dashboard)
+            except OSError as exc:  # the node serves its files all the same
+                log.error("the dashboard cannot listen on %s:%d: %s; running without it", *dashboard, exc)
         if control:
             await nursery.start(serve_control, node.home / "control.sock", runtime)
         log.info("node %s listening on %s", node.node_id.hex()[:16], transport.addr())
@@ -402,6 +429,7 @@ _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "commit": {"path": (str,)},
     "allow": {"node": (str,), "role": (str,)},
     "revoke": {"node": (str,)},
+    "dashboard": {}, "api": {"page": (str,)},
 }
 
 
@@ -519,6 +547,8 @@ def _dispatch(raw: bytes, runtime: Runtime) -> dict[str, Any]:
             parse_node_id(str(request.get("node", ""))), Role.parse(str(request.get("role", "")))))},
         "revoke": lambda: {"member": member_report(runtime.node.replica.set_member(
             parse_node_id(str(request.get("node", ""))), None))},
+        "dashboard": lambda: {"url": runtime.dashboard},
+        "api": lambda: {"page": _api_page(runtime, str(request.get("page") or "all"))},
     }
     handler = handlers.get(op)
     if handler is None:
@@ -527,6 +557,16 @@ def _dispatch(raw: bytes, runtime: Runtime) -> dict[str, Any]:
         return {"ok": True, **handler()}
     except (TicketError, JoinError, FsError, ValueError) as exc:  # ValueError: a bad node id or role
         return {"ok": False, "error": str(exc)}
+
+
+def _api_page(runtime: Runtime, page: str) -> dict[str, Any]:
+    if runtime.api is None:
+        raise ValueError("the daemon is starting")
+    if page == "all":
+        return runtime.api.all()
+    if page not in PAGES:
+        raise ValueError(f"no page {page[:32]!r}: one of {', '.join(PAGES)}, all")
+    return runtime.api.page(page)
 
 
 def ask_daemon(home: Path, request: dict[str, Any], *, timeout: float | None = CONTROL_TIMEOUT,

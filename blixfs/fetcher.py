@@ -57,6 +57,9 @@ LATENCY_FACTOR = 10.0  # an untrusted but measured holder gets this many times i
 STALE_SECONDS = 1.0
 READ_AHEAD_PARALLEL = 8
 
+# Told of each chunk fetched: file label, peer, bytes, why ("read", "ahead", "pull"), chunk id.
+OnChunk = Callable[[str | None, str, int, str, ChunkId], object]
+
 # Asked with the peers already tried when every given holder failed: more holders to try.
 Locate = Callable[[frozenset[str]], Awaitable[list[str]]]
 
@@ -91,13 +94,16 @@ class Fetcher:
                  allowed: Callable[[str], bool] | None = None,
                  on_stored: Callable[[], object] | None = None,
                  on_fetched: Callable[[ChunkId, bytes], object] | None = None,
-                 on_dont_have: Callable[[str, ChunkId], object] | None = None) -> None:
+                 on_dont_have: Callable[[str, ChunkId], object] | None = None,
+                 on_chunk: OnChunk | None = None) -> None:
         """Hooks, all optional and fixed for the fetcher's life: ``allowed(peer)`` says whether
         a peer (hex id) may be asked at all (access control, `blixfs.members`; None: anyone);
         ``on_stored()`` runs after each fetched chunk is stored (the daemon enforces the cache
         budget there); ``on_fetched(cid, data)`` gets each chunk fetched (the content layer's
         reader keeps read-ahead in memory, not only on disk); ``on_dont_have(peer, cid)`` hears
-        of each DONT_HAVE answer (the content layer forgets what that peer was said to hold)."""
+        of each DONT_HAVE answer (the content layer forgets what that peer was said to hold);
+        ``on_chunk(label, peer, nbytes, why, cid)`` hears of each chunk fetched, from which peer,
+        for which file and why ("read", "ahead" or "pull": `blixfs.analytics`)."""
         self.store = store
         self.transport = transport
         self.client = ChunkClient(transport)
@@ -117,6 +123,7 @@ class Fetcher:
         self._on_stored = on_stored
         self._on_fetched = on_fetched
         self._on_dont_have = on_dont_have
+        self._on_chunk = on_chunk
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -148,12 +155,13 @@ class Fetcher:
         holding it in memory is not holding it. ``label`` (a file path) counts the bytes
         towards that file's `Transfer`.
         """
-        data = await self._get(cid, holders, label, locate)
+        data = await self._get(cid, holders, label, locate, "pull" if must_store else "read")
         if must_store and not self.store.has(cid):
             raise FsError(errno.ENOSPC, f"chunk {short(cid)} was fetched but could not be stored")
         return data
 
-    async def _get(self, cid: ChunkId, holders: Sequence[str], label: str | None, locate: Locate | None) -> bytes:
+    async def _get(self, cid: ChunkId, holders: Sequence[str], label: str | None, locate: Locate | None,
+                   why: str) -> bytes:
         pending = self._loading.get(cid)
         if pending is None:
             held = self.store.get(cid) if self.store.has(cid) else None
@@ -162,8 +170,10 @@ class Fetcher:
             pending = self._loading[cid] = _Load()
             started = time.perf_counter()
             try:
-                pending.data = await self._fetch(cid, holders, locate)
+                pending.data, peer = await self._fetch(cid, holders, locate)
                 metrics.fetch_seconds.labels("ok").observe(time.perf_counter() - started)
+                if self._on_chunk is not None:
+                    self._on_chunk(label, peer, len(pending.data), why, cid)
                 if label is not None:
                     t = self.transfers.setdefault(label, Transfer())
                     t.bytes += len(pending.data)
@@ -199,7 +209,7 @@ class Fetcher:
             async with self._limit:
                 # A read may have fetched it (or be fetching it) while this task waited its turn.
                 if cid not in self._loading and not self.store.has(cid):
-                    await self.get(cid, holders, label, locate=locate)
+                    await self._get(cid, holders, label, locate, "ahead")
         except FsError as exc:
             log.debug("read-ahead of chunk %s failed: %s", short(cid), exc)
         finally:
@@ -216,7 +226,8 @@ class Fetcher:
             wanted = self.explore_timeout
         return max(0.0, min(wanted, remaining))
 
-    async def _fetch(self, cid: ChunkId, holders: Sequence[str], locate: Locate | None) -> bytes:
+    async def _fetch(self, cid: ChunkId, holders: Sequence[str], locate: Locate | None) -> tuple[bytes, str]:
+        """The verified chunk and the peer that served it; FsError(EIO) when none could."""
         tried: list[str] = []
         reasons: list[str] = []
         asked: set[str] = set()
@@ -247,7 +258,7 @@ class Fetcher:
                     if not trusted:
                         untrusted_spent += trio.current_time() - started
                     if data is not None:
-                        return data
+                        return data, peer
                 if locate is None:
                     break
                 # Every holder we were told of failed or lacks it: find holders by content, once.

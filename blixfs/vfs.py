@@ -290,6 +290,7 @@ class Vfs:
         self._replaying: set[int] = set()  # inodes being replayed: their writes are not journaled again
         if journal is not None:
             self._find_journals(journal)
+        self.on_read: Callable[[str | None, int, list[Any]], object] | None = None  # blixfs.analytics
 
     # ----------------------------------------------------------------- helpers
 
@@ -1138,6 +1139,8 @@ class Vfs:
                 idx, cid, length, within, n = item
                 parts.append(await self._chunk_range(content, idx, cid, length, within, n, label))
                 self._note_held(content, idx, cid)
+        if self.on_read is not None:
+            self.on_read(label, max(0, end - offset), plan)
         return b"".join(parts)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:

@@ -41,6 +41,12 @@ With --profile, py-spy samples B's daemon (or A's) during (b) (raw format, --thr
 a summary of where its main (trio) thread's time goes per 256 KiB chunk fetched is
 printed; sampling slows (b) down.
 
+With --dashboard, every node also serves its dashboard (mount --dashboard 0) and a thread
+of this script fetches all four of its /api/ pages on b, c and d every `DASHBOARD_POLL`
+seconds from before (a) to the end: what two browser tabs on each page of each reading
+node would ask. scripts/bench_dashboard.py runs the benchmark with and without it, side
+by side. With --json OUT, the figures are also written to OUT.
+
 Every mount, process and temp dir is removed at the end, also on error or Ctrl-C.
 """
 
@@ -64,7 +70,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -86,6 +94,7 @@ STARTED = time.monotonic()
 # One copy is enough: otherwise A's replicator asks a reader to hold (pull) the files in the
 # background, and the "cold" reads are not cold.
 MOUNT_ARGS = ("--copies", "1")
+DASHBOARD_POLL = 1.0
 T = TypeVar("T")
 
 
@@ -574,12 +583,15 @@ def main() -> None:
                     help="py-spy record B's daemon during (b) into OUT (raw format) and summarise it")
     ap.add_argument("--profile-node", choices=["a", "b"], default="b", help="whose daemon to profile (default b)")
     ap.add_argument("--profile-rate", type=int, default=300, help="py-spy samples per second (default 300)")
+    ap.add_argument("--dashboard", action="store_true",
+                    help=f"serve the dashboards and poll all their pages on b, c, d every {DASHBOARD_POLL} s")
+    ap.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures to OUT")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the benchmark mounts FUSE filesystems and drops the page cache")
     signal.signal(signal.SIGTERM, _interrupt)
     work = Path(tempfile.mkdtemp(prefix="blixfs-fetch-", dir=args.workdir or "/var/tmp"))
-    mount_args = (*MOUNT_ARGS, "--chunk-size", args.chunk_size)
+    mount_args = (*MOUNT_ARGS, "--chunk-size", args.chunk_size, *(("--dashboard", "0") if args.dashboard else ()))
     nodes = {n: BenchNode(n, work / f"home-{n}", work / f"mnt-{n}", work / f"{n}.log", mount_args) for n in "abcd"}
     try:
         run(args, work, nodes)
@@ -626,6 +638,24 @@ def run(args: argparse.Namespace, work: Path, nodes: dict[str, BenchNode]) -> No
         return all(visible(n, name, sz) for n in (b, c, d) for name, sz in (("seq.img", size), ("rand.img", rsize)))
 
     wait_for(everywhere, 30, "both files on nodes b, c and d")
+    polled = [0]
+    stop_polling = threading.Event()
+    if args.dashboard:
+        urls = [n.cli("dashboard").strip() for n in (b, c, d)]
+
+        def poll() -> None:
+            while not stop_polling.wait(DASHBOARD_POLL):
+                try:
+                    for url in urls:
+                        for page in ("overview", "transfers", "topology", "images"):
+                            with urllib.request.urlopen(f"{url}/api/{page}", timeout=30) as answer:
+                                answer.read()
+                            polled[0] += 1
+                except OSError as exc:  # the nodes are stopping (the run failed): nothing more to poll
+                    note(f"dashboard poll failed: {exc}")
+                    return
+
+        threading.Thread(target=poll, daemon=True).start()
 
     # (a) raw streams between the daemons' own endpoints, A -> B; (a') two fresh processes.
     raw: dict[int, float] = {}
@@ -709,8 +739,13 @@ def run(args: argparse.Namespace, work: Path, nodes: dict[str, BenchNode]) -> No
     p50, p99 = pct(lat, 0.5) * 1e3, pct(lat, 0.99) * 1e3
     note(f"(e) cold 4 KiB reads on d: p50 {p50:.2f} ms, p99 {p99:.2f} ms ({d_fetched} chunks fetched)")
 
+    stop_polling.set()
     mb = "MB/s"
     w, loc = statistics.median(warm), statistics.median(local)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"raw": ref, "cold_b": cold1, "cold_c": cold2, "warm_b": w, "local": loc,
+                                         "random_p50_ms": p50, "random_p99_ms": p99, "dashboard": args.dashboard,
+                                         "dashboard_requests": polled[0]}))
     print(f"\nblixfs lazy fetch, 4 nodes on loopback, {os.cpu_count()} CPUs (load average {load_at_start} at the "
           f"start, {Path('/proc/loadavg').read_text().split()[0]} at the end); files of {args.size_mib} MiB "
           f"(seq) and {args.random_mib} MiB (random), chunks {chunk_size // 1024} KiB, workdir {work.parent}")
@@ -749,6 +784,8 @@ def run(args: argparse.Namespace, work: Path, nodes: dict[str, BenchNode]) -> No
     print("\n(a) is measured on the running daemons' own iroh endpoints (a bench ALPN registered by this "
           "script's node wrapper, a connection of its own); (a') with the same transport code in fresh "
           "processes. sha256 of (b) and (c) verified; warm reads fetched nothing.")
+    if args.dashboard:
+        print(f"Dashboards served on every node; {polled[0]} /api/ pages fetched from b, c and d during the run.")
     if args.profile is not None:
         print()
         print(profile_summary(args.profile, args.profile_node, args.profile_rate, spy_seconds, b_chunks))

@@ -23,6 +23,10 @@ debs=(fuse3 libfuse3-dev pkg-config qemu-utils gcc python3-dev iproute2 attr)
 # under TCG, mkfs.ext4 -d to make its root without a loop mount, cpio for its initramfs.
 # Its kernel and busybox are only downloaded (apt-get download), never installed here.
 debs+=(qemu-system-x86 e2fsprogs cpio)
+# The dashboard's real-browser test (tests/mounted/test_dashboard_browser.py): Debian's
+# headless chromium and its chromedriver, driven by selenium (Playwright's browser download
+# is not reachable from CI).
+debs+=(chromium chromium-driver)
 # A Python 3.11 interpreter that can make a venv: one on PATH (pyenv, a distro build),
 # else Debian's. Debian's python3 lacks ensurepip (so `python3 -m venv` fails) until
 # python3-venv is installed: that is checked, not just the version.

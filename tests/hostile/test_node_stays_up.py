@@ -142,7 +142,8 @@ async def test_malformed_control_requests_get_an_error_and_the_daemon_keeps_answ
             bad = [b'{"op": [1]}\n', b'{"op": {"a": 1}}\n', b'[1, 2]\n', b'"status"\n', b'42\n', b'null\n',
                    b'\xff\xfe\n', b'{"op": "gc", "grace": "soon"}\n', b'{"op": "gc", "grace": [1]}\n',
                    b'{"op": "gc", "dry_run": "yes"}\n', b'{"op": "pull", "path": 7}\n',
-                   b'{"op": "join", "ticket": {"x": 1}}\n', b'{"op": "status"}\n',
+                   b'{"op": "join", "ticket": {"x": 1}}\n', b'{"op": "status"}\n', b'{"op": "api", "page": 3}\n',
+                   b'{"op": "api", "page": "../../etc"}\n',
                    b"[" * 60_000 + b"\n", b"{" * 200_000 + b"\n", b'{"op": "addr", "pad": "' + b"x" * 300_000]
             for raw in bad:
                 reply = await _ask(sock, raw)
