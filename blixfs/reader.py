@@ -88,8 +88,14 @@ class ChunkReader:
         is not a chunk, and the store reads it again more cheaply than memory would hold it."""
         data = self._cache.get(cid)
         if data is not None:
+            self._hit_memory.inc()
+            self.ahead.read(cid)
             return data[offset : offset + length]
-        return self.store.read_range(cid, offset, length)
+        part = self.store.read_range(cid, offset, length)
+        if part is not None:
+            self._hit_store.inc()
+            self.ahead.read(cid)
+        return part
 
     def prefetch(self, cids: Iterable[ChunkId]) -> list[ChunkId]:
         """Hint that ``cids`` will be read soon: local ones are advised to the kernel; returns
