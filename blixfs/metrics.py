@@ -149,6 +149,7 @@ REFUSAL_REASONS: dict[str, frozenset[str]] = {
     "sync": frozenset({"bad_frame", "not_member", "wrong_namespace", "hello_timeout", "bad_entry",
                        "holdings_unsigned", "holdings_full"}),
     "chunks": frozenset({"not_member", "bad_request", "unknown_op", "slow_reader"}),
+    "transport": frozenset({"connection_limit", "stream_limit"}),
 }
 refused = Counter("blixfs_refused_total", "Frames, requests and entries from peers refused, by protocol and reason",
                   ["protocol", "reason"])

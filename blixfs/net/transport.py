@@ -38,6 +38,8 @@ from types import TracebackType
 
 import trio
 
+from blixfs import metrics
+
 logger = logging.getLogger(__name__)
 
 # --- error codes -----------------------------------------------------------------------
@@ -792,6 +794,7 @@ class Transport(abc.ABC):
 
     def _refuse_connection(self, peer_id: str, why: str) -> None:
         self._conns_refused += 1
+        metrics.count_refused("transport", "connection_limit")
         # One line per 100: a flood must not flood the log too.
         if self._conns_refused % 100 == 1:
             logger.warning("incoming connection of %s closed: %s (limits %d, %d per peer; %d closed so far)",
@@ -842,6 +845,7 @@ class Transport(abc.ABC):
         mine, everyone = self._serving.get(key, 0), self._serving_total.get(alpn, 0)
         if mine >= per_peer or (everyone >= total and not self._kept(peer_id)):
             self._refused += 1
+            metrics.count_refused("transport", "stream_limit")
             # One line per 100 refusals: a flood must not flood the log too.
             if self._refused % 100 == 1:
                 logger.warning("refusing a %r stream from %s: %d of its streams, %d in all, are being served "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client.core import REGISTRY
 
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
 from blixfs.frames import Hello, encode
@@ -51,6 +52,8 @@ async def test_a_flood_of_fresh_keys_neither_stops_the_node_nor_starves_its_memb
         assert isinstance(transport, MemoryTransport)
         net: MemoryNetwork = transport._network
         rss_before = rss_mib()
+        labels = {"protocol": "transport", "reason": "connection_limit"}
+        counted_before = REGISTRY.get_sample_value("blixfs_refused_total", labels) or 0.0
         opened = refused = 0
         done = trio.Event()
 
@@ -94,6 +97,7 @@ async def test_a_flood_of_fresh_keys_neither_stops_the_node_nor_starves_its_memb
         assert synced, "the honest member's session survived the flood"
         # Every connection past the bound was refused, or pushed out an idle one of the flood.
         assert closed >= FLOOD - CONNECTIONS_IN
+        assert (REGISTRY.get_sample_value("blixfs_refused_total", labels) or 0.0) - counted_before >= closed
         lines = [r for r in caplog.records if "incoming connection" in r.getMessage()]
         assert 0 < len(lines) <= FLOOD // 100 + 1, f"{len(lines)} log lines for the flood"
         # And the pair still syncs once the flood is over.
