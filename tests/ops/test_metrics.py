@@ -23,6 +23,13 @@ from tests.cluster import cluster, wait_until
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
+@pytest.fixture(autouse=True)
+def fresh_peer_labels() -> None:
+    """Peer labels are process-wide, one node per process in a daemon: in a test process,
+    the in-process nodes of earlier tests would have taken every label (the cap)."""
+    metrics.peer_label.clear()
+
+
 def scrape(registry: CollectorRegistry = REGISTRY) -> Samples:
     """Every sample of ``registry``'s text exposition: (name, sorted labels) -> value."""
     text = generate_latest(registry).decode()
