@@ -189,13 +189,13 @@ def main() -> None:
         reads: dict[str, list[tuple[float, float, float]]] = {}
         writes: dict[str, list[tuple[float, float, float]]] = {}
         with contextlib.ExitStack() as stack:
-            if args.baseline_tree is not None:
-                cs = args.chunk_size[0]
-                stack.enter_context(mounted(work / "home-base", work / "mnt-base", cs, args.baseline_tree.resolve()))
-                files[f"base {cs}"] = work / "mnt-base" / "bench.bin"
             for cs in args.chunk_size:
                 stack.enter_context(mounted(work / f"home-{cs}", work / f"mnt-{cs}", cs))
                 files[cs] = work / f"mnt-{cs}" / "bench.bin"
+            if args.baseline_tree is not None:  # measured last in each round: --rounds 2+ and compare orders
+                cs = args.chunk_size[0]
+                stack.enter_context(mounted(work / "home-base", work / "mnt-base", cs, args.baseline_tree.resolve()))
+                files[f"base {cs}"] = work / "mnt-base" / "bench.bin"
             for rnd in range(args.rounds):
                 for name, f in files.items():
                     got = samples.setdefault(name, {})

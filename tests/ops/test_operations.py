@@ -300,7 +300,7 @@ async def test_a_stored_root_that_is_not_a_directory_never_replaces_the_root() -
 
 async def test_small_reads_of_clean_chunks_read_only_their_blocks(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 4 KiB read of a chunk held here reads the blocks covering it, never the whole chunk;
+    """A 4 KiB read of a 256 KiB chunk held here reads the blocks covering it, not the whole chunk;
     a block found corrupt makes the read EIO (no peer here), never other bytes."""
     store = DiskChunkStore(tmp_path / "c")
     vfs = Vfs(make_replica(), store, chunk_size=256 * 1024)
@@ -310,9 +310,11 @@ async def test_small_reads_of_clean_chunks_read_only_their_blocks(tmp_path: Path
     whole: list[object] = []
     real_get = store.get
     monkeypatch.setattr(store, "get", lambda cid: whole.append(cid) or real_get(cid))
-    for off in (0, 4096, 256 * 1024 - 2048, 700_000, len(data) - 4096, len(data) - 100):
+    for off in (0, 4096, 256 * 1024 - 2048, 700_000, 3 * 256 * 1024 - 4096):
         assert await vfs.read(fh, off, 4096) == data[off : off + 4096]
     assert whole == []
+    # A part of a quarter of its chunk or more (here the 1000-byte last chunk) reads it whole, kept in memory.
+    assert await vfs.read(fh, len(data) - 4096, 4096) == data[-4096:] and len(whole) == 1
     for cid in store.ids():  # one bit of block 1 of every full chunk
         path = store.root / cid.hex()[:2] / cid.hex()
         raw = bytearray(path.read_bytes())
