@@ -45,17 +45,30 @@ class CachePolicy:
         self._at = -1.0
         self._generation = -1
         self._set: set[ChunkId] = set()
+        self._open: Callable[[], set[ChunkId]] | None = None
+        self._open_generation: Callable[[], int] = lambda: 0
+        self._opened = -1
+
+    def follow_open_files(self, chunks: Callable[[], set[ChunkId]], generation: Callable[[], int]) -> None:
+        """Also keep ``chunks()``: what open files need from the store and is referenced by no
+        version yet (spilled chunks, the bases of written blocks: `blixfs.vfs.Vfs.open_chunk_ids`),
+        recomputed at once when ``generation()`` changes (a new one), not a second later."""
+        self._open, self._open_generation = chunks, generation
 
     def keep(self, cid: ChunkId) -> bool:
         """Whether ``cid`` must stay (see the module docstring)."""
         now = time.monotonic()
-        if now - self._at > RECOMPUTE_SECONDS or self._generation != self.store.written_generation:
+        opened = self._open_generation()
+        if (now - self._at > RECOMPUTE_SECONDS or self._generation != self.store.written_generation
+                or opened != self._opened):
             try:
                 self._set, self._at = self._compute(), now
             except StateFileError:  # pins or replicas unknown (logged): evicting anything could lose a copy
                 self._at = -1.0  # asked again next time: the file may have been repaired
                 return True
-            self._generation = self.store.written_generation
+            if self._open is not None:
+                self._set |= self._open()
+            self._generation, self._opened = self.store.written_generation, opened
         return cid in self._set
 
     def invalidate(self) -> None:

@@ -269,6 +269,8 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
         peers.learn(known, "ticket")
     holdings = Holdings(self_id, node.secret, transport.addr())
     cache = node.open_cache()
+    if vfs is not None:
+        cache.follow_open_files(vfs.open_chunk_ids, lambda: vfs.patch_generation)
     content = vfs.content if vfs is not None else Content(node.chunks)
     analytics = Analytics(node.home / "analytics.db")
     fetcher = Fetcher(node.chunks, transport, peers, fetch_timeout=fetch_timeout,

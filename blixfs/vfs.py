@@ -92,6 +92,7 @@ USER_XATTR_PREFIX = "user."
 DEFAULT_MAX_DIRTY_BYTES = 64 << 20
 OPEN_PAGES = 64  # manifest pages an open file keeps for its reads (512 Ki chunk ids: 8 GiB at 256 KiB)
 _T = TypeVar("_T")
+PATCH_BLOCK = 4096  # a guest's block: writes of whole blocks into a clean chunk are kept as patches
 READ_AHEAD_BYTES = 4 << 20  # like the mount's read_ahead_kb: chunks loaded ahead of a sequential reader
 _ZEROS = memoryview(bytes(DEFAULT_CHUNK_SIZE * 4))
 
@@ -141,6 +142,51 @@ class FsStats:
 
 
 @dataclass(slots=True)
+class Patch:
+    """Whole `PATCH_BLOCK` blocks written over stored chunk ``base`` (``length`` bytes long),
+    kept without loading ``base``: a guest's 4 KiB write into a clean 256 KiB chunk costs
+    4 KiB of memory, not a read of the chunk and 256 KiB of dirty buffer. The chunk is
+    made whole (``base`` read, blocks laid over it) only when it is stored (spill, commit)
+    or written other than by whole blocks (`Vfs._load_chunk`). ``base`` is a hole or held
+    here, and kept from eviction and GC while patched (`Vfs.open_chunk_ids`)."""
+
+    base: ChunkId
+    length: int
+    blocks: dict[int, bytes] = field(default_factory=dict)  # block index -> its bytes
+
+    def nbytes(self) -> int:
+        return len(self.blocks) * PATCH_BLOCK
+
+
+@dataclass(frozen=True, slots=True)
+class PatchRead:
+    """A read's plan for [within, within + n) of patched chunk ``index``: the base's bytes
+    there, with the written blocks (copied when planned) laid over them."""
+
+    index: int
+    base: ChunkId
+    length: int
+    within: int
+    n: int
+    over: tuple[tuple[int, bytes], ...]  # (offset in the range, bytes)
+    covered: bool  # the written blocks cover the whole range: the base is not read
+
+    @classmethod
+    def of(cls, index: int, patch: Patch, within: int, n: int) -> PatchRead:
+        over, covered = [], 0
+        for block in range(within // PATCH_BLOCK, (within + n - 1) // PATCH_BLOCK + 1):
+            data = patch.blocks.get(block)
+            if data is None:
+                continue
+            start = max(within, block * PATCH_BLOCK)
+            stop = min(within + n, block * PATCH_BLOCK + len(data))
+            if start < stop:
+                over.append((start - within, data[start - block * PATCH_BLOCK : stop - block * PATCH_BLOCK]))
+                covered += stop - start
+        return cls(index, patch.base, patch.length, within, n, tuple(over), covered == n)
+
+
+@dataclass(slots=True)
 class OpenContent:
     """The mutable content of one file inode while it has open handles (or is being truncated).
 
@@ -161,6 +207,8 @@ class OpenContent:
     pinned: dict[ChunkId, bytes] = field(default_factory=dict)
     pages: LRU[ChunkId, bytes] = field(default_factory=lambda: LRU(OPEN_PAGES))
     dirty: dict[int, bytearray] = field(default_factory=dict)
+    patches: dict[int, Patch] = field(default_factory=dict)  # chunk i is in dirty or patches, never both
+    patch_bytes: int = 0  # of all patches' blocks: `dirty_bytes` is asked at every write
     changed: bool = False  # differs from the committed entry (dirty, spilled, or resized)
     handles: int = 0
     unlinked: bool = False  # its path is gone: nothing is committed any more
@@ -185,7 +233,22 @@ class OpenContent:
         self.pages.clear()
 
     def dirty_bytes(self) -> int:
-        return sum(map(len, self.dirty.values()))
+        return sum(map(len, self.dirty.values())) + self.patch_bytes
+
+    def drop_patch(self, index: int) -> Patch | None:
+        """Chunk ``index``'s patch, no longer kept (made whole, stored, or cut)."""
+        patch = self.patches.pop(index, None)
+        if patch is not None:
+            self.patch_bytes -= patch.nbytes()
+        return patch
+
+    def drop_patches(self) -> None:
+        self.patches.clear()
+        self.patch_bytes = 0
+
+    def written(self, index: int) -> bool:
+        """Whether chunk ``index`` has bytes written since it was stored (dirty or patched)."""
+        return index in self.dirty or index in self.patches
 
 
 @dataclass(slots=True)
@@ -277,6 +340,7 @@ class Vfs:
         self._started_ns = clock()
         self.inodes = InodeTable()
         self._contents: dict[int, OpenContent] = {}
+        self.patch_generation = 0  # bumped by each new `Patch`: the cache policy keeps its base at once
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         # Manifests, holders by content, fetching (attached to the network by the daemon). A
@@ -859,6 +923,7 @@ class Vfs:
         content.reset(m)
         content.chunk_size = m.chunk_size if m is not None else content.chunk_size
         content.dirty.clear()
+        content.drop_patches()
         content.mtime_ns = current.mtime_ns
 
     # ---------------------------------------------------------- file content
@@ -1014,10 +1079,13 @@ class Vfs:
                 content.pinned[pid] = raw
 
     async def _load_for_update(self, content: OpenContent, indices: Iterable[int], *, changing: Iterable[int] = (),
-                               new_size: int | None = None) -> dict[ChunkId, bytes]:
+                               new_size: int | None = None,
+                               patchable: Callable[[int], bool] | None = None) -> dict[ChunkId, bytes]:
         """Load the stored bytes of the clean chunks at ``indices`` before a synchronous update,
         and pin the pages its commit will read (`_pin`: chunks ``changing``, a resize to
-        ``new_size``).
+        ``new_size``). A patched chunk's base is loaded (the update may make it whole); a
+        chunk ``patchable`` says the update patches is not (asked in the last round, with no
+        await before the caller's update: the caller's answer is the same).
 
         Awaiting may let other requests change ``content``; the loop re-checks until
         every chunk still needed is loaded, so the caller can then mutate without awaiting.
@@ -1028,8 +1096,10 @@ class Vfs:
 
         def plan() -> list[tuple[int, ChunkId, int]]:
             self._pin(content, changing, content.size if new_size is None else new_size)
-            ids = [(i, self._cid(content, i)) for i in wanted if i < chunk_count(content.size, content.chunk_size)
-                   and i not in content.dirty]
+            count = chunk_count(content.size, content.chunk_size)
+            ids = [(i, content.patches[i].base if i in content.patches else self._cid(content, i))
+                   for i in wanted if i < count and i not in content.dirty
+                   and (patchable is None or not patchable(i))]
             return [(i, cid, chunk_length(i, content.size, content.chunk_size)) for i, cid in ids
                     if cid != HOLE and cid not in loaded]
         while True:
@@ -1046,14 +1116,69 @@ class Vfs:
         """
         buf = content.dirty.get(index)
         if buf is None:
-            cid = self._cid(content, index)
+            patch = content.drop_patch(index)
+            cid = patch.base if patch is not None else self._cid(content, index)
             buf = bytearray(loaded[cid]) if cid != HOLE else bytearray()
+            if patch is not None:
+                self._lay(buf, patch)
             content.dirty[index] = buf
         if len(buf) > length:
             del buf[length:]
         elif len(buf) < length:
             buf.extend(_zeros(length - len(buf)))
         return buf
+
+    @staticmethod
+    def _lay(buf: bytearray, patch: Patch) -> None:
+        """Lay ``patch``'s blocks over ``buf``, its base's bytes (zero-padded to its length)."""
+        if len(buf) < patch.length:
+            buf.extend(_zeros(patch.length - len(buf)))
+        for block, data in patch.blocks.items():
+            buf[block * PATCH_BLOCK : block * PATCH_BLOCK + len(data)] = data
+
+    def _whole(self, content: OpenContent, index: int) -> bytes:
+        """Patched chunk ``index`` made whole, synchronously (a store or commit never awaits):
+        its base is a hole or held here (kept so while patched). EIO if the base is gone
+        (found corrupt): the patch stays, and a read of the chunk fetches the base again."""
+        patch = content.patches[index]
+        buf = bytearray()
+        if patch.base != HOLE:
+            base = self.chunks.get(patch.base)
+            if base is None:
+                log.error("chunk %s, the base of written blocks, is no longer held here", short(patch.base))
+                raise FsError(errno.EIO, f"chunk {short(patch.base)} under written blocks is not held here")
+            buf = bytearray(base)
+        self._lay(buf, patch)
+        del buf[patch.length:]
+        return bytes(buf)
+
+    async def _patch_range(self, content: OpenContent, item: PatchRead, label: str | None) -> bytes:
+        """The bytes a `PatchRead` planned: the base's range (from here, or its holders if it
+        went missing), the written blocks over it."""
+        if item.covered:
+            buf = bytearray(item.n)
+        else:
+            buf = bytearray(await self._chunk_range(content, item.index, item.base, item.length, item.within,
+                                                    item.n, label))
+        for at, data in item.over:
+            buf[at : at + len(data)] = data
+        return bytes(buf)
+
+    def _patchable(self, content: OpenContent, index: int, offset: int, end: int) -> bool:
+        """Whether a write of [offset, end) changes chunk ``index`` by whole blocks only, into a
+        chunk not dirty, within the file (no resize), over a hole or a chunk held here: then it
+        is kept as a `Patch` and the chunk is not loaded."""
+        cs = content.chunk_size
+        if index in content.dirty or end > content.size:
+            return False
+        start = index * cs
+        within, stop = max(offset, start) - start, min(end, start + cs) - start
+        clen = chunk_length(index, content.size, cs)
+        if within % PATCH_BLOCK or (stop % PATCH_BLOCK and stop != clen):
+            return False
+        patch = content.patches.get(index)
+        base = patch.base if patch is not None else self._cid(content, index)
+        return base == HOLE or self.chunks.has(base)
 
     @staticmethod
     def _resize_loads(content: OpenContent, new_size: int) -> list[int]:
@@ -1077,6 +1202,8 @@ class Vfs:
             content.limit = min(content.limit, keep)
             for idx in [i for i in content.dirty if i >= keep]:
                 del content.dirty[idx]
+            for idx in [i for i in content.patches if i >= keep]:
+                content.drop_patch(idx)
             for idx in [i for i in content.overlay if i >= keep]:
                 del content.overlay[idx]
         else:
@@ -1101,8 +1228,8 @@ class Vfs:
         label = self.inodes.known_path(handle.ino)  # for per-file transfer progress
         cs = content.chunk_size
 
-        def planned() -> tuple[list[bytes | tuple[int, ChunkId, int, int, int]], int]:
-            plan: list[bytes | tuple[int, ChunkId, int, int, int]] = []
+        def planned() -> tuple[list[bytes | tuple[int, ChunkId, int, int, int] | PatchRead], int]:
+            plan: list[bytes | tuple[int, ChunkId, int, int, int] | PatchRead] = []
             end = min(offset + size, content.size)  # as of the plan: loading pages awaits
             pos = offset
             while pos < end:
@@ -1110,10 +1237,13 @@ class Vfs:
                 within = pos - idx * cs
                 n = min(cs - within, end - pos)
                 buf = content.dirty.get(idx)
-                if buf is None:
-                    plan.append((idx, self._cid(content, idx), chunk_length(idx, content.size, cs), within, n))
-                else:
+                patch = content.patches.get(idx)
+                if buf is not None:
                     plan.append(bytes(memoryview(buf)[within : within + n]))
+                elif patch is not None:
+                    plan.append(PatchRead.of(idx, patch, within, n))
+                else:
+                    plan.append((idx, self._cid(content, idx), chunk_length(idx, content.size, cs), within, n))
                 pos += n
             return plan, end
         plan, end = await self._ids(content, planned)
@@ -1131,7 +1261,7 @@ class Vfs:
                     except (MissingPage, ManifestError):  # the next page: read ahead once a read loads it
                         last = i
                         break
-                    if cid != HOLE and i not in content.dirty:
+                    if cid != HOLE and not content.written(i):
                         ahead[cid] = i
                 content.read_ahead_end = max(content.read_ahead_end, last)
                 self.content.prefetch(ahead, content.manifest, content.author or None, label)
@@ -1140,6 +1270,8 @@ class Vfs:
         for item in plan:
             if isinstance(item, bytes):
                 parts.append(item)
+            elif isinstance(item, PatchRead):
+                parts.append(await self._patch_range(content, item, label))
             else:
                 idx, cid, length, within, n = item
                 parts.append(await self._chunk_range(content, idx, cid, length, within, n, label))
@@ -1159,10 +1291,13 @@ class Vfs:
         if not data:
             return 0
         check_file_size(end, cs)
-        # The first and last chunk may be partly overwritten: their old bytes are needed.
+        # The first and last chunk may be partly overwritten: their old bytes are needed,
+        # unless the write patches them by whole blocks.
+        def patchable(index: int) -> bool:
+            return self._patchable(content, index, offset, end)
         loaded = await self._load_for_update(
             content, [offset // cs, (end - 1) // cs, *self._resize_loads(content, max(end, content.size))],
-            changing=range(offset // cs, (end - 1) // cs + 1), new_size=max(end, content.size))
+            changing=range(offset // cs, (end - 1) // cs + 1), new_size=max(end, content.size), patchable=patchable)
         # No await from here on: the update below is atomic for other requests.
         if end > content.size:
             self._resize(content, end, loaded)
@@ -1177,6 +1312,17 @@ class Vfs:
             buf = content.dirty.get(idx)
             if buf is None and within == 0 and n == clen:
                 content.dirty[idx] = bytearray(piece)  # a whole chunk: no need to read the old one
+                content.drop_patch(idx)
+            elif buf is None and patchable(idx):
+                patch = content.patches.get(idx)
+                if patch is None:
+                    patch = content.patches[idx] = Patch(self._cid(content, idx), clen)
+                    self.patch_generation += 1
+                for at in range(0, n, PATCH_BLOCK):
+                    block = (within + at) // PATCH_BLOCK
+                    if block not in patch.blocks:
+                        content.patch_bytes += PATCH_BLOCK
+                    patch.blocks[block] = bytes(piece[at : at + PATCH_BLOCK])
             else:
                 if buf is None:
                     buf = self._load_chunk(content, idx, clen, loaded)
@@ -1194,17 +1340,19 @@ class Vfs:
         stored: dict[int, ChunkId] = {}
         try:
             for idx in indices:
-                stored[idx] = self.chunks.put(bytes(content.dirty[idx]))
+                buf = content.dirty.get(idx)
+                stored[idx] = self.chunks.put(bytes(buf) if buf is not None else self._whole(content, idx))
         except OSError as exc:
             log.error("storing %d dirty chunks failed: %s", len(indices), exc)
             raise FsError(storage_errno(exc), f"cannot store written data: {exc.strerror}") from exc
         for idx, cid in stored.items():
             content.overlay[idx] = cid
-            del content.dirty[idx]
+            content.dirty.pop(idx, None)
+            content.drop_patch(idx)
 
     def _spill(self, content: OpenContent, keep: int) -> None:
         """Bound memory: store every dirty chunk but ``keep`` (the one being written)."""
-        self._store_dirty(content, sorted(i for i in content.dirty if i != keep))
+        self._store_dirty(content, sorted(i for i in [*content.dirty, *content.patches] if i != keep))
 
     def _commit(self, ino: int, content: OpenContent, *, durable: bool = False) -> None:
         """Store dirty chunks, the manifest and the entry: the file's new version becomes visible."""
@@ -1216,7 +1364,7 @@ class Vfs:
         e = self.namespace.get_any(path)
         if e is None:
             raise FsError(errno.ENOENT, f"{path} vanished while open")
-        self._store_dirty(content, sorted(content.dirty))
+        self._store_dirty(content, sorted([*content.dirty, *content.patches]))
         manifest = self._manifest_of(content, path)
         manifest_id: bytes | None = None
         try:
@@ -1541,8 +1689,12 @@ class Vfs:
         return sum(content.dirty_bytes() for content in self._contents.values())
 
     def open_chunk_ids(self) -> set[ChunkId]:
-        """Chunks open files stored but not yet committed (spilled): GC keeps them."""
-        return {cid for content in self._contents.values() for cid in content.overlay.values() if cid != HOLE}
+        """Chunks open files stored but not yet committed (spilled), and the bases of written
+        blocks (`Patch`): GC and the cache policy keep them."""
+        ids = {cid for content in self._contents.values() for cid in content.overlay.values()}
+        ids.update(p.base for content in self._contents.values() for p in content.patches.values())
+        ids.discard(HOLE)
+        return ids
 
     def open_versions(self) -> set[bytes]:
         """The versions open files were opened at (or last committed as): GC keeps them whole,
