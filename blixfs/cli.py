@@ -132,8 +132,11 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
     The node syncs with the peers it joined through tickets. A stale mount left at
     MOUNTPOINT by a daemon that was killed is cleaned up first.
     """
+    from blixfs.chunkstore import raise_fd_limit
     from blixfs.dashboard.server import DashboardError, parse_listen
     from mount.runner import MountError, run_mount  # pyfuse3 only where a mount is made
+
+    raise_fd_limit()  # before the store opens: it keeps chunk files open for range reads
 
     try:
         dashboard_at = parse_listen(dashboard, public=dashboard_public) if dashboard is not None else None
