@@ -59,6 +59,7 @@ from blixfs.gc import DEFAULT_GRACE_SECONDS, collect, live_versions
 from blixfs.health import DEFAULT_EXPIRY, HealthMonitor
 from blixfs.holdings import Holdings
 from blixfs.members import Role, member_report, parse_node_id
+from blixfs.namespace import LOOP_PAGE_ENTRIES
 from blixfs.net.iroh_transport import open_iroh_transport
 from blixfs.net.transport import NodeAddr, Transport, TransportError
 from blixfs.node import JoinError, Node
@@ -207,7 +208,8 @@ async def _load_own_holdings(node: Node, content: Content) -> None:
     """What this node holds of each live version, from its store: whole, or which chunks
     (a version written here over content it did not hold is partial). On the trio thread
     (the store's index is in memory; worker threads touch files only), one version at a time."""
-    with contextlib.closing(node.namespace.pages_since({})) as pages:  # a page at a time: bounded memory
+    # a page at a time: bounded memory, and the event loop free between pages
+    with contextlib.closing(node.namespace.pages_since({}, LOOP_PAGE_ENTRIES)) as pages:
         for page in pages:
             for e in page:
                 if e.deleted or e.manifest is None:

@@ -65,6 +65,7 @@ from blixfs.errors import FsError
 from blixfs.hashing import HOLE, ChunkId, short
 from blixfs.holdings import Holdings
 from blixfs.manifest import Manifest, ManifestError, iter_tree, lookup
+from blixfs.namespace import LOOP_PAGE_ENTRIES
 from blixfs.net.transport import Transport, TransportError
 from blixfs.node import Node
 from blixfs.peers import PeerBook
@@ -205,7 +206,7 @@ class Replicator:
             written = set(chunks.written_versions())
             new, self._written, self._written_generation = written - self._written, written, generation
             if not self._built:
-                with contextlib.closing(namespace.pages_since({})) as pages:
+                with contextlib.closing(namespace.pages_since({}, LOOP_PAGE_ENTRIES)) as pages:
                     for page in pages:
                         self._dirty.update(e.path for e in page if e.manifest in written and not e.deleted)
                         await trio.lowlevel.checkpoint()
@@ -650,7 +651,7 @@ class Replicator:
                    and not referenced_at(mid, self._elsewhere.get(mid)) and mid not in self._unreferenced}
         if unknown:
             found: dict[bytes, str] = {}
-            with contextlib.closing(namespace.pages_since({})) as pages:
+            with contextlib.closing(namespace.pages_since({}, LOOP_PAGE_ENTRIES)) as pages:
                 for page in pages:
                     found.update((e.manifest, e.path) for e in page if e.manifest in unknown and not e.deleted)
                     await trio.lowlevel.checkpoint()

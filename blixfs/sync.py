@@ -73,7 +73,7 @@ SEND_TIMEOUT = 30.0
 FRAME_TIMEOUT = 60.0
 BATCH_BYTES = 256 * 1024
 APPLY_SLICE = 64  # entries of a received frame applied in one transaction, between yields to the event loop
-DIFF_PAGE = 256  # entries read from the store (and decoded) between two yields to the event loop
+DIFF_PAGE = 64  # entries read from the store (and decoded) between two yields to the event loop
 LIVE_QUEUE = 10_000  # frames queued for one session's live sending, at most
 LIVE_QUEUE_BYTES = 16 << 20  # and bytes: frames are up to 1 MiB, so a count alone bounded nothing
 # Other nodes' holdings records kept (protocol.md section 10): at most this many nodes, and
