@@ -104,8 +104,9 @@ class NamespaceStore(Protocol):
         """Every version of ``path`` held: the current one (tombstones too) and kept siblings."""
         ...
 
-    def entries(self) -> Iterator[Entry]:
-        """Every current entry, tombstones included (for sync and GC)."""
+    def entries(self, under: str | None = None) -> Iterator[Entry]:
+        """Every current entry, tombstones included (for sync and GC); with ``under``, only
+        that path and those below it (a range of the index, not a pass over everything)."""
         ...
 
     def entries_since(self, vector: Mapping[bytes, int]) -> Iterator[Entry]:
@@ -262,8 +263,11 @@ class MemoryNamespaceStore(_Merging):
         return sorted((e for (p, _), e in self._conflicts.items() if parent_of(p) == parent),
                       key=lambda e: e.lww_key())
 
-    def entries(self) -> Iterator[Entry]:
-        return iter(list(self._entries.values()))
+    def entries(self, under: str | None = None) -> Iterator[Entry]:
+        if under is None:
+            return iter(list(self._entries.values()))
+        lo, hi = _descendant_range(under)
+        return iter([e for e in self._entries.values() if e.path == under or lo <= e.path < hi])
 
     def entries_since(self, vector: Mapping[bytes, int]) -> Iterator[Entry]:
         everything = [*self._entries.values(), *self._conflicts.values()]
@@ -541,8 +545,14 @@ class SqliteNamespaceStore(_Merging):
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
 
-    def entries(self) -> Iterator[Entry]:
-        for (data,) in self._db.execute("SELECT data FROM entries ORDER BY path"):
+    def entries(self, under: str | None = None) -> Iterator[Entry]:
+        if under is None:
+            rows = self._db.execute("SELECT data FROM entries ORDER BY path")
+        else:
+            lo, hi = _descendant_range(under)
+            rows = self._db.execute("SELECT data FROM entries WHERE path = ? OR (path >= ? AND path < ?) ORDER BY path",
+                                    (under, lo, hi))
+        for (data,) in rows:
             yield Entry.deserialize(data)
 
     def stats(self) -> NamespaceStats:

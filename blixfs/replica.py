@@ -45,7 +45,7 @@ from blixfs.entry import (
 from blixfs.errors import FsError
 from blixfs.frames import MAX_ENTRY_BYTES
 from blixfs.manifest import MAX_FILE_SIZE
-from blixfs.members import MemberList, Role, check_reserved, is_reserved, member_path
+from blixfs.members import MEMBERS_DIR, MemberList, Role, check_reserved, is_reserved, member_path
 from blixfs.namespace import NamespaceStore, Outcome
 from blixfs.net.iroh_transport import load_or_create_secret_key, write_secret_key
 from blixfs.statefile import write_atomic
@@ -192,8 +192,8 @@ class Replica:
         """The namespace's member list (blixfs.members), read from the store on first use (one
         scan; tombstones count: a list whose every node was revoked stays closed), then kept
         up to date by every change applied through this replica."""
-        if self._members is None:
-            self._members = MemberList(e for e in self.store.entries() if is_reserved(e.path))
+        if self._members is None:  # the member tree only: a range of the index, not every entry
+            self._members = MemberList(e for e in self.store.entries(under=MEMBERS_DIR) if is_reserved(e.path))
         return self._members
 
     @property

@@ -42,6 +42,15 @@ def test_descendants_do_not_include_siblings_with_a_common_prefix(ns: NamespaceS
     assert [e.path for e in ns.descendants("a")] == ["a/b", "a/b/c", "a/c"]
 
 
+def test_entries_under_a_path_are_it_and_below_tombstones_included(ns: NamespaceStore) -> None:
+    ns.apply([entry(p) for p in ["a", "a/b", "a/b/c", "a-b", "a0", "ab", "a/c", "z"]])
+    ns.apply([entry("a/c", ts=2, deleted=True)])
+    assert sorted(e.path for e in ns.entries(under="a")) == ["a", "a/b", "a/b/c", "a/c"]
+    assert next(e for e in ns.entries(under="a") if e.path == "a/c").deleted
+    assert sorted(e.path for e in ns.entries(under="a/b/c")) == ["a/b/c"]
+    assert len(list(ns.entries())) == 8
+
+
 def test_last_writer_wins_whatever_the_order(ns: NamespaceStore) -> None:
     versions = [entry("f", ts=5, author=A, size=1), entry("f", ts=5, author=B, size=2), entry("f", ts=4, size=3),
                 entry("f", ts=5, author=B, size=9)]
