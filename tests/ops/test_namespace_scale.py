@@ -155,3 +155,37 @@ async def test_a_session_start_streams_its_diff_in_pages_and_yields_between_them
     assert all(later > earlier for earlier, later in itertools.pairwise(marks)), marks
     a.store.close()
     b.store.close()
+
+
+async def test_a_large_directorys_subdirectory_count_is_kept_and_this_nodes_changes_show_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """nlink of a directory with many subdirectories is not recounted at every getattr (kept
+    `SUBDIR_COUNT_TTL`), yet this node's mkdir and rmdir change it at once; a peer's change
+    shows once the kept count is older than the TTL."""
+    import blixfs.vfs as vfs_module
+    from blixfs.chunkstore import MemoryChunkStore
+    from blixfs.vfs import Vfs
+
+    monkeypatch.setattr(vfs_module, "SUBDIR_COUNT_KEPT", 2)
+    clock = [1000.0]
+    monkeypatch.setattr(vfs_module.time, "monotonic", lambda: clock[0])
+    replica = make_replica()
+    vfs = Vfs(replica, MemoryChunkStore())
+    d = (await vfs.mkdir(ROOT_INO, "images", 0o755, 0, 0)).ino
+    for i in range(3):
+        await vfs.mkdir(d, f"vm-{i}", 0o755, 0, 0)
+    assert (await vfs.getattr(d)).nlink == 5
+    counted = []
+    real = vfs.namespace.count_subdirs
+    monkeypatch.setattr(vfs.namespace, "count_subdirs", lambda p: counted.append(p) or real(p))
+    assert (await vfs.getattr(d)).nlink == 5 and counted == []  # kept
+    await vfs.mkdir(d, "vm-3", 0o755, 0, 0)
+    assert (await vfs.getattr(d)).nlink == 6  # this node's change: at once
+    await vfs.rmdir(d, "vm-0")
+    assert (await vfs.getattr(d)).nlink == 5
+    # A peer's directory arrives: shown once the kept count is older than the TTL.
+    peer = vfs.namespace.get("images/vm-1")
+    assert peer is not None
+    vfs.namespace.apply([peer.evolve(path="images/vm-9", timestamp_ns=peer.timestamp_ns + 1)])
+    clock[0] += vfs_module.SUBDIR_COUNT_TTL + 0.01
+    assert (await vfs.getattr(d)).nlink == 6
