@@ -135,20 +135,24 @@ class NodeCollector(Collector):
     @staticmethod
     def _sync(rt: Runtime) -> Iterator[Metric]:
         sessions, lag = _family("blixfs_sync_sessions"), _family("blixfs_sync_last_entry_age_seconds")
+        behind = _family("blixfs_sync_entries_behind")
         infos = rt.sync.sessions()
         synced = sum(1 for s in infos if s.synced.is_set())
         sessions.add_metric(["synced"], synced)
         sessions.add_metric(["syncing"], len(infos) - synced)
         now = trio.current_time()
         ages: dict[str, float] = {}
+        behinds: dict[str, int] = {}
         for s in infos:
             age = max(0.0, now - (s.last_entry or s.started))
             label = metrics.peer_label(s.peer)
             if label != metrics.OTHER:
                 ages[label] = min(age, ages.get(label, age))  # a peer may have two sessions (one each way)
+                behinds[label] = max(s.entries_to_send, behinds.get(label, 0))
         for label, age in sorted(ages.items()):
             lag.add_metric([label], age)
-        yield from (sessions, lag, _family("blixfs_sync_queued_bytes", rt.sync.queued_bytes()))
+            behind.add_metric([label], behinds[label])
+        yield from (sessions, lag, behind, _family("blixfs_sync_queued_bytes", rt.sync.queued_bytes()))
 
 
 # Every gauge the collector reports: name -> (help, labels).
@@ -170,6 +174,8 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "blixfs_sync_sessions": ("Sync sessions, by state (syncing, synced)", ("state",)),
     "blixfs_sync_last_entry_age_seconds": ("Seconds since a peer's session last delivered entries (since the "
                                            "session started if none yet)", ("peer",)),
+    "blixfs_sync_entries_behind": ("Entries a peer has yet to be sent by this node (the rest of its session's "
+                                   "diff and its live queue)", ("peer",)),
     "blixfs_sync_queued_bytes": ("Bytes waiting in the live queues of all sync sessions", ()),
 }
 

@@ -113,6 +113,10 @@ class NamespaceStore(Protocol):
         """Current entries and conflict versions newer than ``vector`` for their author."""
         ...
 
+    def count_since(self, vector: Mapping[bytes, int]) -> int:
+        """How many entries `entries_since` would give (index ranges, not a decode of each)."""
+        ...
+
     def pages_since(self, vector: Mapping[bytes, int], page: int = PAGE_ENTRIES) -> Generator[list[Entry], None, None]:
         """`entries_since` in lists of at most ``page`` entries, read from one snapshot of the
         store taken at the first page: writes applied while the caller is between pages
@@ -272,6 +276,9 @@ class MemoryNamespaceStore(_Merging):
     def entries_since(self, vector: Mapping[bytes, int]) -> Iterator[Entry]:
         everything = [*self._entries.values(), *self._conflicts.values()]
         return iter([e for e in everything if e.timestamp_ns > vector.get(e.author, -1)])
+
+    def count_since(self, vector: Mapping[bytes, int]) -> int:
+        return len(list(self.entries_since(vector)))
 
     def pages_since(self, vector: Mapping[bytes, int], page: int = PAGE_ENTRIES) -> Generator[list[Entry], None, None]:
         everything = list(self.entries_since(vector))  # the snapshot: later applies do not show
@@ -517,6 +524,15 @@ class SqliteNamespaceStore(_Merging):
                         yield [Entry.deserialize(data) for (data,) in rows]
         finally:
             db.close()  # ends the read transaction
+
+    def count_since(self, vector: Mapping[bytes, int]) -> int:
+        total = 0
+        for table in ("entries", "conflicts"):  # per author: a range of the (author, timestamp) index
+            for (author,) in self._db.execute(f"SELECT DISTINCT author FROM {table}").fetchall():
+                (n,) = self._db.execute(f"SELECT count(*) FROM {table} WHERE author = ? AND timestamp > ?",
+                                        (author, vector.get(bytes(author), -1))).fetchone()
+                total += int(n)
+        return total
 
     def vector(self) -> dict[bytes, int]:
         return {bytes(a): int(t) for a, t in self._db.execute("SELECT author, timestamp FROM vector")}

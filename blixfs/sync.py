@@ -101,6 +101,7 @@ class SessionInfo:
     authors: set[bytes] = field(default_factory=set)  # of valid entries received in this session
     holdings_refused: int = 0  # HOLDINGS not taken: the table was full
     last_entry: float = 0.0  # trio time of the last ENTRIES frame received (the metrics' sync lag)
+    entries_to_send: int = 0  # the peer is this many entries behind this node: diff and live queue not sent yet
 
 
 def _batches(entries: list[Entry]) -> list[list[Entry]]:
@@ -329,6 +330,8 @@ class SyncService:
         for sid, session in list(self._sessions.items()):
             if session.info.peer == source:
                 continue
+            if isinstance(frame, Entries):
+                session.info.entries_to_send += len(frame.entries)
             if not session.queue.put(frame):
                 # A peer that cannot keep up is dropped; it reconciles when it reconnects.
                 log.warning("peer %s is too slow for live updates (%d bytes queued): closing its session",
@@ -474,11 +477,13 @@ class SyncService:
         # The diff streams from one snapshot of the store, a page at a time: neither the whole
         # namespace in memory nor a long stretch of the event loop (FUSE requests, other
         # sessions run between pages). A change applied meanwhile is in the live queue.
+        session.info.entries_to_send += store.count_since(their_vector)
         with contextlib.closing(store.pages_since(their_vector, DIFF_PAGE)) as pages:
             for page in pages:
                 for batch in _batches(page):
                     await self._send(stream, encode(Entries(batch)))
                     session.info.entries_sent += len(batch)
+                    session.info.entries_to_send = max(0, session.info.entries_to_send - len(batch))
                 await trio.lowlevel.checkpoint()
         await self._send(stream, encode(Synced(vector)))
         while True:
@@ -489,6 +494,7 @@ class SyncService:
             for batch in _batches(frame.entries):
                 await self._send(stream, encode(Entries(batch)))
                 session.info.entries_sent += len(batch)
+                session.info.entries_to_send = max(0, session.info.entries_to_send - len(batch))
 
     def _advance(self, vector: dict[bytes, int], info: SessionInfo) -> None:
         """Take a peer's SYNCED vector as our knowledge, with care: a peer vouches only for

@@ -51,6 +51,13 @@ def test_entries_under_a_path_are_it_and_below_tombstones_included(ns: Namespace
     assert len(list(ns.entries())) == 8
 
 
+def test_count_since_counts_what_entries_since_gives(ns: NamespaceStore) -> None:
+    ns.apply([entry("a", ts=1), entry("b", ts=2), entry("c", ts=3, author=B), entry("a", ts=4, author=B)])
+    ns.apply([entry("b", ts=5, deleted=True)])
+    for vector in ({}, {A: 1}, {A: 9}, {A: 2, B: 3}, {B: 9}):
+        assert ns.count_since(vector) == len(list(ns.entries_since(vector))), vector
+
+
 def test_last_writer_wins_whatever_the_order(ns: NamespaceStore) -> None:
     versions = [entry("f", ts=5, author=A, size=1), entry("f", ts=5, author=B, size=2), entry("f", ts=4, size=3),
                 entry("f", ts=5, author=B, size=9)]
