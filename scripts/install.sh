@@ -23,7 +23,7 @@ debs=(fuse3 libfuse3-dev pkg-config qemu-utils gcc python3-dev iproute2 attr)
 # under TCG, mkfs.ext4 -d to make its root without a loop mount, cpio for its initramfs.
 # Its kernel and busybox are only downloaded (apt-get download), never installed here.
 debs+=(qemu-system-x86 e2fsprogs cpio)
-# The dashboard's real-browser test (tests/mounted/test_dashboard_browser.py): Debian's
+# The dashboard's real-browser test (tests/multinode/test_dashboard_browser.py): Debian's
 # headless chromium and its chromedriver, driven by selenium (Playwright's browser download
 # is not reachable from CI).
 debs+=(chromium chromium-driver)
