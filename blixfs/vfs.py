@@ -116,6 +116,15 @@ class _NoJournal:
 _NO_JOURNAL = _NoJournal()
 
 
+def _available(cid: ChunkId, data: bytes | None) -> bytes:
+    """``data``, the bytes of chunk ``cid`` the content layer had; EIO (logged) when it had none:
+    not held here and no peer known to hold it."""
+    if data is None:
+        log.error("chunk %s is not held by this node and no peer is known to hold it", short(cid))
+        raise FsError(errno.EIO, f"chunk {short(cid)} is not available")
+    return data
+
+
 def _zeros(n: int) -> bytes | memoryview:
     return _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
 
@@ -1020,10 +1029,7 @@ class Vfs:
         while this awaits."""
         if cid == HOLE:
             return _zeros(length)
-        data = await self.content.chunk(cid, content.manifest, index, content.author or None, label)
-        if data is None:
-            log.error("chunk %s is not held by this node and no peer is known to hold it", short(cid))
-            raise FsError(errno.EIO, f"chunk {short(cid)} is not available")
+        data = _available(cid, await self.content.chunk(cid, content.manifest, index, content.author or None, label))
         if len(data) != length:
             raise FsError(errno.EIO, f"chunk {short(cid)} has {len(data)} bytes, manifest says {length}")
         return data
@@ -1040,10 +1046,8 @@ class Vfs:
             # chunk whole once and keep it in memory for the rest, as before ranges existed
             # (measured: sequential cold reads lost ~30% reading each half by range).
             return memoryview(await self._chunk_bytes(content, index, cid, length, label))[within : within + n]
-        data = await self.content.chunk_range(cid, content.manifest, index, content.author or None, within, n, label)
-        if data is None:
-            log.error("chunk %s is not held by this node and no peer is known to hold it", short(cid))
-            raise FsError(errno.EIO, f"chunk {short(cid)} is not available")
+        data = _available(cid, await self.content.chunk_range(cid, content.manifest, index, content.author or None,
+                                                              within, n, label))
         if len(data) != n:
             raise FsError(errno.EIO, f"chunk {short(cid)} is shorter than the {length} bytes its manifest says")
         return data
