@@ -12,8 +12,15 @@ Control protocol: one JSON object per line each way, one request per connection:
     {"op": "join", "ticket": T}  -> {"ok": true, "message": "..."} | {"ok": false, "error": "..."}
     {"op": "peers"}              -> {"ok": true, "peers": [{id, addrs, session, latency_ms, ...}]}
     {"op": "gc", "dry_run": b, "grace": s} -> {"ok": true, "freed_chunks", "freed_bytes", ...}
-    {"op": "pull", "path": P}    -> {"progress": {"done": n, "total": n}} lines, then
+    {"op": "pull", "path": P, "priority": "background"}
+                                 -> {"progress": {"done": n, "total": n}} lines, then
                                     {"ok": true, "bytes", "total", "seconds", "peers": {id: bytes}}
+                                    (priority: demand, trace, ahead or background, the default)
+    {"op": "limits"}             -> {"ok": true, "max_upload": r, "max_background": r}
+    {"op": "limits", "max_upload": R, "max_background": R} -> the same, after the change
+                                    (R: bytes/s as an integer or a string like "20M"; "off",
+                                    0 or null: no limit; a field left out keeps its limit;
+                                    r: bytes/s or null)
     {"op": "allow", "node": HEX, "role": "read"|"write"|"admin"} -> {"ok": true, "member": {...}}
     {"op": "revoke", "node": HEX} -> {"ok": true, "member": {...}} (both: {"ok": false, "error"} when refused)
     {"op": "commit", "path": P}  -> {"ok": true, "path": P, "published": b} | {"ok": false, "error": "..."}
@@ -58,12 +65,14 @@ from blixfs.fetcher import ATTEMPT_TIMEOUT, FETCH_TIMEOUT, Fetcher
 from blixfs.gc import DEFAULT_GRACE_SECONDS, collect, live_versions
 from blixfs.health import DEFAULT_EXPIRY, HealthMonitor
 from blixfs.holdings import Holdings
+from blixfs.limits import Limits, RateError, parse_rate
 from blixfs.members import Role, member_report, parse_node_id
 from blixfs.namespace import LOOP_PAGE_ENTRIES
 from blixfs.net.iroh_transport import open_iroh_transport
 from blixfs.net.transport import NodeAddr, Transport, TransportError
 from blixfs.node import JoinError, Node
 from blixfs.peers import PeerBook
+from blixfs.priority import Priority
 from blixfs.replication import DEFAULT_COPIES, Replicator
 from blixfs.sync import ALPN as SYNC_ALPN
 from blixfs.sync import SESSIONS_PER_PEER, SESSIONS_TOTAL, SyncService
@@ -103,6 +112,7 @@ class Runtime:
     analytics: Analytics | None = None
     dashboard: str | None = None  # the dashboard's URL when it is served
     api: DashboardApi | None = None  # the dashboard's JSON (also `blixfs status --json`)
+    limits: Limits = field(default_factory=Limits.create)  # bandwidth limits (`blixfs limit`)
 
     def peers_report(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -128,8 +138,10 @@ class Runtime:
             })
         return out
 
-    async def pull(self, path: str, progress: Callable[[dict[str, Any]], Awaitable[None]]) -> dict[str, Any]:
-        """Fetch every chunk of the file at ``path`` this node lacks, reporting progress."""
+    async def pull(self, path: str, progress: Callable[[dict[str, Any]], Awaitable[None]],
+                   priority: Priority = Priority.BACKGROUND) -> dict[str, Any]:
+        """Fetch every chunk of the file at ``path`` this node lacks at class ``priority``,
+        reporting progress."""
         e = self.node.namespace.get(path.strip("/"))
         if e is None or e.kind is not Kind.FILE:
             raise PullError(f"no file {path!r} in the namespace")
@@ -149,7 +161,8 @@ class Runtime:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report)
             try:
-                result = await self.content.fetch_version(e.manifest, author=e.author, label=e.path, progress=count)
+                result = await self.content.fetch_version(e.manifest, author=e.author, label=e.path, progress=count,
+                                                          priority=priority)
             except FsError as exc:
                 raise PullError(str(exc)) from None
             finally:
@@ -168,6 +181,8 @@ class Runtime:
             "fetched": {"bytes": self.fetcher.bytes_fetched, "chunks": self.fetcher.chunks_fetched,
                         "in_flight": sum(st.inflight for st in self.peers.stats.values())},
             "served": {"bytes": self.server.bytes_served, "requests": self.server.requests},
+            "limits": {**self.limits.report(), "fetch_queue": self.fetcher.queue.waiting(),
+                       "serve_queue": self.server.queue.waiting() + self.server.demand_queue.waiting()},
             "replication": self.replicator.report() if self.replicator is not None else [],
             "files": [{"path": path, "bytes": t.bytes, "chunks": t.chunks, "rate_mbs": round(t.rate() / 1e6, 1),
                        "idle_s": round(time.monotonic() - t.updated, 1)}
@@ -226,10 +241,12 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
                        gc_interval: float = GC_INTERVAL, gc_grace: float = DEFAULT_GRACE_SECONDS,
                        internet: bool = False, peer_expiry: float = DEFAULT_EXPIRY, mdns: bool = True,
                        mdns_interfaces: list[str] | None = None, publish_interval: float = PUBLISH_INTERVAL,
-                       dashboard: tuple[str, int] | None = None,
+                       dashboard: tuple[str, int] | None = None, max_upload: int | None = None,
+                       max_background: int | None = None,
                        task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the node's network services until cancelled; reports the `Runtime` when up.
-    ``dashboard``: (host, port) to serve the dashboard on (`blixfs.dashboard.server.parse_listen`)."""
+    ``dashboard``: (host, port) to serve the dashboard on (`blixfs.dashboard.server.parse_listen`);
+    ``max_upload``, ``max_background``: bandwidth limits in bytes/s (`blixfs.limits`; None: none)."""
     bind = listen or node.listen_addr()
     async with contextlib.AsyncExitStack() as stack:
         try:
@@ -248,7 +265,7 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
                          gc_interval=gc_interval, gc_grace=gc_grace, peer_expiry=peer_expiry,
                          mdns_interfaces=(mdns_interfaces or interfaces_for_listen(bind.rsplit(":", 1)[0]))
                          if mdns else None, publish_interval=publish_interval, dashboard=dashboard,
-                         task_status=task_status)
+                         limits=Limits.create(max_upload, max_background), task_status=task_status)
 
 
 async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None,
@@ -256,13 +273,14 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
                      gc_interval: float = GC_INTERVAL, gc_grace: float = DEFAULT_GRACE_SECONDS,
                      peer_expiry: float = DEFAULT_EXPIRY, mdns_interfaces: list[str] | None = None,
                      control: bool = True, publish_interval: float = PUBLISH_INTERVAL,
-                     dashboard: tuple[str, int] | None = None,
+                     dashboard: tuple[str, int] | None = None, limits: Limits | None = None,
                      task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
     """The node's services on ``transport`` (iroh for a daemon, the in-memory network for
     in-process tests): sync, chunk server, fetcher, replication, health, GC, LAN discovery
     on ``mdns_interfaces`` (None: off), transfer analytics (`blixfs.analytics`, saved in
     ``<home>/analytics.db``), with ``control`` the control socket and with ``dashboard``
-    (host, port) the dashboard. Runs until cancelled; reports the `Runtime` when up."""
+    (host, port) the dashboard, under the bandwidth ``limits`` (None: none; changeable
+    through the control socket). Runs until cancelled; reports the `Runtime` when up."""
     # Each service gets its collaborators and hooks at construction, in dependency order;
     # the one later step is the content layer's `connect` (the VFS built it before the network).
     self_id = node.node_id.hex()
@@ -275,11 +293,12 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
         cache.follow_open_files(vfs.open_chunk_ids, lambda: vfs.patch_generation)
     content = vfs.content if vfs is not None else Content(node.chunks)
     analytics = Analytics(node.home / "analytics.db")
+    limits = limits or Limits.create()
     fetcher = Fetcher(node.chunks, transport, peers, fetch_timeout=fetch_timeout,
                       attempt_timeout=min(ATTEMPT_TIMEOUT, fetch_timeout),
                       allowed=lambda peer: _may(node, peer, Role.READ), on_stored=cache.enforce,
                       on_fetched=content.reader.remember, on_dont_have=content.forget_holder,
-                      on_chunk=analytics.on_chunk)
+                      on_chunk=analytics.on_chunk, limits=limits)
     sync = SyncService(node.replica, transport, holdings, on_address=lambda addr: peers.learn(addr, "exchange"),
                        vouched=peers.reached)
     content.connect(Network(fetcher, holdings, peers,
@@ -291,7 +310,7 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     replicator = Replicator(node, transport, sync, holdings, peers, content, default_copies=copies)
     server = ChunkServer(node.chunks, on_hold=replicator.on_hold,
                          allowed=lambda peer, op: _may(node, peer, Role.WRITE if op == OP_HOLD else Role.READ),
-                         on_served=analytics.on_served)
+                         on_served=analytics.on_served, limits=limits)
     if vfs is not None:
         vfs.on_read = analytics.on_read
     transport.register(CHUNKS_ALPN, server.handle)
@@ -306,7 +325,7 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
         await nursery.start(fetcher.serve)
         await nursery.start(replicator.run)
         runtime = Runtime(node, transport, sync, nursery, peers, holdings, fetcher, server, content, vfs,
-                          replicator, analytics=analytics)
+                          replicator, analytics=analytics, limits=limits)
         runtime.api = DashboardApi(runtime)
         await nursery.start(analytics.run, lambda: {"fetched": fetcher.bytes_fetched, "served": server.bytes_served,
                                                     "read": analytics.totals["read"]})
@@ -418,7 +437,8 @@ async def _reply(raw: bytes, runtime: Runtime, stream: trio.SocketStream) -> dic
             await stream.send_all(json.dumps({"progress": update}).encode() + b"\n")
 
         try:
-            return {"ok": True, **await runtime.pull(request.get("path") or "", progress)}
+            return {"ok": True, **await runtime.pull(request.get("path") or "", progress,
+                                                     Priority[str(request.get("priority") or "background").upper()])}
         except PullError as exc:
             return {"ok": False, "error": str(exc)}
     return _dispatch(raw, runtime)
@@ -429,7 +449,8 @@ _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "addr": {}, "status": {}, "peers": {},
     "join": {"ticket": (str,)},
     "gc": {"dry_run": (bool,), "grace": (int, float)},
-    "pull": {"path": (str,)},
+    "pull": {"path": (str,), "priority": (str,)},
+    "limits": {"max_upload": (str, int), "max_background": (str, int)},
     "commit": {"path": (str,)},
     "allow": {"node": (str,), "role": (str,)},
     "revoke": {"node": (str,)},
@@ -455,6 +476,9 @@ def _invalid(request: dict[str, Any] | None) -> str | None:
     grace = request.get("grace")
     if grace is not None and not 0 <= grace < 1e12:
         return "grace must be a number of seconds >= 0"
+    priority = request.get("priority")
+    if priority is not None and priority.upper() not in Priority.__members__:
+        return f"priority must be one of {', '.join(p.name.lower() for p in Priority)}"
     return None
 
 
@@ -552,6 +576,7 @@ def _dispatch(raw: bytes, runtime: Runtime) -> dict[str, Any]:
         "revoke": lambda: {"member": member_report(runtime.node.replica.set_member(
             parse_node_id(str(request.get("node", ""))), None))},
         "dashboard": lambda: {"url": runtime.dashboard},
+        "limits": lambda: _limits(runtime, request),
         "api": lambda: {"page": _api_page(runtime, str(request.get("page") or "all"))},
     }
     handler = handlers.get(op)
@@ -559,8 +584,22 @@ def _dispatch(raw: bytes, runtime: Runtime) -> dict[str, Any]:
         return {"ok": False, "error": f"unknown op {op!r}"}
     try:
         return {"ok": True, **handler()}
-    except (TicketError, JoinError, FsError, ValueError) as exc:  # ValueError: a bad node id or role
+    except (TicketError, JoinError, FsError, ValueError) as exc:  # ValueError: a bad node id, role or rate
         return {"ok": False, "error": str(exc)}
+
+
+def _limits(runtime: Runtime, request: dict[str, Any]) -> dict[str, Any]:
+    """The ``limits`` op: change the limits the request names (all or none: a bad rate
+    changes nothing), then report them. RateError (a ValueError) for a bad rate."""
+    changes: dict[str, int | None] = {}
+    for name in ("max_upload", "max_background"):
+        if name in request:
+            try:
+                changes[name] = parse_rate(request[name])
+            except RateError as exc:
+                raise RateError(f"{name.replace('_', '-')}: {exc}") from None
+    runtime.limits.set(changes)
+    return runtime.limits.report()
 
 
 def _api_page(runtime: Runtime, page: str) -> dict[str, Any]:
