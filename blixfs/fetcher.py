@@ -27,11 +27,13 @@ holders. Every other fetch (trace prefetch, read-ahead, pulls, replicas, pages o
 versions) goes through one `blixfs.scheduling.FairQueue` of `FETCH_SLOTS`: by class,
 then file by file in turn, then first come first served. A non-demand fetch then takes
 its bytes from the ``max_background`` limit (`blixfs.limits`; its wait is not counted
-against the fetch deadline), and while demand requests are in flight to a peer, no
-more than `BACKGROUND_WHILE_DEMAND` other requests are started to that peer (each waits
-at most `DEMAND_YIELD_SECONDS`): the bytes share one QUIC connection, and the server
-sends demand answers first (`blixfs.chunkproto`). A demand read that wants a chunk a
-background fetch is already getting joins it and lifts it to DEMAND (it stops yielding).
+against the fetch deadline). While demand fetches are under way, and for
+`DEMAND_LINGER_SECONDS` after the last one (a guest's next read comes soon), at most
+`BACKGROUND_WHILE_DEMAND` non-demand fetches run, to any peer: the rest wait, so the
+CPU, the disk and the connections (the bytes of all classes share one QUIC connection
+per peer) are the demand reads' first; the server sends demand answers first as well
+(`blixfs.chunkproto`). Background work still moves meanwhile, at that pace. A demand
+read that wants a chunk a background fetch is already getting waits for that fetch.
 
 Who holds what is `blixfs.holdings`; how peers measure is `blixfs.peers`.
 
@@ -73,7 +75,7 @@ STALE_SECONDS = 1.0
 READ_AHEAD_PARALLEL = 8  # workers of one whole-version fetch (and of its pages)
 FETCH_SLOTS = 16  # non-demand fetches under way at once, all classes and files together
 BACKGROUND_WHILE_DEMAND = 2  # non-demand requests started to a peer while demand ones are in flight to it
-DEMAND_YIELD_SECONDS = 1.0  # at most this long a non-demand request waits for a peer's demand requests
+DEMAND_LINGER_SECONDS = 0.5  # after a demand fetch, background stays cut back this long
 CHUNK_ESTIMATE = 256 * 1024  # bytes a non-demand fetch takes from the background limit before it asks
 
 # Told of each chunk fetched: file label, peer, bytes, why ("read", "ahead", "pull"), chunk id.
@@ -97,20 +99,13 @@ class Transfer:
 
 
 class _Load:
-    __slots__ = ("data", "done", "error", "priority", "yielding")
+    __slots__ = ("data", "done", "error", "priority")
 
     def __init__(self, priority: Priority) -> None:
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: FsError | None = None
-        self.priority = priority
-        self.yielding: trio.CancelScope | None = None  # while it waits for a peer's demand requests
-
-    def promote(self) -> None:
-        """A demand read waits for this fetch: it stops giving way to demand requests."""
-        self.priority = Priority.DEMAND
-        if self.yielding is not None:
-            self.yielding.cancel()
+        self.priority = priority  # the class its requests carry
 
 
 class Fetcher:
@@ -143,9 +138,10 @@ class Fetcher:
         self._queued: set[ChunkId] = set()  # read-ahead tasks not finished yet
         self.queue = FairQueue(FETCH_SLOTS, "fetch")
         self.limits = limits or Limits.create()
-        self._demand_to: dict[str, int] = {}  # peer -> demand requests in flight to it
-        self._other_to: dict[str, int] = {}  # peer -> other requests in flight to it
-        self._eased: dict[str, trio.Event] = {}  # peer -> set when either count above falls
+        self._demand_fetches = 0  # demand fetches under way
+        self._demand_until = 0.0  # trio time until which background stays cut back after the last one
+        self._background_fetches = 0  # non-demand fetches past the queue, under way
+        self._calmer = trio.Event()  # set (and replaced) when either count above falls
         self._exploring = 0  # attempts under way on holders never measured (one at a time)
         self.explore_timeout = min(EXPLORE_TIMEOUT, attempt_timeout)
         self._nursery: trio.Nursery | None = None
@@ -196,7 +192,13 @@ class Fetcher:
             priority = Priority.BACKGROUND if must_store else Priority.DEMAND
         why = "pull" if must_store else "read"
         if priority is Priority.DEMAND:
-            data = await self._get(cid, holders, label, locate, why, priority)
+            self._demand_fetches += 1
+            try:
+                data = await self._get(cid, holders, label, locate, why, priority)
+            finally:
+                self._demand_fetches -= 1
+                self._demand_until = trio.current_time() + DEMAND_LINGER_SECONDS
+                self._calm_down()
         else:
             data = await self._scheduled(cid, holders, label, locate, why, priority)
         if must_store and not self.store.has(cid):
@@ -207,18 +209,41 @@ class Fetcher:
                          why: str, priority: Priority) -> bytes:
         """A non-demand fetch: a slot of the queue, then the background limit's bytes, then `_get`."""
         async with self.queue.slot(priority, label):
-            held = self.store.get(cid) if self.store.has(cid) else None
-            if held is not None:  # a read fetched it while this one waited its turn
-                return held
-            bucket = self.limits.background
-            await bucket.take(CHUNK_ESTIMATE, priority)
+            await self._demand_calm()
+            self._background_fetches += 1  # before any await: the next one's _demand_calm counts it
             fetched = 0
+            bucket = self.limits.background
             try:
+                held = self.store.get(cid) if self.store.has(cid) else None
+                if held is not None:  # a read fetched it while this one waited its turn
+                    return held
+                await bucket.take(CHUNK_ESTIMATE, priority)
+                fetched = CHUNK_ESTIMATE  # taken; settled below with the real size (0 when it failed)
                 data = await self._get(cid, holders, label, locate, why, priority)
-                fetched = len(data)
+                bucket.charge(len(data) - CHUNK_ESTIMATE)
+                fetched = 0
+                return data
             finally:
-                bucket.charge(fetched - CHUNK_ESTIMATE)  # settled: the real size (0 when it failed)
-            return data
+                self._background_fetches -= 1
+                self._calm_down()
+                if fetched:
+                    bucket.charge(-fetched)
+
+    def _calm_down(self) -> None:
+        self._calmer.set()
+        self._calmer = trio.Event()
+
+    async def _demand_calm(self) -> None:
+        """Wait while demand fetches are (or were, DEMAND_LINGER_SECONDS ago) under way and
+        BACKGROUND_WHILE_DEMAND non-demand ones are already (module docstring)."""
+        while self._background_fetches >= BACKGROUND_WHILE_DEMAND:
+            if self._demand_fetches:
+                await self._calmer.wait()
+            elif trio.current_time() < self._demand_until:
+                with trio.move_on_at(self._demand_until):
+                    await self._calmer.wait()
+            else:
+                return
 
     async def _get(self, cid: ChunkId, holders: Sequence[str], label: str | None, locate: Locate | None,
                    why: str, priority: Priority = Priority.DEMAND) -> bytes:
@@ -246,8 +271,6 @@ class Fetcher:
                 del self._loading[cid]
                 pending.done.set()
         else:
-            if priority is Priority.DEMAND and pending.priority is not Priority.DEMAND:
-                pending.promote()
             await pending.done.wait()
         if pending.data is None:
             raise pending.error or FsError(errno.EIO, f"chunk {short(cid)} could not be fetched")
@@ -314,7 +337,6 @@ class Fetcher:
                     exploring = self.peers.of(peer).chunks_received == 0 and not trusted
                     self._exploring += exploring
                     try:
-                        await self._give_way(peer, load)
                         data = await self._attempt(peer, cid, reasons,
                                                    self._deadline(peer, last, end - trio.current_time()), load)
                     finally:
@@ -338,39 +360,12 @@ class Fetcher:
         """Holders this node may ask: a node not in a closed namespace's member list never is."""
         return [h for h in holders if self._may_ask is None or self._may_ask(h)]
 
-    async def _give_way(self, peer: str, load: _Load) -> None:
-        """A non-demand request waits (at most DEMAND_YIELD_SECONDS, until promoted) while
-        demand requests are in flight to ``peer`` and BACKGROUND_WHILE_DEMAND others are."""
-        if load.priority is Priority.DEMAND or not self._demand_to.get(peer):
-            return
-        with trio.move_on_after(DEMAND_YIELD_SECONDS) as scope:
-            load.yielding = scope
-            try:
-                while self._demand_to.get(peer) and self._other_to.get(peer, 0) >= BACKGROUND_WHILE_DEMAND:
-                    await self._eased.setdefault(peer, trio.Event()).wait()
-            finally:
-                load.yielding = None
-
-    def _count(self, counts: dict[str, int], peer: str, delta: int) -> None:
-        """Requests in flight to ``peer``, by kind; a fall wakes the requests giving way."""
-        n = counts.get(peer, 0) + delta
-        if n > 0:
-            counts[peer] = n
-        else:
-            counts.pop(peer, None)
-        if delta < 0:
-            eased = self._eased.pop(peer, None)
-            if eased is not None:
-                eased.set()
-
     async def _attempt(self, peer: str, cid: ChunkId, reasons: list[str], seconds: float,
                        load: _Load) -> bytes | None:
         """One request to ``peer`` within ``seconds``: the verified chunk, stored; None (and a
         reason) if not had."""
         stats = self.peers.of(peer)
         stats.inflight += 1
-        counts = self._demand_to if load.priority is Priority.DEMAND else self._other_to
-        self._count(counts, peer, 1)
         try:
             with trio.fail_after(seconds):
                 fetched = await self.client.fetch(self.peers.addr(peer), cid, load.priority)
@@ -387,7 +382,6 @@ class Fetcher:
             return None
         finally:
             stats.inflight -= 1
-            self._count(counts, peer, -1)
         if fetched is None:
             reasons.append(f"{peer[:16]}: does not hold it")
             if self._on_dont_have is not None:

@@ -13,7 +13,7 @@ import trio
 
 from blixfs.chunkproto import ALPN, ChunkClient, ChunkServer
 from blixfs.chunkstore import MemoryChunkStore
-from blixfs.fetcher import Fetcher
+from blixfs.fetcher import BACKGROUND_WHILE_DEMAND, DEMAND_LINGER_SECONDS, Fetcher
 from blixfs.hashing import ChunkId
 from blixfs.limits import BURST_MIN, Limits
 from blixfs.net.memory import MemoryNetwork
@@ -147,28 +147,32 @@ async def test_a_demand_read_bypasses_the_fetchers_queue_of_background_fetches(
         assert max(done.values()) >= 20 * LOAD_SECONDS
 
 
-async def test_a_demand_read_lifts_the_background_fetch_of_its_chunk(autojump_clock: trio.abc.Clock) -> None:
-    """A trace prefetch giving way to demand requests to its peer stops giving way as soon
-    as a demand read wants its chunk (else the read would wait DEMAND_YIELD_SECONDS)."""
-    async with serving(6) as n:
+async def test_background_fetches_are_cut_back_while_demand_reads_run(autojump_clock: trio.abc.Clock) -> None:
+    """While a demand fetch runs, and DEMAND_LINGER_SECONDS after, only
+    BACKGROUND_WHILE_DEMAND background fetches run; then all of them again."""
+    async with serving(11) as n:
         assert isinstance(n.store, SlowStore)
-        for slow in (n.chunks[1], n.chunks[2], n.chunks[5]):
-            n.store.delays[slow] = 5.0
+        n.store.delays[n.chunks[10]] = 1.0
+        for cid in n.chunks[:10]:
+            n.store.delays[cid] = 0.5
         fetcher = await _fetcher(n)
         holder = [n.addr.node_id]
+        done: list[float] = []
+        start = trio.current_time()
+
+        async def background(cid: ChunkId) -> None:
+            await fetcher.get(cid, holder, "other.img", must_store=True)
+            done.append(trio.current_time() - start)
+
         async with trio.open_nursery() as nursery:
-            await nursery.start(fetcher.serve)
-            nursery.start_soon(fetcher.get, n.chunks[5], holder)  # a demand read in flight for 5 s
+            nursery.start_soon(fetcher.get, n.chunks[10], holder)  # a demand read for 1 s
             await trio.sleep(0.01)
-            fetcher.prefetch([(n.chunks[1], holder, None), (n.chunks[2], holder, None)], "vm.img")
-            await trio.sleep(0.01)
-            fetcher.prefetch([(n.chunks[0], holder, None)], "vm.img", priority=Priority.TRACE)
-            await trio.sleep(0.01)
-            assert fetcher.loading(n.chunks[0])  # and giving way: two others are in flight
-            start = trio.current_time()
-            assert await fetcher.get(n.chunks[0], holder) == n.store.get(n.chunks[0])
-            assert trio.current_time() - start < LOAD_SECONDS + 0.05
-            nursery.cancel_scope.cancel()
+            for cid in n.chunks[:10]:
+                nursery.start_soon(background, cid)
+        # Two at a time until the demand read is done and its linger is over (1.5 s), then all.
+        assert len([t for t in done if t < 1.0 + DEMAND_LINGER_SECONDS]) <= 3 * BACKGROUND_WHILE_DEMAND
+        assert max(done) <= 1.0 + DEMAND_LINGER_SECONDS + 0.5 + 0.1
+        assert len([t for t in done if t < 0.6]) == BACKGROUND_WHILE_DEMAND
 
 
 async def test_the_upload_limit_holds_and_follows_a_change(autojump_clock: trio.abc.Clock) -> None:
