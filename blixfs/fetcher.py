@@ -28,12 +28,13 @@ versions) goes through one `blixfs.scheduling.FairQueue` of `FETCH_SLOTS`: by cl
 then file by file in turn, then first come first served. A non-demand fetch then takes
 its bytes from the ``max_background`` limit (`blixfs.limits`; its wait is not counted
 against the fetch deadline). While demand fetches are under way, and for
-`DEMAND_LINGER_SECONDS` after the last one (a guest's next read comes soon), at most
-`BACKGROUND_WHILE_DEMAND` non-demand fetches run, to any peer: the rest wait, so the
+`DEMAND_LINGER_SECONDS` after the last one (a guest's next read comes soon), the queue
+has `BACKGROUND_WHILE_DEMAND` slots instead of `FETCH_SLOTS` (still in class order): the
 CPU, the disk and the connections (the bytes of all classes share one QUIC connection
-per peer) are the demand reads' first; the server sends demand answers first as well
-(`blixfs.chunkproto`). Background work still moves meanwhile, at that pace. A demand
-read that wants a chunk a background fetch is already getting waits for that fetch.
+per peer) are the demand reads' first, and the server sends demand answers first as
+well (`blixfs.chunkproto`). Background work still moves meanwhile, at that pace. A
+demand read that wants a chunk a background fetch is already getting waits for that
+fetch. (Without `serve` running, the slots come back as soon as demand fetches end.)
 
 Who holds what is `blixfs.holdings`; how peers measure is `blixfs.peers`.
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -74,7 +76,7 @@ LATENCY_FACTOR = 10.0  # an untrusted but measured holder gets this many times i
 STALE_SECONDS = 1.0
 READ_AHEAD_PARALLEL = 8  # workers of one whole-version fetch (and of its pages)
 FETCH_SLOTS = 16  # non-demand fetches under way at once, all classes and files together
-BACKGROUND_WHILE_DEMAND = 2  # non-demand requests started to a peer while demand ones are in flight to it
+BACKGROUND_WHILE_DEMAND = 2  # the queue's slots while demand fetches run (and DEMAND_LINGER_SECONDS after)
 DEMAND_LINGER_SECONDS = 0.5  # after a demand fetch, background stays cut back this long
 CHUNK_ESTIMATE = 256 * 1024  # bytes a non-demand fetch takes from the background limit before it asks
 
@@ -140,8 +142,7 @@ class Fetcher:
         self.limits = limits or Limits.create()
         self._demand_fetches = 0  # demand fetches under way
         self._demand_until = 0.0  # trio time until which background stays cut back after the last one
-        self._background_fetches = 0  # non-demand fetches past the queue, under way
-        self._calmer = trio.Event()  # set (and replaced) when either count above falls
+        self._relaxing: trio.CancelScope | None = None  # of the task giving the queue its slots back
         self._exploring = 0  # attempts under way on holders never measured (one at a time)
         self.explore_timeout = min(EXPLORE_TIMEOUT, attempt_timeout)
         self._nursery: trio.Nursery | None = None
@@ -193,12 +194,15 @@ class Fetcher:
         why = "pull" if must_store else "read"
         if priority is Priority.DEMAND:
             self._demand_fetches += 1
+            self.queue.set_slots(BACKGROUND_WHILE_DEMAND)
+            if self._relaxing is not None:
+                self._relaxing.deadline = math.inf  # not while this one runs
             try:
                 data = await self._get(cid, holders, label, locate, why, priority)
             finally:
                 self._demand_fetches -= 1
                 self._demand_until = trio.current_time() + DEMAND_LINGER_SECONDS
-                self._calm_down()
+                self._demand_over()
         else:
             data = await self._scheduled(cid, holders, label, locate, why, priority)
         if must_store and not self.store.has(cid):
@@ -209,41 +213,43 @@ class Fetcher:
                          why: str, priority: Priority) -> bytes:
         """A non-demand fetch: a slot of the queue, then the background limit's bytes, then `_get`."""
         async with self.queue.slot(priority, label):
-            await self._demand_calm()
-            self._background_fetches += 1  # before any await: the next one's _demand_calm counts it
-            fetched = 0
+            if cid in self._loading:  # a read is fetching it: wait for that, no bytes of our own
+                return await self._get(cid, holders, label, locate, why, priority)
+            held = self.store.get(cid) if self.store.has(cid) else None
+            if held is not None:  # a read fetched it while this one waited its turn
+                return held
             bucket = self.limits.background
+            await bucket.take(CHUNK_ESTIMATE, priority)
+            fetched = 0
             try:
-                held = self.store.get(cid) if self.store.has(cid) else None
-                if held is not None:  # a read fetched it while this one waited its turn
-                    return held
-                await bucket.take(CHUNK_ESTIMATE, priority)
-                fetched = CHUNK_ESTIMATE  # taken; settled below with the real size (0 when it failed)
                 data = await self._get(cid, holders, label, locate, why, priority)
-                bucket.charge(len(data) - CHUNK_ESTIMATE)
-                fetched = 0
-                return data
+                fetched = len(data)
             finally:
-                self._background_fetches -= 1
-                self._calm_down()
-                if fetched:
-                    bucket.charge(-fetched)
+                bucket.charge(fetched - CHUNK_ESTIMATE)  # settled: the real size (0 when it failed)
+            return data
 
-    def _calm_down(self) -> None:
-        self._calmer.set()
-        self._calmer = trio.Event()
+    def _demand_over(self) -> None:
+        """A demand fetch ended: the queue gets its slots back DEMAND_LINGER_SECONDS after the
+        last one (by a task in `serve`'s nursery; at once without one)."""
+        if self._demand_fetches:
+            return
+        if self._nursery is None:
+            self.queue.set_slots(FETCH_SLOTS)
+        elif self._relaxing is not None:
+            self._relaxing.deadline = self._demand_until
+        else:
+            self._relaxing = trio.CancelScope(deadline=self._demand_until)
+            self._nursery.start_soon(self._relax, self._relaxing)
 
-    async def _demand_calm(self) -> None:
-        """Wait while demand fetches are (or were, DEMAND_LINGER_SECONDS ago) under way and
-        BACKGROUND_WHILE_DEMAND non-demand ones are already (module docstring)."""
-        while self._background_fetches >= BACKGROUND_WHILE_DEMAND:
-            if self._demand_fetches:
-                await self._calmer.wait()
-            elif trio.current_time() < self._demand_until:
-                with trio.move_on_at(self._demand_until):
-                    await self._calmer.wait()
-            else:
-                return
+    async def _relax(self, scope: trio.CancelScope) -> None:
+        """Give the queue its slots back when ``scope``'s deadline (moved by each demand
+        fetch's start and end) passes."""
+        try:
+            with scope:
+                await trio.sleep_forever()
+        finally:
+            self._relaxing = None
+        self.queue.set_slots(FETCH_SLOTS)
 
     async def _get(self, cid: ChunkId, holders: Sequence[str], label: str | None, locate: Locate | None,
                    why: str, priority: Priority = Priority.DEMAND) -> bytes:

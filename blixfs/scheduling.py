@@ -14,6 +14,8 @@ side, a file on the requesting side), first come first served within an owner. S
   stream, which the transport bounds per peer and in all).
 
 O(1) per grant: one FIFO per (class, owner), one round-robin deque of owners per class.
+The number of slots may change at any time (`set_slots`): fewer takes effect as holders
+leave (none is interrupted), more grants waiters at once, in the same order.
 
 Callers: `blixfs.fetcher.Fetcher` (non-demand fetches), `blixfs.chunkproto.ChunkServer`
 (requests to serve), on the trio thread.
@@ -55,6 +57,15 @@ class FairQueue:
         self._turns: list[collections.deque[Hashable]] = [collections.deque() for _ in Priority]
         self._counted = [metrics.priority_requests.labels(side, metrics.PRIORITY_NAMES[p]) for p in Priority]
         self._queued = [metrics.priority_queue_seconds.labels(side, metrics.PRIORITY_NAMES[p]) for p in Priority]
+
+    def set_slots(self, slots: int) -> None:
+        """Hold at most ``slots`` (>= 1) from now on (module docstring)."""
+        if slots < 1:
+            raise ValueError("a FairQueue has at least one slot")
+        self.slots = slots
+        while self.busy < self.slots and self._waiting:
+            self.busy += 1
+            self._grant()
 
     def waiting(self) -> int:
         """Requests waiting for a slot."""
@@ -105,7 +116,14 @@ class FairQueue:
             turns.remove(ticket.owner)
 
     def _release(self) -> None:
-        """Free a slot: to the next waiter (module docstring), if any."""
+        """Free a slot: to the next waiter (module docstring), if any and within the slots."""
+        if self.busy > self.slots or not self._waiting:
+            self.busy -= 1
+            return
+        self._grant()  # the slot passes on: busy stays the same
+
+    def _grant(self) -> None:
+        """Give a slot (counted in busy already) to the next waiter: best class, owners in turn."""
         for queues, turns in zip(self._queues, self._turns, strict=True):
             if not turns:
                 continue
@@ -117,6 +135,6 @@ class FairQueue:
             else:
                 del queues[owner]
             self._waiting -= 1
-            ticket.granted.set()  # the slot passes on: busy stays the same
+            ticket.granted.set()
             return
-        self.busy -= 1
+        raise AssertionError("no waiter to grant a slot to")

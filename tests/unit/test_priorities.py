@@ -214,6 +214,40 @@ async def test_fair_queue_withdraws_a_cancelled_waiter(autojump_clock: trio.abc.
         assert queue.busy == 1
 
 
+async def test_fair_queue_slots_change_without_breaking_the_order(autojump_clock: trio.abc.Clock) -> None:
+    queue = FairQueue(4, "fetch")
+    running = 0
+    most = 0
+    order: list[str] = []
+
+    async def one(priority: Priority, name: str) -> None:
+        nonlocal running, most
+        async with queue.slot(priority, name[0]):
+            running += 1
+            most = max(most, running)
+            order.append(name)
+            await trio.sleep(1)
+            running -= 1
+
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(one, Priority.BACKGROUND, f"b{i}")
+        await trio.sleep(0.1)
+        queue.set_slots(1)  # the four running go on; then one at a time
+        for i in range(3):
+            nursery.start_soon(one, Priority.BACKGROUND, f"c{i}")
+            await trio.sleep(0.01)
+        nursery.start_soon(one, Priority.TRACE, "t")
+        await trio.sleep(2.4)  # t ran alone from 1.0, then c0 from 2.0
+        assert order[4:] == ["t", "c0"] and most == 4 and running == 1
+        queue.set_slots(3)  # c1 and c2 start at once
+        await trio.sleep(0.1)
+        assert sorted(order[6:]) == ["c1", "c2"] and running == 3  # granted in order, woken in any
+    assert queue.busy == 0
+    with pytest.raises(ValueError):
+        queue.set_slots(0)
+
+
 def test_fair_queue_needs_a_slot() -> None:
     with pytest.raises(ValueError):
         FairQueue(0, "fetch")
