@@ -3,8 +3,11 @@ the fair queue, the GETP op codec (fuzzed)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import trio
+from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,6 +20,7 @@ from blixfs.chunkproto import (
     request_class,
     send_priority,
 )
+from blixfs.cli import main
 from blixfs.hashing import ChunkId
 from blixfs.limits import BURST_MIN, MAX_RATE, MIN_RATE, Limits, RateError, TokenBucket, format_rate, parse_rate
 from blixfs.priority import Priority
@@ -277,3 +281,21 @@ def test_request_class_decodes_every_op_byte(op: int) -> None:
         assert got is Priority(op - OP_GETP)
     else:
         assert got is None
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_refuses_a_bad_rate_before_mounting(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["--home", str(tmp_path / "home"), "mount", str(tmp_path / "mnt"),
+                                       "--max-background", "lots"])
+    assert result.exit_code == 2 and "--max-background" in result.output and "not a rate" in result.output
+    assert not (tmp_path / "home").exists()  # refused before the node was opened
+
+
+def test_cli_limit_and_pull_need_a_daemon(tmp_path: Path) -> None:
+    home = ["--home", str(tmp_path)]
+    result = CliRunner().invoke(main, [*home, "limit", "--max-upload", "20M"])
+    assert result.exit_code == 1 and "no daemon is running" in result.output
+    result = CliRunner().invoke(main, [*home, "pull", "--priority", "urgent", "x"])
+    assert result.exit_code == 2 and "urgent" in result.output
