@@ -468,3 +468,49 @@ def test_a_chunk_of_more_blocks_than_one_writev_takes_round_trips(tmp_path: Path
     cid = store.put(data)
     assert store.get(cid) == data
     assert store.read_range(cid, len(data) - BS - 5, BS + 5) == data[-BS - 5 :]
+
+
+def test_a_checked_block_is_reread_alone_and_checked_again_once_the_file_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block a range read checked is read again without its neighbours' bytes or a hash
+    while its file is unchanged and in the page cache; a file written in place (its stamp
+    changes) or a block gone from the page cache is read and checked whole again, so
+    bytes that fail their check are never served."""
+    store = DiskChunkStore(tmp_path / "c")
+    data = os.urandom(4 * BS)
+    cid = store.put(data)
+    preads: list[int] = []
+    real_pread = os.pread
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        preads.append(n)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    assert store.read_range(cid, 4096, 4096) == data[4096:8192]
+    assert preads == [BS + 8]
+    for off in (0, 8192, BS - 4096):  # the same block: no pread of it, no check
+        assert store.read_range(cid, off, 4096) == data[off : off + 4096]
+    assert preads == [BS + 8]
+    assert store.read_range(cid, BS, 4096) == data[BS : BS + 4096]  # another block: checked first
+    assert preads == [BS + 8, BS + 8]
+
+    path = _only_file(store)
+    fd = os.open(path, os.O_RDONLY)
+    try:  # out of the page cache (written back first: dirty pages stay): read and checked again
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert store.read_range(cid, 0, 4096) == data[:4096]
+    assert preads[-1] == BS + 8 and len(preads) == 3
+
+    with open(path, "r+b") as f:  # one bit of block 0's payload, written in place
+        f.seek(16 + 8 + 100)
+        byte = f.read(1)[0]
+        f.seek(16 + 8 + 100)
+        f.write(bytes([byte ^ 1]))
+    st = path.stat()  # timestamps are coarse: make the write visible as a later one would be
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert store.read_range(cid, 0, 4096) is None  # found corrupt: never the flipped bytes
+    assert not store.has(cid) and not path.exists()
