@@ -56,7 +56,7 @@ MAX_FUTURE_NS = 10 * 60 * 10**9  # entries more than 10 minutes ahead of our clo
 MAX_SEEN_AUTHORS = 256
 MAX_META_VALUE = 1024
 THREADED_CHECK_MIN = 64  # below this a hop to worker threads costs more than it saves
-CHECK_THREADS = 2  # OpenSSL verifies without the GIL: one thread per core here
+CHECK_THREADS = 2  # libsodium verifies without the GIL (blixfs.crypto): one thread per core here
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 # Who is told about changes: (entries that changed the store, peer id they came from or None).
