@@ -51,6 +51,7 @@ from blixfs.frames import (
     HoldingsFrame,
     Synced,
     encode,
+    encode_entries,
     holdings_signed_bytes,
     read_frame,
 )
@@ -104,15 +105,17 @@ class SessionInfo:
     entries_to_send: int = 0  # the peer is this many entries behind this node: diff and live queue not sent yet
 
 
-def _batches(entries: list[Entry]) -> list[list[Entry]]:
-    """``entries`` in frames of about `BATCH_BYTES`. An entry larger than `MAX_ENTRY_BYTES`
-    (stored before `Replica.commit_local` refused them) is left out with a log line:
-    receivers refuse the whole frame, and the entry would be in every later diff."""
-    out: list[list[Entry]] = []
-    batch: list[Entry] = []
+def _batches(entries: list[Entry]) -> list[list[bytes]]:
+    """``entries`` serialized, in frames of about `BATCH_BYTES` (for `encode_entries`: each
+    entry is serialized once, to measure and to send). An entry larger than
+    `MAX_ENTRY_BYTES` (stored before `Replica.commit_local` refused them) is left out with
+    a log line: receivers refuse the whole frame, and the entry would be in every later diff."""
+    out: list[list[bytes]] = []
+    batch: list[bytes] = []
     size = 0
     for e in entries:
-        n = len(e.serialize()) + 4
+        data = e.serialize()
+        n = len(data) + 4
         if n - 4 > MAX_ENTRY_BYTES:
             log.warning("not sending %s: its entry is %d bytes, more than a peer accepts (%d)", e.path, n - 4,
                         MAX_ENTRY_BYTES)
@@ -120,7 +123,7 @@ def _batches(entries: list[Entry]) -> list[list[Entry]]:
         if batch and size + n > BATCH_BYTES:
             out.append(batch)
             batch, size = [], 0
-        batch.append(e)
+        batch.append(data)
         size += n
     if batch:
         out.append(batch)
@@ -481,7 +484,7 @@ class SyncService:
         with contextlib.closing(store.pages_since(their_vector, DIFF_PAGE)) as pages:
             for page in pages:
                 for batch in _batches(page):
-                    await self._send(stream, encode(Entries(batch)))
+                    await self._send(stream, encode_entries(batch))
                     session.info.entries_sent += len(batch)
                     session.info.entries_to_send = max(0, session.info.entries_to_send - len(batch))
                 await trio.lowlevel.checkpoint()
@@ -492,7 +495,7 @@ class SyncService:
                 await self._send(stream, encode(frame))
                 continue
             for batch in _batches(frame.entries):
-                await self._send(stream, encode(Entries(batch)))
+                await self._send(stream, encode_entries(batch))
                 session.info.entries_sent += len(batch)
                 session.info.entries_to_send = max(0, session.info.entries_to_send - len(batch))
 
