@@ -8,7 +8,7 @@ threads (`blixfs.replica`): `cryptography`'s verify holds the GIL (measured: two
 threads verified no faster than one, and the event loop, waiting for the GIL, answered
 FUSE requests tens of ms late during a sync), while PyNaCl's cffi call releases it, so
 the checks run on both cores beside the event loop; libsodium's verify is also about
-as fast as OpenSSL's or faster (docs/design.md, "Large namespaces"). libsodium is at
+as fast as OpenSSL's or faster (docs/design.md, "Replication"). libsodium is at
 least as strict (it refuses small-order keys and non-canonical signatures OpenSSL may
 take): a signature one node accepts, every node running this code accepts.
 
