@@ -680,7 +680,7 @@ class DiskChunkStore:
         pos = _HEADER.size + block * _RECORD + _DIGEST.size + offset - block * BLOCK_SIZE
         try:
             got = os.preadv(chunk.fd, [buf], pos, os.RWF_NOWAIT)
-        except BlockingIOError:  # not (all) in the page cache: from the disk, it is checked again
+        except OSError:  # EAGAIN: not (all) in the page cache, so checked again; or no RWF_NOWAIT here
             return None
         return bytes(buf) if got == len(buf) else None
 
