@@ -273,33 +273,8 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-class _OpenChunk:
-    """A chunk file kept open for range reads, and which of its blocks a read through this
-    fd has checked (bit i: block i) while the file had ``stamp`` (`_stamp`).
-
-    A block checked before is served by reading just the bytes asked for, unchecked, only
-    while the file is unchanged (same stamp: chunk files are never changed in place, so a
-    different one means someone wrote to it) and the bytes are in the page cache (read with
-    RWF_NOWAIT: the pages the check read, not a fresh read from the disk, which could have
-    rotted). Anything else reads and checks the whole block again. The memory goes with
-    the fd: removed, rewritten or evicted from the fd LRU, it is forgotten."""
-
-    __slots__ = ("checked", "fd", "stamp")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.checked = 0
-        self.stamp = _stamp(fd)
-
-
-def _stamp(fd: int) -> tuple[int, int, int, int]:
-    """What changes when a file's bytes are changed in place (inode, size, mtime, ctime)."""
-    st = os.fstat(fd)
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
-def _close_fd(_cid: ChunkId, chunk: _OpenChunk) -> None:
-    os.close(chunk.fd)
+def _close_fd(_cid: ChunkId, fd: int) -> None:
+    os.close(fd)
 
 
 def _write_all(fd: int, parts: list[memoryview]) -> None:
@@ -472,7 +447,7 @@ class DiskChunkStore:
         # that, with the dentry cache cold, is a disk read of its own. A chunk file is never
         # changed in place (written whole, renamed): an open one reads its bytes while it is
         # there; its fd is closed when the file is removed or rewritten (`_drop_fd`).
-        self._fds: LRU[ChunkId, _OpenChunk] = LRU(_fd_cache_size(), callback=_close_fd)
+        self._fds: LRU[ChunkId, int] = LRU(_fd_cache_size(), callback=_close_fd)
         self._db = sqlite3.connect(root / "index.db", isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -635,8 +610,8 @@ class DiskChunkStore:
         return os.open(f"{h[:2]}/{h}", os.O_RDONLY, dir_fd=self._dir_fd)
 
     def read_range(self, cid: ChunkId, offset: int, length: int) -> bytes | None:
-        chunk = self._fds.get(cid)
-        if chunk is None:
+        fd = self._fds.get(cid)
+        if fd is None:
             try:
                 fd = self._open_chunk(cid)
             except FileNotFoundError:
@@ -645,50 +620,25 @@ class DiskChunkStore:
             # Range reads are a guest's random I/O: no kernel read-ahead (it would turn a 16 KiB
             # read of a cold chunk into 128 KiB, twice the disk time). Whole-chunk reads open their own fd.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            chunk = self._fds[cid] = _OpenChunk(fd)
-        fd = chunk.fd
+            self._fds[cid] = fd
         size = self._current_size(cid, fd)
         if size is not None:
             span = _span(size, offset, length)
             if span is None:
                 return b""
             start, count, first, end = span
-            if chunk.checked >> first & 1 and (end - 1) // BLOCK_SIZE == first:
-                data = self._rechecked_block(chunk, offset, end, first)
-                if data is not None:
-                    metrics.chunk_reads.inc()
-                    return data
             data = _range_checked(os.pread(fd, count, start), size, offset, end, first)
             if data is not None:
                 metrics.chunk_reads.inc()
-                last = (end - 1) // BLOCK_SIZE
-                chunk.checked |= ((2 << last) - 1) ^ ((1 << first) - 1)
                 return data
         self._drop_fd(cid)  # the whole-file path may rewrite or remove it
         return self._whole_range(cid, self.get(cid), offset, length)
 
-    @staticmethod
-    def _rechecked_block(chunk: _OpenChunk, offset: int, end: int, block: int) -> bytes | None:
-        """Payload bytes [offset, end) within ``block``, checked through this fd before, read
-        alone if the file is unchanged and the page cache holds them (`_OpenChunk`); None:
-        read and check the block again. A 4 KiB re-read then copies 4 KiB, not 16, and
-        hashes nothing."""
-        if _stamp(chunk.fd) != chunk.stamp:
-            chunk.checked = 0
-            return None
-        buf = bytearray(end - offset)
-        pos = _HEADER.size + block * _RECORD + _DIGEST.size + offset - block * BLOCK_SIZE
-        try:
-            got = os.preadv(chunk.fd, [buf], pos, os.RWF_NOWAIT)
-        except OSError:  # EAGAIN: not (all) in the page cache, so checked again; or no RWF_NOWAIT here
-            return None
-        return bytes(buf) if got == len(buf) else None
-
     def _drop_fd(self, cid: ChunkId) -> None:
         """Close the cached fd of ``cid``'s file (removed, rewritten, or not readable by block)."""
-        chunk = self._fds.pop(cid, None)  # pop does not call the callback
-        if chunk is not None:
-            os.close(chunk.fd)
+        fd = self._fds.pop(cid, None)  # pop does not call the callback
+        if fd is not None:
+            os.close(fd)
 
     async def load_range(self, cid: ChunkId, offset: int, length: int) -> bytes | None:
         try:

@@ -111,11 +111,11 @@ def test_block_writes_into_stored_chunks_are_patches_and_read_back() -> None:
 
 
 def test_range_reads_of_the_disk_store_match_a_bytearray(tmp_path: Path) -> None:
-    """Small reads of stored chunks go to `DiskChunkStore.read_range`, which re-reads a block
-    it checked before alone (its checked-block memory): between patches, unaligned writes,
-    truncates and commits that change which chunks the file is made of, and reads again of
-    the same blocks, every read is the model's bytes. (The reader's memory of whole chunks
-    is emptied before each read, so each one reaches the store.)"""
+    """Small reads of stored chunks go to `DiskChunkStore.read_range` (block-checked ranges
+    through kept-open fds): between patches, unaligned writes, truncates and commits that
+    change which chunks the file is made of, and reads again of the same blocks, every
+    read is the model's bytes. (The reader's memory of whole chunks is emptied before each
+    read, so each one reaches the store.)"""
     import trio
 
     cs = 64 * 1024  # 4 blocks of the store's 16 KiB
