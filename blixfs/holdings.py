@@ -60,6 +60,12 @@ class Holdings:
     def holders(self, manifest_id: bytes, index: int | None = None) -> list[str]:
         return [n for n, h in self.nodes.items() if n != self.self_id and h.holds(manifest_id, index)]
 
+    def version_holders(self, manifest_id: bytes) -> list[tuple[str, NodeHoldings]]:
+        """Other nodes whose records name ``manifest_id``, whole or in part, with the records
+        (a fetch weighs which of its missing chunks each holds: `blixfs.swarm`)."""
+        return [(n, h) for n, h in self.nodes.items()
+                if n != self.self_id and (manifest_id in h.complete or manifest_id in h.partial)]
+
     def update(self, node_id: str, record: NodeHoldings) -> bool:
         """Take a peer's announcement if it is newer than what we have; True if taken. The
         caller (the sync service) has checked its holder's signature (`record.signed`)."""
