@@ -22,7 +22,8 @@ about a version's content:
   file it never held, and every node that reads the version it committed, find the
   unchanged chunks on whichever nodes hold them.
 * **Fetching a version whole** (`fetch_version`): every missing chunk, stored (not only
-  read), with progress; used by `blixfs pull` and by replica targets.
+  read), with progress; used by `blixfs pull` and by replica targets. Chunks are taken in
+  an order of the fetch's own, from whoever can send them soonest (`blixfs.swarm`).
 
 Callers: `Vfs` (reads, writes, commits), the daemon, the replicator, on the trio thread.
 Before the daemon connects it to the network (`connect`), only what is held here is readable.
@@ -445,8 +446,10 @@ class Content:
         """Fetch and store every page, then every chunk, of version ``mid`` not held here,
         announcing each chunk in the holdings, then the version as held whole. Failures are
         collected, not raised (the caller decides); FsError only when the root itself cannot
-        be had or a page is invalid (EIO). Streams: pages level by level, then chunks page by
-        page through ``parallel`` workers, never a list of every chunk."""
+        be had or a page is invalid (EIO). Streams: pages level by level, then chunks through
+        ``parallel`` workers from a window of at most `ORDER_WINDOW` missing ones, never a
+        list of every chunk; each worker picks its next chunk by who can send it soonest
+        (`blixfs.swarm`), so nodes pulling one version at once serve each other."""
         fetcher = self.fetcher
         if fetcher is None:
             raise FsError(errno.EIO, "this node is not on the network")

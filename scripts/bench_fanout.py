@@ -130,6 +130,20 @@ def run_pull(pull: Pull, start: threading.Barrier | None) -> None:
     pull.ended = time.monotonic()
 
 
+def cpu_seconds(nodes: list[LanNode]) -> float:
+    """CPU time (user + system) the nodes' daemons used so far (0 for one not running)."""
+    total = 0.0
+    for n in nodes:
+        if n.proc is None:
+            continue
+        try:
+            fields = Path(f"/proc/{n.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def start_all(nodes: list[LanNode]) -> None:
     """Start the nodes in parallel (each start waits for its mount)."""
     errors: list[BaseException] = []
@@ -183,7 +197,9 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         wait(lambda: sees(alone, size), 120, "the image on the lone host")
         solo = Pull(alone, "alone")
         note("alone: pulling")
+        cpu = cpu_seconds([seed, alone])
         run_pull(solo, None)
+        solo_cpu = cpu_seconds([seed, alone]) - cpu
         if solo.error:
             raise RuntimeError(solo.error)
         solo_ok = sha256_of(alone.mnt / IMAGE) == want
@@ -221,10 +237,12 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         threads = [threading.Thread(target=run_pull, args=(p, barrier)) for p in pulls]
         load_before = os.getloadavg()[0]
         note(f"fan-out: {len(pulls)} hosts pulling at once")
+        cpu = cpu_seconds([seed, *hosts])
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        fanout_cpu = cpu_seconds([seed, *hosts]) - cpu
         load_after = os.getloadavg()[0]
         failed = [p for p in pulls if p.error]
         checks = {p.name: (not p.error and sha256_of(p.node.mnt / IMAGE) == want) for p in pulls}
@@ -245,6 +263,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "hosts_detail": rows, "from_seed_total": from_seed_total, "from_hosts_total": from_hosts_total,
             "failed": len(failed), "loadavg_before": load_before, "loadavg_after": load_after,
             "ideal_alone_seconds": round(size * 8 / (args.rate_mbit * 1e6), 1),
+            "alone_cpu_seconds": round(solo_cpu, 1), "fanout_cpu_seconds": round(fanout_cpu, 1),
         }
         return result
     finally:
@@ -274,6 +293,12 @@ def report(r: dict[str, Any]) -> None:
     verdict = "met" if r["ratio"] <= GOAL and not r["failed"] else "NOT met"
     print(f"  last host done after {r['last_seconds']:.1f} s = {r['ratio']:.2f}x one host alone "
           f"(goal <= {GOAL:g}x: {verdict}; one server alone would need ~{r['hosts']}x)")
+    chunks_alone = r["alone_from_seed"] / (256 << 10)
+    chunks_fanout = (r["from_seed_total"] + r["from_hosts_total"]) / (256 << 10)
+    per_alone = 1e3 * r["alone_cpu_seconds"] / max(chunks_alone, 1)
+    per_fanout = 1e3 * r["fanout_cpu_seconds"] / max(chunks_fanout, 1)
+    print(f"  daemons' CPU (senders and receivers): alone {r['alone_cpu_seconds']:.1f} s ({per_alone:.1f} ms per "
+          f"256 KiB moved), fan-out {r['fanout_cpu_seconds']:.1f} s ({per_fanout:.1f} ms per 256 KiB moved)")
     print(f"  load average {r['loadavg_before']:.1f} before, {r['loadavg_after']:.1f} after the fan-out "
           f"({os.cpu_count()} CPUs, shared with whatever else runs here)")
 
