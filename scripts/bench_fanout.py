@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO))
 # The netns tests' own hosts and nodes: the benchmark runs exactly what the tests run.
 from tests.conftest import fuse_available  # noqa: E402
 from tests.netns.harness import Lan, netns_unavailable, sweep_stale  # noqa: E402
-from tests.netns.nodes import LanNode  # noqa: E402
+from tests.netns.nodes import LanNode, start_all  # noqa: E402
 
 IMAGE = "fanout.img"
 GOAL = 2.0  # last host done, as a multiple of one host alone
@@ -142,24 +142,6 @@ def cpu_seconds(nodes: list[LanNode]) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
-
-
-def start_all(nodes: list[LanNode]) -> None:
-    """Start the nodes in parallel (each start waits for its mount)."""
-    errors: list[BaseException] = []
-
-    def one(node: LanNode) -> None:
-        try:
-            node.start()
-        except BaseException as exc:  # pytest.fail raises a BaseException
-            errors.append(exc)
-    threads = [threading.Thread(target=one, args=(n,)) for n in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"{len(errors)} nodes did not start: {errors[0]}")
 
 
 def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,3 +86,21 @@ class LanNode:
             self.proc = None
         if is_mounted(self.mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False, capture_output=True)
+
+
+def start_all(nodes: list[LanNode]) -> None:
+    """Start the nodes at once (each start waits for its mount); raises if any did not start."""
+    errors: list[BaseException] = []
+
+    def one(node: LanNode) -> None:
+        try:
+            node.start()
+        except BaseException as exc:  # wait_for fails with pytest's Failed, a BaseException
+            errors.append(exc)
+    threads = [threading.Thread(target=one, args=(n,)) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(nodes)} nodes did not start: {errors[0]}")
