@@ -30,8 +30,10 @@ usually the holder the pick counted on) and verifies what it gets by the chunk i
 holdings claim is only a hint, and a holder that lied costs a DONT_HAVE and the next one.
 Nothing here changes what counts as a durable copy (`blixfs.replication`'s proofs).
 
-Cost: one `take` weighs `LOOKAHEAD` candidates against the nodes whose holdings name the
-version, listed once per take (`Holdings.version_holders`). Trio thread only, no I/O.
+Cost: one `take` sorts the nodes whose holdings name the version by expected time (listed
+once per take, `Holdings.version_holders`: at most the holdings table's 1024) and weighs
+`LOOKAHEAD` candidates against the `MAX_HOLDERS` soonest: a crowd of claimants costs a
+pick a sort, not 64 x 1024 bit tests. Trio thread only, no I/O.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from blixfs.holdings import NodeHoldings
 from blixfs.peers import PeerBook
 
 LOOKAHEAD = 64  # candidates weighed per pick (a pick costs LOOKAHEAD x holders bit tests)
+MAX_HOLDERS = 32  # holders weighed per pick, the soonest ones (their count is the rarity's too)
 BUSY_SECONDS = ATTEMPT_TIMEOUT / 2  # a holder expected to take longer gets no second request
 
 Holders = Callable[[], Sequence[tuple[str, NodeHoldings]]]
@@ -66,8 +69,10 @@ class ChunkPicker:
     seconds of one more request to ``node``, math.inf for one not to ask now (`pick_cost`)."""
 
     def __init__(self, manifest_id: bytes, holders: Holders, cost: Callable[[str], float],
-                 rng: random.Random | None = None, lookahead: int = LOOKAHEAD) -> None:
+                 rng: random.Random | None = None, lookahead: int = LOOKAHEAD,
+                 max_holders: int = MAX_HOLDERS) -> None:
         self.manifest_id = manifest_id
+        self._max_holders = max_holders
         self._holders = holders
         self._cost = cost
         self._rng = rng or random.Random()
@@ -88,7 +93,11 @@ class ChunkPicker:
         when no candidate has a holder to ask now, unless ``force``."""
         if not self._pool:
             return None
-        nodes = [(record, self._cost(node)) for node, record in self._holders()]
+        # The cheapest holders only: a pick's work stays bounded however many records name
+        # the version (any member can announce up to the holdings table's 1024 nodes).
+        costs = sorted(((self._cost(node), i, record) for i, (node, record) in enumerate(self._holders())),
+                       key=lambda c: c[:2])
+        nodes = [(record, cost) for cost, _, record in costs[:self._max_holders]]
         best_at, best = 0, (math.inf, math.inf)
         for at in range(min(self._lookahead, len(self._pool))):
             index = self._pool[at][0]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from blixfs.hashing import ChunkId
 from blixfs.holdings import Holdings, NodeHoldings
 from blixfs.peers import PeerBook
-from blixfs.swarm import ChunkPicker, pick_cost
+from blixfs.swarm import MAX_HOLDERS, ChunkPicker, pick_cost
 
 MID = b"\x01" * 32
 COUNT = 16
@@ -122,3 +122,18 @@ def test_version_holders_are_the_other_nodes_naming_it() -> None:
     h.update("part", NodeHoldings(seq=1, partial={MID: bytearray(2)}))
     h.update("other", NodeHoldings(seq=1, complete={b"\x02" * 32}))
     assert sorted(n for n, _ in h.version_holders(MID)) == ["part", "whole"]
+
+
+def test_a_crowd_of_claimants_is_weighed_only_up_to_the_soonest_holders() -> None:
+    calls = [0]
+
+    class Counted(NodeHoldings):
+        def holds(self, manifest_id: bytes, index: int | None) -> bool:
+            calls[0] += 1
+            return super().holds(manifest_id, index)
+
+    holders: dict[str, NodeHoldings] = {f"claim{i}": Counted(complete={MID}) for i in range(1000)}
+    holders["host"] = partial(COUNT, {7})
+    p = picker(holders, {n: 1.0 for n in holders} | {"host": 0.1})
+    assert p.take() == (7, cid(7))  # the soonest holder is among those weighed
+    assert calls[0] <= COUNT * MAX_HOLDERS  # not COUNT x 1000
