@@ -22,7 +22,8 @@ about a version's content:
   file it never held, and every node that reads the version it committed, find the
   unchanged chunks on whichever nodes hold them.
 * **Fetching a version whole** (`fetch_version`): every missing chunk, stored (not only
-  read), with progress; used by `blixfs pull` and by replica targets.
+  read), with progress; used by `blixfs pull` and by replica targets. Chunks are taken in
+  an order of the fetch's own, from whoever can send them soonest (`blixfs.swarm`).
 
 Callers: `Vfs` (reads, writes, commits), the daemon, the replicator, on the trio thread.
 Before the daemon connects it to the network (`connect`), only what is held here is readable.
@@ -46,12 +47,13 @@ from blixfs.chunkstore import ChunkStore
 from blixfs.errors import FsError
 from blixfs.fetcher import ATTEMPT_TIMEOUT, READ_AHEAD_PARALLEL, Fetcher, Locate
 from blixfs.hashing import HOLE, ChunkId, short
-from blixfs.holdings import Holdings
+from blixfs.holdings import Holdings, NodeHoldings
 from blixfs.manifest import Manifest, ManifestError, MissingPage, PageGet, iter_chunks, iter_tree, lookup, stored_bytes
 from blixfs.net.transport import TransportError
 from blixfs.peers import PeerBook
 from blixfs.priority import Priority
 from blixfs.reader import ChunkReader, Fetch
+from blixfs.swarm import ChunkPicker, pick_cost
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ PAGE_CACHE = 1024  # manifest pages kept in memory (16 MiB: 512 Ki chunk ids, 12
 HINT_CAPACITY = 1 << 17  # chunk ids whose HAVE answers are remembered (128 Ki x 256 KiB = 32 GiB of content)
 LOCATE_WINDOW = 256  # chunks of a version asked about in one HAVE (64 MiB at 256 KiB)
 LOCATE_PEERS = 16  # connected peers asked at once
+ORDER_WINDOW = 4096  # missing chunks of a version a whole-version fetch picks from (1 GiB at 256 KiB)
+PICK_WAIT = 0.5  # seconds a whole-version fetch's worker waits, at most, when every holder is busy
 
 Progress = Callable[[int, int], Awaitable[None] | None]
 
@@ -446,9 +450,11 @@ class Content:
         """Fetch and store every page, then every chunk, of version ``mid`` not held here,
         announcing each chunk in the holdings, then the version as held whole. Failures are
         collected, not raised (the caller decides); FsError only when the root itself cannot
-        be had or a page is invalid (EIO). Streams: pages level by level, then chunks page by
-        page through ``parallel`` workers, never a list of every chunk. Every fetch is of
-        class ``priority`` (pulls and replicas: BACKGROUND; `blixfs pull --priority`)."""
+        be had or a page is invalid (EIO). Streams: pages level by level, then chunks through
+        ``parallel`` workers from a window of at most `ORDER_WINDOW` missing ones, never a
+        list of every chunk; each worker picks its next chunk by who can send it soonest
+        (`blixfs.swarm`), so nodes pulling one version at once serve each other. Every fetch
+        is of class ``priority`` (pulls and replicas: BACKGROUND; `blixfs pull --priority`)."""
         fetcher = self.fetcher
         if fetcher is None:
             raise FsError(errno.EIO, "this node is not on the network")
@@ -464,11 +470,34 @@ class Content:
         except (MissingPage, ManifestError) as exc:  # evicted or corrupted meanwhile
             report.failed.append(f"manifest {short(mid)}: {exc}")
             return report
-        send, receive = trio.open_memory_channel[tuple[int, ChunkId]](parallel)
+        # Which chunk next: the one the soonest holder can send, rarest first, from a window
+        # in an order of this fetch's own (`blixfs.swarm`): hosts pulling one image at once
+        # serve each other instead of all waiting on its source.
+        holdings = self.holdings
+        whole = NodeHoldings(complete={mid})
+        sources = [(self._trust(author), whole)] if author is not None else []
+        sources += [(p, whole) for p in extra_holders]
+        peers = self.peers
+        picker = ChunkPicker(mid, lambda: [*sources, *(holdings.version_holders(mid) if holdings else [])],
+                             (lambda node: pick_cost(peers, node)) if peers is not None else lambda _: 0.0)
+        under_way = 0
+        returned = trio.Event()  # set when one of this fetch's requests returns: holders less busy
+        missing = iter_chunks(m, self.store.get)
 
-        async def worker() -> None:
-            async for index, cid in receive:
-                await one(index, cid)
+        def refill() -> None:
+            """Keep `ORDER_WINDOW` missing chunks to pick from (synchronous: pages held here)."""
+            nonlocal missing
+            if len(picker) > ORDER_WINDOW // 2:
+                return
+            try:
+                for index, cid in missing:
+                    if not self.store.has(cid):
+                        picker.add(index, cid)
+                        if len(picker) >= ORDER_WINDOW:
+                            return
+            except (MissingPage, ManifestError) as exc:
+                report.failed.append(f"manifest {short(mid)}: {exc}")
+            missing = iter(())
 
         async def one(index: int, cid: ChunkId) -> None:
             try:
@@ -487,16 +516,30 @@ class Content:
                 if result is not None:
                     await result
 
+        async def worker() -> None:
+            nonlocal under_way, returned
+            while True:
+                refill()
+                item = picker.take(force=not under_way)
+                if item is None:
+                    if not picker:
+                        return
+                    # Every holder of the candidates is busy: wait for one of ours to return
+                    # (or a while: other nodes' holdings may have arrived meanwhile).
+                    with trio.move_on_after(PICK_WAIT):
+                        await returned.wait()
+                    continue
+                under_way += 1
+                try:
+                    await one(*item)  # no await between the pick and the request: in-flight counts are current
+                finally:
+                    under_way -= 1
+                    returned.set()
+                    returned = trio.Event()
+
         async with trio.open_nursery() as nursery:
             for _ in range(parallel):
                 nursery.start_soon(worker)
-            async with send:
-                try:
-                    for index, cid in iter_chunks(m, self.store.get):
-                        if not self.store.has(cid):
-                            await send.send((index, cid))
-                except (MissingPage, ManifestError) as exc:
-                    report.failed.append(f"manifest {short(mid)}: {exc}")
         if not report.failed and self.holdings is not None:
             self.holdings.note_complete(mid)
         return report

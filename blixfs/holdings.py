@@ -24,6 +24,9 @@ from blixfs.frames import HoldingsFrame
 from blixfs.hashing import ChunkId
 from blixfs.net.transport import NodeAddr
 
+ANNOUNCE_GATHER = 0.2  # seconds from a change of this node's holdings to their announcement
+PARTIAL_INTERVAL = 1.0  # ... at least, while only chunks of versions held in part were added
+
 
 @dataclass
 class NodeHoldings:
@@ -56,24 +59,54 @@ class Holdings:
         self.own = self.nodes.setdefault(self_id, NodeHoldings(seq=time.time_ns(), addr=addr))
         self._held: dict[bytes, int] = {}  # set bits of each of own.partial's bitmaps
         self.changed = trio.Event()  # set when this node's own holdings change (to announce them)
+        self._urgent = trio.Event()  # ... by more than chunks added to a version held in part
 
     def holders(self, manifest_id: bytes, index: int | None = None) -> list[str]:
         return [n for n, h in self.nodes.items() if n != self.self_id and h.holds(manifest_id, index)]
 
+    def version_holders(self, manifest_id: bytes) -> list[tuple[str, NodeHoldings]]:
+        """Other nodes whose records name ``manifest_id``, whole or in part, with the records
+        (a fetch weighs which of its missing chunks each holds: `blixfs.swarm`)."""
+        return [(n, h) for n, h in self.nodes.items()
+                if n != self.self_id and (manifest_id in h.complete or manifest_id in h.partial)]
+
+    def newer(self, node_id: str, seq: int) -> bool:
+        """Whether a record of ``node_id`` numbered ``seq`` would replace the one held (cheap:
+        the sync service skips the signature check of copies it would drop anyway)."""
+        current = self.nodes.get(node_id)
+        return current is None or current.seq < seq
+
     def update(self, node_id: str, record: NodeHoldings) -> bool:
         """Take a peer's announcement if it is newer than what we have; True if taken. The
         caller (the sync service) has checked its holder's signature (`record.signed`)."""
-        if node_id == self.self_id:
-            return False
-        current = self.nodes.get(node_id)
-        if current is not None and current.seq >= record.seq:
+        if node_id == self.self_id or not self.newer(node_id, record.seq):
             return False
         self.nodes[node_id] = record
         return True
 
-    def _touched(self) -> None:
+    def _touched(self, *, urgent: bool = True) -> None:
         self.own.seq += 1
         self.changed.set()
+        if urgent:
+            self._urgent.set()
+
+    async def next_announcement(self) -> None:
+        """Wait until this node's own record is due to be announced (the sync service then
+        sends it to every session), and start gathering the next changes.
+
+        A burst of changes becomes one frame `ANNOUNCE_GATHER` after the first. While the
+        only changes are chunks added to versions held in part (a pull or a read under
+        way, each fetched chunk a change), announcements come at most every
+        `PARTIAL_INTERVAL`: every session relays each one to every other session, so in a
+        mesh of N nodes each costs about N x N frames sent, received and decoded. A whole
+        version, an eviction or a new room for replicas goes out after the gather time."""
+        await self.changed.wait()
+        await trio.sleep(ANNOUNCE_GATHER)
+        if not self._urgent.is_set():
+            with trio.move_on_after(PARTIAL_INTERVAL - ANNOUNCE_GATHER):
+                await self._urgent.wait()
+        self.changed = trio.Event()
+        self._urgent = trio.Event()
 
     def note_chunk(self, manifest_id: bytes, index: int, count: int) -> None:
         """This node now holds chunk ``index`` of a manifest of ``count`` chunks.
@@ -95,7 +128,9 @@ class Holdings:
         if self._held[manifest_id] == count:
             del self.own.partial[manifest_id], self._held[manifest_id]
             self.own.complete.add(manifest_id)
-        self._touched()
+            self._touched()
+        else:
+            self._touched(urgent=False)
 
     def note_free(self, free: int) -> None:
         """This node's cache room; announced when it moved by more than 1% of itself (or 64 MiB)."""

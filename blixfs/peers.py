@@ -8,6 +8,7 @@ replicator (placement), the daemon's reports. All on the trio thread.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -110,6 +111,20 @@ class PeerBook:
 
     def is_trusted(self, node_id: str) -> bool:
         return node_id in self.trusted
+
+    def expected(self, node_id: str) -> float:
+        """Expected seconds of one more request to ``node_id``, as `rank` weighs holders:
+        latency x (1 + requests in flight); math.inf for one penalised or unreachable, and
+        for one never measured while a request to it is under way (a holder is measured one
+        request at a time: a claimant may stall, and a busy source's first answer says how
+        busy it is). A holder never measured with no request under way counts with the
+        default guess, so that it is asked."""
+        st = self.of(node_id)
+        if st.penalised_until > time.monotonic() or st.state == "unreachable":
+            return math.inf
+        if not st.chunks_received and st.inflight:
+            return math.inf
+        return st.expected_seconds()
 
     def rank(self, holders: Iterable[str], *, explore: bool = True) -> list[str]:
         """Holders in the order a fetch tries them (protocol.md 14.2, step 3):

@@ -359,13 +359,11 @@ class SyncService:
         return sum(s.queue.bytes for s in self._sessions.values())
 
     async def announce_holdings(self) -> None:
-        """Tell every session when this node's holdings change (at most 5 times a second)."""
+        """Tell every session when this node's holdings change (paced: `Holdings.next_announcement`)."""
         if self.holdings is None:
             return
         while True:
-            await self.holdings.changed.wait()
-            await trio.sleep(0.2)  # gather the changes of a burst of fetched chunks into one frame
-            self.holdings.changed = trio.Event()
+            await self.holdings.next_announcement()
             try:
                 self._send_to_all(holdings_frame(self.holdings.self_id, self.holdings.own, self.holdings.secret), None)
             except Exception:  # runs in the services nursery: a bug here must not end the daemon
@@ -654,6 +652,8 @@ class SyncService:
             record = holdings_record(frame)
             if self.holdings is not None and frame.node_id.hex() == self.holdings.self_id:
                 pass  # our own, relayed back (or forged): we know our holdings
+            elif self.holdings is not None and not self.holdings.newer(frame.node_id.hex(), record.seq):
+                pass  # a copy of a record we hold (in a mesh each comes from every session): not even verified
             elif not holdings_verified(frame):
                 log.warning("peer %s sent holdings of %s not signed by that node: refused", info.peer[:16],
                             frame.node_id.hex()[:16])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.netns.harness import Lan, netns_unavailable, sweep_stale
+from tests.netns.nodes import LanNode
 
 
 @pytest.fixture
@@ -26,3 +28,20 @@ def lan() -> Iterator[Lan]:
         yield net
     finally:
         net.destroy()
+
+
+@pytest.fixture
+def lan_nodes(lan: Lan, tmp_path: Path) -> Iterator[Callable[..., list[LanNode]]]:
+    """``make(count, *mount_options)``: that many more hosts on the LAN, each with a (not yet
+    started) blixfs node; returns every node made so far. All are stopped afterwards."""
+    made: list[LanNode] = []
+
+    def make(count: int, *extra: str) -> list[LanNode]:
+        for _ in range(count):
+            host = lan.add_host()
+            made.append(LanNode(host, tmp_path / f"home-{host.index}", tmp_path / f"mnt-{host.index}", list(extra)))
+        return made
+
+    yield make
+    for node in made:
+        node.stop()

@@ -14,6 +14,9 @@ test started inside the hosts and deletes every namespace (which removes the vet
 bridge); leftovers of test processes that died without cleaning up (their pid is gone) are
 removed by `sweep_stale`.
 
+A host's link can be shaped (`Host.shape`): a token bucket (tc tbf) on each end of its
+veth, so its uploads and its downloads each get the rate, as a host behind a slow port.
+
 Needs iproute2 and CAP_NET_ADMIN (root); `netns_unavailable` says why not when it can't.
 """
 
@@ -123,6 +126,19 @@ class Host:
     def set_link(self, up: bool) -> None:
         """Cable pulled / plugged in at the switch: the host keeps its address, loses carrier."""
         _ip("-n", self.lan.switch, "link", "set", self.port, "up" if up else "down")
+
+    def shape(self, mbit: float, latency_ms: float = 50.0) -> None:
+        """Limit the host's link to ``mbit`` Mbit/s each way: a token bucket (tc tbf) on the
+        host's ``bx0`` (what it sends) and on its switch port (what it receives). Packets
+        queue up to ``latency_ms`` behind the bucket, then drop, as at a real bottleneck."""
+        rate = int(mbit * 1e6)
+        # The bucket holds at least 4 ms of the rate (a timer tick at HZ=250) and a 64 KiB
+        # GSO packet, which tbf would otherwise split or drop.
+        burst = max(64 << 10, rate // 8 // 250)
+        for netns, dev in ((self.netns, IFACE), (self.lan.switch, self.port)):
+            subprocess.run(["tc", "-n", netns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate}bit",
+                            "burst", str(burst), "latency", f"{latency_ms}ms"],
+                           capture_output=True, text=True, check=True, timeout=20)
 
     def set_address(self, ip: str) -> None:
         """Replace the host's address on ``bx0`` (stays in `SUBNET`)."""

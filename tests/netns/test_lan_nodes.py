@@ -1,90 +1,21 @@
 """Real blixfs nodes on test hosts in network namespaces: LAN discovery, link failures, moves.
 
 Each node is a ``blixfs mount`` daemon joined to its host's network namespace only
-(``nsenter --net``), so its FUSE mount is visible to the test as usual. The hosts' only
-network is the bridge the test built (198.51.100.0/24, `harness`).
+(`nodes.LanNode`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
-from blixfs.daemon import ask_daemon
-from tests.conftest import REPO, is_mounted, wait_for
-from tests.netns.harness import Host, Lan
+from tests.conftest import wait_for
+from tests.netns.nodes import LanNode
 
 pytestmark = pytest.mark.mounted
-PORT = 7400
-
-
-@dataclass
-class LanNode:
-    host: Host
-    home: Path
-    mnt: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def cli(self, *args: str) -> str:
-        return subprocess.run([sys.executable, "-m", "blixfs.cli", "--home", str(self.home), *args], cwd=REPO,
-                              check=True, capture_output=True, text=True, timeout=60).stdout
-
-    def start(self) -> None:
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        with open(self.home.parent / f"{self.home.name}.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                ["nsenter", f"--net=/var/run/netns/{self.host.netns}", sys.executable, "-m", "blixfs.cli",
-                 "--home", str(self.home), "-v", "mount", str(self.mnt), "--listen", f"{self.host.ip}:{PORT}"],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.status() is not None and is_mounted(self.mnt), 60, f"node on {self.host.ip}")
-
-    def status(self) -> dict[str, object] | None:
-        with contextlib.suppress(OSError, ValueError):
-            return ask_daemon(self.home, {"op": "status"}, timeout=10)
-        return None
-
-    def peers(self) -> dict[str, dict[str, object]]:
-        reply = ask_daemon(self.home, {"op": "peers"}, timeout=10)
-        assert reply is not None
-        return {p["id"]: p for p in reply["peers"]}
-
-    def node_id(self) -> str:
-        return str(json.loads(self.cli("status", "--json"))["node_id"])
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.proc = None
-        if is_mounted(self.mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False, capture_output=True)
-
-
-@pytest.fixture
-def lan_nodes(lan: Lan, tmp_path: Path) -> Iterator[Callable[[int], list[LanNode]]]:
-    made: list[LanNode] = []
-
-    def make(count: int) -> list[LanNode]:
-        for _ in range(count):
-            host = lan.add_host()
-            made.append(LanNode(host, tmp_path / f"home-{host.index}", tmp_path / f"mnt-{host.index}"))
-        return made
-
-    yield make
-    for node in made:
-        node.stop()
 
 
 def test_three_hosts_find_each_other_and_sync_survive_a_cable_pull_and_a_move(
