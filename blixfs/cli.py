@@ -408,8 +408,11 @@ def _parse_size(text: str) -> int:
 
 @main.command()
 @click.argument("path")
+@click.option("--trace", "trace", is_flag=True,
+              help="Fetch only the chunks of PATH's access trace (what its boots read), in trace order: warms a "
+                   "host before VMs are scheduled there.")
 @click.pass_context
-def pull(ctx: click.Context, path: str) -> None:
+def pull(ctx: click.Context, path: str, trace: bool) -> None:
     """Fetch a whole image from peers now (prefetch), with a progress bar.
 
     PATH is a file in the mount (e.g. /mnt/images/ubuntu.qcow2) or a namespace path.
@@ -425,14 +428,18 @@ def pull(ctx: click.Context, path: str) -> None:
         def on_progress(update: dict[str, Any]) -> None:
             bar.update(task, completed=update["done"], total=update["total"])
 
-        reply = ask_daemon(ctx.obj["home"], {"op": "pull", "path": rel}, timeout=None, on_progress=on_progress)
+        request: dict[str, Any] = {"op": "pull", "path": rel}
+        if trace:
+            request["trace"] = True
+        reply = ask_daemon(ctx.obj["home"], request, timeout=None, on_progress=on_progress)
     if reply is None:
         raise click.ClickException("no daemon is running for this home: start it with blixfs mount DIR")
     if not reply.get("ok"):
         raise click.ClickException(str(reply.get("error")))
     seconds = max(reply["seconds"], 1e-6)
     peers = ", ".join(f"{p} ({_human(b)})" for p, b in reply["peers"].items()) or "none (already held here)"
-    click.echo(f"pulled {reply['path']}: {_human(reply['bytes'])} fetched of {_human(reply['total'])} in "
+    what = f" (trace: {reply['chunks']} chunks)" if "chunks" in reply else ""
+    click.echo(f"pulled {reply['path']}{what}: {_human(reply['bytes'])} fetched of {_human(reply['total'])} in "
                f"{reply['seconds']:.2f} s ({_human(reply['bytes'] / seconds)}/s) from {peers}")
 
 

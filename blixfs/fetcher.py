@@ -44,6 +44,7 @@ from blixfs.errors import FsError
 from blixfs.hashing import ChunkId, short
 from blixfs.net.transport import Transport, TransportError
 from blixfs.peers import PeerBook
+from blixfs.priority import Priority
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,8 @@ class Fetcher:
         return dict(self.transfers)
 
     async def get(self, cid: ChunkId, holders: Sequence[str], label: str | None = None, *,
-                  must_store: bool = False, locate: Locate | None = None) -> bytes:
+                  must_store: bool = False, locate: Locate | None = None,
+                  priority: Priority = Priority.DEMAND) -> bytes:
         """The verified chunk from a holder, stored locally; FsError(EIO) if none could serve it.
 
         ``locate`` is asked once for more holders when those given are used up (see the
@@ -153,9 +155,12 @@ class Fetcher:
         read to be served from memory, unless ``must_store``: then FsError(ENOSPC). Callers
         that announce or promise to hold the chunk (pulls, replicas) must ask for that:
         holding it in memory is not holding it. ``label`` (a file path) counts the bytes
-        towards that file's `Transfer`.
+        towards that file's `Transfer`. ``priority``: the transfer class (`blixfs.priority`);
+        here only what analytics calls the fetch (a trace prefetch is fetched ahead, not a
+        read that missed): the scheduling is the "priorities" part of issue #14.
         """
-        data = await self._get(cid, holders, label, locate, "pull" if must_store else "read")
+        why = "pull" if must_store else "ahead" if priority is Priority.TRACE else "read"
+        data = await self._get(cid, holders, label, locate, why)
         if must_store and not self.store.has(cid):
             raise FsError(errno.ENOSPC, f"chunk {short(cid)} was fetched but could not be stored")
         return data
@@ -191,11 +196,14 @@ class Fetcher:
             raise pending.error or FsError(errno.EIO, f"chunk {short(cid)} could not be fetched")
         return pending.data
 
-    def prefetch(self, items: Iterable[tuple[ChunkId, Sequence[str], Locate | None]], label: str | None = None) -> None:
+    def prefetch(self, items: Iterable[tuple[ChunkId, Sequence[str], Locate | None]], label: str | None = None,
+                 *, priority: Priority = Priority.AHEAD) -> None:
         """Fetch these chunks in the background (read-ahead); no-op until `serve` runs.
 
         A sequential reader asks for the same window on every read: a chunk already queued,
-        being fetched or held is skipped, so each chunk costs one task and one fetch."""
+        being fetched or held is skipped, so each chunk costs one task and one fetch.
+        ``priority`` is the transfer class (`blixfs.priority`), scheduled by the "priorities"
+        part of issue #14; accepted here so that callers can name it."""
         if self._nursery is None:
             return
         for cid, holders, locate in items:
