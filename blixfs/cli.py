@@ -445,6 +445,32 @@ def pull(ctx: click.Context, path: str, trace: bool) -> None:
 
 @main.command()
 @click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def trace(ctx: click.Context, path: str, as_json: bool) -> None:
+    """Show PATH's access trace: the chunks its boots read first, in the order a cold node
+    fetches them (merged from every writer's record, mapped onto the current version).
+
+    The daemon must be running (blixfs mount).
+    """
+    rel = _namespace_path(path)
+    reply = ask_daemon(ctx.obj["home"], {"op": "trace", "path": rel}, timeout=None)
+    if reply is None:
+        raise click.ClickException("no daemon is running for this home: start it with blixfs mount DIR")
+    if not reply.get("ok"):
+        raise click.ClickException(str(reply.get("error")))
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in reply.items() if k != "ok"}, indent=2))
+        return
+    chunks = reply["chunks"]
+    size = len(chunks) * int(reply.get("chunk_size", 0))
+    head = " ".join(str(i) for i in chunks[:16]) + (" ..." if len(chunks) > 16 else "")
+    click.echo(f"{reply['path']}: {reply['records']} records, {len(chunks)} chunks (~{_human(size)})"
+               + (f" in order: {head}" if chunks else ""))
+
+
+@main.command()
+@click.argument("path")
 @click.pass_context
 def commit(ctx: click.Context, path: str) -> None:
     """Publish PATH's latest writes to peers now, durably.

@@ -16,6 +16,8 @@ Control protocol: one JSON object per line each way, one request per connection:
                                     {"ok": true, "bytes", "total", "seconds", "peers": {id: bytes}}
                                     (with "trace": only the chunks of the file's access trace, in
                                     its order, and "chunks": how many the trace holds)
+    {"op": "trace", "path": P}   -> {"ok": true, "path", "records": n, "chunks": [index, ...]}: the file's
+                                    merged access trace, mapped onto its current version
     {"op": "allow", "node": HEX, "role": "read"|"write"|"admin"} -> {"ok": true, "member": {...}}
     {"op": "revoke", "node": HEX} -> {"ok": true, "member": {...}} (both: {"ok": false, "error"} when refused)
     {"op": "commit", "path": P}  -> {"ok": true, "path": P, "published": b} | {"ok": false, "error": "..."}
@@ -169,6 +171,19 @@ class Runtime:
                 if s.bytes_received > before.get(p, 0)}
         return {"path": e.path, "bytes": result.fetched_bytes, "total": result.manifest.size,
                 "seconds": round(seconds, 3), "peers": used}
+
+    async def trace(self, path: str) -> dict[str, Any]:
+        """The merged access trace of the file at ``path`` (`blixfs trace`): how many records
+        count, and the chunk indices of its current version in prefetch order."""
+        e = self.node.namespace.get(path.strip("/"))
+        if e is None or e.kind is not Kind.FILE:
+            raise PullError(f"no file {path!r} in the namespace")
+        if self.tracer is None or e.manifest is None:
+            return {"path": e.path, "records": 0, "chunks": []}
+        root = await self.content.load(e.manifest, e.author)
+        order = await self.tracer.plan(e.path, e.manifest, root, e.author)
+        return {"path": e.path, "records": len(self.tracer.records(e.path)), "chunks": [i for i, _ in order],
+                "chunk_size": root.chunk_size}
 
     async def _pull_trace(self, path: str, mid: bytes, author: bytes,
                           progress: Callable[[dict[str, Any]], Awaitable[None]], started: float,
@@ -453,6 +468,11 @@ async def _reply(raw: bytes, runtime: Runtime, stream: trio.SocketStream) -> dic
         return {"ok": True, **await _gc(runtime, request)}
     if request["op"] == "commit":
         return await _commit(runtime, str(request.get("path") or ""))
+    if request["op"] == "trace":
+        try:
+            return {"ok": True, **await runtime.trace(str(request.get("path") or ""))}
+        except (PullError, FsError) as exc:
+            return {"ok": False, "error": str(exc)}
     if request["op"] == "pull":
         # Streams progress lines, then the final reply; no deadline (a big image takes a while).
         async def progress(update: dict[str, Any]) -> None:
@@ -473,6 +493,7 @@ _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "gc": {"dry_run": (bool,), "grace": (int, float)},
     "pull": {"path": (str,), "trace": (bool,)},
     "commit": {"path": (str,)},
+    "trace": {"path": (str,)},
     "allow": {"node": (str,), "role": (str,)},
     "revoke": {"node": (str,)},
     "dashboard": {}, "api": {"page": (str,)},
