@@ -39,7 +39,8 @@ one boot out of many read does not delay them.
 
 **Prefetch.** At the first open of a file this node does not hold whole, a task in the
 tracer's nursery fetches the merged order's chunks not held, `TRACE_PARALLEL` at a time,
-in order, at `Priority.TRACE`; it is cancelled when the last handle closes. It never
+in order, at `Priority.TRACE`; when the last handle closes it starts no more (it is not
+cancelled: a read may have joined one of its fetches, and would fail with it). It never
 blocks the open or a read: a read of a chunk under way joins its fetch (single flight).
 `blixfs pull --trace` runs the same plan to the end (`Tracer.pull`).
 
@@ -259,7 +260,10 @@ class _Open:
     """A file this node has open, as the tracer follows it."""
 
     recording: Recording | None
-    prefetch: trio.CancelScope | None = None
+    # Set at the last close: the prefetch starts no more fetches. It is never cancelled: a
+    # read of the same chunk may have joined a fetch it started (single flight), and would
+    # fail with it.
+    stopped: bool = False
     prefetched: dict[ChunkId, int] = field(default_factory=dict)  # fetched by its prefetch, not read yet
 
 
@@ -310,8 +314,7 @@ class Tracer:
         state = _Open(Recording(path, manifest, root.chunk_size))
         self._open[ino] = state
         if self._nursery is not None and not self.content.holds_complete(manifest):
-            scope = state.prefetch = trio.CancelScope()
-            self._nursery.start_soon(self._prefetch, scope, state, path, manifest, root, author or None)
+            self._nursery.start_soon(self._prefetch, state, path, manifest, root, author or None)
 
     def read(self, ino: int, chunks: Sequence[tuple[int, ChunkId, int]], nbytes: int) -> None:
         """A read of ``nbytes`` of inode ``ino`` touched clean ``chunks`` ((index, id, length))."""
@@ -334,8 +337,7 @@ class Tracer:
         state = self._open.pop(ino, None)
         if state is None:
             return
-        if state.prefetch is not None:
-            state.prefetch.cancel()
+        state.stopped = True
         if state.recording is not None:
             self._finish(state.recording)
 
@@ -411,18 +413,16 @@ class Tracer:
                   for t in traces if t.chunk_size == root.chunk_size]
         return [(i, ids[i]) for i in merge(mapped)]
 
-    async def _prefetch(self, scope: trio.CancelScope, state: _Open, path: str, mid: bytes, root: Manifest,
-                        author: bytes | None) -> None:
-        with scope:
-            try:
-                order = await self.plan(path, mid, root, author)
-            except (FsError, ManifestError, MissingPage) as exc:
-                log.info("no trace prefetch for %s: %s", path, exc)
-                return
-            if not order:
-                return
-            log.debug("trace prefetch of %s: %d chunks", path, len(order))
-            await self._fetch_in_order(order, path, mid, root, author, state=state)
+    async def _prefetch(self, state: _Open, path: str, mid: bytes, root: Manifest, author: bytes | None) -> None:
+        try:
+            order = await self.plan(path, mid, root, author)
+        except (FsError, ManifestError, MissingPage) as exc:
+            log.info("no trace prefetch for %s: %s", path, exc)
+            return
+        if not order or state.stopped:
+            return
+        log.debug("trace prefetch of %s: %d chunks", path, len(order))
+        await self._fetch_in_order(order, path, mid, root, author, state=state)
 
     async def _fetch_in_order(self, order: Sequence[tuple[int, ChunkId]], path: str, mid: bytes, root: Manifest,
                               author: bytes | None, *, state: _Open | None = None, report: PullReport | None = None,
@@ -458,6 +458,8 @@ class Tracer:
                 nursery.start_soon(worker)
             async with send:
                 for idx, cid in order:
+                    if state is not None and state.stopped:
+                        break  # closed by everyone: the fetches under way finish, no more start
                     if not store.has(cid):
                         await send.send((idx, cid))
 
