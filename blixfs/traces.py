@@ -421,8 +421,12 @@ class Tracer:
             return
         if not order or state.stopped:
             return
-        log.debug("trace prefetch of %s: %d chunks", path, len(order))
-        await self._fetch_in_order(order, path, mid, root, author, state=state)
+        started = time.monotonic()
+        report = PullReport(chunks=len(order))
+        await self._fetch_in_order(order, path, mid, root, author, state=state, report=report)
+        log.info("trace prefetch of %s: %d of %d traced chunks fetched (%.1f MiB) in %.1f s%s", path,
+                 len(report.fetched), len(order), report.fetched_bytes / (1 << 20), time.monotonic() - started,
+                 "; stopped at its close" if state.stopped else "")
 
     async def _fetch_in_order(self, order: Sequence[tuple[int, ChunkId]], path: str, mid: bytes, root: Manifest,
                               author: bytes | None, *, state: _Open | None = None, report: PullReport | None = None,
