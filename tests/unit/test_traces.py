@@ -210,7 +210,7 @@ def _data(n: int, salt: bytes = b"") -> bytes:
     return b"".join(bytes([i % 251 + 1]) * (CS - 8) + salt.ljust(8, b"-") for i in range(n))
 
 
-async def test_a_read_trace_is_published_and_a_new_version_inherits_the_shared_chunks() -> None:
+async def test_a_read_trace_is_published_and_a_new_version_inherits_it_by_place() -> None:
     vfs = make_vfs(chunk_size=CS)
     tracer = Tracer(vfs.replica, vfs.content)
     vfs.tracer = tracer
@@ -227,7 +227,7 @@ async def test_a_read_trace_is_published_and_a_new_version_inherits_the_shared_c
     assert root1 is not None
     assert [i for i, _ in await tracer.plan("img", e1.manifest, root1, e1.author)] == [5, 2, 9, 0]
 
-    # A new version changes chunk 2: it inherits the trace for 5, 9 and 0, not for 2.
+    # A new version changes chunk 2: it inherits the trace by place, chunk 2 being its own.
     ino = (await vfs.lookup(ROOT_INO, "img")).ino
     fh = await vfs.open(ino, os.O_WRONLY)
     await vfs.write(fh, 2 * CS, b"x" * CS)
@@ -238,8 +238,13 @@ async def test_a_read_trace_is_published_and_a_new_version_inherits_the_shared_c
     root2 = vfs.content.manifest(e2.manifest)
     assert root2 is not None
     plan = await tracer.plan("img", e2.manifest, root2, e2.author)
-    assert [i for i, _ in plan] == [5, 9, 0]
+    assert [i for i, _ in plan] == [5, 2, 9, 0]
+    assert plan[1][1] != lookup(root1, vfs.content.page, 2)  # the new version's chunk 2, not the old one
     assert all(cid == lookup(root2, vfs.content.page, i) for i, cid in plan)  # ids of version 2
+    # Items past the version's end are dropped (a trace of a longer version, or a hostile one).
+    tracer._local["img"] = (time.time_ns(), Trace(e2.manifest, CS, ((100, bytes(8)), (7, bytes(8)))))
+    assert [i for i, _ in await tracer.plan("img", e2.manifest, root2, e2.author)] == [5, 7, 2, 9, 0]
+    del tracer._local["img"]
     # A short later read of the same version does not replace the longer trace.
     vfs.tracer = tracer
     await _read_in_order(vfs, "img", [1])
