@@ -90,6 +90,7 @@ RECORD_SECONDS = 300.0  # an open is traced for its first 5 minutes ...
 RECORD_BYTES = 512 << 20  # ... or its first 512 MiB read, whichever comes first
 KEEP_RECORDS = 16  # the newest records of a file that are merged
 MIN_PUBLISH_CHUNKS = 2  # a trace of a single chunk (a header probe) is not worth a record
+KEEP_LONGER_SECONDS = 86400  # a much shorter trace replaces a node's record only once it is this old
 TRACE_PARALLEL = 4  # trace prefetch fetches in flight per open file
 LOCAL_TRACES = 256  # files whose unpublished trace a read-only node keeps
 _HEADER = struct.Struct(">4s32sIII")  # magic, manifest id, chunk size, recorded milliseconds, count
@@ -364,13 +365,18 @@ class Tracer:
             self._local[rec.path] = (time.time_ns(), trace)
 
     def publish(self, path: str, trace: Trace) -> bool:
-        """Publish ``trace`` as this node's record for ``path``, unless the record held is of
-        the same version and more than twice as long (a short read of a booted image, say a
-        header probe, does not replace its boot trace). FsError when the replica refuses."""
+        """Publish ``trace`` as this node's record for ``path``, unless the record held is more
+        than twice as long and younger than `KEEP_LONGER_SECONDS` (a header probe, or a boot
+        that failed early, does not replace a boot trace; a boot that really reads less
+        replaces it after that). Of any version: a running image changes version all the
+        time. FsError when the replica refuses."""
         held = self.replica.store.get(record_path(path, self.replica.author))
         if held is not None:
             old = _decoded(held)
-            if old is not None and old.manifest == trace.manifest and len(old.items) > 2 * len(trace.items):
+            young = time.time_ns() - held.timestamp_ns < KEEP_LONGER_SECONDS * 10**9
+            if old is not None and young and len(old.items) > 2 * len(trace.items):
+                log.debug("kept the longer access trace of %s (%d chunks, not %d)", path, len(old.items),
+                          len(trace.items))
                 return False
         self.replica.commit_local([record_entry(self.replica, path, trace)], traces=True)
         self.published += 1

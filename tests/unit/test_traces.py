@@ -245,7 +245,7 @@ async def test_a_read_trace_is_published_and_a_new_version_inherits_it_by_place(
     tracer._local["img"] = (time.time_ns(), Trace(e2.manifest, CS, ((100, bytes(8)), (7, bytes(8)))))
     assert [i for i, _ in await tracer.plan("img", e2.manifest, root2, e2.author)] == [5, 7, 2, 9, 0]
     del tracer._local["img"]
-    # A short later read of the same version does not replace the longer trace.
+    # A short later read (of any version) does not replace the longer trace.
     vfs.tracer = tracer
     await _read_in_order(vfs, "img", [1])
     assert tracer.published == 1
