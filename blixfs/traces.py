@@ -8,8 +8,11 @@ traced chunks in that order ahead of the guest (`Tracer`), at `Priority.TRACE`.
 **Recording.** From the first open of a file on this node (the inode's first handle)
 until the last handle closes, the first `RECORD_SECONDS` or the first `RECORD_BYTES`
 read, or `MAX_TRACE_CHUNKS` distinct chunks, whichever comes first: each clean chunk
-read, once, in first-read order, as (index, first 8 bytes of its id). Chunks read from
-unsaved writes and holes are not recorded (there is nothing to fetch).
+read, once, in first-read order, as (index, first 8 bytes of its id); and each chunk
+written, as a place the next boot reads (the guest's own data, a grown qcow2's new
+clusters: bench_vm's second boot of an image read all 17 chunks the first boot had
+written, and nothing else beyond the first boot's reads), with a zero id. Chunks read
+from unsaved writes and holes are not recorded (there is nothing to fetch).
 
 **Records** (docs/protocol.md 12.2): one per (file, node), an ordinary signed entry at
 ``.blixfs-traces/<file key>/<node id>`` (file key: 32 hex digits of BLAKE3 of the
@@ -253,6 +256,24 @@ class Recording:
             self.indices.add(idx)
             self.items.append((idx, bytes(cid[:PREFIX_BYTES])))
 
+    def note_written(self, first: int, last: int, now: float) -> None:
+        """Chunks ``first``..``last`` were written: places the next boot reads (the guest's
+        own data, a grown image's new clusters), recorded like reads but without an id
+        (they have none yet; zeros). Bounded like `note`."""
+        if self.done:
+            return
+        if now - self.started > RECORD_SECONDS:
+            self.done = True
+            return
+        for idx in range(first, last + 1):
+            if idx in self.indices:
+                continue
+            if len(self.items) >= MAX_TRACE_CHUNKS:
+                self.done = True
+                return
+            self.indices.add(idx)
+            self.items.append((idx, bytes(PREFIX_BYTES)))
+
     def trace(self) -> Trace:
         return Trace(self.manifest, self.chunk_size, tuple(self.items),
                      int((time.monotonic() - self.started) * 1000))
@@ -334,6 +355,16 @@ class Tracer:
         if rec is not None and not rec.done:
             rec.note(chunks, nbytes, time.monotonic())
             if rec.done:
+                state.recording = None
+                self._finish(rec)
+
+    def wrote(self, ino: int, first: int, last: int) -> None:
+        """A write to inode ``ino`` covered chunks ``first``..``last``."""
+        state = self._open.get(ino)
+        rec = state.recording if state is not None else None
+        if rec is not None and not rec.done:
+            rec.note_written(first, last, time.monotonic())
+            if rec.done and state is not None:
                 state.recording = None
                 self._finish(rec)
 

@@ -1362,6 +1362,8 @@ class Vfs:
         content.changed = True
         content.mtime_ns = self._clock()
         self._journal_of(handle.ino, content).record_write(offset, data)
+        if self.tracer is not None:  # places written are read by the next boot (blixfs.traces)
+            self.tracer.wrote(handle.ino, offset // cs, (end - 1) // cs)
         if content.dirty_bytes() > self._max_dirty:
             self._spill(content, keep=end // cs)
         return len(data)

@@ -229,9 +229,9 @@ async def test_a_read_trace_is_published_and_a_new_version_inherits_it_by_place(
 
     # A new version changes chunk 2: it inherits the trace by place, chunk 2 being its own.
     ino = (await vfs.lookup(ROOT_INO, "img")).ino
+    vfs.tracer = None  # this write is not a boot: keep the record of the first version as it is
     fh = await vfs.open(ino, os.O_WRONLY)
     await vfs.write(fh, 2 * CS, b"x" * CS)
-    vfs.tracer = None  # the write's own open reads nothing; keep the record of the first version
     await vfs.release(fh)
     e2 = vfs.namespace.get("img")
     assert e2 is not None and e2.manifest is not None and e2.manifest != e1.manifest
@@ -249,6 +249,30 @@ async def test_a_read_trace_is_published_and_a_new_version_inherits_it_by_place(
     vfs.tracer = tracer
     await _read_in_order(vfs, "img", [1])
     assert tracer.published == 1
+
+
+async def test_places_written_are_traced_after_the_reads_before_them() -> None:
+    vfs = make_vfs(chunk_size=CS)
+    tracer = Tracer(vfs.replica, vfs.content)
+    await write_file(vfs, "img", _data(8))
+    vfs.tracer = tracer
+    ino = (await vfs.lookup(ROOT_INO, "img")).ino
+    fh = await vfs.open(ino, os.O_RDWR)
+    await vfs.read(fh, 5 * CS, 10)
+    await vfs.write(fh, 9 * CS + 10, b"y" * (CS + 100))  # grows the image into chunks 9 and 10
+    await vfs.read(fh, 1 * CS, 10)
+    await vfs.write(fh, 5 * CS, b"z" * 10)  # read already: recorded once
+    await vfs.release(fh)
+    record = vfs.namespace.get(record_path("img", vfs.author))
+    assert record is not None
+    items = Trace.decode(record.xattrs[TRACE_XATTR]).items
+    assert [i for i, _ in items] == [5, 9, 10, 1]
+    assert items[1][1] == items[2][1] == bytes(8) and items[0][1] != bytes(8)
+    e = vfs.namespace.get("img")
+    assert e is not None and e.manifest is not None
+    root = vfs.content.manifest(e.manifest)
+    assert root is not None  # the version after the writes: the written places map onto it
+    assert [i for i, _ in await tracer.plan("img", e.manifest, root, e.author)] == [5, 9, 10, 1]
 
 
 async def test_a_node_that_may_not_write_keeps_its_trace_local() -> None:
