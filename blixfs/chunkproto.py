@@ -24,6 +24,24 @@ PROVE is how a writer checks that a node claiming to hold a version holds its by
 and the ranges are random, so only a node holding the version (or fetching it on demand)
 can answer. Like GET it keeps the stream.
 
+    GETP     = version | op 0x10 + class (0x10 DEMAND, 0x11 TRACE, 0x12 AHEAD, 0x13 BACKGROUND)
+               | chunk id | offset | length; answered as GET
+
+GETP is GET with the requester's transfer class (`blixfs.priority`): the same 46 bytes,
+the class in the op byte (no extra read per request). A plain GET is served as AHEAD
+(`DEFAULT_CLASS`): requesters from before classes existed neither jump the demand queue
+nor starve behind background transfers. Ops 0x14 to 0x1F are unknown (BAD_REQUEST).
+
+Serving order (docs/design.md "Transfer priorities"): GET requests are served through
+two fair queues (`blixfs.scheduling.FairQueue`), one of `DEMAND_SLOTS` for DEMAND and one of
+`SERVE_SLOTS` for the other classes (better class first), each fair between peers in
+round robin within a class: a peer that marks everything DEMAND gets its share of the
+demand slots, not all of them, and never delays another peer's demand request behind its
+queue. Waiting requests are bounded by the transport's stream limits (one per stream). The
+answer's bytes then take from the ``max_upload`` limit (`blixfs.limits`) in class order,
+and go on the QUIC stream with the class's send priority (`send_priority`): on one
+connection, a demand answer overtakes background answers already being sent.
+
 ``length`` 0 asks for the chunk from ``offset`` to its end. A requester that asks for a
 whole chunk verifies its BLAKE3 id before using it (`ChunkClient.fetch` does); a range
 cannot be verified against a flat BLAKE3 id, so blixfs itself always fetches whole
@@ -56,6 +74,7 @@ from lru import LRU
 from blixfs import crypto, metrics
 from blixfs.chunkstore import MAX_CHUNK_BYTES, ChunkStore
 from blixfs.hashing import HOLE, ChunkId, chunk_id, short
+from blixfs.limits import Limits
 from blixfs.manifest import Manifest, ManifestError, MissingPage, lookup
 from blixfs.net.transport import (
     CODE_APP_MIN,
@@ -65,6 +84,8 @@ from blixfs.net.transport import (
     TransportError,
     UnexpectedEOF,
 )
+from blixfs.priority import Priority
+from blixfs.scheduling import FairQueue
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,6 +97,10 @@ OP_HOLD = 2  # "please hold this version whole for durability": chunk id = its m
 HOLD_CONTEXT = b"blixfs/hold/1\x00"  # signature domain of a HOLD's namespace signature
 OP_HAVE = 3  # "which of these chunk ids do you hold?": count in the length field, then the ids
 OP_PROVE = 4  # "hash these ranges of this version with my nonce": count in the length field, nonce, ranges
+OP_GETP = 0x10  # GET with the transfer class: op = OP_GETP + class
+DEFAULT_CLASS = Priority.AHEAD  # the class of a plain GET
+SERVE_SLOTS = 32  # non-demand GETs answered at once, all peers together
+DEMAND_SLOTS = 32  # demand GETs answered at once, beside those
 MAX_PROVE_RANGES = 16
 MAX_PROVE_LENGTH = 64 * 1024  # bytes of one range: a proof reads little
 NONCE_LEN = 32
@@ -117,8 +142,24 @@ class Fetched:
     seconds: float
 
 
-def encode_request(cid: ChunkId, offset: int = 0, length: int = 0) -> bytes:
-    return _REQUEST.pack(VERSION, OP_GET, cid, offset, length)
+def encode_request(cid: ChunkId, offset: int = 0, length: int = 0, priority: Priority | None = None) -> bytes:
+    """A GET of ``cid`` (protocol.md 14.1); with ``priority``, a GETP carrying that class."""
+    op = OP_GET if priority is None else OP_GETP + int(priority)
+    return _REQUEST.pack(VERSION, op, cid, offset, length)
+
+
+def request_class(op: int) -> Priority | None:
+    """The transfer class of a GET or GETP op; None for any other op."""
+    if op == OP_GET:
+        return DEFAULT_CLASS
+    if OP_GETP <= op < OP_GETP + len(Priority):
+        return Priority(op - OP_GETP)
+    return None
+
+
+def send_priority(priority: Priority) -> int:
+    """The QUIC send priority of an answer of class ``priority`` (higher goes first)."""
+    return int(Priority.BACKGROUND) - int(priority)
 
 
 def encode_have(cids: list[ChunkId]) -> bytes:
@@ -191,13 +232,19 @@ class ChunkServer:
     they are refused. ``allowed(peer, op)`` is access control (`blixfs.members`): whether
     a peer (hex id) may make a request of that op here, checked on every request (None:
     anyone). ``on_served(peer, nbytes)`` hears of each chunk sent (`blixfs.analytics`). All
-    are given at construction and fixed for the server's life.
+    are given at construction and fixed for the server's life. ``limits``: the node's
+    bandwidth limits (the ``upload`` bucket is used; the daemon may change its rate).
+    GETs are answered in class order, fair between peers (module docstring).
     """
 
     def __init__(self, store: ChunkStore, *, on_hold: OnHold | None = None,
                  allowed: Callable[[str, int], bool] | None = None,
-                 on_served: Callable[[str, int], object] | None = None) -> None:
+                 on_served: Callable[[str, int], object] | None = None,
+                 limits: Limits | None = None) -> None:
         self.store = store
+        self.limits = limits or Limits.create()
+        self.demand_queue = FairQueue(DEMAND_SLOTS, "serve")
+        self.queue = FairQueue(SERVE_SLOTS, "serve")
         self.bytes_served = 0
         self.requests = 0
         self.have_requests = 0
@@ -346,6 +393,7 @@ class ChunkServer:
 
     async def _serve(self, stream: Stream, peer_id: str) -> None:
         first = True
+        sending = send_priority(Priority.DEMAND) - send_priority(Priority.BACKGROUND) + 1  # none set yet
         while True:
             try:
                 raw = await self._next_request(stream, first)
@@ -381,20 +429,27 @@ class ChunkServer:
                 if not await self._prove(stream, peer_id, ChunkId(cid), length):
                     return
                 continue
-            if version != VERSION or op != OP_GET:
+            priority = request_class(op)
+            if version != VERSION or priority is None:
                 log.warning("peer %s sent a chunk request of version %d op %d: refused", peer_id[:16], version, op)
                 metrics.count_refused("chunks", "unknown_op")
                 await self._send(stream, _RESPONSE.pack(BAD_REQUEST, 0))
                 break
-            data = await self.store.load(ChunkId(cid))
-            self.requests += 1
-            if data is None:
-                await self._send(stream, _RESPONSE.pack(DONT_HAVE, 0))
-                continue
-            if offset or length:
-                end = len(data) if length == 0 else min(len(data), offset + length)
-                data = data[min(offset, len(data)) : end]
-            await self._send(stream, _RESPONSE.pack(OK, len(data)) + data)
+            queue = self.demand_queue if priority is Priority.DEMAND else self.queue
+            async with queue.slot(priority, peer_id):
+                data = await self.store.load(ChunkId(cid))
+                self.requests += 1
+                if data is None:
+                    await self._send(stream, _RESPONSE.pack(DONT_HAVE, 0))
+                    continue
+                if offset or length:
+                    end = len(data) if length == 0 else min(len(data), offset + length)
+                    data = data[min(offset, len(data)) : end]
+                if sending != send_priority(priority):  # a kept-open stream carries any class
+                    sending = send_priority(priority)
+                    await stream.set_priority(sending)
+                await self.limits.upload.take(len(data), priority)
+                await self._send(stream, _RESPONSE.pack(OK, len(data)) + data)
             self.bytes_served += len(data)
             metrics.count_served(peer_id, len(data))
             if self._on_served is not None:
@@ -402,11 +457,11 @@ class ChunkServer:
         await stream.send_eof()
 
 
-async def _exchange(stream: Stream, peer_id: str, cid: ChunkId) -> bytes | None:
+async def _exchange(stream: Stream, peer_id: str, cid: ChunkId, priority: Priority | None = None) -> bytes | None:
     """One GET of the whole blob ``cid`` on ``stream``: its bytes, unverified; None for
     DONT_HAVE. Raises _StaleStream when nothing of an answer came, FetchFailed otherwise."""
     try:
-        await stream.send_all(encode_request(cid))
+        await stream.send_all(encode_request(cid, priority=priority))
         first = await stream.receive_some(_FIRST_READ)
     except TransportError as exc:
         raise _StaleStream(str(exc)) from exc
@@ -528,8 +583,9 @@ class ChunkClient:
 
         return await self._on_pooled_stream(peer, exchange)
 
-    async def fetch(self, peer: NodeAddr, cid: ChunkId) -> Fetched | None:
+    async def fetch(self, peer: NodeAddr, cid: ChunkId, priority: Priority | None = None) -> Fetched | None:
         """The whole blob ``cid`` from ``peer``, verified; None if the peer does not hold it.
+        ``priority``: the class the server is told (GETP); None: a plain GET.
 
         Raises FetchFailed (``bad_data`` set for bytes that do not hash to ``cid``) or a
         transport error (no connection, no stream).
@@ -537,7 +593,7 @@ class ChunkClient:
         started = time.perf_counter()
 
         async def exchange(stream: Stream) -> bytes | None:
-            data = await _exchange(stream, peer.node_id, cid)
+            data = await _exchange(stream, peer.node_id, cid, priority)
             if data is not None and chunk_id(data) != cid:
                 raise FetchFailed(f"peer {peer.node_id[:16]} sent bytes that are not chunk {short(cid)}",
                                   bad_data=True)
@@ -602,6 +658,8 @@ __all__ = [
     "hold_signed_bytes",
     "prove_digest",
     "prove_range",
+    "request_class",
     "request_hold",
     "request_prove",
+    "send_priority",
 ]

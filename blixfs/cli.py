@@ -117,6 +117,12 @@ def _open_node(ctx: click.Context, *, lock: bool) -> Node:
 @click.option("--dashboard", "dashboard", metavar="[ADDR:]PORT", default=None,
               help="Serve the dashboard (overview, transfers, topology, images; JSON under /api/) on "
                    "ADDR:PORT [ADDR default 127.0.0.1]. `blixfs dashboard` prints its address.")
+@click.option("--max-upload", metavar="RATE", default=None,
+              help="Serve peers at most RATE bytes/s, e.g. 20M, 500K, 1G (decimal units; default: no limit). "
+                   "Demand reads are served first. Changeable while running: blixfs limit.")
+@click.option("--max-background", metavar="RATE", default=None,
+              help="Fetch at most RATE bytes/s for anything but reads a guest waits for (trace prefetch, "
+                   "read-ahead, pulls, replication); demand reads are exempt. Changeable: blixfs limit.")
 @click.option("--dashboard-public", is_flag=True,
               help="Allow --dashboard on an address that is not loopback (it shows this node's peers, "
                    "files and traffic, never keys or tickets, to whoever reaches it).")
@@ -126,7 +132,7 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
           cache_size: str | None, fetch_timeout: float, copies: int, gc_interval: float, gc_grace: float,
           peer_expiry: float, publish_interval: float, mdns: bool,
           mdns_interfaces: tuple[str, ...],
-          internet: bool, listen: str | None) -> None:
+          internet: bool, listen: str | None, max_upload: str | None, max_background: str | None) -> None:
     """Mount the namespace at MOUNTPOINT and serve it in the foreground until Ctrl-C or SIGTERM.
 
     The node syncs with the peers it joined through tickets. A stale mount left at
@@ -137,6 +143,8 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
     from mount.runner import MountError, run_mount  # pyfuse3 only where a mount is made
 
     raise_fd_limit()  # before the store opens: it keeps chunk files open for range reads
+    rates = {"max_upload": _rate_option(max_upload, "--max-upload"),
+             "max_background": _rate_option(max_background, "--max-background")}
 
     try:
         dashboard_at = parse_listen(dashboard, public=dashboard_public) if dashboard is not None else None
@@ -159,7 +167,7 @@ def mount(ctx: click.Context, mountpoint: Path, direct_io: bool, allow_other: bo
         run_mount(node, vfs, mountpoint.expanduser().absolute(), direct_io=direct_io, allow_other=allow_other,
                   fetch_timeout=fetch_timeout, copies=copies, gc_interval=gc_interval, gc_grace=gc_grace,
                   internet=internet, mdns=mdns, mdns_interfaces=list(mdns_interfaces) or None,
-                  peer_expiry=peer_expiry, publish_interval=publish_interval, dashboard=dashboard_at)
+                  peer_expiry=peer_expiry, publish_interval=publish_interval, dashboard=dashboard_at, **rates)
     except MountError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -393,6 +401,16 @@ def _namespace_path(path: str) -> str:
     return path.strip("/")
 
 
+def _rate_option(text: str | None, name: str) -> int | None:
+    """A RATE option's bytes/s (None: no limit), or a usage error naming the option."""
+    from blixfs.limits import RateError, parse_rate
+
+    try:
+        return parse_rate(text)
+    except RateError as exc:
+        raise click.BadParameter(str(exc), param_hint=name) from None
+
+
 def _parse_size(text: str) -> int:
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     text = text.strip().upper().removesuffix("IB").removesuffix("B")
@@ -408,11 +426,14 @@ def _parse_size(text: str) -> int:
 
 @main.command()
 @click.argument("path")
+@click.option("--priority", type=click.Choice(["demand", "trace", "ahead", "background"]), default="background",
+              show_default=True, help="Transfer class of the pull's fetches: background goes after every read a "
+                                      "guest waits for and under --max-background; demand competes with them.")
 @click.option("--trace", "trace", is_flag=True,
               help="Fetch only the chunks of PATH's access trace (what its boots read), in trace order: warms a "
                    "host before VMs are scheduled there.")
 @click.pass_context
-def pull(ctx: click.Context, path: str, trace: bool) -> None:
+def pull(ctx: click.Context, path: str, priority: str, trace: bool) -> None:
     """Fetch a whole image from peers now (prefetch), with a progress bar.
 
     PATH is a file in the mount (e.g. /mnt/images/ubuntu.qcow2) or a namespace path.
@@ -428,7 +449,7 @@ def pull(ctx: click.Context, path: str, trace: bool) -> None:
         def on_progress(update: dict[str, Any]) -> None:
             bar.update(task, completed=update["done"], total=update["total"])
 
-        request: dict[str, Any] = {"op": "pull", "path": rel}
+        request: dict[str, Any] = {"op": "pull", "path": rel, "priority": priority}
         if trace:
             request["trace"] = True
         reply = ask_daemon(ctx.obj["home"], request, timeout=None, on_progress=on_progress)
@@ -441,6 +462,40 @@ def pull(ctx: click.Context, path: str, trace: bool) -> None:
     what = f" (trace: {reply['chunks']} chunks)" if "chunks" in reply else ""
     click.echo(f"pulled {reply['path']}{what}: {_human(reply['bytes'])} fetched of {_human(reply['total'])} in "
                f"{reply['seconds']:.2f} s ({_human(reply['bytes'] / seconds)}/s) from {peers}")
+
+
+@main.command()
+@click.option("--max-upload", metavar="RATE", default=None,
+              help="Serve peers at most RATE bytes/s (20M, 500K, 1G; off: no limit).")
+@click.option("--max-background", metavar="RATE", default=None,
+              help="Fetch at most RATE bytes/s for anything but demand reads (off: no limit).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def limit(ctx: click.Context, max_upload: str | None, max_background: str | None, as_json: bool) -> None:
+    """Show or change the running daemon's bandwidth limits.
+
+    Without options, prints them. RATE is bytes per second with decimal units (20M is
+    20,000,000 bytes/s); "off" removes a limit. A limit not given is left as it is. The
+    change lasts until the daemon stops (blixfs mount --max-upload/--max-background set
+    them at start).
+    """
+    from blixfs.limits import format_rate
+
+    request: dict[str, Any] = {"op": "limits"}
+    for name, text, option in (("max_upload", max_upload, "--max-upload"),
+                               ("max_background", max_background, "--max-background")):
+        if text is not None:
+            request[name] = _rate_option(text, option) or 0
+    reply = ask_daemon(ctx.obj["home"], request)
+    if reply is None:
+        raise click.ClickException("no daemon is running for this home: start it with blixfs mount DIR")
+    if not reply.get("ok"):
+        raise click.ClickException(str(reply.get("error")))
+    if as_json:
+        click.echo(json.dumps({"max_upload": reply["max_upload"], "max_background": reply["max_background"]}))
+        return
+    click.echo(f"max-upload      {format_rate(reply['max_upload'])}" + ("/s" if reply["max_upload"] else ""))
+    click.echo(f"max-background  {format_rate(reply['max_background'])}" + ("/s" if reply["max_background"] else ""))
 
 
 @main.command()
@@ -724,6 +779,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
         f, sv = daemon["fetched"], daemon["served"]
         click.echo(f"transfers  fetched {f['chunks']} chunks ({_human(f['bytes'])}), {f['in_flight']} in flight; "
                    f"served {sv['requests']} requests ({_human(sv['bytes'])})")
+        lim = daemon.get("limits")
+        if lim is not None:
+            from blixfs.limits import format_rate
+
+            click.echo(f"limits     upload {format_rate(lim['max_upload'])}, background "
+                       f"{format_rate(lim['max_background'])} (bytes/s); {lim['fetch_queue']} fetches and "
+                       f"{lim['serve_queue']} requests to serve waiting their turn")
         for r in daemon["replication"]:
             targets = ", ".join(f"{p} {int(v * 100)}%" for p, v in r["targets"].items())
             click.echo(f"  {r['state']:11} {r['path']}  {r['copies']}/{r['want']} copies" +

@@ -438,25 +438,29 @@ class Content:
                           locate=self._locator(cid, manifest, index, author), priority=priority)
 
     def prefetch(self, wanted: dict[ChunkId, int], mid: bytes | None, author: bytes | None,
-                 label: str | None = None) -> None:
-        """Read-ahead: chunks (id -> index in version ``mid``) a sequential reader wants next."""
+                 label: str | None = None, *, priority: Priority = Priority.AHEAD) -> None:
+        """Read-ahead: chunks (id -> index in version ``mid``) a sequential reader wants next,
+        fetched at class ``priority`` (`blixfs.fetcher`)."""
         manifest = self._manifests.get(mid) if mid is not None else None
         missing = self.reader.prefetch(wanted)
         fetcher = self.fetcher
         if fetcher is not None:
             fetcher.prefetch(((cid, self.holders(cid, mid, wanted[cid], author),
-                               self._locator(cid, manifest, wanted[cid], author)) for cid in missing), label)
+                               self._locator(cid, manifest, wanted[cid], author)) for cid in missing), label,
+                             priority=priority)
 
     # ------------------------------------------------------------------ whole versions
 
     async def fetch_version(self, mid: bytes, *, author: bytes | None, label: str | None,
                             extra_holders: Sequence[str] = (), progress: Progress | None = None,
-                            parallel: int = READ_AHEAD_PARALLEL) -> VersionFetch:
+                            parallel: int = READ_AHEAD_PARALLEL,
+                            priority: Priority = Priority.BACKGROUND) -> VersionFetch:
         """Fetch and store every page, then every chunk, of version ``mid`` not held here,
         announcing each chunk in the holdings, then the version as held whole. Failures are
         collected, not raised (the caller decides); FsError only when the root itself cannot
         be had or a page is invalid (EIO). Streams: pages level by level, then chunks page by
-        page through ``parallel`` workers, never a list of every chunk."""
+        page through ``parallel`` workers, never a list of every chunk. Every fetch is of
+        class ``priority`` (pulls and replicas: BACKGROUND; `blixfs pull --priority`)."""
         fetcher = self.fetcher
         if fetcher is None:
             raise FsError(errno.EIO, "this node is not on the network")
@@ -464,7 +468,7 @@ class Content:
         if not self.store.has(ChunkId(mid)):  # held in memory only (full disk): not held
             raise FsError(errno.ENOSPC, f"manifest {short(mid)} could not be stored")
         report = VersionFetch(m)
-        if not await self._fetch_pages(m, mid, author, label, extra_holders, report):
+        if not await self._fetch_pages(m, mid, author, label, extra_holders, report, priority):
             return report
         try:
             report.missing_bytes = sum(m.length(i) for i, cid in iter_chunks(m, self.store.get)
@@ -482,7 +486,7 @@ class Content:
             try:
                 if not self.store.has(cid):
                     holders = [*extra_holders, *self.holders(cid, mid, index, author)]
-                    await fetcher.get(cid, holders, label, must_store=True,
+                    await fetcher.get(cid, holders, label, must_store=True, priority=priority,
                                       locate=self._locator(cid, m, index, author))
             except FsError as exc:
                 report.failed.append(str(exc))
@@ -524,7 +528,8 @@ class Content:
         return m
 
     async def _fetch_pages(self, m: Manifest, mid: bytes, author: bytes | None, label: str | None,
-                           extra_holders: Sequence[str], report: VersionFetch) -> bool:
+                           extra_holders: Sequence[str], report: VersionFetch,
+                           priority: Priority = Priority.BACKGROUND) -> bool:
         """Fetch and store the pages of ``m`` not held here, one level per round (a page's
         children are known once it is here); False (failures in ``report``) if one cannot be."""
         fetcher = self.fetcher
@@ -543,7 +548,7 @@ class Content:
             async def one(page: MissingPage) -> None:
                 holders = [*extra_holders, *self._version_holders(mid, None, author)]
                 try:
-                    await fetcher.get(page.pid, holders, label, must_store=True,
+                    await fetcher.get(page.pid, holders, label, must_store=True, priority=priority,
                                       locate=self._locator(page.pid, None, 0, author))
                 except FsError as exc:
                     report.failed.append(str(exc))

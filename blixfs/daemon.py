@@ -12,12 +12,19 @@ Control protocol: one JSON object per line each way, one request per connection:
     {"op": "join", "ticket": T}  -> {"ok": true, "message": "..."} | {"ok": false, "error": "..."}
     {"op": "peers"}              -> {"ok": true, "peers": [{id, addrs, session, latency_ms, ...}]}
     {"op": "gc", "dry_run": b, "grace": s} -> {"ok": true, "freed_chunks", "freed_bytes", ...}
-    {"op": "pull", "path": P, "trace": b} -> {"progress": {"done": n, "total": n}} lines, then
+    {"op": "pull", "path": P, "priority": "background", "trace": b}
+                                 -> {"progress": {"done": n, "total": n}} lines, then
                                     {"ok": true, "bytes", "total", "seconds", "peers": {id: bytes}}
-                                    (with "trace": only the chunks of the file's access trace, in
+                                    (priority: demand, trace, ahead or background, the default;
+                                    with "trace": only the chunks of the file's access trace, in
                                     its order, and "chunks": how many the trace holds)
     {"op": "trace", "path": P}   -> {"ok": true, "path", "records": n, "chunks": [index, ...]}: the file's
                                     merged access trace, mapped onto its current version
+    {"op": "limits"}             -> {"ok": true, "max_upload": r, "max_background": r}
+    {"op": "limits", "max_upload": R, "max_background": R} -> the same, after the change
+                                    (R: bytes/s as an integer or a string like "20M"; "off",
+                                    0 or null: no limit; a field left out keeps its limit;
+                                    r: bytes/s or null)
     {"op": "allow", "node": HEX, "role": "read"|"write"|"admin"} -> {"ok": true, "member": {...}}
     {"op": "revoke", "node": HEX} -> {"ok": true, "member": {...}} (both: {"ok": false, "error"} when refused)
     {"op": "commit", "path": P}  -> {"ok": true, "path": P, "published": b} | {"ok": false, "error": "..."}
@@ -62,12 +69,14 @@ from blixfs.fetcher import ATTEMPT_TIMEOUT, FETCH_TIMEOUT, Fetcher
 from blixfs.gc import DEFAULT_GRACE_SECONDS, collect, live_versions
 from blixfs.health import DEFAULT_EXPIRY, HealthMonitor
 from blixfs.holdings import Holdings
+from blixfs.limits import Limits, RateError, parse_rate
 from blixfs.members import Role, member_report, parse_node_id
 from blixfs.namespace import LOOP_PAGE_ENTRIES
 from blixfs.net.iroh_transport import open_iroh_transport
 from blixfs.net.transport import NodeAddr, Transport, TransportError
 from blixfs.node import JoinError, Node
 from blixfs.peers import PeerBook
+from blixfs.priority import Priority
 from blixfs.replication import DEFAULT_COPIES, Replicator
 from blixfs.sync import ALPN as SYNC_ALPN
 from blixfs.sync import SESSIONS_PER_PEER, SESSIONS_TOTAL, SyncService
@@ -108,6 +117,7 @@ class Runtime:
     analytics: Analytics | None = None
     dashboard: str | None = None  # the dashboard's URL when it is served
     api: DashboardApi | None = None  # the dashboard's JSON (also `blixfs status --json`)
+    limits: Limits = field(default_factory=Limits.create)  # bandwidth limits (`blixfs limit`)
     tracer: Tracer | None = None  # access traces: recorded, published, prefetched (blixfs.traces)
 
     def peers_report(self) -> list[dict[str, Any]]:
@@ -134,10 +144,11 @@ class Runtime:
             })
         return out
 
-    async def pull(self, path: str, progress: Callable[[dict[str, Any]], Awaitable[None]], *,
-                   trace: bool = False) -> dict[str, Any]:
-        """Fetch every chunk of the file at ``path`` this node lacks, reporting progress; with
-        ``trace``, only the chunks of its access trace, in trace order (`Tracer.pull`)."""
+    async def pull(self, path: str, progress: Callable[[dict[str, Any]], Awaitable[None]],
+                   priority: Priority = Priority.BACKGROUND, *, trace: bool = False) -> dict[str, Any]:
+        """Fetch every chunk of the file at ``path`` this node lacks at class ``priority``,
+        reporting progress; with ``trace``, only the chunks of its access trace, in trace
+        order (`Tracer.pull`)."""
         e = self.node.namespace.get(path.strip("/"))
         if e is None or e.kind is not Kind.FILE:
             raise PullError(f"no file {path!r} in the namespace")
@@ -145,7 +156,7 @@ class Runtime:
         if e.manifest is None:
             return {"path": e.path, "bytes": 0, "total": 0, "seconds": 0.0, "peers": {}}
         if trace:
-            return await self._pull_trace(e.path, e.manifest, e.author, progress, started, before)
+            return await self._pull_trace(e.path, e.manifest, e.author, progress, started, before, priority)
         figures = {"done": 0, "total": 0}
 
         def count(done: int, total: int) -> None:
@@ -159,7 +170,8 @@ class Runtime:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report)
             try:
-                result = await self.content.fetch_version(e.manifest, author=e.author, label=e.path, progress=count)
+                result = await self.content.fetch_version(e.manifest, author=e.author, label=e.path, progress=count,
+                                                          priority=priority)
             except FsError as exc:
                 raise PullError(str(exc)) from None
             finally:
@@ -187,7 +199,7 @@ class Runtime:
 
     async def _pull_trace(self, path: str, mid: bytes, author: bytes,
                           progress: Callable[[dict[str, Any]], Awaitable[None]], started: float,
-                          before: dict[str, int]) -> dict[str, Any]:
+                          before: dict[str, int], priority: Priority) -> dict[str, Any]:
         if self.tracer is None:
             raise PullError("this daemon does not keep access traces")
         figures = {"done": 0, "total": 0}
@@ -203,7 +215,7 @@ class Runtime:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report)
             try:
-                result = await self.tracer.pull(path, mid, author, progress=count)
+                result = await self.tracer.pull(path, mid, author, progress=count, priority=priority)
             except FsError as exc:
                 raise PullError(str(exc)) from None
             finally:
@@ -221,6 +233,8 @@ class Runtime:
             "fetched": {"bytes": self.fetcher.bytes_fetched, "chunks": self.fetcher.chunks_fetched,
                         "in_flight": sum(st.inflight for st in self.peers.stats.values())},
             "served": {"bytes": self.server.bytes_served, "requests": self.server.requests},
+            "limits": {**self.limits.report(), "fetch_queue": self.fetcher.queue.waiting(),
+                       "serve_queue": self.server.queue.waiting() + self.server.demand_queue.waiting()},
             "replication": self.replicator.report() if self.replicator is not None else [],
             "files": [{"path": path, "bytes": t.bytes, "chunks": t.chunks, "rate_mbs": round(t.rate() / 1e6, 1),
                        "idle_s": round(time.monotonic() - t.updated, 1)}
@@ -279,10 +293,12 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
                        gc_interval: float = GC_INTERVAL, gc_grace: float = DEFAULT_GRACE_SECONDS,
                        internet: bool = False, peer_expiry: float = DEFAULT_EXPIRY, mdns: bool = True,
                        mdns_interfaces: list[str] | None = None, publish_interval: float = PUBLISH_INTERVAL,
-                       dashboard: tuple[str, int] | None = None,
+                       dashboard: tuple[str, int] | None = None, max_upload: int | None = None,
+                       max_background: int | None = None,
                        task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the node's network services until cancelled; reports the `Runtime` when up.
-    ``dashboard``: (host, port) to serve the dashboard on (`blixfs.dashboard.server.parse_listen`)."""
+    ``dashboard``: (host, port) to serve the dashboard on (`blixfs.dashboard.server.parse_listen`);
+    ``max_upload``, ``max_background``: bandwidth limits in bytes/s (`blixfs.limits`; None: none)."""
     bind = listen or node.listen_addr()
     async with contextlib.AsyncExitStack() as stack:
         try:
@@ -301,7 +317,7 @@ async def run_services(node: Node, *, vfs: Vfs | None = None, listen: str | None
                          gc_interval=gc_interval, gc_grace=gc_grace, peer_expiry=peer_expiry,
                          mdns_interfaces=(mdns_interfaces or interfaces_for_listen(bind.rsplit(":", 1)[0]))
                          if mdns else None, publish_interval=publish_interval, dashboard=dashboard,
-                         task_status=task_status)
+                         limits=Limits.create(max_upload, max_background), task_status=task_status)
 
 
 async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None,
@@ -309,13 +325,14 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
                      gc_interval: float = GC_INTERVAL, gc_grace: float = DEFAULT_GRACE_SECONDS,
                      peer_expiry: float = DEFAULT_EXPIRY, mdns_interfaces: list[str] | None = None,
                      control: bool = True, publish_interval: float = PUBLISH_INTERVAL,
-                     dashboard: tuple[str, int] | None = None,
+                     dashboard: tuple[str, int] | None = None, limits: Limits | None = None,
                      task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED) -> None:
     """The node's services on ``transport`` (iroh for a daemon, the in-memory network for
     in-process tests): sync, chunk server, fetcher, replication, health, GC, LAN discovery
     on ``mdns_interfaces`` (None: off), transfer analytics (`blixfs.analytics`, saved in
     ``<home>/analytics.db``), with ``control`` the control socket and with ``dashboard``
-    (host, port) the dashboard. Runs until cancelled; reports the `Runtime` when up."""
+    (host, port) the dashboard, under the bandwidth ``limits`` (None: none; changeable
+    through the control socket). Runs until cancelled; reports the `Runtime` when up."""
     # Each service gets its collaborators and hooks at construction, in dependency order;
     # the one later step is the content layer's `connect` (the VFS built it before the network).
     self_id = node.node_id.hex()
@@ -328,11 +345,12 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
         cache.follow_open_files(vfs.open_chunk_ids, lambda: vfs.patch_generation)
     content = vfs.content if vfs is not None else Content(node.chunks)
     analytics = Analytics(node.home / "analytics.db")
+    limits = limits or Limits.create()
     fetcher = Fetcher(node.chunks, transport, peers, fetch_timeout=fetch_timeout,
                       attempt_timeout=min(ATTEMPT_TIMEOUT, fetch_timeout),
                       allowed=lambda peer: _may(node, peer, Role.READ), on_stored=cache.enforce,
                       on_fetched=content.reader.remember, on_dont_have=content.forget_holder,
-                      on_chunk=analytics.on_chunk)
+                      on_chunk=analytics.on_chunk, limits=limits)
     sync = SyncService(node.replica, transport, holdings, on_address=lambda addr: peers.learn(addr, "exchange"),
                        vouched=peers.reached)
     content.connect(Network(fetcher, holdings, peers,
@@ -344,7 +362,7 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     replicator = Replicator(node, transport, sync, holdings, peers, content, default_copies=copies)
     server = ChunkServer(node.chunks, on_hold=replicator.on_hold,
                          allowed=lambda peer, op: _may(node, peer, Role.WRITE if op == OP_HOLD else Role.READ),
-                         on_served=analytics.on_served)
+                         on_served=analytics.on_served, limits=limits)
     tracer = Tracer(node.replica, content)
     if vfs is not None:
         vfs.on_read = analytics.on_read
@@ -362,7 +380,7 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
         await nursery.start(tracer.serve)
         await nursery.start(replicator.run)
         runtime = Runtime(node, transport, sync, nursery, peers, holdings, fetcher, server, content, vfs,
-                          replicator, analytics=analytics, tracer=tracer)
+                          replicator, analytics=analytics, limits=limits, tracer=tracer)
         runtime.api = DashboardApi(runtime)
         await nursery.start(analytics.run, lambda: {"fetched": fetcher.bytes_fetched, "served": server.bytes_served,
                                                     "read": analytics.totals["read"]})
@@ -480,6 +498,7 @@ async def _reply(raw: bytes, runtime: Runtime, stream: trio.SocketStream) -> dic
 
         try:
             return {"ok": True, **await runtime.pull(request.get("path") or "", progress,
+                                                     Priority[str(request.get("priority") or "background").upper()],
                                                      trace=bool(request.get("trace", False)))}
         except PullError as exc:
             return {"ok": False, "error": str(exc)}
@@ -491,7 +510,8 @@ _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "addr": {}, "status": {}, "peers": {},
     "join": {"ticket": (str,)},
     "gc": {"dry_run": (bool,), "grace": (int, float)},
-    "pull": {"path": (str,), "trace": (bool,)},
+    "pull": {"path": (str,), "priority": (str,), "trace": (bool,)},
+    "limits": {"max_upload": (str, int), "max_background": (str, int)},
     "commit": {"path": (str,)},
     "trace": {"path": (str,)},
     "allow": {"node": (str,), "role": (str,)},
@@ -518,6 +538,9 @@ def _invalid(request: dict[str, Any] | None) -> str | None:
     grace = request.get("grace")
     if grace is not None and not 0 <= grace < 1e12:
         return "grace must be a number of seconds >= 0"
+    priority = request.get("priority")
+    if priority is not None and priority.upper() not in Priority.__members__:
+        return f"priority must be one of {', '.join(p.name.lower() for p in Priority)}"
     return None
 
 
@@ -615,6 +638,7 @@ def _dispatch(raw: bytes, runtime: Runtime) -> dict[str, Any]:
         "revoke": lambda: {"member": member_report(runtime.node.replica.set_member(
             parse_node_id(str(request.get("node", ""))), None))},
         "dashboard": lambda: {"url": runtime.dashboard},
+        "limits": lambda: _limits(runtime, request),
         "api": lambda: {"page": _api_page(runtime, str(request.get("page") or "all"))},
     }
     handler = handlers.get(op)
@@ -622,8 +646,22 @@ def _dispatch(raw: bytes, runtime: Runtime) -> dict[str, Any]:
         return {"ok": False, "error": f"unknown op {op!r}"}
     try:
         return {"ok": True, **handler()}
-    except (TicketError, JoinError, FsError, ValueError) as exc:  # ValueError: a bad node id or role
+    except (TicketError, JoinError, FsError, ValueError) as exc:  # ValueError: a bad node id, role or rate
         return {"ok": False, "error": str(exc)}
+
+
+def _limits(runtime: Runtime, request: dict[str, Any]) -> dict[str, Any]:
+    """The ``limits`` op: change the limits the request names (all or none: a bad rate
+    changes nothing), then report them. RateError (a ValueError) for a bad rate."""
+    changes: dict[str, int | None] = {}
+    for name in ("max_upload", "max_background"):
+        if name in request:
+            try:
+                changes[name] = parse_rate(request[name])
+            except RateError as exc:
+                raise RateError(f"{name.replace('_', '-')}: {exc}") from None
+    runtime.limits.set(changes)
+    return runtime.limits.report()
 
 
 def _api_page(runtime: Runtime, page: str) -> dict[str, Any]:

@@ -21,6 +21,21 @@ holder that fails is penalised (ranked last) for a time that doubles with each f
 in a row (`PeerBook.penalise`). The last candidate of a fetch gets the full attempt
 deadline: it may be the only one that has the chunk, over a slow link.
 
+Priorities (`blixfs.priority`, docs/design.md "Transfer priorities"). A demand read
+(``priority=DEMAND``, the default of `get`) is never queued: it goes straight to its
+holders. Every other fetch (trace prefetch, read-ahead, pulls, replicas, pages of whole
+versions) goes through one `blixfs.scheduling.FairQueue` of `FETCH_SLOTS`: by class,
+then file by file in turn, then first come first served. A non-demand fetch then takes
+its bytes from the ``max_background`` limit (`blixfs.limits`; its wait is not counted
+against the fetch deadline). While demand fetches are under way, and for
+`DEMAND_LINGER_SECONDS` after the last one (a guest's next read comes soon), the queue
+has `BACKGROUND_WHILE_DEMAND` slots instead of `FETCH_SLOTS` (still in class order): the
+CPU, the disk and the connections (the bytes of all classes share one QUIC connection
+per peer) are the demand reads' first, and the server sends demand answers first as
+well (`blixfs.chunkproto`). Background work still moves meanwhile, at that pace. A
+demand read that wants a chunk a background fetch is already getting waits for that
+fetch. (Without `serve` running, the slots come back as soon as demand fetches end.)
+
 Who holds what is `blixfs.holdings`; how peers measure is `blixfs.peers`.
 
 Callers: `blixfs.content.Content` (reads, read-ahead, pulls, replicas), on the trio
@@ -31,6 +46,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,9 +58,11 @@ from blixfs.chunkproto import ChunkClient, FetchFailed
 from blixfs.chunkstore import ChunkStore
 from blixfs.errors import FsError
 from blixfs.hashing import ChunkId, short
+from blixfs.limits import Limits
 from blixfs.net.transport import Transport, TransportError
 from blixfs.peers import PeerBook
 from blixfs.priority import Priority
+from blixfs.scheduling import FairQueue
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +74,11 @@ EXPLORE_TIMEOUT = 1.0  # an attempt on a holder never measured nor trusted (a cl
 UNTRUSTED_SHARE = 0.25  # of the fetch deadline, at most, spent on untrusted holders while trusted ones remain
 LATENCY_FACTOR = 10.0  # an untrusted but measured holder gets this many times its latency (EXPLORE..ATTEMPT)
 STALE_SECONDS = 1.0
-READ_AHEAD_PARALLEL = 8
+READ_AHEAD_PARALLEL = 8  # workers of one whole-version fetch (and of its pages)
+FETCH_SLOTS = 16  # non-demand fetches under way at once, all classes and files together
+BACKGROUND_WHILE_DEMAND = 2  # the queue's slots while demand fetches run (and DEMAND_LINGER_SECONDS after)
+DEMAND_LINGER_SECONDS = 0.5  # after a demand fetch, background stays cut back this long
+CHUNK_ESTIMATE = 256 * 1024  # bytes a non-demand fetch takes from the background limit before it asks
 
 # Told of each chunk fetched: file label, peer, bytes, why ("read", "ahead", "pull"), chunk id.
 OnChunk = Callable[[str | None, str, int, str, ChunkId], object]
@@ -79,12 +101,13 @@ class Transfer:
 
 
 class _Load:
-    __slots__ = ("data", "done", "error")
+    __slots__ = ("data", "done", "error", "priority")
 
-    def __init__(self) -> None:
+    def __init__(self, priority: Priority) -> None:
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: FsError | None = None
+        self.priority = priority  # the class its requests carry
 
 
 class Fetcher:
@@ -96,7 +119,7 @@ class Fetcher:
                  on_stored: Callable[[], object] | None = None,
                  on_fetched: Callable[[ChunkId, bytes], object] | None = None,
                  on_dont_have: Callable[[str, ChunkId], object] | None = None,
-                 on_chunk: OnChunk | None = None) -> None:
+                 on_chunk: OnChunk | None = None, limits: Limits | None = None) -> None:
         """Hooks, all optional and fixed for the fetcher's life: ``allowed(peer)`` says whether
         a peer (hex id) may be asked at all (access control, `blixfs.members`; None: anyone);
         ``on_stored()`` runs after each fetched chunk is stored (the daemon enforces the cache
@@ -104,7 +127,9 @@ class Fetcher:
         reader keeps read-ahead in memory, not only on disk); ``on_dont_have(peer, cid)`` hears
         of each DONT_HAVE answer (the content layer forgets what that peer was said to hold);
         ``on_chunk(label, peer, nbytes, why, cid)`` hears of each chunk fetched, from which peer,
-        for which file and why ("read", "ahead" or "pull": `blixfs.analytics`)."""
+        for which file and why ("read", "ahead" or "pull": `blixfs.analytics`). ``limits``:
+        the node's bandwidth limits (its ``background`` bucket is used; None: none), which
+        the daemon may change at run time."""
         self.store = store
         self.transport = transport
         self.client = ChunkClient(transport)
@@ -113,7 +138,11 @@ class Fetcher:
         self.fetch_timeout = fetch_timeout
         self._loading: dict[ChunkId, _Load] = {}
         self._queued: set[ChunkId] = set()  # read-ahead tasks not finished yet
-        self._limit = trio.CapacityLimiter(READ_AHEAD_PARALLEL)
+        self.queue = FairQueue(FETCH_SLOTS, "fetch")
+        self.limits = limits or Limits.create()
+        self._demand_fetches = 0  # demand fetches under way
+        self._demand_until = 0.0  # trio time until which background stays cut back after the last one
+        self._relaxing: trio.CancelScope | None = None  # of the task giving the queue its slots back
         self._exploring = 0  # attempts under way on holders never measured (one at a time)
         self.explore_timeout = min(EXPLORE_TIMEOUT, attempt_timeout)
         self._nursery: trio.Nursery | None = None
@@ -147,35 +176,93 @@ class Fetcher:
 
     async def get(self, cid: ChunkId, holders: Sequence[str], label: str | None = None, *,
                   must_store: bool = False, locate: Locate | None = None,
-                  priority: Priority = Priority.DEMAND) -> bytes:
+                  priority: Priority | None = None) -> bytes:
         """The verified chunk from a holder, stored locally; FsError(EIO) if none could serve it.
+
+        ``priority`` is the fetch's class (None: DEMAND, or BACKGROUND with ``must_store``);
+        anything but DEMAND waits its turn and its background bytes first (module docstring).
 
         ``locate`` is asked once for more holders when those given are used up (see the
         module docstring). A chunk the store refuses (a full disk) is still returned, for a
         read to be served from memory, unless ``must_store``: then FsError(ENOSPC). Callers
         that announce or promise to hold the chunk (pulls, replicas) must ask for that:
         holding it in memory is not holding it. ``label`` (a file path) counts the bytes
-        towards that file's `Transfer`. ``priority``: the transfer class (`blixfs.priority`);
-        here only what analytics calls the fetch (a trace prefetch is fetched ahead, not a
-        read that missed): the scheduling is the "priorities" part of issue #14.
+        towards that file's `Transfer`.
         """
+        if priority is None:
+            priority = Priority.BACKGROUND if must_store else Priority.DEMAND
+        # A trace prefetch is fetched ahead of its reader, not a read that missed (analytics).
         why = "pull" if must_store else "ahead" if priority is Priority.TRACE else "read"
-        data = await self._get(cid, holders, label, locate, why)
+        if priority is Priority.DEMAND:
+            self._demand_fetches += 1
+            self.queue.set_slots(BACKGROUND_WHILE_DEMAND)
+            if self._relaxing is not None:
+                self._relaxing.deadline = math.inf  # not while this one runs
+            try:
+                data = await self._get(cid, holders, label, locate, why, priority)
+            finally:
+                self._demand_fetches -= 1
+                self._demand_until = trio.current_time() + DEMAND_LINGER_SECONDS
+                self._demand_over()
+        else:
+            data = await self._scheduled(cid, holders, label, locate, why, priority)
         if must_store and not self.store.has(cid):
             raise FsError(errno.ENOSPC, f"chunk {short(cid)} was fetched but could not be stored")
         return data
 
+    async def _scheduled(self, cid: ChunkId, holders: Sequence[str], label: str | None, locate: Locate | None,
+                         why: str, priority: Priority) -> bytes:
+        """A non-demand fetch: a slot of the queue, then the background limit's bytes, then `_get`."""
+        async with self.queue.slot(priority, label):
+            if cid in self._loading:  # a read is fetching it: wait for that, no bytes of our own
+                return await self._get(cid, holders, label, locate, why, priority)
+            held = self.store.get(cid) if self.store.has(cid) else None
+            if held is not None:  # a read fetched it while this one waited its turn
+                return held
+            bucket = self.limits.background
+            await bucket.take(CHUNK_ESTIMATE, priority)
+            fetched = 0
+            try:
+                data = await self._get(cid, holders, label, locate, why, priority)
+                fetched = len(data)
+            finally:
+                bucket.charge(fetched - CHUNK_ESTIMATE)  # settled: the real size (0 when it failed)
+            return data
+
+    def _demand_over(self) -> None:
+        """A demand fetch ended: the queue gets its slots back DEMAND_LINGER_SECONDS after the
+        last one (by a task in `serve`'s nursery; at once without one)."""
+        if self._demand_fetches:
+            return
+        if self._nursery is None:
+            self.queue.set_slots(FETCH_SLOTS)
+        elif self._relaxing is not None:
+            self._relaxing.deadline = self._demand_until
+        else:
+            self._relaxing = trio.CancelScope(deadline=self._demand_until)
+            self._nursery.start_soon(self._relax, self._relaxing)
+
+    async def _relax(self, scope: trio.CancelScope) -> None:
+        """Give the queue its slots back when ``scope``'s deadline (moved by each demand
+        fetch's start and end) passes."""
+        try:
+            with scope:
+                await trio.sleep_forever()
+        finally:
+            self._relaxing = None
+        self.queue.set_slots(FETCH_SLOTS)
+
     async def _get(self, cid: ChunkId, holders: Sequence[str], label: str | None, locate: Locate | None,
-                   why: str) -> bytes:
+                   why: str, priority: Priority = Priority.DEMAND) -> bytes:
         pending = self._loading.get(cid)
         if pending is None:
             held = self.store.get(cid) if self.store.has(cid) else None
-            if held is not None:  # e.g. a read-ahead that waited for the limiter while a read fetched it
+            if held is not None:  # e.g. a read-ahead that waited for its turn while a read fetched it
                 return held
-            pending = self._loading[cid] = _Load()
+            pending = self._loading[cid] = _Load(priority)
             started = time.perf_counter()
             try:
-                pending.data, peer = await self._fetch(cid, holders, locate)
+                pending.data, peer = await self._fetch(cid, holders, locate, pending)
                 metrics.fetch_seconds.labels("ok").observe(time.perf_counter() - started)
                 if self._on_chunk is not None:
                     self._on_chunk(label, peer, len(pending.data), why, cid)
@@ -196,28 +283,25 @@ class Fetcher:
             raise pending.error or FsError(errno.EIO, f"chunk {short(cid)} could not be fetched")
         return pending.data
 
-    def prefetch(self, items: Iterable[tuple[ChunkId, Sequence[str], Locate | None]], label: str | None = None,
-                 *, priority: Priority = Priority.AHEAD) -> None:
-        """Fetch these chunks in the background (read-ahead); no-op until `serve` runs.
+    def prefetch(self, items: Iterable[tuple[ChunkId, Sequence[str], Locate | None]], label: str | None = None, *,
+                 priority: Priority = Priority.AHEAD) -> None:
+        """Fetch these chunks in the background at class ``priority`` (AHEAD: read-ahead;
+        TRACE: a trace's order); no-op until `serve` runs. Tasks wait their turn in the
+        queue (module docstring).
 
         A sequential reader asks for the same window on every read: a chunk already queued,
-        being fetched or held is skipped, so each chunk costs one task and one fetch.
-        ``priority`` is the transfer class (`blixfs.priority`), scheduled by the "priorities"
-        part of issue #14; accepted here so that callers can name it."""
+        being fetched or held is skipped, so each chunk costs one task and one fetch."""
         if self._nursery is None:
             return
         for cid, holders, locate in items:
             if cid not in self._queued and cid not in self._loading and not self.store.has(cid):
                 self._queued.add(cid)
-                self._nursery.start_soon(self._prefetch_one, cid, holders, label, locate)
+                self._nursery.start_soon(self._prefetch_one, cid, holders, label, locate, priority)
 
     async def _prefetch_one(self, cid: ChunkId, holders: Sequence[str], label: str | None,
-                            locate: Locate | None) -> None:
+                            locate: Locate | None, priority: Priority) -> None:
         try:
-            async with self._limit:
-                # A read may have fetched it (or be fetching it) while this task waited its turn.
-                if cid not in self._loading and not self.store.has(cid):
-                    await self._get(cid, holders, label, locate, "ahead")
+            await self._scheduled(cid, holders, label, locate, "ahead", priority)
         except FsError as exc:
             log.debug("read-ahead of chunk %s failed: %s", short(cid), exc)
         finally:
@@ -234,7 +318,8 @@ class Fetcher:
             wanted = self.explore_timeout
         return max(0.0, min(wanted, remaining))
 
-    async def _fetch(self, cid: ChunkId, holders: Sequence[str], locate: Locate | None) -> tuple[bytes, str]:
+    async def _fetch(self, cid: ChunkId, holders: Sequence[str], locate: Locate | None,
+                     load: _Load) -> tuple[bytes, str]:
         """The verified chunk and the peer that served it; FsError(EIO) when none could."""
         tried: list[str] = []
         reasons: list[str] = []
@@ -260,7 +345,7 @@ class Fetcher:
                     self._exploring += exploring
                     try:
                         data = await self._attempt(peer, cid, reasons,
-                                                   self._deadline(peer, last, end - started))
+                                                   self._deadline(peer, last, end - trio.current_time()), load)
                     finally:
                         self._exploring -= exploring
                     if not trusted:
@@ -282,14 +367,15 @@ class Fetcher:
         """Holders this node may ask: a node not in a closed namespace's member list never is."""
         return [h for h in holders if self._may_ask is None or self._may_ask(h)]
 
-    async def _attempt(self, peer: str, cid: ChunkId, reasons: list[str], seconds: float) -> bytes | None:
+    async def _attempt(self, peer: str, cid: ChunkId, reasons: list[str], seconds: float,
+                       load: _Load) -> bytes | None:
         """One request to ``peer`` within ``seconds``: the verified chunk, stored; None (and a
         reason) if not had."""
         stats = self.peers.of(peer)
         stats.inflight += 1
         try:
             with trio.fail_after(seconds):
-                fetched = await self.client.fetch(self.peers.addr(peer), cid)
+                fetched = await self.client.fetch(self.peers.addr(peer), cid, load.priority)
         except FetchFailed as exc:
             reasons.append(str(exc))
             given = self.peers.penalise(peer, PENALTY_SECONDS if exc.bad_data else FAILURE_PENALTY_SECONDS,

@@ -145,6 +145,19 @@ fetch_seconds = Histogram(
     "blixfs_fetch_duration_seconds",
     "Time to fetch one chunk from peers, every attempt included, by outcome (ok, failed)",
     ["outcome"], buckets=FETCH_BUCKETS)
+# Transfer classes and bandwidth limits (`blixfs.priority`, `blixfs.limits`): fixed label sets.
+PRIORITY_NAMES = ("demand", "trace", "ahead", "background")
+limit_rate = Gauge("blixfs_limit_bytes_per_second", "Bandwidth limit in force (0: none), by limit (upload, background)",
+                   ["limit"])
+limit_wait_seconds = Counter("blixfs_limit_wait_seconds_total",
+                             "Time transfers waited for a bandwidth limit's tokens, summed over waiters, by limit",
+                             ["limit"])
+priority_requests = Counter("blixfs_priority_requests_total",
+                            "Chunk requests by transfer class, on the requesting side (fetch) and the serving side "
+                            "(serve)", ["side", "priority"])
+priority_queue_seconds = Counter("blixfs_priority_queue_seconds_total",
+                                 "Time chunk requests waited for a slot of the priority scheduler, by side and class",
+                                 ["side", "priority"])
 sync_entries_received = Counter("blixfs_sync_entries_received_total",
                                 "Namespace entries received in sync sessions (valid or not)", ["peer"])
 

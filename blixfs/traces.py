@@ -472,7 +472,7 @@ class Tracer:
 
     async def _fetch_in_order(self, order: Sequence[tuple[int, ChunkId]], path: str, mid: bytes, root: Manifest,
                               author: bytes | None, *, state: _Open | None = None, report: PullReport | None = None,
-                              progress: Progress | None = None) -> None:
+                              progress: Progress | None = None, priority: Priority = Priority.TRACE) -> None:
         """Fetch the chunks of ``order`` not held here, in order, `parallel` in flight."""
         store = self.content.store
         send, receive = trio.open_memory_channel[tuple[int, ChunkId]](0)
@@ -482,7 +482,7 @@ class Tracer:
                 length = _length(root, idx)
                 try:
                     if not store.has(cid):
-                        await self.content.fetch_chunk(cid, mid, idx, author, path, priority=Priority.TRACE)
+                        await self.content.fetch_chunk(cid, mid, idx, author, path, priority=priority)
                 except FsError as exc:
                     log.debug("trace prefetch of chunk %s of %s failed: %s", short(cid), path, exc)
                     if report is not None:
@@ -510,15 +510,17 @@ class Tracer:
                         await send.send((idx, cid))
 
     async def pull(self, path: str, mid: bytes, author: bytes | None, *, progress: Progress | None = None,
-                   holders: Sequence[str] = ()) -> PullReport:
-        """Fetch the traced chunks of version ``mid`` of ``path`` not held here, in trace order
-        (`blixfs pull --trace`). FsError when the version's root or pages cannot be had."""
+                   holders: Sequence[str] = (), priority: Priority = Priority.TRACE) -> PullReport:
+        """Fetch the traced chunks of version ``mid`` of ``path`` not held here, in trace order,
+        at class ``priority`` (`blixfs pull --trace [--priority]`). FsError when the version's
+        root or pages cannot be had."""
         root = await self.content.load(mid, author, holders)
         order = await self.plan(path, mid, root, author)
         store = self.content.store
         report = PullReport(chunks=len(order))
         report.missing_bytes = sum(_length(root, i) for i, cid in order if not store.has(cid))
-        await self._fetch_in_order(order, path, mid, root, author, report=report, progress=progress)
+        await self._fetch_in_order(order, path, mid, root, author, report=report, progress=progress,
+                                   priority=priority)
         return report
 
 

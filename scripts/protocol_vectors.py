@@ -23,6 +23,7 @@ import trio
 from blixfs import crypto
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
 from blixfs.chunkproto import (
+    OP_GETP,
     ChunkServer,
     encode_have,
     encode_hold,
@@ -41,6 +42,7 @@ from blixfs.members import MemberList, member_path
 from blixfs.namespace import MemoryNamespaceStore
 from blixfs.net.memory import MemoryNetwork
 from blixfs.net.transport import NodeAddr
+from blixfs.priority import Priority
 from blixfs.replica import NamespaceKeys, check_entry
 from blixfs.sync import CODE_WRONG_NAMESPACE, holdings_frame, holdings_record, holdings_verified
 from blixfs.ticket import Ticket
@@ -531,6 +533,19 @@ def _chunks_example(doc: _Doc, manifest: Manifest, chunks: dict[ChunkId, bytes],
             f"the 8 bytes of chunk 1 ({'a hole: 8 zero bytes' if manifest.ids[1] == HOLE else 'its bytes'}),",
             "concatenated:")
     doc.block("chunks.response_prove", _hex(prove_answer))
+    getp = encode_request(first, priority=Priority.DEMAND)
+    unknown = bytes([1, OP_GETP + len(Priority)]) + getp[2:]
+    getp_answer, unknown_answer = _served(store, [getp, unknown])
+    if getp_answer != answers[0]:
+        raise AssertionError("the server did not answer a GETP like a GET")
+    doc.say("GETP (ops 0x10 to 0x13): a GET that carries the requester's transfer class in its op",
+            "byte, 0x10 + class (0 DEMAND, 1 TRACE, 2 AHEAD, 3 BACKGROUND). The GET of the whole first",
+            "chunk above, as a demand read (op 0x10); the answer is the GET's, `chunks.request`'s:")
+    doc.block("chunks.request_getp", _hex(getp))
+    doc.say(*_frame_table(getp, [(1, "version = 1"), (1, "op = 0x10 (GETP, class 0: DEMAND)"), (32, "chunk id"),
+                                 (8, "offset = 0"), (4, "length = 0 (to the end)")]))
+    doc.say("The answer to the same request with op 0x14 (no such class): BAD_REQUEST, then FIN:")
+    doc.block("chunks.response_getp_unknown_class", _hex(unknown_answer))
 
 
 def _merge_example(doc: _Doc, a: bytes, b: bytes) -> None:

@@ -384,6 +384,13 @@ class IrohStream(Stream):
             raise self._note(exc) from exc.__cause__
         return data
 
+    async def _raw_set_priority(self, priority: int) -> None:
+        # quinn's stream priority: among the streams of one connection, higher goes first.
+        try:
+            await _call(self._send.set_priority, priority)
+        except TransportError as exc:
+            logger.debug("set_priority(%d) on %r: %s", priority, self._conn, exc)
+
     async def _raw_reset(self, code: int) -> None:
         try:
             await _call(self._send.reset, code)

@@ -493,6 +493,17 @@ class Stream(abc.ABC):
                 raise TransportError(f"peer sent more than {limit} bytes")
             parts.append(chunk)
 
+    async def set_priority(self, priority: int) -> None:
+        """Send this stream's bytes before those of streams of a lower ``priority`` (an i32;
+        0 by default) on the same connection (QUIC send priority; between connections it
+        has no effect). Best effort: transports without it ignore it, and it never raises
+        (a stream already closed keeps whatever it had)."""
+        await self._raw_set_priority(priority)
+
+    async def _raw_set_priority(self, priority: int) -> None:
+        """Apply a send priority; optional (the default ignores it). Must not raise."""
+        await trio.lowlevel.checkpoint()
+
     async def reset(self, code: int = CODE_ABORTED) -> None:
         """Abort both directions with application error `code`; the peer sees `StreamReset`.
 
