@@ -1,12 +1,19 @@
-"""Ed25519 signatures of namespace entries, with the `cryptography` package (OpenSSL).
+"""Ed25519 signatures of namespace entries: signed with the `cryptography` package
+(OpenSSL), verified with PyNaCl (libsodium).
 
 Keys are the same 32-byte ed25519 seeds iroh uses (a node's identity key signs its
 entries; its endpoint id is the public key), and signatures are interchangeable with
-iroh's. Measured here (docs/crdt-evaluation.md): verify 63 us with OpenSSL against
-112 us through the iroh binding, and OpenSSL's runs in parallel in worker threads,
-which is what keeps a 10,000-entry sync (20,000 verifications) under its budget.
+iroh's. Verification is what a sync does 20,000 times for 10,000 entries, in worker
+threads (`blixfs.replica`): `cryptography`'s verify holds the GIL (measured: two
+threads verified no faster than one, and the event loop, waiting for the GIL, answered
+FUSE requests tens of ms late during a sync), while PyNaCl's cffi call releases it, so
+the checks run on both cores beside the event loop; libsodium's verify is also about
+as fast as OpenSSL's or faster (docs/design.md, "Replication"). libsodium is at
+least as strict (it refuses small-order keys and non-canonical signatures OpenSSL may
+take): a signature one node accepts, every node running this code accepts.
 
-Key objects are cached: building one costs as much as a verification.
+Signing stays with `cryptography` (a node signs only its own changes); its key objects
+are cached: building one costs as much as a signature.
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ from __future__ import annotations
 import secrets
 from functools import lru_cache
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from nacl.bindings import crypto_sign_open
+from nacl.exceptions import CryptoError
 
 KEY_LEN = 32
 SIGNATURE_LEN = 64
@@ -32,14 +40,6 @@ def _private(secret: bytes) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(secret)
 
 
-@lru_cache(maxsize=4096)
-def _public(key: bytes) -> Ed25519PublicKey | None:
-    try:
-        return Ed25519PublicKey.from_public_bytes(key)
-    except ValueError:
-        return None
-
-
 def public_key(secret: bytes) -> bytes:
     """The 32-byte public key (for a node: its endpoint id) of ``secret``."""
     return _private(bytes(secret)).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -51,12 +51,12 @@ def sign(secret: bytes, message: bytes) -> bytes:
 
 
 def verify(public: bytes, message: bytes, signature: bytes) -> bool:
-    """Whether ``signature`` is ``public``'s signature of ``message``; never raises."""
-    key = _public(bytes(public)) if len(public) == KEY_LEN else None
-    if key is None or len(signature) != SIGNATURE_LEN:
+    """Whether ``signature`` is ``public``'s signature of ``message``; never raises. Releases
+    the GIL while libsodium checks (call it from worker threads to use other cores)."""
+    if len(public) != KEY_LEN or len(signature) != SIGNATURE_LEN:
         return False
     try:
-        key.verify(signature, message)
-    except InvalidSignature:
+        crypto_sign_open(bytes(signature) + bytes(message), bytes(public))
+    except CryptoError:  # BadSignatureError, or a key libsodium refuses (small order, not a point)
         return False
     return True

@@ -108,11 +108,7 @@ def encode(frame: Frame) -> bytes:
     if isinstance(frame, Hello):
         kind, payload = FrameType.HELLO, bytes([frame.version]) + frame.namespace_id + _vector(frame.vector)
     elif isinstance(frame, Entries):
-        parts = [_U32.pack(len(frame.entries))]
-        for e in frame.entries:
-            data = e.serialize()
-            parts += [_U32.pack(len(data)), data]
-        kind, payload = FrameType.ENTRIES, b"".join(parts)
+        return encode_entries([e.serialize() for e in frame.entries])
     elif isinstance(frame, Synced):
         kind, payload = FrameType.SYNCED, _vector(frame.vector)
     elif isinstance(frame, HoldingsFrame):
@@ -126,6 +122,18 @@ def encode(frame: Frame) -> bytes:
     if len(payload) + 1 > MAX_FRAME:
         raise ValueError(f"frame of {len(payload)} bytes exceeds {MAX_FRAME}")
     return _HEAD.pack(len(payload) + 1, kind) + payload
+
+
+def encode_entries(serialized: list[bytes]) -> bytes:
+    """An ENTRIES frame of entries already serialized (`Entry.serialize`), as `encode` makes
+    it: a sender that measured its entries to fill frames does not serialize them twice."""
+    parts = [_U32.pack(len(serialized))]
+    for data in serialized:
+        parts += [_U32.pack(len(data)), data]
+    payload = b"".join(parts)
+    if len(payload) + 1 > MAX_FRAME:
+        raise ValueError(f"frame of {len(payload)} bytes exceeds {MAX_FRAME}")
+    return _HEAD.pack(len(payload) + 1, FrameType.ENTRIES) + payload
 
 
 class _Reader:

@@ -127,6 +127,12 @@ def encode_page(level: int, ids: list[ChunkId]) -> bytes:
 def check_page(raw: bytes, level: int, count: int) -> bytes:
     """The ids area of page ``raw``, checked to be a page of ``level`` with ``count`` entries
     (what its place in the tree implies); `ManifestError` otherwise."""
+    _check_page(raw, level, count)
+    return raw[_PAGE.size :]
+
+
+def _check_page(raw: bytes, level: int, count: int) -> None:
+    """`check_page` without the copy of its ids (16 KiB): for `lookup`, which takes one."""
     if len(raw) < _PAGE.size:
         raise ManifestError("page shorter than its header")
     magic, lvl, cnt = _PAGE.unpack_from(raw)
@@ -136,7 +142,6 @@ def check_page(raw: bytes, level: int, count: int) -> bytes:
         raise ManifestError(f"page of level {lvl} with {cnt} entries where level {level} with {count} belongs")
     if len(raw) != _PAGE.size + cnt * ID_LEN:
         raise ManifestError(f"page of {len(raw)} bytes cannot hold {cnt} ids")
-    return raw[_PAGE.size :]
 
 
 def _at(ids: bytes, k: int) -> ChunkId:
@@ -276,10 +281,16 @@ def lookup(root: Manifest, get: PageGet, index: int) -> ChunkId:
     k = index // span
     pid, level, start = root.entries[k], root.depth - 1, k * span
     while pid != HOLE:
-        ids = _load(get, pid, level, start, n)
+        # Every read of a file of more than FANOUT chunks comes here: check the page, then
+        # take the one id from it in place (not a copy of its 16 KiB of ids first).
+        raw = get(pid)
+        if raw is None:
+            raise MissingPage(pid, level, start)
+        _check_page(raw, level, page_count(level, start, n))
         step = _span(level)
         j = (index - start) // step
-        pid, start = _at(ids, j), start + j * step
+        at = _PAGE.size + j * ID_LEN
+        pid, start = ChunkId(raw[at : at + ID_LEN]), start + j * step
         if level == 0:
             return pid
         level -= 1

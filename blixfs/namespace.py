@@ -25,6 +25,7 @@ Callers: `blixfs.vfs.Vfs` on the trio thread, the CLI for read-only queries.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import sqlite3
@@ -122,6 +123,12 @@ class NamespaceStore(Protocol):
         store taken at the first page: writes applied while the caller is between pages
         neither show up nor hide anything (the sync sender yields to the event loop there,
         `blixfs.sync`). Close the iterator when stopping early (it holds a read transaction)."""
+        ...
+
+    def serialized_pages_since(self, vector: Mapping[bytes, int],
+                               page: int = PAGE_ENTRIES) -> Generator[list[bytes], None, None]:
+        """`pages_since` with each entry as `Entry.serialize` gives it (as stored): what the
+        sync sender sends, without decoding each entry only to encode it again."""
         ...
 
     def vector(self) -> dict[bytes, int]: ...
@@ -284,6 +291,11 @@ class MemoryNamespaceStore(_Merging):
         everything = list(self.entries_since(vector))  # the snapshot: later applies do not show
         for i in range(0, len(everything), page):
             yield everything[i:i + page]
+
+    def serialized_pages_since(self, vector: Mapping[bytes, int],
+                               page: int = PAGE_ENTRIES) -> Generator[list[bytes], None, None]:
+        for entries in self.pages_since(vector, page):
+            yield [e.serialize() for e in entries]
 
     def vector(self) -> dict[bytes, int]:
         return dict(self._vector)
@@ -508,6 +520,12 @@ class SqliteNamespaceStore(_Merging):
             yield from page
 
     def pages_since(self, vector: Mapping[bytes, int], page: int = PAGE_ENTRIES) -> Generator[list[Entry], None, None]:
+        with contextlib.closing(self.serialized_pages_since(vector, page)) as pages:
+            for rows in pages:
+                yield [Entry.deserialize(data) for data in rows]
+
+    def serialized_pages_since(self, vector: Mapping[bytes, int],
+                               page: int = PAGE_ENTRIES) -> Generator[list[bytes], None, None]:
         # A connection of its own in a read transaction: WAL gives it a snapshot that the
         # writes of this store's connection, committed between pages, do not change. (On the
         # shared connection a cursor would see rows move between the tables mid-scan: a
@@ -521,7 +539,7 @@ class SqliteNamespaceStore(_Merging):
                     cursor = db.execute(f"SELECT data FROM {table} WHERE author = ? AND timestamp > ?",
                                         (author, vector.get(bytes(author), -1)))
                     while rows := cursor.fetchmany(page):
-                        yield [Entry.deserialize(data) for (data,) in rows]
+                        yield [bytes(data) for (data,) in rows]
         finally:
             db.close()  # ends the read transaction
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import trio
 
-from blixfs import crypto
+from blixfs import crypto, lowprio
 from blixfs.entry import (
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
@@ -57,7 +57,7 @@ MAX_FUTURE_NS = 10 * 60 * 10**9  # entries more than 10 minutes ahead of our clo
 MAX_SEEN_AUTHORS = 256
 MAX_META_VALUE = 1024
 THREADED_CHECK_MIN = 64  # below this a hop to worker threads costs more than it saves
-CHECK_THREADS = 2  # OpenSSL verifies without the GIL: one thread per core here
+CHECK_THREADS = lowprio.THREADS  # libsodium verifies without the GIL (blixfs.crypto): one per core
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 # Who is told about changes: (entries that changed the store, peer id they came from or None).
@@ -354,8 +354,9 @@ async def _check_all(entries: list[Entry], namespace_id: bytes, now_ns: int) -> 
     results: list[list[str | None]] = [[] for _ in parts]
 
     async def check(i: int) -> None:
-        results[i] = await trio.to_thread.run_sync(
-            lambda: [check_entry(e, namespace_id, now_ns) for e in parts[i]])
+        # Behind the event loop (nice): with libsodium releasing the GIL these threads keep
+        # both cores busy through a large sync, and FUSE requests would wait for a core.
+        results[i] = await lowprio.run_sync(lambda: [check_entry(e, namespace_id, now_ns) for e in parts[i]])
 
     async with trio.open_nursery() as nursery:
         for i in range(len(parts)):

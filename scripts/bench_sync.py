@@ -146,9 +146,9 @@ class ServerStats:
 
 
 def instrument_server(store: SqliteNamespaceStore, stats: ServerStats) -> None:
-    original_pages = store.pages_since
+    original_pages = store.serialized_pages_since  # what the sender reads its diff with
 
-    def pages_since(vector: Mapping[bytes, int], page: int = PAGE_ENTRIES) -> Generator[list[Entry], None, None]:
+    def pages_since(vector: Mapping[bytes, int], page: int = PAGE_ENTRIES) -> Generator[list[bytes], None, None]:
         pages = original_pages(vector, page)
         try:
             while True:
@@ -163,9 +163,10 @@ def instrument_server(store: SqliteNamespaceStore, stats: ServerStats) -> None:
         finally:
             pages.close()
 
-    store.pages_since = pages_since  # type: ignore[method-assign]
-    blixfs.sync._batches = _timed(blixfs.sync._batches, stats.times, "batch")
+    store.serialized_pages_since = pages_since  # type: ignore[method-assign]
+    blixfs.sync._batches_of = _timed(blixfs.sync._batches_of, stats.times, "batch")
     original_encode = blixfs.frames.encode  # what blixfs.sync calls
+    original_encode_entries = blixfs.frames.encode_entries  # for ENTRIES of the diff and live pushes
 
     def encode(frame: blixfs.frames.Frame) -> bytes:
         start = time.perf_counter()
@@ -174,7 +175,15 @@ def instrument_server(store: SqliteNamespaceStore, stats: ServerStats) -> None:
         stats.bytes_sent += len(data)
         return data
 
+    def encode_entries(serialized: list[bytes]) -> bytes:
+        start = time.perf_counter()
+        data = original_encode_entries(serialized)
+        stats.times["encode"] = stats.times.get("encode", 0.0) + time.perf_counter() - start
+        stats.bytes_sent += len(data)
+        return data
+
     blixfs.sync.encode = encode  # type: ignore[attr-defined]
+    blixfs.sync.encode_entries = encode_entries  # type: ignore[attr-defined]
 
 
 def say(obj: Mapping[str, Any]) -> None:

@@ -51,7 +51,7 @@ async def test_an_entry_larger_than_peers_accept_is_refused_locally_and_sync_goe
         # An oversized entry stored before the fix is not sent (it would end every session).
         huge = replace(e, xattrs={f"user.{i:04x}" + "\x01" * 246: b"" for i in range(514)})
         assert len(huge.serialize()) > MAX_ENTRY_BYTES
-        assert sync._batches([huge, e]) == [[e]]
+        assert sync._batches([huge, e]) == [[e.serialize()]]
 
 
 async def test_times_past_64_bits_are_refused(tmp_path: Path) -> None:

@@ -119,9 +119,9 @@ async def test_a_session_start_streams_its_diff_in_pages_and_yields_between_them
     a.commit_local(entries)
     ticks = 0
     pulled: list[tuple[int, int]] = []  # (the probe's ticks when a page was asked for, page size)
-    original = a.store.pages_since
+    original = a.store.serialized_pages_since
 
-    def pages_since(vector: Mapping[bytes, int], page: int = 256) -> Generator[list[Entry], None, None]:
+    def pages_since(vector: Mapping[bytes, int], page: int = 256) -> Generator[list[bytes], None, None]:
         pages = original(vector, page)
         try:
             for p in pages:
@@ -130,7 +130,7 @@ async def test_a_session_start_streams_its_diff_in_pages_and_yields_between_them
         finally:
             pages.close()
 
-    a.store.pages_since = pages_since  # type: ignore[method-assign]
+    a.store.serialized_pages_since = pages_since  # type: ignore[method-assign]
 
     async def probe() -> None:  # runs whenever the sender yields to the event loop
         nonlocal ticks

@@ -468,3 +468,4 @@ def test_a_chunk_of_more_blocks_than_one_writev_takes_round_trips(tmp_path: Path
     cid = store.put(data)
     assert store.get(cid) == data
     assert store.read_range(cid, len(data) - BS - 5, BS + 5) == data[-BS - 5 :]
+

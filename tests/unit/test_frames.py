@@ -20,6 +20,7 @@ from blixfs.frames import (
     Synced,
     decode,
     encode,
+    encode_entries,
 )
 
 A = bytes([1]) * 32
@@ -98,3 +99,11 @@ def test_vector_timestamps_beyond_int64_are_refused() -> None:
     payload = struct.pack(">I", 1) + bytes(32) + struct.pack(">Q", 1 << 63)
     with pytest.raises(FrameError, match="out of range"):
         decode(FrameType.SYNCED, payload)
+
+
+def test_entries_serialized_beforehand_encode_as_the_entries_do() -> None:
+    """The sync sender serializes each entry once (to fill frames) and encodes those bytes."""
+    entries = [entry(), entry("c"), entry("d/e")]
+    raw = encode_entries([e.serialize() for e in entries])
+    assert raw == encode(Entries(entries))
+    assert encode_entries([]) == encode(Entries([]))

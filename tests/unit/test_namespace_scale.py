@@ -123,3 +123,16 @@ def test_closing_pages_early_ends_the_read_transaction(tmp_path: Path) -> None:
     busy = store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
     assert busy == 0
     store.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_serialized_pages_are_the_entries_as_they_serialize(tmp_path: Path, kind: str) -> None:
+    """The sync sender sends entries as stored: the bytes `Entry.serialize` gives, paged alike."""
+    store = SqliteNamespaceStore(tmp_path / "n.db") if kind == "sqlite" else MemoryNamespaceStore()
+    store.apply([entry(f"f{i}", i + 1) for i in range(20)] + [entry("f3", 50, author=B)])
+    raw = list(store.serialized_pages_since({A: 5}, page=6))
+    decoded = list(store.pages_since({A: 5}, page=6))
+    assert [len(p) for p in raw] == [len(p) for p in decoded] and all(len(p) <= 6 for p in raw)
+    assert [data for page in raw for data in page] == [e.serialize() for page in decoded for e in page]
+    assert len(raw[0]) and all(isinstance(data, bytes) for page in raw for data in page)
+    store.close()
