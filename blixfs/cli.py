@@ -429,8 +429,11 @@ def _parse_size(text: str) -> int:
 @click.option("--priority", type=click.Choice(["demand", "trace", "ahead", "background"]), default="background",
               show_default=True, help="Transfer class of the pull's fetches: background goes after every read a "
                                       "guest waits for and under --max-background; demand competes with them.")
+@click.option("--trace", "trace", is_flag=True,
+              help="Fetch only the chunks of PATH's access trace (what its boots read), in trace order: warms a "
+                   "host before VMs are scheduled there.")
 @click.pass_context
-def pull(ctx: click.Context, path: str, priority: str) -> None:
+def pull(ctx: click.Context, path: str, priority: str, trace: bool) -> None:
     """Fetch a whole image from peers now (prefetch), with a progress bar.
 
     PATH is a file in the mount (e.g. /mnt/images/ubuntu.qcow2) or a namespace path.
@@ -446,15 +449,18 @@ def pull(ctx: click.Context, path: str, priority: str) -> None:
         def on_progress(update: dict[str, Any]) -> None:
             bar.update(task, completed=update["done"], total=update["total"])
 
-        reply = ask_daemon(ctx.obj["home"], {"op": "pull", "path": rel, "priority": priority}, timeout=None,
-                           on_progress=on_progress)
+        request: dict[str, Any] = {"op": "pull", "path": rel, "priority": priority}
+        if trace:
+            request["trace"] = True
+        reply = ask_daemon(ctx.obj["home"], request, timeout=None, on_progress=on_progress)
     if reply is None:
         raise click.ClickException("no daemon is running for this home: start it with blixfs mount DIR")
     if not reply.get("ok"):
         raise click.ClickException(str(reply.get("error")))
     seconds = max(reply["seconds"], 1e-6)
     peers = ", ".join(f"{p} ({_human(b)})" for p, b in reply["peers"].items()) or "none (already held here)"
-    click.echo(f"pulled {reply['path']}: {_human(reply['bytes'])} fetched of {_human(reply['total'])} in "
+    what = f" (trace: {reply['chunks']} chunks)" if "chunks" in reply else ""
+    click.echo(f"pulled {reply['path']}{what}: {_human(reply['bytes'])} fetched of {_human(reply['total'])} in "
                f"{reply['seconds']:.2f} s ({_human(reply['bytes'] / seconds)}/s) from {peers}")
 
 
@@ -490,6 +496,32 @@ def limit(ctx: click.Context, max_upload: str | None, max_background: str | None
         return
     click.echo(f"max-upload      {format_rate(reply['max_upload'])}" + ("/s" if reply["max_upload"] else ""))
     click.echo(f"max-background  {format_rate(reply['max_background'])}" + ("/s" if reply["max_background"] else ""))
+
+
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def trace(ctx: click.Context, path: str, as_json: bool) -> None:
+    """Show PATH's access trace: the chunks its boots read first, in the order a cold node
+    fetches them (merged from every writer's record, mapped onto the current version).
+
+    The daemon must be running (blixfs mount).
+    """
+    rel = _namespace_path(path)
+    reply = ask_daemon(ctx.obj["home"], {"op": "trace", "path": rel}, timeout=None)
+    if reply is None:
+        raise click.ClickException("no daemon is running for this home: start it with blixfs mount DIR")
+    if not reply.get("ok"):
+        raise click.ClickException(str(reply.get("error")))
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in reply.items() if k != "ok"}, indent=2))
+        return
+    chunks = reply["chunks"]
+    size = len(chunks) * int(reply.get("chunk_size", 0))
+    head = " ".join(str(i) for i in chunks[:16]) + (" ..." if len(chunks) > 16 else "")
+    click.echo(f"{reply['path']}: {reply['records']} records, {len(chunks)} chunks (~{_human(size)})"
+               + (f" in order: {head}" if chunks else ""))
 
 
 @main.command()

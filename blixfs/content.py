@@ -429,6 +429,18 @@ class Content:
             return await fetcher.get(cid, holders(), label, locate=locate)
         return fetch
 
+    async def fetch_chunk(self, cid: ChunkId, mid: bytes | None, index: int, author: bytes | None,
+                          label: str | None = None, *, priority: Priority = Priority.AHEAD) -> None:
+        """Fetch chunk ``index`` (``cid``) of version ``mid`` into the store (memory too) unless
+        held, from its holders, at ``priority`` (trace prefetch: `blixfs.traces`). FsError
+        (EIO) when no holder could serve it; a no-op when this node is not on the network."""
+        fetcher = self.fetcher
+        if fetcher is None or self.store.has(cid):
+            return
+        manifest = self._manifests.get(mid) if mid is not None else None
+        await fetcher.get(cid, self.holders(cid, mid, index, author), label,
+                          locate=self._locator(cid, manifest, index, author), priority=priority)
+
     def prefetch(self, wanted: dict[ChunkId, int], mid: bytes | None, author: bytes | None,
                  label: str | None = None, *, priority: Priority = Priority.AHEAD) -> None:
         """Read-ahead: chunks (id -> index in version ``mid``) a sequential reader wants next,

@@ -12,10 +12,14 @@ Control protocol: one JSON object per line each way, one request per connection:
     {"op": "join", "ticket": T}  -> {"ok": true, "message": "..."} | {"ok": false, "error": "..."}
     {"op": "peers"}              -> {"ok": true, "peers": [{id, addrs, session, latency_ms, ...}]}
     {"op": "gc", "dry_run": b, "grace": s} -> {"ok": true, "freed_chunks", "freed_bytes", ...}
-    {"op": "pull", "path": P, "priority": "background"}
+    {"op": "pull", "path": P, "priority": "background", "trace": b}
                                  -> {"progress": {"done": n, "total": n}} lines, then
                                     {"ok": true, "bytes", "total", "seconds", "peers": {id: bytes}}
-                                    (priority: demand, trace, ahead or background, the default)
+                                    (priority: demand, trace, ahead or background, the default;
+                                    with "trace": only the chunks of the file's access trace, in
+                                    its order, and "chunks": how many the trace holds)
+    {"op": "trace", "path": P}   -> {"ok": true, "path", "records": n, "chunks": [index, ...]}: the file's
+                                    merged access trace, mapped onto its current version
     {"op": "limits"}             -> {"ok": true, "max_upload": r, "max_background": r}
     {"op": "limits", "max_upload": R, "max_background": R} -> the same, after the change
                                     (R: bytes/s as an integer or a string like "20M"; "off",
@@ -77,6 +81,7 @@ from blixfs.replication import DEFAULT_COPIES, Replicator
 from blixfs.sync import ALPN as SYNC_ALPN
 from blixfs.sync import SESSIONS_PER_PEER, SESSIONS_TOTAL, SyncService
 from blixfs.ticket import Ticket, TicketError
+from blixfs.traces import Tracer
 from blixfs.vfs import Vfs
 
 log = logging.getLogger(__name__)
@@ -113,6 +118,7 @@ class Runtime:
     dashboard: str | None = None  # the dashboard's URL when it is served
     api: DashboardApi | None = None  # the dashboard's JSON (also `blixfs status --json`)
     limits: Limits = field(default_factory=Limits.create)  # bandwidth limits (`blixfs limit`)
+    tracer: Tracer | None = None  # access traces: recorded, published, prefetched (blixfs.traces)
 
     def peers_report(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -139,15 +145,18 @@ class Runtime:
         return out
 
     async def pull(self, path: str, progress: Callable[[dict[str, Any]], Awaitable[None]],
-                   priority: Priority = Priority.BACKGROUND) -> dict[str, Any]:
+                   priority: Priority = Priority.BACKGROUND, *, trace: bool = False) -> dict[str, Any]:
         """Fetch every chunk of the file at ``path`` this node lacks at class ``priority``,
-        reporting progress."""
+        reporting progress; with ``trace``, only the chunks of its access trace, in trace
+        order (`Tracer.pull`)."""
         e = self.node.namespace.get(path.strip("/"))
         if e is None or e.kind is not Kind.FILE:
             raise PullError(f"no file {path!r} in the namespace")
         started, before = time.monotonic(), {p: s.bytes_received for p, s in self.peers.stats.items()}
         if e.manifest is None:
             return {"path": e.path, "bytes": 0, "total": 0, "seconds": 0.0, "peers": {}}
+        if trace:
+            return await self._pull_trace(e.path, e.manifest, e.author, progress, started, before, priority)
         figures = {"done": 0, "total": 0}
 
         def count(done: int, total: int) -> None:
@@ -174,6 +183,49 @@ class Runtime:
                 if s.bytes_received > before.get(p, 0)}
         return {"path": e.path, "bytes": result.fetched_bytes, "total": result.manifest.size,
                 "seconds": round(seconds, 3), "peers": used}
+
+    async def trace(self, path: str) -> dict[str, Any]:
+        """The merged access trace of the file at ``path`` (`blixfs trace`): how many records
+        count, and the chunk indices of its current version in prefetch order."""
+        e = self.node.namespace.get(path.strip("/"))
+        if e is None or e.kind is not Kind.FILE:
+            raise PullError(f"no file {path!r} in the namespace")
+        if self.tracer is None or e.manifest is None:
+            return {"path": e.path, "records": 0, "chunks": []}
+        root = await self.content.load(e.manifest, e.author)
+        order = await self.tracer.plan(e.path, e.manifest, root, e.author)
+        return {"path": e.path, "records": len(self.tracer.records(e.path)), "chunks": [i for i, _ in order],
+                "chunk_size": root.chunk_size}
+
+    async def _pull_trace(self, path: str, mid: bytes, author: bytes,
+                          progress: Callable[[dict[str, Any]], Awaitable[None]], started: float,
+                          before: dict[str, int], priority: Priority) -> dict[str, Any]:
+        if self.tracer is None:
+            raise PullError("this daemon does not keep access traces")
+        figures = {"done": 0, "total": 0}
+
+        def count(done: int, total: int) -> None:
+            figures.update(done=done, total=total)
+
+        async def report() -> None:
+            while True:
+                await trio.sleep(0.25)
+                await progress(dict(figures))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(report)
+            try:
+                result = await self.tracer.pull(path, mid, author, progress=count, priority=priority)
+            except FsError as exc:
+                raise PullError(str(exc)) from None
+            finally:
+                nursery.cancel_scope.cancel()
+        if result.failed:
+            raise PullError(f"{len(result.failed)} chunks could not be fetched: {result.failed[0]}")
+        used = {p[:16]: s.bytes_received - before.get(p, 0) for p, s in self.peers.stats.items()
+                if s.bytes_received > before.get(p, 0)}
+        return {"path": path, "bytes": result.fetched_bytes, "total": result.missing_bytes, "chunks": result.chunks,
+                "seconds": round(time.monotonic() - started, 3), "peers": used}
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()
@@ -311,8 +363,10 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     server = ChunkServer(node.chunks, on_hold=replicator.on_hold,
                          allowed=lambda peer, op: _may(node, peer, Role.WRITE if op == OP_HOLD else Role.READ),
                          on_served=analytics.on_served, limits=limits)
+    tracer = Tracer(node.replica, content)
     if vfs is not None:
         vfs.on_read = analytics.on_read
+        vfs.tracer = tracer
     transport.register(CHUNKS_ALPN, server.handle)
     transport.register(SYNC_ALPN, sync.handle, per_peer=SESSIONS_PER_PEER, total=SESSIONS_TOTAL)
     await _load_own_holdings(node, content)
@@ -323,9 +377,10 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
     node.chunks.hook(hooks)
     async with trio.open_nursery() as nursery:
         await nursery.start(fetcher.serve)
+        await nursery.start(tracer.serve)
         await nursery.start(replicator.run)
         runtime = Runtime(node, transport, sync, nursery, peers, holdings, fetcher, server, content, vfs,
-                          replicator, analytics=analytics, limits=limits)
+                          replicator, analytics=analytics, limits=limits, tracer=tracer)
         runtime.api = DashboardApi(runtime)
         await nursery.start(analytics.run, lambda: {"fetched": fetcher.bytes_fetched, "served": server.bytes_served,
                                                     "read": analytics.totals["read"]})
@@ -431,6 +486,11 @@ async def _reply(raw: bytes, runtime: Runtime, stream: trio.SocketStream) -> dic
         return {"ok": True, **await _gc(runtime, request)}
     if request["op"] == "commit":
         return await _commit(runtime, str(request.get("path") or ""))
+    if request["op"] == "trace":
+        try:
+            return {"ok": True, **await runtime.trace(str(request.get("path") or ""))}
+        except (PullError, FsError) as exc:
+            return {"ok": False, "error": str(exc)}
     if request["op"] == "pull":
         # Streams progress lines, then the final reply; no deadline (a big image takes a while).
         async def progress(update: dict[str, Any]) -> None:
@@ -438,7 +498,8 @@ async def _reply(raw: bytes, runtime: Runtime, stream: trio.SocketStream) -> dic
 
         try:
             return {"ok": True, **await runtime.pull(request.get("path") or "", progress,
-                                                     Priority[str(request.get("priority") or "background").upper()])}
+                                                     Priority[str(request.get("priority") or "background").upper()],
+                                                     trace=bool(request.get("trace", False)))}
         except PullError as exc:
             return {"ok": False, "error": str(exc)}
     return _dispatch(raw, runtime)
@@ -449,9 +510,10 @@ _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "addr": {}, "status": {}, "peers": {},
     "join": {"ticket": (str,)},
     "gc": {"dry_run": (bool,), "grace": (int, float)},
-    "pull": {"path": (str,), "priority": (str,)},
+    "pull": {"path": (str,), "priority": (str,), "trace": (bool,)},
     "limits": {"max_upload": (str, int), "max_background": (str, int)},
     "commit": {"path": (str,)},
+    "trace": {"path": (str,)},
     "allow": {"node": (str,), "role": (str,)},
     "revoke": {"node": (str,)},
     "dashboard": {}, "api": {"page": (str,)},

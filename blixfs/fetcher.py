@@ -191,7 +191,8 @@ class Fetcher:
         """
         if priority is None:
             priority = Priority.BACKGROUND if must_store else Priority.DEMAND
-        why = "pull" if must_store else "read"
+        # A trace prefetch is fetched ahead of its reader, not a read that missed (analytics).
+        why = "pull" if must_store else "ahead" if priority is Priority.TRACE else "read"
         if priority is Priority.DEMAND:
             self._demand_fetches += 1
             self.queue.set_slots(BACKGROUND_WHILE_DEMAND)

@@ -134,6 +134,10 @@ readahead_bytes = Counter(
 
 # --------------------------------------------------------------------------- network
 
+trace_prefetch_bytes = Counter(
+    "blixfs_trace_prefetch_bytes_total",
+    "Bytes fetched ahead of a reader in the order of the file's access trace (fetched), and of those, read by "
+    "the same open afterwards (used)", ["outcome"])
 fetched_bytes = Counter("blixfs_fetched_bytes_total", "Chunk bytes fetched from a peer (verified)", ["peer"])
 served_bytes = Counter("blixfs_served_bytes_total", "Chunk bytes served to a peer", ["peer"])
 FETCH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)

@@ -49,6 +49,7 @@ from blixfs.members import MEMBERS_DIR, MemberList, Role, check_reserved, is_res
 from blixfs.namespace import NamespaceStore, Outcome
 from blixfs.net.iroh_transport import load_or_create_secret_key, write_secret_key
 from blixfs.statefile import write_atomic
+from blixfs.traces import check_record, is_trace_path
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def check_entry(e: Entry, namespace_id: bytes, now_ns: int) -> str | None:
         return "mtime or ctime out of bounds"
     if e.atime_ns is not None and not 0 <= e.atime_ns <= MAX_TIME_NS:
         return "atime out of bounds"
-    problem = _path_problem(e.path) or _root_problem(e) or check_reserved(e)
+    problem = _path_problem(e.path) or _root_problem(e) or check_reserved(e) or check_record(e)
     if problem:
         return problem
     if len(e.author) != 32 or len(e.namespace_sig) != 64 or len(e.author_sig) != 64:
@@ -232,14 +233,16 @@ class Replica:
         return replace(e, namespace_sig=crypto.sign(self.keys.secret, message),
                        author_sig=crypto.sign(self._node_secret, message))
 
-    def commit_local(self, entries: Sequence[Entry], *, durable: bool = False, members: bool = False) -> None:
+    def commit_local(self, entries: Sequence[Entry], *, durable: bool = False, members: bool = False,
+                     traces: bool = False) -> None:
         """Sign and apply this node's new versions in one transaction.
 
         Raises FsError(EROFS) without write capability (no secret, or not a write member of a
         closed namespace), FsError(EINVAL) (nothing applied) for a root entry that is not a
         live directory (peers would refuse it), FsError(EPERM) for a path in the reserved
         member tree unless ``members`` (only `set_member` passes it) or for a member change
-        peers would refuse; storage errors propagate.
+        peers would refuse, and for a path in the reserved trace tree unless ``traces`` (only
+        `blixfs.traces.Tracer.publish` passes it); storage errors propagate.
         """
         if not self.keys.writable:
             raise FsError(errno.EROFS, "this node holds a read-only capability for the namespace")
@@ -252,6 +255,9 @@ class Replica:
                 raise FsError(errno.EINVAL, problem)
             if is_reserved(e.path) and not members:
                 raise FsError(errno.EPERM, f"{e.path} is reserved for the namespace's member list")
+            if is_trace_path(e.path) != traces:
+                raise FsError(errno.EPERM, f"{e.path} is reserved for access traces" if not traces
+                              else f"{e.path} is not a trace record")
         if members:
             problem = next((p for p in self.members.admit(entries) if p), None)
             if problem:

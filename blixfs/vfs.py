@@ -83,6 +83,7 @@ from blixfs.manifest import (
 )
 from blixfs.namespace import NamespaceStore
 from blixfs.replica import Replica
+from blixfs.traces import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +372,7 @@ class Vfs:
         if journal is not None:
             self._find_journals(journal)
         self.on_read: Callable[[str | None, int, list[Any]], object] | None = None  # blixfs.analytics
+        self.tracer: Tracer | None = None  # access traces (blixfs.traces): set once by the daemon
 
     # ----------------------------------------------------------------- helpers
 
@@ -991,7 +993,9 @@ class Vfs:
 
     async def _open_handle(self, ino: int, e: Entry, flags: int) -> int:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        content, _ = await self._content_for(ino, e, emptied=writable and bool(flags & os.O_TRUNC))
+        content, new = await self._content_for(ino, e, emptied=writable and bool(flags & os.O_TRUNC))
+        if new and self.tracer is not None:
+            self.tracer.opened(ino, e.path, content.manifest, content.root, content.author)
         if flags & os.O_TRUNC and writable:
             if content.size:
                 self._resize(content, 0, {})  # truncating to 0 needs no stored bytes
@@ -1272,6 +1276,8 @@ class Vfs:
                 pos += n
             return plan, end
         plan, end = await self._ids(content, planned)
+        if self.tracer is not None:  # in the order requested, before the loads below await
+            self.tracer.read(handle.ino, [(i[0], i[1], i[2]) for i in plan if isinstance(i, tuple)], end - offset)
         # The kernel's own read-ahead sends several requests at once and they may be served
         # out of order: a read near where the last one ended counts as sequential.
         if end > offset and abs(offset - content.last_read_end) <= READ_AHEAD_BYTES:
@@ -1356,6 +1362,8 @@ class Vfs:
         content.changed = True
         content.mtime_ns = self._clock()
         self._journal_of(handle.ino, content).record_write(offset, data)
+        if self.tracer is not None:  # places written are read by the next boot (blixfs.traces)
+            self.tracer.wrote(handle.ino, offset // cs, (end - 1) // cs)
         if content.dirty_bytes() > self._max_dirty:
             self._spill(content, keep=end // cs)
         return len(data)
@@ -1490,6 +1498,8 @@ class Vfs:
                     h.content.journal.discard()
                 self._contents.pop(h.ino, None)
                 metrics.open_files.set(len(self._contents))
+                if self.tracer is not None:
+                    self.tracer.closed(h.ino)
 
     # ------------------------------------------------------- journal and publishing
 

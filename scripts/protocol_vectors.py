@@ -46,6 +46,7 @@ from blixfs.priority import Priority
 from blixfs.replica import NamespaceKeys, check_entry
 from blixfs.sync import CODE_WRONG_NAMESPACE, holdings_frame, holdings_record, holdings_verified
 from blixfs.ticket import Ticket
+from blixfs.traces import TRACE_XATTR, Trace, check_record, record_path
 
 SECTION = 16  # the section number of the test vectors in docs/protocol.md
 MERGE_SECTION = 7  # "Merge rule and conflicts"
@@ -353,7 +354,35 @@ def build() -> _Doc:
     _chunks_example(doc, manifest, chunks, mbytes, ChunkId(mid))
     _merge_example(doc, a, b)
     _members_example(doc, ns, a, b)
+    _traces_example(doc, a, manifest, mid)
     return doc
+
+
+TRACES_SECTION = "12.2"  # "Access traces"
+TRACE_START = 1_700_000_004_000_000_000
+TRACED_PATH = "images/root.qcow2"
+
+
+def _traces_example(doc: _Doc, a: bytes, manifest: Manifest, mid: bytes) -> None:
+    ids = manifest.ids
+    trace = Trace(mid, CHUNK_SIZE, ((2, ids[2][:8]), (0, ids[0][:8])), 1500)
+    raw = trace.encode()
+    if Trace.decode(raw) != trace:
+        raise AssertionError("the trace does not decode to itself")
+    record = _sign(Entry(path=record_path(TRACED_PATH, a), kind=Kind.DIR, mode=0, uid=0, gid=0, size=0,
+                         mtime_ns=TRACE_START, ctime_ns=TRACE_START, author=a, timestamp_ns=TRACE_START,
+                         xattrs={TRACE_XATTR: raw}), AUTHOR_A_SEED)
+    if check_record(record) is not None:
+        raise AssertionError(f"the example record is refused: {check_record(record)}")
+    doc.say(f"### {SECTION}.11 Access trace records (section {TRACES_SECTION})", "",
+            f"Node A read chunk 2, then chunk 0 of the manifest of 16.7 (chunk 1 is a hole) as `{TRACED_PATH}`,",
+            "over 1.5 s. The trace (the value of its record's `user.blixfs.trace` xattr): magic `BXT1`,",
+            "the manifest id, chunk size, milliseconds, count, then per chunk its index (u32) and the",
+            "first 8 bytes of its id:")
+    doc.block("traces.encoded", _hex(raw))
+    doc.say(f"The record's path: `.blixfs-traces/` + the first 32 hex digits of BLAKE3(`{TRACED_PATH}`) +",
+            "`/` + A's id. Signed by A like any entry, serialized:")
+    doc.block("traces.record.serialized", record.serialize().decode(), "json")
 
 
 MEMBERS_SECTION = "12.1"  # "Access control"
