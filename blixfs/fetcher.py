@@ -28,11 +28,14 @@ versions) goes through one `blixfs.scheduling.FairQueue` of `FETCH_SLOTS`: by cl
 then file by file in turn, then first come first served. A non-demand fetch then takes
 its bytes from the ``max_background`` limit (`blixfs.limits`; its wait is not counted
 against the fetch deadline). While demand fetches are under way, and for
-`DEMAND_LINGER_SECONDS` after the last one (a guest's next read comes soon), the queue
-has `BACKGROUND_WHILE_DEMAND` slots instead of `FETCH_SLOTS` (still in class order): the
-CPU, the disk and the connections (the bytes of all classes share one QUIC connection
-per peer) are the demand reads' first, and the server sends demand answers first as
-well (`blixfs.chunkproto`). Background work still moves meanwhile, at that pace. A
+`DEMAND_LINGER_SECONDS` after the last one (a guest's next read comes soon), at most
+`BACKGROUND_WHILE_DEMAND` BACKGROUND fetches run instead of `FETCH_SLOTS` (a gate they
+pass before the queue): the CPU, the disk and the connections (the bytes of all classes
+share one QUIC connection per peer) are the demand reads' first, and the server sends
+demand answers first as well (`blixfs.chunkproto`). Background work still moves
+meanwhile, at that pace. TRACE and AHEAD fetches are not cut back: they are the chunks a
+reader asks for next, and fetched two at a time a sequential reader would catch up with
+its own read-ahead and wait for every chunk as a demand read. A
 demand read that wants a chunk a background fetch is already getting waits for that
 fetch. (Without `serve` running, the slots come back as soon as demand fetches end.)
 
@@ -76,7 +79,7 @@ LATENCY_FACTOR = 10.0  # an untrusted but measured holder gets this many times i
 STALE_SECONDS = 1.0
 READ_AHEAD_PARALLEL = 8  # workers of one whole-version fetch (and of its pages)
 FETCH_SLOTS = 16  # non-demand fetches under way at once, all classes and files together
-BACKGROUND_WHILE_DEMAND = 2  # the queue's slots while demand fetches run (and DEMAND_LINGER_SECONDS after)
+BACKGROUND_WHILE_DEMAND = 2  # BACKGROUND fetches at once while demand fetches run (and DEMAND_LINGER_SECONDS after)
 DEMAND_LINGER_SECONDS = 0.5  # after a demand fetch, background stays cut back this long
 CHUNK_ESTIMATE = 256 * 1024  # bytes a non-demand fetch takes from the background limit before it asks
 
@@ -139,10 +142,12 @@ class Fetcher:
         self._loading: dict[ChunkId, _Load] = {}
         self._queued: set[ChunkId] = set()  # read-ahead tasks not finished yet
         self.queue = FairQueue(FETCH_SLOTS, "fetch")
+        # BACKGROUND fetches pass this gate before the queue; it narrows while demand reads run.
+        self.background_gate = trio.CapacityLimiter(FETCH_SLOTS)
         self.limits = limits or Limits.create()
         self._demand_fetches = 0  # demand fetches under way
         self._demand_until = 0.0  # trio time until which background stays cut back after the last one
-        self._relaxing: trio.CancelScope | None = None  # of the task giving the queue its slots back
+        self._relaxing: trio.CancelScope | None = None  # of the task opening the background gate again
         self._exploring = 0  # attempts under way on holders never measured (one at a time)
         self.explore_timeout = min(EXPLORE_TIMEOUT, attempt_timeout)
         self._nursery: trio.Nursery | None = None
@@ -195,7 +200,7 @@ class Fetcher:
         why = "pull" if must_store else "ahead" if priority is Priority.TRACE else "read"
         if priority is Priority.DEMAND:
             self._demand_fetches += 1
-            self.queue.set_slots(BACKGROUND_WHILE_DEMAND)
+            self.background_gate.total_tokens = BACKGROUND_WHILE_DEMAND
             if self._relaxing is not None:
                 self._relaxing.deadline = math.inf  # not while this one runs
             try:
@@ -212,7 +217,19 @@ class Fetcher:
 
     async def _scheduled(self, cid: ChunkId, holders: Sequence[str], label: str | None, locate: Locate | None,
                          why: str, priority: Priority) -> bytes:
-        """A non-demand fetch: a slot of the queue, then the background limit's bytes, then `_get`."""
+        """A non-demand fetch: (BACKGROUND: the gate, then) a slot of the queue, then the
+        background limit's bytes, then `_get`."""
+        if priority is Priority.BACKGROUND:
+            borrower = object()  # one task may fetch many, one after another (a pull's worker)
+            await self.background_gate.acquire_on_behalf_of(borrower)
+            try:
+                return await self._queued_fetch(cid, holders, label, locate, why, priority)
+            finally:
+                self.background_gate.release_on_behalf_of(borrower)
+        return await self._queued_fetch(cid, holders, label, locate, why, priority)
+
+    async def _queued_fetch(self, cid: ChunkId, holders: Sequence[str], label: str | None, locate: Locate | None,
+                            why: str, priority: Priority) -> bytes:
         async with self.queue.slot(priority, label):
             if cid in self._loading:  # a read is fetching it: wait for that, no bytes of our own
                 return await self._get(cid, holders, label, locate, why, priority)
@@ -230,12 +247,12 @@ class Fetcher:
             return data
 
     def _demand_over(self) -> None:
-        """A demand fetch ended: the queue gets its slots back DEMAND_LINGER_SECONDS after the
+        """A demand fetch ended: the background gate opens again DEMAND_LINGER_SECONDS after the
         last one (by a task in `serve`'s nursery; at once without one)."""
         if self._demand_fetches:
             return
         if self._nursery is None:
-            self.queue.set_slots(FETCH_SLOTS)
+            self.background_gate.total_tokens = FETCH_SLOTS
         elif self._relaxing is not None:
             self._relaxing.deadline = self._demand_until
         else:
@@ -243,14 +260,14 @@ class Fetcher:
             self._nursery.start_soon(self._relax, self._relaxing)
 
     async def _relax(self, scope: trio.CancelScope) -> None:
-        """Give the queue its slots back when ``scope``'s deadline (moved by each demand
+        """Open the background gate again when ``scope``'s deadline (moved by each demand
         fetch's start and end) passes."""
         try:
             with scope:
                 await trio.sleep_forever()
         finally:
             self._relaxing = None
-        self.queue.set_slots(FETCH_SLOTS)
+        self.background_gate.total_tokens = FETCH_SLOTS
 
     async def _get(self, cid: ChunkId, holders: Sequence[str], label: str | None, locate: Locate | None,
                    why: str, priority: Priority = Priority.DEMAND) -> bytes:

@@ -141,7 +141,7 @@ async def test_a_demand_read_bypasses_the_fetchers_queue_of_background_fetches(
             for i, cid in enumerate(n.chunks[:40]):
                 nursery.start_soon(get, cid, f"bg{i}", True)
             await trio.sleep(0.05)
-            assert fetcher.queue.waiting() == 38
+            assert fetcher.queue.waiting() + fetcher.background_gate.statistics().tasks_waiting == 38
             nursery.start_soon(get, n.chunks[40], "demand", False)
         assert done["demand"] < 0.05 + 2 * LOAD_SECONDS + 0.01
         assert len(done) == 41
@@ -172,7 +172,7 @@ async def test_background_fetches_are_cut_back_while_demand_reads_run(autojump_c
                 for cid in n.chunks[:10]:
                     reads.start_soon(background, cid)
             nursery.cancel_scope.cancel()
-        assert fetcher.queue.slots == FETCH_SLOTS
+        assert fetcher.background_gate.total_tokens == FETCH_SLOTS
         # Two at a time until the demand read is done and its linger is over (1.5 s), then all.
         assert len([t for t in done if t < 1.0 + DEMAND_LINGER_SECONDS]) <= 3 * BACKGROUND_WHILE_DEMAND
         assert max(done) <= 1.0 + DEMAND_LINGER_SECONDS + 0.5 + 0.1
@@ -212,3 +212,27 @@ async def test_the_background_limit_spares_demand_reads(autojump_clock: trio.abc
         for cid in n.chunks[6:]:
             await fetcher.get(cid, holder)  # demand: not limited, although the bucket is in debt
         assert trio.current_time() - start < 0.05
+
+
+async def test_read_ahead_is_not_cut_back_while_demand_reads_run(autojump_clock: trio.abc.Clock) -> None:
+    """A sequential reader's read-ahead (AHEAD) keeps its parallel fetches while the
+    reader's own demand reads run: cut back to two, the reader would catch up with it."""
+    async with serving(11) as n:
+        assert isinstance(n.store, SlowStore)
+        n.store.delays[n.chunks[10]] = 1.0
+        for cid in n.chunks[:10]:
+            n.store.delays[cid] = 0.5
+        fetcher = await _fetcher(n)
+        holder = [n.addr.node_id]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fetcher.serve)
+            start = trio.current_time()
+            async with trio.open_nursery() as reads:
+                reads.start_soon(fetcher.get, n.chunks[10], holder)  # a demand read for 1 s
+                await trio.sleep(0.01)
+                fetcher.prefetch(((cid, holder, None) for cid in n.chunks[:10]), "vm.img")
+                await trio.sleep(0.6)
+                # All ten at once: done after one load (0.5 s), while the demand read still runs.
+                assert all(fetcher.store.has(cid) for cid in n.chunks[:10])
+                assert trio.current_time() - start < 1.0
+            nursery.cancel_scope.cancel()
