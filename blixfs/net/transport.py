@@ -313,10 +313,11 @@ class Stream(abc.ABC):
 
     Deadlines: every method that waits on the peer can be cancelled (e.g. by
     `trio.fail_after`). A cancelled `receive_some` loses no data and the stream stays
-    usable. A cancelled `send_all` may have sent part of its data, and a cancelled
-    `receive_exactly` may have consumed part of its bytes, so after either the stream is
-    marked broken: later calls raise `StreamClosed` and closing it resets it with
-    `CODE_ABORTED`. Cancellation never affects the connection or other streams.
+    usable. A cancelled `send_all` may have sent part of its data, and a `receive_exactly`
+    cancelled once part of its message came may have consumed any part of the rest, so
+    after either that side is marked broken: later calls raise `StreamClosed` and closing
+    it resets it with `CODE_ABORTED` (a `receive_exactly` cancelled before any byte came
+    loses nothing). Cancellation never affects the connection or other streams.
 
     Closing: use ``async with stream:``. A clean exit is `aclose` (sends EOF if not yet
     sent; stops the receive side with `CODE_OK` if unread data remains); an exit by
