@@ -144,7 +144,10 @@ class StreamClosed(TransportError):
 class UnexpectedEOF(TransportError):
     """`Stream.receive_exactly` met the end of the stream first.
 
-    ``received`` is how many bytes had arrived.
+    ``received`` is how many of the bytes asked for had arrived before the end (they are
+    consumed and lost). Both transports know it exactly (iroh's ``read_exact`` reports
+    it); an implementation that could not tell would give the bytes it knows of, a lower
+    bound. blixfs uses it only in messages: a message cut short is refused whole.
     """
 
     def __init__(self, message: str, *, received: int = 0) -> None:
@@ -310,10 +313,11 @@ class Stream(abc.ABC):
 
     Deadlines: every method that waits on the peer can be cancelled (e.g. by
     `trio.fail_after`). A cancelled `receive_some` loses no data and the stream stays
-    usable. A cancelled `send_all` may have sent part of its data, and a cancelled
-    `receive_exactly` may have consumed part of its bytes, so after either the stream is
-    marked broken: later calls raise `StreamClosed` and closing it resets it with
-    `CODE_ABORTED`. Cancellation never affects the connection or other streams.
+    usable. A cancelled `send_all` may have sent part of its data, and a `receive_exactly`
+    cancelled once part of its message came may have consumed any part of the rest, so
+    after either that side is marked broken: later calls raise `StreamClosed` and closing
+    it resets it with `CODE_ABORTED` (a `receive_exactly` cancelled before any byte came
+    loses nothing). Cancellation never affects the connection or other streams.
 
     Closing: use ``async with stream:``. A clean exit is `aclose` (sends EOF if not yet
     sent; stops the receive side with `CODE_OK` if unread data remains); an exit by
@@ -358,6 +362,20 @@ class Stream(abc.ABC):
     @abc.abstractmethod
     async def _raw_receive(self, max_bytes: int) -> bytes:
         """Return 1..max_bytes bytes, or b"" at EOF. Must lose no data if cancelled."""
+
+    _exact_receive_max = 0
+    """The largest `_raw_receive_exact` an implementation offers; 0: it has none, and
+    `receive_exactly` loops over `_raw_receive` alone."""
+
+    async def _raw_receive_exact(self, n: int) -> bytes:
+        """Return exactly ``n`` bytes (1 <= n <= `_exact_receive_max`) in one call.
+
+        Optional (see `_exact_receive_max`). Raise `UnexpectedEOF` if the stream ends first,
+        its ``received`` set to how many of these ``n`` bytes came; otherwise what
+        `_raw_receive` raises, for the same causes. Need not be cancel-safe: a cancellation
+        may lose bytes it consumed (`receive_exactly` then breaks the receive side).
+        """
+        raise NotImplementedError
 
     @abc.abstractmethod
     async def _raw_reset(self, code: int) -> None:
@@ -450,8 +468,19 @@ class Stream(abc.ABC):
     async def receive_exactly(self, n: int) -> bytes:
         """Return exactly `n` bytes.
 
-        Raises `UnexpectedEOF` if the stream ends first, and what `receive_some` raises.
-        Cancellation after some bytes were consumed breaks the stream.
+        Raises `UnexpectedEOF` if the stream ends first (``received``: how many of the
+        `n` bytes had come; the receive side is then at EOF), and what `receive_some`
+        raises, for the same causes (a reset by the peer is `StreamReset`, a dead
+        connection `ConnectionLost`, with the same codes). Cancellation before any byte
+        was consumed loses nothing, as for `receive_some`; after some were, it breaks the
+        receive side (how many were consumed is unknown): later receives raise
+        `StreamClosed`, and closing the stream resets it with `CODE_ABORTED`.
+
+        How: the first read is a `receive_some` (so waiting for a message that has not
+        started stays cancel-safe); when it brings only part of the `n` bytes, an
+        implementation with an exact read (iroh's ``read_exact``) takes the rest in one
+        call per `_exact_receive_max` bytes, where `receive_some` would return each few
+        packets as they arrive.
         """
         if n < 0:
             raise ValueError("n must be >= 0")
@@ -459,7 +488,10 @@ class Stream(abc.ABC):
         got = 0
         try:
             while got < n:
-                chunk = await self.receive_some(min(n - got, DEFAULT_RECEIVE_SIZE * 4))
+                if got and self._exact_receive_max:
+                    chunk = await self._receive_exact(min(n - got, self._exact_receive_max), got, n)
+                else:
+                    chunk = await self.receive_some(min(n - got, DEFAULT_RECEIVE_SIZE * 4))
                 if not chunk:
                     raise UnexpectedEOF(
                         f"stream ended after {got} of {n} bytes", received=got
@@ -474,6 +506,37 @@ class Stream(abc.ABC):
             await trio.lowlevel.checkpoint()
             return b""
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _receive_exact(self, want: int, got: int, n: int) -> bytes:
+        """`_raw_receive_exact` of ``want`` bytes with the state machine of `receive_some`,
+        for `receive_exactly`, which has ``got`` of its ``n`` bytes already; b"" if the
+        receive side is already at EOF."""
+        if self._recv_side is _Side.DONE and not self._closed:
+            await trio.lowlevel.checkpoint()
+            return b""
+        self._check_receive()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with self._op("receive"):
+            try:
+                data = await self._raw_receive_exact(want)
+            except UnexpectedEOF as exc:
+                self._recv_side = _Side.DONE
+                received = got + exc.received
+                raise UnexpectedEOF(f"stream ended after {received} of {n} bytes", received=received) from None
+            except TransportError as exc:
+                self._recv_error = exc
+                raise
+            except trio.Cancelled:
+                # Unlike a `_raw_receive`, the exact read may have taken bytes with it.
+                if self._recv_side is _Side.OPEN:
+                    self._recv_side = _Side.BROKEN
+                self._on_cancelled()
+                raise
+        if len(data) != want:  # an implementation bug: never hand on a short message
+            self._recv_side = _Side.BROKEN
+            raise TransportError(f"exact read of {want} bytes returned {len(data)}")
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
 
     async def receive_to_eof(self, limit: int) -> bytes:
         """Return everything up to EOF, at most `limit` bytes.

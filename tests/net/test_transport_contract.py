@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
@@ -30,6 +30,7 @@ from blixfs.net.iroh_transport import (
 )
 from blixfs.net.memory import MemoryNetwork
 from blixfs.net.transport import (
+    CODE_ABORTED,
     CODE_BUSY,
     CODE_HANDLER_FAILED,
     CODE_NO_HANDLER,
@@ -172,6 +173,197 @@ async def test_receive_exactly_and_unexpected_eof(harness: Harness) -> None:
         with pytest.raises(UnexpectedEOF) as info:
             await stream.receive_exactly(10)
         assert info.value.received == 5
+
+
+class ReadWatch:
+    """Watches one stream's raw reads: ``midway`` is set when it starts a read after one
+    that brought data, i.e. it waits for the rest of a message it has begun (on iroh,
+    `receive_exactly`'s exact read); ``calls`` names the primitives used, in order."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.midway = trio.Event()
+        self.calls: list[str] = []
+        self._got = False
+        for name in ("_raw_receive", "_raw_receive_exact"):
+            setattr(stream, name, self._wrap(name, getattr(stream, name)))
+
+    def _wrap(self, name: str, raw: Callable[[int], Awaitable[bytes]]) -> Callable[[int], Awaitable[bytes]]:
+        async def watched(n: int) -> bytes:
+            self.calls.append(name)
+            if self._got:
+                self.midway.set()
+            data = await raw(n)
+            self._got = self._got or bool(data)
+            return data
+
+        return watched
+
+
+def rest_started(harness: Harness, watch: ReadWatch) -> None:
+    """The part of the message still to come is read the transport's cheap way."""
+    expected = "_raw_receive_exact" if harness.kind == "iroh" else "_raw_receive"
+    assert watch.calls[0] == "_raw_receive"  # the first read is cancel-safe
+    assert watch.calls[-1] == expected, watch.calls
+
+
+async def test_receive_exactly_eof_midway(harness: Harness) -> None:
+    """The stream ends inside the exact read of a message's rest: UnexpectedEOF with the
+    count of bytes that did come, and the receive side at EOF from then on."""
+    watch: list[ReadWatch] = []
+
+    async def handler(stream: Stream, peer_id: str) -> None:
+        await stream.receive_exactly(1)
+        await stream.send_all(b"head")
+        await watch[0].midway.wait()
+        await stream.send_all(b"-and-some")
+        await stream.send_eof()
+
+    async with (
+        harness.open({ECHO: handler}) as server,
+        harness.open() as client,
+        await client.open_stream(server.addr(), ECHO) as stream,
+    ):
+        watch.append(ReadWatch(stream))
+        await stream.send_all(b"?")
+        with trio.fail_after(30), pytest.raises(UnexpectedEOF) as info:
+            await stream.receive_exactly(64 * 1024)
+        assert info.value.received == len(b"head-and-some")
+        assert "13 of 65536" in str(info.value)
+        rest_started(harness, watch[0])
+        assert await stream.receive_some() == b""
+        with pytest.raises(UnexpectedEOF) as info:
+            await stream.receive_exactly(1)
+        assert info.value.received == 0
+
+
+async def test_receive_exactly_cancelled_midway_breaks_the_receive_side(harness: Harness) -> None:
+    """A deadline inside the exact read of a message's rest: bytes may be gone, so the
+    receive side is broken (StreamClosed after), closing resets the stream, and the
+    connection carries on."""
+    watch: list[ReadWatch] = []
+    peer_saw: list[BaseException] = []
+    peer_done = trio.Event()
+
+    async def handler(stream: Stream, peer_id: str) -> None:
+        if await stream.receive_exactly(1) == b"n":
+            await stream.send_all(b"fine")
+            return
+        await stream.send_all(b"part")
+        try:
+            await stream.receive_some()  # the requester's reset ends the wait
+        except StreamReset as exc:
+            peer_saw.append(exc)
+        finally:
+            peer_done.set()
+
+    async with harness.open({ECHO: handler}) as server, harness.open() as client:
+        stream = await client.open_stream(server.addr(), ECHO)
+        async with stream:
+            watch.append(ReadWatch(stream))
+            await stream.send_all(b"?")
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    async def cancel_midway() -> None:
+                        await watch[0].midway.wait()
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(cancel_midway)
+                    await stream.receive_exactly(100)
+                    raise AssertionError("the peer never sent 100 bytes")
+            rest_started(harness, watch[0])
+            with pytest.raises(StreamClosed, match="cancelled midway"):
+                await stream.receive_some()
+            with pytest.raises(StreamClosed, match="cancelled midway"):
+                await stream.receive_exactly(4)
+        with trio.fail_after(30):
+            await peer_done.wait()
+        assert isinstance(peer_saw[0], StreamReset) and peer_saw[0].code == CODE_ABORTED
+        async with await client.open_stream(server.addr(), ECHO) as stream:
+            await stream.send_all(b"n")
+            with trio.fail_after(30):
+                assert await stream.receive_exactly(4) == b"fine"
+        assert client.stats().connections_dialed == 1
+
+
+async def test_receive_exactly_peer_reset_midway(harness: Harness) -> None:
+    """A reset inside the exact read is the StreamReset `receive_some` gives, code and all."""
+    watch: list[ReadWatch] = []
+
+    async def handler(stream: Stream, peer_id: str) -> None:
+        await stream.receive_exactly(1)
+        await stream.send_all(b"part")
+        await watch[0].midway.wait()
+        await stream.reset(0x1234)
+
+    async with (
+        harness.open({ECHO: handler}) as server,
+        harness.open() as client,
+        await client.open_stream(server.addr(), ECHO) as stream,
+    ):
+        watch.append(ReadWatch(stream))
+        await stream.send_all(b"?")
+        with trio.fail_after(30), pytest.raises(StreamReset) as info:
+            await stream.receive_exactly(100)
+        assert info.value.code == 0x1234
+        rest_started(harness, watch[0])
+        with pytest.raises(StreamReset) as info:  # sticky, as after receive_some
+            await stream.receive_some()
+        assert info.value.code == 0x1234
+
+
+async def test_receive_exactly_connection_lost_midway(harness: Harness) -> None:
+    """The peer's node closing inside the exact read: ConnectionLost with its close code."""
+    watch: list[ReadWatch] = []
+
+    async def handler(stream: Stream, peer_id: str) -> None:
+        await stream.receive_exactly(1)
+        await stream.send_all(b"part")
+        await trio.sleep_forever()
+
+    async with (
+        harness.open() as client,
+        harness.open({ECHO: handler}) as server,
+        await client.open_stream(server.addr(), ECHO) as stream,
+    ):
+        watch.append(ReadWatch(stream))
+        await stream.send_all(b"?")
+
+        async def close_server_midway() -> None:
+            await watch[0].midway.wait()
+            await server.aclose()
+
+        with trio.fail_after(15):  # below QUIC's idle timeout
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(close_server_midway)
+                with pytest.raises(ConnectionLost) as info:
+                    await stream.receive_exactly(100)
+        assert info.value.code == CODE_SHUTDOWN
+        rest_started(harness, watch[0])
+
+
+async def test_receive_exactly_large_message_is_byte_exact(harness: Harness) -> None:
+    """A message longer than one exact read (iroh: 1 MiB each), sent in uneven writes."""
+    payload = random.Random(7).randbytes(3 * MiB + 12345)
+
+    async def handler(stream: Stream, peer_id: str) -> None:
+        await stream.receive_exactly(1)
+        pos = 0
+        for size in (1000, 70_000, MiB + 3, len(payload)):
+            await stream.send_all(payload[pos : pos + size])
+            pos += size
+        await stream.send_all(b"tail")
+        await stream.send_eof()
+
+    async with (
+        harness.open({ECHO: handler}) as server,
+        harness.open() as client,
+        await client.open_stream(server.addr(), ECHO) as stream,
+    ):
+        await stream.send_all(b"?")
+        with trio.fail_after(60):
+            assert await stream.receive_exactly(len(payload)) == payload
+            assert await stream.receive_exactly(4) == b"tail"
+            assert await stream.receive_some() == b""
 
 
 # --- connection reuse ---------------------------------------------------------------------
