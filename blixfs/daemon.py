@@ -97,8 +97,13 @@ MAX_REQUEST = 64 * 1024
 # peers) while it stays open: a running VM's image reaches peers this often.
 PUBLISH_INTERVAL = 30.0
 
+Counter = Callable[[int, int], None]  # told bytes done and bytes in all, as a pull goes
+PullOutcome = tuple[int, int, dict[str, Any], list[str]]  # bytes fetched, total, extra answer fields, failures
+PullRun = Callable[[Counter], Awaitable[PullOutcome]]
+
 
 @dataclass
+
 class Runtime:
     """What the running daemon offers the mount and the control socket."""
 
@@ -152,11 +157,31 @@ class Runtime:
         e = self.node.namespace.get(path.strip("/"))
         if e is None or e.kind is not Kind.FILE:
             raise PullError(f"no file {path!r} in the namespace")
-        started, before = time.monotonic(), {p: s.bytes_received for p, s in self.peers.stats.items()}
         if e.manifest is None:
             return {"path": e.path, "bytes": 0, "total": 0, "seconds": 0.0, "peers": {}}
+        mid, author = e.manifest, e.author
         if trace:
-            return await self._pull_trace(e.path, e.manifest, e.author, progress, started, before, priority)
+            tracer = self.tracer
+            if tracer is None:
+                raise PullError("this daemon does not keep access traces")
+
+            async def fetch_traced(count: Counter) -> PullOutcome:
+                got = await tracer.pull(e.path, mid, author, progress=count, priority=priority)
+                return got.fetched_bytes, got.missing_bytes, {"chunks": got.chunks}, got.failed
+            return await self._fetch_reporting(e.path, fetch_traced, progress)
+
+        async def fetch_whole(count: Counter) -> PullOutcome:
+            got = await self.content.fetch_version(mid, author=author, label=e.path, progress=count,
+                                                   priority=priority)
+            return got.fetched_bytes, got.manifest.size, {}, got.failed
+        return await self._fetch_reporting(e.path, fetch_whole, progress)
+
+    async def _fetch_reporting(self, path: str, fetch: PullRun,
+                               progress: Callable[[dict[str, Any]], Awaitable[None]]) -> dict[str, Any]:
+        """Run one pull's ``fetch`` (given a counter of done/total bytes; it returns bytes
+        fetched, total, extra fields and failures), sending its figures to ``progress``
+        every 0.25 s, and answer what `pull` answers: bytes per peer that served it."""
+        started, before = time.monotonic(), {p: s.bytes_received for p, s in self.peers.stats.items()}
         figures = {"done": 0, "total": 0}
 
         def count(done: int, total: int) -> None:
@@ -170,19 +195,17 @@ class Runtime:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report)
             try:
-                result = await self.content.fetch_version(e.manifest, author=e.author, label=e.path, progress=count,
-                                                          priority=priority)
+                fetched, total, extra, failed = await fetch(count)
             except FsError as exc:
                 raise PullError(str(exc)) from None
             finally:
                 nursery.cancel_scope.cancel()
-        if result.failed:
-            raise PullError(f"{len(result.failed)} chunks could not be fetched: {result.failed[0]}")
-        seconds = time.monotonic() - started
+        if failed:
+            raise PullError(f"{len(failed)} chunks could not be fetched: {failed[0]}")
         used = {p[:16]: s.bytes_received - before.get(p, 0) for p, s in self.peers.stats.items()
                 if s.bytes_received > before.get(p, 0)}
-        return {"path": e.path, "bytes": result.fetched_bytes, "total": result.manifest.size,
-                "seconds": round(seconds, 3), "peers": used}
+        return {"path": path, "bytes": fetched, "total": total, **extra,
+                "seconds": round(time.monotonic() - started, 3), "peers": used}
 
     async def trace(self, path: str) -> dict[str, Any]:
         """The merged access trace of the file at ``path`` (`blixfs trace`): how many records
@@ -196,36 +219,6 @@ class Runtime:
         order = await self.tracer.plan(e.path, e.manifest, root, e.author)
         return {"path": e.path, "records": len(self.tracer.records(e.path)), "chunks": [i for i, _ in order],
                 "chunk_size": root.chunk_size}
-
-    async def _pull_trace(self, path: str, mid: bytes, author: bytes,
-                          progress: Callable[[dict[str, Any]], Awaitable[None]], started: float,
-                          before: dict[str, int], priority: Priority) -> dict[str, Any]:
-        if self.tracer is None:
-            raise PullError("this daemon does not keep access traces")
-        figures = {"done": 0, "total": 0}
-
-        def count(done: int, total: int) -> None:
-            figures.update(done=done, total=total)
-
-        async def report() -> None:
-            while True:
-                await trio.sleep(0.25)
-                await progress(dict(figures))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(report)
-            try:
-                result = await self.tracer.pull(path, mid, author, progress=count, priority=priority)
-            except FsError as exc:
-                raise PullError(str(exc)) from None
-            finally:
-                nursery.cancel_scope.cancel()
-        if result.failed:
-            raise PullError(f"{len(result.failed)} chunks could not be fetched: {result.failed[0]}")
-        used = {p[:16]: s.bytes_received - before.get(p, 0) for p, s in self.peers.stats.items()
-                if s.bytes_received > before.get(p, 0)}
-        return {"path": path, "bytes": result.fetched_bytes, "total": result.missing_bytes, "chunks": result.chunks,
-                "seconds": round(time.monotonic() - started, 3), "peers": used}
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()
