@@ -401,7 +401,7 @@ class Fetcher:
                 log.warning("%s: penalised for %.0f s", exc, given)
             return None
         except (TransportError, trio.TooSlowError) as exc:
-            reasons.append(f"{peer[:16]}: {exc or 'timed out'}")
+            reasons.append(f"{peer[:16]}: {str(exc) or 'timed out'}")
             self.peers.penalise(peer, FAILURE_PENALTY_SECONDS, bad_data=False)
             return None
         finally:
