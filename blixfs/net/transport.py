@@ -446,6 +446,18 @@ class Stream(abc.ABC):
         """
         if max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")
+        data = await self._guarded_receive(self._raw_receive, max_bytes, consumes_on_cancel=False)
+        if not data:
+            self._recv_side = _Side.DONE
+        return data
+
+    async def _guarded_receive(self, read: Callable[[int], Awaitable[bytes]], size: int, *,
+                               consumes_on_cancel: bool) -> bytes:
+        """``read(size)`` under the receive side's state machine, for `receive_some` and
+        `_receive_exact`: b"" at EOF already reached; a failure is remembered for later
+        receives; an EOF midway (`UnexpectedEOF`) leaves the side at EOF; a cancellation
+        starts the liveness hook and, when ``consumes_on_cancel`` (the read may have taken
+        bytes with it), breaks the receive side."""
         if self._recv_side is _Side.DONE and not self._closed:
             await trio.lowlevel.checkpoint()
             return b""
@@ -453,15 +465,18 @@ class Stream(abc.ABC):
         await trio.lowlevel.checkpoint_if_cancelled()
         with self._op("receive"):
             try:
-                data = await self._raw_receive(max_bytes)
+                data = await read(size)
+            except UnexpectedEOF:
+                self._recv_side = _Side.DONE
+                raise
             except TransportError as exc:
                 self._recv_error = exc
                 raise
             except trio.Cancelled:
+                if consumes_on_cancel and self._recv_side is _Side.OPEN:
+                    self._recv_side = _Side.BROKEN
                 self._on_cancelled()
                 raise
-        if not data:
-            self._recv_side = _Side.DONE
         await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
@@ -511,31 +526,17 @@ class Stream(abc.ABC):
         """`_raw_receive_exact` of ``want`` bytes with the state machine of `receive_some`,
         for `receive_exactly`, which has ``got`` of its ``n`` bytes already; b"" if the
         receive side is already at EOF."""
-        if self._recv_side is _Side.DONE and not self._closed:
-            await trio.lowlevel.checkpoint()
-            return b""
-        self._check_receive()
-        await trio.lowlevel.checkpoint_if_cancelled()
-        with self._op("receive"):
-            try:
-                data = await self._raw_receive_exact(want)
-            except UnexpectedEOF as exc:
-                self._recv_side = _Side.DONE
-                received = got + exc.received
-                raise UnexpectedEOF(f"stream ended after {received} of {n} bytes", received=received) from None
-            except TransportError as exc:
-                self._recv_error = exc
-                raise
-            except trio.Cancelled:
-                # Unlike a `_raw_receive`, the exact read may have taken bytes with it.
-                if self._recv_side is _Side.OPEN:
-                    self._recv_side = _Side.BROKEN
-                self._on_cancelled()
-                raise
+        at_eof = self._recv_side is _Side.DONE and not self._closed
+        try:
+            data = await self._guarded_receive(self._raw_receive_exact, want, consumes_on_cancel=True)
+        except UnexpectedEOF as exc:
+            received = got + exc.received
+            raise UnexpectedEOF(f"stream ended after {received} of {n} bytes", received=received) from None
+        if at_eof:
+            return data
         if len(data) != want:  # an implementation bug: never hand on a short message
             self._recv_side = _Side.BROKEN
             raise TransportError(f"exact read of {want} bytes returned {len(data)}")
-        await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
     async def receive_to_eof(self, limit: int) -> bytes:
