@@ -51,6 +51,14 @@ cancelled: a read may have joined one of its fetches, and would fail with it). I
 blocks the open or a read: a read of a chunk under way joins its fetch (single flight).
 `blixfs pull --trace` runs the same plan to the end (`Tracer.pull`).
 
+**Collection.** When a file is deleted or renamed away, on any node, each node that holds
+a record of it by itself replaces that record with a tombstone (`Tracer.collect`, at most
+once a second, `COLLECT_BATCH` per transaction): only the author may sign its record, so
+each removes its own as the deletion reaches it (a node offline meanwhile, when it syncs).
+A recording whose file is gone by its close is not published. A renamed file starts with
+no trace (records are keyed by path). Not collected: records of files deleted before this
+existed, and those of nodes that never come back.
+
 Callers: the daemon builds one `Tracer` and sets it as `Vfs.tracer`; `Vfs` calls
 `opened`, `read` and `closed` (sync, cheap), on the trio thread.
 """
@@ -96,6 +104,7 @@ MIN_PUBLISH_CHUNKS = 2  # a trace of a single chunk (a header probe) is not wort
 KEEP_LONGER_SECONDS = 86400  # a much shorter trace replaces a node's record only once it is this old
 TRACE_PARALLEL = 4  # trace prefetch fetches in flight per open file
 LOCAL_TRACES = 256  # files whose unpublished trace a read-only node keeps
+COLLECT_BATCH = 256  # records of deleted files removed per transaction (`Tracer.collect`)
 _HEADER = struct.Struct(">4s32sIII")  # magic, manifest id, chunk size, recorded milliseconds, count
 _ITEM = struct.Struct(">I8s")  # chunk index, first bytes of its id
 _FILE_KEY_HEX = 32
@@ -182,8 +191,9 @@ def check_record(e: Entry) -> str | None:
     return None
 
 
-def record_entry(replica: Replica, path: str, trace: Trace) -> Entry:
-    """This node's (unsigned) record of ``trace`` for file ``path``, over the one it holds."""
+def record_entry(replica: Replica, path: str, trace: Trace | None) -> Entry:
+    """This node's (unsigned) record of ``trace`` for file ``path``, over the one it holds;
+    with ``trace`` None, the tombstone that removes it (the file is gone)."""
     rpath = record_path(path, replica.author)
     seen: dict[bytes, int] = {}
     for v in replica.store.versions(rpath):
@@ -191,7 +201,8 @@ def record_entry(replica: Replica, path: str, trace: Trace) -> Entry:
             seen[a] = max(seen.get(a, 0), t)
     ts = replica.stamp(replica.store.get_any(rpath), seen, replica.store.versions(rpath))
     return Entry(path=rpath, kind=Kind.DIR, mode=0, uid=0, gid=0, size=0, mtime_ns=ts, ctime_ns=ts,
-                 author=replica.author, timestamp_ns=ts, xattrs={TRACE_XATTR: trace.encode()}, seen=seen)
+                 author=replica.author, timestamp_ns=ts, deleted=trace is None,
+                 xattrs={} if trace is None else {TRACE_XATTR: trace.encode()}, seen=seen)
 
 
 # ---------------------------------------------------------------------------- merge
@@ -320,15 +331,68 @@ class Tracer:
         self._nursery: trio.Nursery | None = None
         self._said_read_only = False
         self.published = 0
+        self.collected = 0
+        # Files deleted (or renamed away) whose record by this node is to be removed, by
+        # record path (`collect`): at most one per record this node holds.
+        self._gone: dict[str, str] = {}
+        self._gone_wakeup = trio.Event()
+        replica.listeners.append(self._on_change)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
             try:
-                await trio.sleep_forever()
+                while True:
+                    await self._gone_wakeup.wait()
+                    self._gone_wakeup = trio.Event()
+                    self.collect()
+                    # Deletions come in bursts (rm -r, a sync): one transaction per second at most.
+                    await trio.sleep(1.0)
             finally:
                 self._nursery = None
+
+    # ------------------------------------------------------------ collecting
+
+    def _on_change(self, changed: list[Entry], source: str | None) -> None:
+        """Replica listener (sync, on the trio thread, for local and remote changes alike):
+        note the files deleted, whose record by this node `collect` then removes. Cheap for
+        everything else: only file tombstones are looked at."""
+        for e in changed:
+            if e.deleted and e.kind is Kind.FILE and not is_trace_path(e.path):
+                self._local.pop(e.path, None)
+                rpath = record_path(e.path, self.replica.author)
+                # Only records held: the queue stays bounded by this node's records.
+                if self.replica.writable and self.replica.store.get(rpath) is not None:
+                    self._gone[rpath] = e.path
+                    self._gone_wakeup.set()
+
+    def collect(self) -> int:
+        """Remove (tombstone, in one transaction) this node's records of the files noted gone
+        that are still gone and whose record is live: a deleted or renamed file's trace would
+        otherwise stay in every node's namespace for good (up to 48 KiB per file and node).
+        Only this node's own records: each node removes its own, as only it may sign them.
+        At most `COLLECT_BATCH` per call (one short transaction on the event loop); the rest
+        wait for the next. Returns how many were removed; a refusal (a full disk, a revoke)
+        is logged and the records stay, as before."""
+        batch = list(self._gone.items())[:COLLECT_BATCH]
+        for rpath, _ in batch:
+            del self._gone[rpath]
+        if self._gone:
+            self._gone_wakeup.set()
+        store = self.replica.store
+        tombs = [record_entry(self.replica, path, None) for rpath, path in batch
+                 if store.get(path) is None and store.get(rpath) is not None]
+        if not tombs:
+            return 0
+        try:
+            self.replica.commit_local(tombs, traces=True)
+        except FsError as exc:
+            log.warning("%d access trace records of deleted files could not be removed: %s", len(tombs), exc)
+            return 0
+        self.collected += len(tombs)
+        log.info("removed this node's access trace records of %d deleted files", len(tombs))
+        return len(tombs)
 
     # ------------------------------------------------------------ the VFS's hooks
 
@@ -382,6 +446,8 @@ class Tracer:
     def _finish(self, rec: Recording) -> None:
         if len(rec.items) < MIN_PUBLISH_CHUNKS:
             return
+        if self.replica.store.get(rec.path) is None:
+            return  # deleted or renamed while open: its record would never be collected
         trace = rec.trace()
         if not self.replica.writable:
             if not self._said_read_only:

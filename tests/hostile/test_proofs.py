@@ -233,7 +233,7 @@ async def test_hold_needs_write_capability_room_and_a_reasonable_rate(
         await a.write("small", 0, os.urandom(100_000), create=True)
         await a.write("big", 0, os.urandom(900_000), create=True)
         small, big = _manifest(a, "small"), _manifest(a, "big")
-        await wait_until(lambda: b.entry("big") is not None, "b knows both files")
+        await wait_until(lambda: b.entry("big") is not None and b.entry("big") == a.entry("big"), "b knows both files")
         secret = a.node.replica.keys.secret
         assert secret is not None
         target = NodeAddr(b.id)

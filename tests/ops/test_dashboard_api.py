@@ -14,7 +14,10 @@ async def test_pages_after_a_read(tmp_path: Path) -> None:
     async with cluster(tmp_path, ["a", "b"]) as nodes:
         a, b = nodes["a"], nodes["b"]
         await a.write("disk.img", 0, data, create=True)
-        await wait_until(lambda: b.entry("disk.img") is not None, "the file on b")
+        # The version with the data, not the empty one the create published first (b reading that
+        # one first read b'' here, once in ~12 runs).
+        await wait_until(lambda: b.entry("disk.img") is not None and b.entry("disk.img") == a.entry("disk.img"),
+                         "the written file on b")
         assert await b.read("disk.img") == data
         assert b.runtime.api is not None and b.runtime.analytics is not None
         api = b.runtime.api

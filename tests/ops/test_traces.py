@@ -63,3 +63,46 @@ async def test_cold_open_prefetches_the_trace_and_the_last_close_stops_it(tmp_pa
         store = c.vfs.content.store
         await wait_until(lambda: not c.runtime.fetcher._loading, "c's fetches under way to end")
         assert sum(store.has(cid) for cid in m.entries) <= c.runtime.tracer.parallel
+
+
+async def test_records_of_a_deleted_file_are_removed_by_each_node(tmp_path: Path) -> None:
+    """Each node removes its own record of a file deleted anywhere (it alone may sign it);
+    a trace recorded while its file is deleted is not published; other files keep theirs."""
+    async with cluster(tmp_path, ["a", "b"]) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        data = os.urandom(64 * CHUNK)
+        await a.write("img", 0, data, create=True)
+        await a.write("keep", 0, data[: 8 * CHUNK], create=True)
+        await wait_until(lambda: b.entry("img") is not None and b.entry("img") == a.entry("img"), "img on b")
+        await wait_until(lambda: b.entry("keep") is not None and b.entry("keep") == a.entry("keep"), "keep on b")
+        await _read_order(a, ORDER)
+        await _read_order(b, ORDER)
+        keep = (await a.vfs.lookup(ROOT_INO, "keep")).ino
+        fh = await a.vfs.open(keep, os.O_RDONLY)
+        for i in (5, 1, 3):
+            await a.vfs.read(fh, i * CHUNK, 10)
+        await a.vfs.release(fh)
+        records = [record_path("img", n.node.node_id) for n in (a, b)] + [record_path("keep", a.node.node_id)]
+        await wait_until(lambda: all(n.node.namespace.get(r) is not None for n in (a, b) for r in records),
+                         "every record on both nodes")
+
+        # b has the file open and reading when a deletes it: b's recording is dropped at close.
+        ino = (await b.vfs.lookup(ROOT_INO, "img")).ino
+        fh = await b.vfs.open(ino, os.O_RDONLY)
+        await a.vfs.unlink(ROOT_INO, "img")
+        await wait_until(lambda: b.entry("img") is None, "the deletion on b")
+        published = b.runtime.tracer.published if b.runtime.tracer is not None else -1
+        for i in (9, 2, 30):
+            await b.vfs.read(fh, i * CHUNK, 10)
+        await b.vfs.release(fh)
+
+        img_records = records[:2]
+        await wait_until(lambda: all(n.node.namespace.get(r) is None for n in (a, b) for r in img_records),
+                         "both records of the deleted file removed on both nodes")
+        for n in (a, b):
+            for r in img_records:
+                tomb = n.node.namespace.get_any(r)
+                assert tomb is not None and tomb.deleted and not tomb.xattrs
+            assert n.node.namespace.get(records[2]) is not None  # the other file's record stays
+        assert b.runtime.tracer is not None and b.runtime.tracer.published == published
+        assert a.runtime.tracer is not None and a.runtime.tracer.collected == 1 and b.runtime.tracer.collected == 1
