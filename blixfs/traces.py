@@ -144,10 +144,10 @@ class Trace:
             raise TraceError(f"trace record of {len(raw)} bytes does not hold {count} chunks")
         if not 4096 <= chunk_size <= 1 << 30:
             raise TraceError(f"chunk size {chunk_size} out of bounds")
-        items = tuple(_ITEM.iter_unpack(memoryview(raw)[_HEADER.size:]))
+        items: tuple[tuple[int, bytes], ...] = tuple(_ITEM.iter_unpack(raw[_HEADER.size:]))
         if len({i for i, _ in items}) != len(items):
             raise TraceError("a chunk index is repeated")
-        return cls(manifest, chunk_size, tuple((i, bytes(p)) for i, p in items), millis)
+        return cls(manifest, chunk_size, items, millis)
 
 
 # ---------------------------------------------------------------------------- records
@@ -169,6 +169,13 @@ def is_trace_path(path: str) -> bool:
 def check_record(e: Entry) -> str | None:
     """Why ``e`` is not a well-formed trace record, for an entry under the reserved tree;
     None for a well-formed one and for every entry outside it."""
+    got = _record_trace(e)
+    return got if isinstance(got, str) else None
+
+
+def _record_trace(e: Entry) -> Trace | str | None:
+    """`check_record`'s verdict, with the trace decoded on the way (None for a tombstone or
+    an entry outside the tree): each record is decoded once, checked or used."""
     if not is_trace_path(e.path):
         return None
     parts = e.path.split("/")
@@ -185,10 +192,9 @@ def check_record(e: Entry) -> str | None:
     if set(e.xattrs) != {TRACE_XATTR}:
         return "malformed trace record"
     try:
-        Trace.decode(e.xattrs[TRACE_XATTR])
+        return Trace.decode(e.xattrs[TRACE_XATTR])
     except TraceError as exc:
         return f"malformed trace record: {exc}"
-    return None
 
 
 def record_entry(replica: Replica, path: str, trace: Trace | None) -> Entry:
@@ -487,11 +493,14 @@ class Tracer:
         """The traces of ``path`` that count, newest first: the namespace's records by current
         writers (malformed ones logged and skipped) and this node's unpublished one, at most
         `KEEP_RECORDS`."""
-        found: list[tuple[int, Trace]] = []
         members = self.replica.members
-        for e in self.replica.store.entries(under=f"{_PREFIX}{file_key(path)}"):
-            if e.deleted or not members.allows(e.author, Role.WRITE):
-                continue
+        held = sorted((e for e in self.replica.store.entries(under=f"{_PREFIX}{file_key(path)}")
+                       if not e.deleted and members.allows(e.author, Role.WRITE)),
+                      key=lambda e: -e.timestamp_ns)
+        found: list[tuple[int, Trace]] = []
+        for e in held:  # newest first: only as many decoded as can be kept
+            if len(found) == KEEP_RECORDS:
+                break
             trace = _decoded(e)
             if trace is not None:
                 found.append((e.timestamp_ns, trace))
@@ -595,11 +604,10 @@ def _length(root: Manifest, idx: int) -> int:
 
 
 def _decoded(e: Entry) -> Trace | None:
-    """The trace of a record held here; None (logged) when it is not one."""
-    problem = check_record(e)
-    if problem is not None or e.deleted:
-        if problem is not None:
-            log.warning("ignored trace record %s by %s: %s", e.path, e.author.hex()[:16], problem)
+    """The trace of a record held here; None for a tombstone, and (logged) when it is not one."""
+    got = _record_trace(e)
+    if isinstance(got, str):
+        log.warning("ignored trace record %s by %s: %s", e.path, e.author.hex()[:16], got)
         return None
-    return Trace.decode(e.xattrs[TRACE_XATTR])
+    return got
 

@@ -20,6 +20,7 @@ from blixfs.manifest import lookup
 from blixfs.members import Role
 from blixfs.replica import NamespaceKeys, check_entry
 from blixfs.traces import (
+    KEEP_RECORDS,
     MAX_TRACE_CHUNKS,
     RECORD_BYTES,
     RECORD_SECONDS,
@@ -305,3 +306,32 @@ async def test_records_of_non_writers_do_not_count() -> None:
     assert len(tracer.records("img")) == 2
     vfs.replica.set_member(other.author, Role.READ)  # demoted: its record no longer counts
     assert len(tracer.records("img")) == 1
+
+
+async def test_records_are_the_newest_that_decode_and_only_those_are_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Tracer.records` keeps the `KEEP_RECORDS` newest well-formed records of a file and
+    decodes no older one (a popular image has a record per node that ever booted it)."""
+    vfs = make_vfs(chunk_size=CS)
+    tracer = Tracer(vfs.replica, vfs.content)
+    await write_file(vfs, "img", _data(8))
+    others = [make_replica(keys=vfs.replica.keys) for _ in range(KEEP_RECORDS + 4)]
+    for n, other in enumerate(others):
+        other.commit_local([record_entry(other, "img", _trace([n % 8, (n + 1) % 8]))], traces=True)
+        await vfs.replica.merge_remote(list(other.store.entries_since({})), "peer")
+    # The newest one held is malformed (it reached the store before a check existed): skipped.
+    newest = vfs.namespace.get(record_path("img", others[-1].author))
+    assert newest is not None
+    vfs.namespace.apply([replace(newest, xattrs={TRACE_XATTR: b"BXT1 nonsense"})])
+    decoded: list[bytes] = []
+    real = Trace.decode
+
+    def counted(raw: bytes) -> Trace:
+        decoded.append(raw)
+        return real(raw)
+    monkeypatch.setattr(Trace, "decode", counted)
+
+    got = tracer.records("img")
+    assert len(got) == KEEP_RECORDS
+    n_newest = [n % 8 for n in range(len(others) - 1 - KEEP_RECORDS, len(others) - 1)]
+    assert sorted(t.items[0][0] for t in got) == sorted(n_newest)
+    assert len(decoded) == KEEP_RECORDS + 1  # the malformed one, then the 16 kept: no older one
