@@ -229,14 +229,16 @@ class Content:
         return raw
 
     async def load_page(self, pid: ChunkId, mid: bytes | None, author: bytes | None,
-                        holders: Sequence[str] = ()) -> bytes:
+                        holders: Sequence[str] = (), *, priority: Priority | None = None) -> bytes:
         """Page ``pid`` of version ``mid``: held here, or fetched (verified by its id) from the
-        version's holders, its author, or peers that answer HAVE; EIO if it cannot be had."""
+        version's holders, its author, or peers that answer HAVE, at class ``priority`` (None:
+        a demand read's); EIO if it cannot be had."""
         raw = self.page(pid)
         if raw is not None:
             return raw
         everyone = [*holders, *(self._version_holders(mid, None, author) if mid is not None else [])]
-        got = await self.reader.get(pid, self._fetch(pid, lambda: everyone, None, self._locator(pid, None, 0, author)))
+        got = await self.reader.get(pid, self._fetch(pid, lambda: everyone, None, self._locator(pid, None, 0, author),
+                                                     priority))
         if got is None:
             raise FsError(errno.EIO, f"manifest page {short(pid)} is not held by this node and no peer is known "
                                      "to hold it")
@@ -245,10 +247,11 @@ class Content:
         return raw
 
     async def walk(self, fn: Callable[[PageGet], T], mid: bytes | None, author: bytes | None,
-                   holders: Sequence[str] = ()) -> T:
+                   holders: Sequence[str] = (), *, priority: Priority | None = None) -> T:
         """``fn(get)``, a synchronous walk of version ``mid``'s tree, run again after loading
-        each page it missed (`MissingPage`); the pages it used stay readable through
-        `page` until the caller next awaits. EIO if a page cannot be had or is invalid."""
+        each page it missed (`MissingPage`, at class ``priority``); the pages it used stay
+        readable through `page` until the caller next awaits. EIO if a page cannot be had or
+        is invalid."""
         loaded: dict[ChunkId, bytes] = {}
 
         def get(pid: ChunkId) -> bytes | None:
@@ -257,7 +260,7 @@ class Content:
             try:
                 return fn(get)
             except MissingPage as missing:
-                loaded[missing.pid] = await self.load_page(missing.pid, mid, author, holders)
+                loaded[missing.pid] = await self.load_page(missing.pid, mid, author, holders, priority=priority)
             except ManifestError as exc:
                 raise FsError(errno.EIO, f"manifest {short(mid or b'')} has an invalid page: {exc}") from exc
 
@@ -270,14 +273,18 @@ class Content:
         except (MissingPage, ManifestError):
             return None
 
-    async def load(self, mid: bytes, author: bytes | None = None, holders: Sequence[str] = ()) -> Manifest:
-        """The manifest, fetched from its holders when not held here; EIO if it cannot be had."""
+    async def load(self, mid: bytes, author: bytes | None = None, holders: Sequence[str] = (), *,
+                   priority: Priority | None = None) -> Manifest:
+        """The manifest, fetched from its holders when not held here at class ``priority``
+        (None: a demand read's; pulls, replicas and trace prefetch say theirs); EIO if it
+        cannot be had."""
         m = self.manifest(mid)
         if m is not None:
             return m
         cid = ChunkId(mid)
         everyone = [*holders, *self._version_holders(mid, None, author)]
-        raw = await self.reader.get(cid, self._fetch(cid, lambda: everyone, None, self._locator(cid, None, 0, author)))
+        raw = await self.reader.get(cid, self._fetch(cid, lambda: everyone, None, self._locator(cid, None, 0, author),
+                                                     priority))
         if raw is None:
             raise FsError(errno.EIO, f"manifest {short(mid)} is not held by this node and no peer is known to hold it")
         return self._decode(mid, bytes(raw))
@@ -418,15 +425,16 @@ class Content:
         return None if data is None else data[offset : offset + length]
 
     def _fetch(self, cid: ChunkId, holders: Callable[[], Sequence[str]], label: str | None,
-               locate: Locate) -> Fetch | None:
-        """How the reader fetches ``cid`` when not held here (None: not on the network).
-        ``holders`` is asked only then: gathering them is not free."""
+               locate: Locate, priority: Priority | None = None) -> Fetch | None:
+        """How the reader fetches ``cid`` when not held here (None: not on the network), at
+        class ``priority`` (None: DEMAND). ``holders`` is asked only then: gathering them is
+        not free."""
         fetcher = self.fetcher
         if fetcher is None:
             return None
 
         async def fetch() -> bytes:
-            return await fetcher.get(cid, holders(), label, locate=locate)
+            return await fetcher.get(cid, holders(), label, locate=locate, priority=priority)
         return fetch
 
     async def fetch_chunk(self, cid: ChunkId, mid: bytes | None, index: int, author: bytes | None,
@@ -470,7 +478,7 @@ class Content:
         fetcher = self.fetcher
         if fetcher is None:
             raise FsError(errno.EIO, "this node is not on the network")
-        m = await self.load(mid, author, extra_holders)
+        m = await self.load(mid, author, extra_holders, priority=priority)
         if not self.store.has(ChunkId(mid)):  # held in memory only (full disk): not held
             raise FsError(errno.ENOSPC, f"manifest {short(mid)} could not be stored")
         report = VersionFetch(m)
@@ -561,7 +569,7 @@ class Content:
         chunks): what GC needs to know what the version references, and replication its
         exact size. FsError (EIO) when one cannot be had; only the root when this node is
         not on the network."""
-        m = await self.load(mid, author, holders)
+        m = await self.load(mid, author, holders, priority=Priority.BACKGROUND)
         if self.fetcher is None:
             return m
         report = VersionFetch(m)

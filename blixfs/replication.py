@@ -69,6 +69,7 @@ from blixfs.namespace import LOOP_PAGE_ENTRIES
 from blixfs.net.transport import Transport, TransportError
 from blixfs.node import Node
 from blixfs.peers import PeerBook
+from blixfs.priority import Priority
 from blixfs.sync import SyncService
 
 log = logging.getLogger(__name__)
@@ -303,7 +304,8 @@ class Replicator:
         became durable), one chunk is fetched first, verified by its id, from any holder:
         verification makes the expected answer trustworthy whoever served it."""
         try:
-            m = await self.content.load(manifest_id, holders=[p for p in self.holdings.holders(manifest_id)])
+            m = await self.content.load(manifest_id, holders=[p for p in self.holdings.holders(manifest_id)],
+                                        priority=Priority.BACKGROUND)
         except FsError as exc:
             log.info("cannot challenge the holders of %s: its manifest is not to be had (%s)", short(manifest_id),
                      exc)
@@ -317,7 +319,8 @@ class Replicator:
         elif m.count:  # no data chunk under the pages held here: look the first chunk up
             try:
                 picked = [(0, await self.content.walk(lambda get: lookup(m, get, 0), manifest_id, None,
-                                                      self.holdings.holders(manifest_id)))]
+                                                      self.holdings.holders(manifest_id),
+                                                      priority=Priority.BACKGROUND))]
             except FsError as exc:
                 log.info("cannot challenge the holders of %s: %s", short(manifest_id), exc)
                 return None

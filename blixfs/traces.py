@@ -510,11 +510,12 @@ class Tracer:
         found.sort(key=lambda t: -t[0])
         return [t for _, t in found[:KEEP_RECORDS]]
 
-    async def plan(self, path: str, mid: bytes, root: Manifest, author: bytes | None) -> list[tuple[int, ChunkId]]:
+    async def plan(self, path: str, mid: bytes, root: Manifest, author: bytes | None, *,
+                   priority: Priority = Priority.TRACE) -> list[tuple[int, ChunkId]]:
         """The merged trace of ``path`` mapped onto version ``mid`` (root ``root``): (index, id)
         of the version's chunks, in prefetch order. Loads the pages it needs (EIO if one
         cannot be had). Items map by index (module docstring); those past the version's end or
-        at a hole are dropped."""
+        at a hole are dropped. Pages are fetched at class ``priority``."""
         traces = self.records(path)
         if not traces:
             return []
@@ -525,7 +526,7 @@ class Tracer:
             for i in wanted:
                 if i not in ids:
                     ids[i] = lookup(root, get, i)  # MissingPage: `walk` loads it and calls again
-        await self.content.walk(resolve, mid, author)
+        await self.content.walk(resolve, mid, author, priority=priority)
         mapped = [[i for i, _ in t.items if ids.get(i, HOLE) != HOLE]
                   for t in traces if t.chunk_size == root.chunk_size]
         return [(i, ids[i]) for i in merge(mapped)]
@@ -589,8 +590,8 @@ class Tracer:
         """Fetch the traced chunks of version ``mid`` of ``path`` not held here, in trace order,
         at class ``priority`` (`blixfs pull --trace [--priority]`). FsError when the version's
         root or pages cannot be had."""
-        root = await self.content.load(mid, author, holders)
-        order = await self.plan(path, mid, root, author)
+        root = await self.content.load(mid, author, holders, priority=priority)
+        order = await self.plan(path, mid, root, author, priority=priority)
         store = self.content.store
         report = PullReport(chunks=len(order))
         report.missing_bytes = sum(_length(root, i) for i, cid in order if not store.has(cid))

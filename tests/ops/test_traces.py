@@ -5,9 +5,12 @@ last close stops it; a node holding the version whole does not prefetch."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from blixfs import metrics
+from blixfs.hashing import ChunkId
 from blixfs.traces import record_path
 from blixfs.vfs import ROOT_INO
 from tests.cluster import CHUNK, InNode, cluster, wait_until
@@ -106,3 +109,34 @@ async def test_records_of_a_deleted_file_are_removed_by_each_node(tmp_path: Path
             assert n.node.namespace.get(records[2]) is not None  # the other file's record stays
         assert b.runtime.tracer is not None and b.runtime.tracer.published == published
         assert a.runtime.tracer is not None and a.runtime.tracer.collected == 1 and b.runtime.tracer.collected == 1
+
+
+async def test_a_pull_fetches_the_versions_root_and_pages_at_its_class(tmp_path: Path) -> None:
+    """A background pull (or replica) does not fetch the manifest's root and pages as demand
+    reads: 13 MiB of pages for a 100 GiB image would otherwise compete with guests' reads."""
+    from blixfs.fetcher import Fetcher
+    from blixfs.manifest import FANOUT
+    from blixfs.priority import Priority
+
+    async with cluster(tmp_path, ["a", "b"]) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        for i in (0, FANOUT + 3, 2 * FANOUT + 1):  # three pages, mostly holes
+            await a.write("big", i * CHUNK, os.urandom(CHUNK), create=True)
+        await wait_until(lambda: b.entry("big") is not None and b.entry("big") == a.entry("big"), "big on b")
+        e = b.entry("big")
+        assert e is not None and e.manifest is not None
+        fetcher = b.vfs.content.fetcher
+        assert isinstance(fetcher, Fetcher)
+        classes: dict[bytes, Priority | None] = {}
+        real = fetcher.get
+
+        async def recorded(cid: ChunkId, holders: Sequence[str], label: str | None = None, **kw: Any) -> bytes:
+            classes[cid] = kw.get("priority")
+            return await real(cid, holders, label, **kw)
+        fetcher.get = recorded  # type: ignore[method-assign]
+        report = await b.vfs.content.fetch_version(e.manifest, author=e.author, label="big",
+                                                   priority=Priority.BACKGROUND)
+        assert not report.failed
+        assert classes[e.manifest] == Priority.BACKGROUND  # the root
+        assert len(classes) >= 1 + 3 + 3  # root, pages, chunks
+        assert set(classes.values()) == {Priority.BACKGROUND}

@@ -316,12 +316,14 @@ async def test_records_are_the_newest_that_decode_and_only_those_are_decoded(mon
     await write_file(vfs, "img", _data(8))
     others = [make_replica(keys=vfs.replica.keys) for _ in range(KEEP_RECORDS + 4)]
     for n, other in enumerate(others):
-        other.commit_local([record_entry(other, "img", _trace([n % 8, (n + 1) % 8]))], traces=True)
+        other.commit_local([record_entry(other, "img", _trace([n, n + 100]))], traces=True)
         await vfs.replica.merge_remote(list(other.store.entries_since({})), "peer")
     # The newest one held is malformed (it reached the store before a check existed): skipped.
     newest = vfs.namespace.get(record_path("img", others[-1].author))
     assert newest is not None
-    vfs.namespace.apply([replace(newest, xattrs={TRACE_XATTR: b"BXT1 nonsense"})])
+    broken = replace(newest, xattrs={TRACE_XATTR: b"BXT1 nonsense"}, timestamp_ns=newest.timestamp_ns + 1)
+    vfs.namespace.apply([broken])
+    assert vfs.namespace.get(broken.path) == broken
     decoded: list[bytes] = []
     real = Trace.decode
 
@@ -332,6 +334,5 @@ async def test_records_are_the_newest_that_decode_and_only_those_are_decoded(mon
 
     got = tracer.records("img")
     assert len(got) == KEEP_RECORDS
-    n_newest = [n % 8 for n in range(len(others) - 1 - KEEP_RECORDS, len(others) - 1)]
-    assert sorted(t.items[0][0] for t in got) == sorted(n_newest)
+    assert sorted(t.items[0][0] for t in got) == list(range(len(others) - 1 - KEEP_RECORDS, len(others) - 1))
     assert len(decoded) == KEEP_RECORDS + 1  # the malformed one, then the 16 kept: no older one
