@@ -16,6 +16,10 @@ What is measured:
 * cached read: the same again without dropping: what a re-reading guest sees.
 * 4 KiB random reads with O_DIRECT, one at a time: every request reaches the daemon.
 * 4 KiB random writes with O_DIRECT, one at a time, then one fsync (counted in the IOPS).
+* the FUSE floor: the same 4 KiB random reads of a file system that only answers
+  (`scripts/fuse_floor.py`: pyfuse3 on trio, no disk, no blixfs code), mounted beside:
+  the ceiling any pyfuse3 daemon reaches on this machine (docs/design.md, "Where a 4 KiB
+  O_DIRECT read's time goes").
 """
 
 from __future__ import annotations
@@ -135,6 +139,24 @@ def random_writes(path: Path, size: int, count: int) -> tuple[float, float, floa
 
 
 @contextmanager
+def floor_mounted(mnt: Path, size_mib: int) -> Iterator[Path]:
+    """`scripts/fuse_floor.py` mounted at ``mnt``: yields its file."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "fuse_floor.py"), str(mnt),
+                             "--size-mib", str(size_mib)])
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the FUSE floor file system did not come up within 30 s")
+            time.sleep(0.05)
+        yield mnt / "bench.bin"
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+@contextmanager
 def mounted(home: Path, mnt: Path, chunk_size: str, tree: Path = REPO) -> Iterator[None]:
     mnt.mkdir(parents=True, exist_ok=True)
     name = f"blixfs-bench-{uuid.uuid4().hex}"
@@ -196,6 +218,7 @@ def main() -> None:
                 cs = args.chunk_size[0]
                 stack.enter_context(mounted(work / "home-base", work / "mnt-base", cs, args.baseline_tree.resolve()))
                 files[f"base {cs}"] = work / "mnt-base" / "bench.bin"
+            floor = stack.enter_context(floor_mounted(work / "mnt-floor", args.size_mib))
             for rnd in range(args.rounds):
                 for name, f in files.items():
                     got = samples.setdefault(name, {})
@@ -205,10 +228,12 @@ def main() -> None:
                 for name, f in files.items():
                     drop_caches()
                     reads.setdefault(name, []).append(random_reads(f, size, args.random_reads))
+                reads.setdefault("floor", []).append(random_reads(floor, size, args.random_reads))
                 for name, f in files.items():
                     writes.setdefault(name, []).append(random_writes(f, size, args.random_writes))
-        for name in files:
+        for name in reads:
             iops_of[name] = tuple(statistics.median(r[i] for r in reads[name]) for i in range(3))  # type: ignore[assignment]
+        for name in writes:
             wiops_of[name] = tuple(statistics.median(r[i] for r in writes[name]) for i in range(3))  # type: ignore[assignment]
         base = {k: statistics.median(v) for k, v in samples.pop("local").items()}
         rows = [(cs, {k: statistics.median(v) for k, v in samples[cs].items()}, iops_of[cs]) for cs in samples]
@@ -228,6 +253,10 @@ def main() -> None:
             for cs, _, _ in rows:
                 line += f"{measured[cs][1]:>10.3f}/{measured[cs][2]:.3f}{'':8}"
             print(line)
+        floor_iops = iops_of["floor"]
+        print(f"{'FUSE floor':14}{'':14}{floor_iops[0]:16.0f}{floor_iops[0] / iops_of['local'][0]:8.2f}"
+              f"   (a pyfuse3 file system that only answers: scripts/fuse_floor.py)")
+        print(f"{'  p50/p99 ms':14}{'':14}{floor_iops[1]:>10.3f}/{floor_iops[2]:.3f}")
         print("\ngoals: warm sequential read >= 0.5x local disk, write >= 0.3x (issue 2); "
               "4K random read >= 0.4x (issue 11)")
     finally:
