@@ -65,8 +65,14 @@ class Kind(enum.Enum):
         return {Kind.FILE: stat.S_IFREG, Kind.DIR: stat.S_IFDIR, Kind.SYMLINK: stat.S_IFLNK}[self]
 
 
+_EMPTY: Mapping[Any, Any] = MappingProxyType({})
+
+
 def _frozen(m: Mapping[Any, Any]) -> Mapping[Any, Any]:
-    return MappingProxyType(dict(m))
+    # Empty ones (most xattrs and causal contexts) share one proxy: each proxy is an object
+    # the cyclic GC tracks, and a node caches 65,536 entries (`SqliteNamespaceStore`) whose
+    # every full GC pass walks them on the event loop.
+    return MappingProxyType(dict(m)) if m else _EMPTY
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,9 +195,15 @@ class Entry:
 
     def entry_hash(self) -> bytes:
         if self._hash is None:
-            object.__setattr__(self, "_hash", blake3.blake3(self.canonical()).digest())
+            self.remember_hash(self.canonical())
         assert self._hash is not None
         return self._hash
+
+    def remember_hash(self, canonical: bytes) -> None:
+        """Compute `entry_hash` now from ``canonical``, which must be `canonical()` (the caller
+        just built it). `replica.check_entry` calls it in the sync's checking threads, so the
+        merge on the trio thread does not encode each entry's JSON again to hash it."""
+        object.__setattr__(self, "_hash", blake3.blake3(canonical).digest())
 
     def lww_key(self) -> LwwKey:
         """Total order for last-writer-wins: the larger key wins, identically on every node."""

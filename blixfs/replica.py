@@ -171,6 +171,7 @@ def check_entry(e: Entry, namespace_id: bytes, now_ns: int) -> str | None:
         return "namespace signature does not verify (writer lacks write capability)"
     if not crypto.verify(e.author, message, e.author_sig):
         return "author signature does not verify"
+    e.remember_hash(message)  # off the trio thread when checked in worker threads (`_check_all`)
     return None
 
 

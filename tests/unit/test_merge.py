@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,3 +209,24 @@ def test_an_authors_own_old_sibling_is_not_lost_through_its_later_versions() -> 
             st.apply([other_next])
         finals.append(state(st))
     assert finals[0] == finals[1] == finals[2]
+
+
+def test_empty_mappings_of_an_entry_add_nothing_the_cyclic_gc_walks() -> None:
+    """A node caches tens of thousands of decoded entries and every full GC pass walks what
+    it tracks on the event loop: an entry without metadata, xattrs or causal context is one
+    tracked object of its own, not four; its mappings stay read-only and equal to empty ones."""
+    def decoded(path: str, **kw: object) -> Entry:
+        e = Entry(path=path, kind=Kind.FILE, mode=0o644, uid=0, gid=0, size=0, mtime_ns=1, ctime_ns=1,
+                  author=bytes(32), timestamp_ns=1, **kw)  # type: ignore[arg-type]
+        return Entry.deserialize(e.serialize())
+
+    def tracked(e: Entry) -> set[int]:
+        return {id(o) for o in gc.get_referents(e) if gc.is_tracked(o)}
+
+    a, b = decoded("a"), decoded("b")
+    assert tracked(a) == tracked(b)  # nothing of their own: what they refer to is shared
+    assert a.meta == a.xattrs == a.seen == {}
+    with pytest.raises(TypeError):
+        a.meta["os"] = "linux"  # type: ignore[index]
+    c = decoded("c", meta={"os": "linux"})
+    assert c.meta == {"os": "linux"} and a.meta == {} and len(tracked(c) - tracked(a)) == 1

@@ -16,6 +16,7 @@ from blixfs.namespace import MemoryNamespaceStore, SqliteNamespaceStore
 A = bytes([1]) * 32
 B = bytes([2]) * 32
 KINDS = [Kind.FILE, Kind.DIR, Kind.SYMLINK]
+PARENTS = ["", "p1", "p2"]
 
 
 def entry(path: str, ts: int, author: bytes = A, kind: Kind = Kind.FILE, size: int = 0, deleted: bool = False,
@@ -29,7 +30,7 @@ def random_history(rng: random.Random, n: int) -> list[Entry]:
     """Creates, overwrites (seen: replace), concurrent versions of two authors (conflicts),
     deletes, kind changes and renames (a delete at one path, a create at another)."""
     out: list[Entry] = []
-    paths = [f"p{i}" for i in range(12)]
+    paths = [f"p{i}" for i in range(12)] + ["p1/a", "p1/b", "p2/c"]  # nested: directories' subdirectory counts
     for ts in range(1, n + 1):
         author = rng.choice([A, B])
         path = rng.choice(paths)
@@ -60,9 +61,12 @@ def test_running_counts_equal_a_recount_through_any_history(tmp_path_factory: ob
             store.apply(history[i:i + batch])
             memory.apply(history[i:i + batch])
             assert store.stats() == store.recount() == memory.stats()
+            for parent in PARENTS:
+                assert store.count_subdirs(parent) == store.recount_subdirs(parent) == memory.count_subdirs(parent)
         store.close()
         again = SqliteNamespaceStore(path)  # persisted with the entries
         assert again.stats() == again.recount()
+        assert all(again.count_subdirs(p) == again.recount_subdirs(p) for p in PARENTS)
         again.close()
     finally:
         store.close()
@@ -91,6 +95,23 @@ def test_a_database_without_counts_is_counted_once_when_opened(tmp_path: Path) -
     again = SqliteNamespaceStore(tmp_path / "n.db")
     st_ = again.stats()
     assert (st_.files, st_.dirs, st_.symlinks, st_.file_bytes) == (1, 1, 0, 3)
+    again.close()
+
+
+def test_a_database_without_subdirectory_counts_is_counted_once_when_opened(tmp_path: Path) -> None:
+    store = SqliteNamespaceStore(tmp_path / "n.db")
+    store.apply([entry("", 1, kind=Kind.DIR), entry("d", 2, kind=Kind.DIR), entry("d/s", 3, kind=Kind.DIR),
+                 entry("d/t", 4, kind=Kind.DIR), entry("d/t", 5, deleted=True, seen={A: 4}), entry("d/f", 6),
+                 entry("e", 7, kind=Kind.DIR)])
+    store.close()
+    db = sqlite3.connect(tmp_path / "n.db")
+    db.execute("DROP TABLE subdirs")  # a database made before the running counts
+    db.commit()
+    db.close()
+    again = SqliteNamespaceStore(tmp_path / "n.db")
+    assert (again.count_subdirs(""), again.count_subdirs("d"), again.count_subdirs("e")) == (2, 1, 0)
+    again.apply([entry("e/x", 8, kind=Kind.DIR)])  # and kept from there
+    assert again.count_subdirs("e") == 1
     again.close()
 
 

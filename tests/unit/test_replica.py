@@ -129,3 +129,23 @@ async def test_a_root_that_is_not_a_live_directory_is_refused(
         r.commit_local([local_entry(r, "f"), local_entry(r, "", kind=kind, deleted=deleted)])
     assert info.value.errno == errno.EINVAL
     assert list(r.store.entries()) == []
+
+
+async def test_checks_hash_the_entries_they_verify_and_merging_uses_that_hash() -> None:
+    """`check_entry` (the sync's checking threads) leaves each valid entry's hash computed, so
+    the merge on the trio thread does not encode it again; the hash is the one `entry_hash`
+    gives a fresh copy, and the entries merge as they would otherwise."""
+    keys = NamespaceKeys.generate()
+    node = generate_secret()
+    writer = make_replica(keys=keys, node_secret=node)
+    entries = [Entry.deserialize(signed_by(keys, node, local_entry(writer, f"f{i}")).serialize()) for i in range(70)]
+    tampered = replace(entries[0], path="tampered")  # the signatures no longer match: refused, not hashed
+    reader = make_replica(keys=NamespaceKeys(keys.id))
+    problems = await reader.check([*entries, tampered])  # 71 entries: the threaded path (THREADED_CHECK_MIN)
+    assert problems[:-1] == [None] * 70 and problems[-1] is not None
+    assert tampered._hash is None
+    for e in entries:
+        assert e._hash is not None and e._hash == Entry.deserialize(e.serialize()).entry_hash()
+    outcomes, refused = reader.merge_checked([*entries, tampered], problems, "peer")
+    assert outcomes == [Outcome.NEW] * 70 and refused == 1
+    assert sorted(e.path for e in reader.store.entries()) == sorted(e.path for e in entries)
