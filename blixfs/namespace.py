@@ -37,6 +37,7 @@ from typing import Protocol
 from lru import LRU
 
 from blixfs.entry import Entry, Kind, dominates, parent_of
+from blixfs.members import MEMBERS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,9 @@ class NamespaceStore(Protocol):
         ...
 
     def stats(self) -> NamespaceStats:
-        """Counts of the live current entries (tombstones and conflict versions left out) and
-        the files' bytes. O(1): statfs asks it (`Vfs.statfs`)."""
+        """Counts of the live current entries the mount shows below its root (`counted`:
+        tombstones, conflict versions, the root and hidden records left out) and the files'
+        bytes. O(1): statfs and ``blixfs status`` ask it."""
         ...
 
     def close(self) -> None: ...
@@ -156,12 +158,21 @@ def _descendant_range(path: str) -> tuple[str, str]:
 
 
 _COUNT_INDEX = {Kind.FILE: 0, Kind.DIR: 1}  # in `counts` and `_delta`; anything else counts as a symlink
+# Trees of records the mount never shows (protocol.md 12.1, 12.2: `blixfs.members`,
+# `blixfs.traces`; tests/unit check these against their constants). `stats` counts what
+# the mount shows below its root: neither these nor the root itself.
+HIDDEN_TREES = (MEMBERS_DIR + "/", ".blixfs-traces/")
+
+
+def counted(e: Entry) -> bool:
+    """Whether ``e`` is in `NamespaceStore.stats`: live, not the root, not a hidden record."""
+    return not e.deleted and e.path != "" and not e.path.startswith(HIDDEN_TREES)
 
 
 def _stats_of(entries: Iterator[Entry]) -> NamespaceStats:
     files = dirs = links = size = 0
     for e in entries:
-        if e.deleted:
+        if not counted(e):
             continue
         if e.kind is Kind.FILE:
             files += 1
@@ -384,18 +395,24 @@ class SqliteNamespaceStore(_Merging):
 
         Only this class writes the entries table (the daemon holds the home's lock; the CLI
         reads). An older blixfs writing the same home leaves the counts behind (statfs and
-        ``blixfs status`` figures only: nothing else reads them); deleting the ``counts`` row
-        makes the next open count again. `recount` is the check (tests)."""
-        self._db.execute("CREATE TABLE IF NOT EXISTS counts (id INTEGER PRIMARY KEY CHECK (id = 0), files INTEGER"
-                         " NOT NULL, dirs INTEGER NOT NULL, symlinks INTEGER NOT NULL, file_bytes INTEGER NOT NULL)")
+        ``blixfs status`` figures only: nothing else reads them); deleting the
+        ``shown_counts`` row makes the next open count again. `recount` is the check (tests).
+        The table ``counts`` of earlier versions counted the root and hidden records too: it
+        is dropped."""
+        self._db.execute("CREATE TABLE IF NOT EXISTS shown_counts (id INTEGER PRIMARY KEY CHECK (id = 0),"
+                         " files INTEGER NOT NULL, dirs INTEGER NOT NULL, symlinks INTEGER NOT NULL,"
+                         " file_bytes INTEGER NOT NULL)")
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            if self._db.execute("SELECT 1 FROM counts").fetchone() is None:
+            if self._db.execute("SELECT 1 FROM shown_counts").fetchone() is None:
+                hidden = " AND ".join("NOT (path >= ? AND path < ?)" for _ in HIDDEN_TREES)
+                ranges = [bound for tree in HIDDEN_TREES for bound in (tree, tree[:-1] + "0")]  # '0' follows '/'
                 self._db.execute(
-                    "INSERT INTO counts SELECT 0, count(*) FILTER (WHERE kind = 'file'),"
+                    "INSERT INTO shown_counts SELECT 0, count(*) FILTER (WHERE kind = 'file'),"
                     " count(*) FILTER (WHERE kind = 'dir'), count(*) FILTER (WHERE kind NOT IN ('file', 'dir')),"
                     " coalesce(sum(json_extract(CAST(data AS TEXT), '$.size')) FILTER (WHERE kind = 'file'), 0)"
-                    " FROM entries WHERE deleted = 0")
+                    f" FROM entries WHERE deleted = 0 AND path != '' AND {hidden}", ranges)
+            self._db.execute("DROP TABLE IF EXISTS counts")
             self._db.execute("COMMIT")
         except BaseException:
             self._rollback()
@@ -480,11 +497,12 @@ class SqliteNamespaceStore(_Merging):
         old = self._current(entry.path)  # loaded by the merge already: no query
         for e, sign in ((old, -1), (entry, 1)):
             if e is not None and not e.deleted:
-                i = _COUNT_INDEX.get(e.kind, 2)
-                self._delta[i] += sign
-                if e.kind is Kind.FILE:
-                    self._delta[3] += sign * e.size
-                elif e.kind is Kind.DIR and e.path:
+                if counted(e):
+                    i = _COUNT_INDEX.get(e.kind, 2)
+                    self._delta[i] += sign
+                    if e.kind is Kind.FILE:
+                        self._delta[3] += sign * e.size
+                if e.kind is Kind.DIR and e.path:
                     parent = parent_of(e.path)
                     self._subdir_delta[parent] = self._subdir_delta.get(parent, 0) + sign
         self._db.execute(
@@ -521,8 +539,8 @@ class SqliteNamespaceStore(_Merging):
             try:
                 outcomes = [self._merge(e) for e in entries]
                 if any(self._delta):
-                    self._db.execute("UPDATE counts SET files = files + ?, dirs = dirs + ?, symlinks = symlinks + ?,"
-                                     " file_bytes = file_bytes + ?", self._delta)
+                    self._db.execute("UPDATE shown_counts SET files = files + ?, dirs = dirs + ?,"
+                                     " symlinks = symlinks + ?, file_bytes = file_bytes + ?", self._delta)
                 changed = [(p, d) for p, d in self._subdir_delta.items() if d]
                 if changed:
                     self._db.executemany("INSERT INTO subdirs VALUES (?, ?) ON CONFLICT (parent) DO UPDATE SET"
@@ -620,7 +638,8 @@ class SqliteNamespaceStore(_Merging):
             yield Entry.deserialize(data)
 
     def stats(self) -> NamespaceStats:
-        files, dirs, links, size = self._db.execute("SELECT files, dirs, symlinks, file_bytes FROM counts").fetchone()
+        files, dirs, links, size = self._db.execute("SELECT files, dirs, symlinks, file_bytes FROM shown_counts"
+                                                   ).fetchone()
         return NamespaceStats(int(files), int(dirs), int(links), int(size))
 
     def recount(self) -> NamespaceStats:

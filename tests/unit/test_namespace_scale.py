@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blixfs.entry import Entry, Kind
-from blixfs.namespace import MemoryNamespaceStore, SqliteNamespaceStore
+from blixfs.members import MEMBERS_DIR
+from blixfs.namespace import HIDDEN_TREES, MemoryNamespaceStore, NamespaceStats, SqliteNamespaceStore
+from blixfs.traces import TRACES_DIR
 
 A = bytes([1]) * 32
 B = bytes([2]) * 32
@@ -85,17 +87,30 @@ def test_counts_roll_back_with_a_failed_batch(tmp_path: Path) -> None:
 
 def test_a_database_without_counts_is_counted_once_when_opened(tmp_path: Path) -> None:
     store = SqliteNamespaceStore(tmp_path / "n.db")
-    store.apply([entry("d", 1, kind=Kind.DIR), entry("d/f", 2, size=3), entry("g", 3, size=4),
-                 entry("g", 4, deleted=True, seen={A: 3})])
+    store.apply([entry("", 0, kind=Kind.DIR), entry("d", 1, kind=Kind.DIR), entry("d/f", 2, size=3),
+                 entry("g", 3, size=4), entry("g", 4, deleted=True, seen={A: 3}),
+                 entry(f"{MEMBERS_DIR}/{'ab' * 32}", 5, kind=Kind.DIR),
+                 entry(f"{TRACES_DIR}/{'c' * 32}/{'ab' * 32}", 6, kind=Kind.DIR)])
+    assert store.stats() == store.recount() == NamespaceStats(1, 1, 0, 3)
     store.close()
     db = sqlite3.connect(tmp_path / "n.db")
-    db.execute("DROP TABLE counts")  # a database made before the counts (or written by an older blixfs)
+    db.execute("DROP TABLE shown_counts")  # a database made before the counts (or written by an older blixfs)
+    # Earlier versions' table, which counted the root and the hidden records too: dropped.
+    db.execute("CREATE TABLE counts (id INTEGER PRIMARY KEY, files INTEGER, dirs INTEGER, symlinks INTEGER,"
+               " file_bytes INTEGER)")
+    db.execute("INSERT INTO counts VALUES (0, 1, 4, 0, 3)")
     db.commit()
     db.close()
     again = SqliteNamespaceStore(tmp_path / "n.db")
-    st_ = again.stats()
-    assert (st_.files, st_.dirs, st_.symlinks, st_.file_bytes) == (1, 1, 0, 3)
+    assert again.stats() == NamespaceStats(1, 1, 0, 3)  # the root and the records not counted
+    db = sqlite3.connect(tmp_path / "n.db")
+    assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'counts'").fetchone() == (0,)
+    db.close()
     again.close()
+
+
+def test_hidden_trees_are_the_member_and_trace_trees() -> None:
+    assert set(HIDDEN_TREES) == {MEMBERS_DIR + "/", TRACES_DIR + "/"}
 
 
 def test_a_database_without_subdirectory_counts_is_counted_once_when_opened(tmp_path: Path) -> None:
