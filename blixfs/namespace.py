@@ -424,8 +424,7 @@ class SqliteNamespaceStore(_Merging):
         the entries, same caveat about an older blixfs writing the home), and counted once,
         through the (parent, kind, deleted) index, by the first open of a database without
         it. Counting at each getattr instead took 15-47 ms of the event loop for a
-        directory of 33,000 subdirectories while a sync added to it (the VFS recounts a
-        large directory a second: `SUBDIR_COUNT_TTL`)."""
+        directory of 33,000 subdirectories while a sync added to it."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'subdirs'").fetchone() \

@@ -91,12 +91,6 @@ ROOT_INO = 1
 META_XATTR_PREFIX = "user.blixfs."
 USER_XATTR_PREFIX = "user."
 DEFAULT_MAX_DIRTY_BYTES = 64 << 20
-# A directory's subdirectories are counted at each getattr (its nlink): an index range, but
-# ~2 ms for 30,000 of them, asked each time the kernel's attributes of it expire. Counts of
-# large directories are kept this long (the kernel itself keeps attributes for a second);
-# a change this node makes drops its parents' counts at once.
-SUBDIR_COUNT_TTL = 1.0
-SUBDIR_COUNT_KEPT = 1000  # directories with fewer subdirectories are counted every time
 OPEN_PAGES = 64  # manifest pages an open file keeps for its reads (512 Ki chunk ids: 8 GiB at 256 KiB)
 _T = TypeVar("_T")
 PATCH_BLOCK = 4096  # a guest's block: writes of whole blocks into a clean chunk are kept as patches
@@ -356,7 +350,6 @@ class Vfs:
         self._started_ns = clock()
         self.inodes = InodeTable()
         self._contents: dict[int, OpenContent] = {}
-        self._subdir_counts: LRU[str, tuple[int, float]] = LRU(1024)  # large directories' (count, when)
         self.patch_generation = 0  # bumped by each new `Patch`: the cache policy keeps its base at once
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
@@ -465,8 +458,6 @@ class Vfs:
         conflict copies they supersede (see `_kept_own_conflicts`); ``resolving`` is the
         conflict version a delete or rename of its conflict file means to drop."""
         entries = [*entries, *self._kept_own_conflicts(entries, resolving)]
-        for e in entries:
-            self._subdir_counts.pop(parent_of(e.path), None)
         try:
             self.replica.commit_local(entries, durable=durable)
         except FsError:
@@ -521,24 +512,12 @@ class Vfs:
             size = len(e.target.encode())
         mode = e.st_mode & ~0o222 if ".conflict-" in e.path and self.namespace.get(e.path) is None else e.st_mode
         # A directory's links: its name, its '.', and each subdirectory's '..' (find relies on it).
-        nlink = 2 + self._count_subdirs(e.path) if e.kind is Kind.DIR else 1
+        nlink = 2 + self.namespace.count_subdirs(e.path) if e.kind is Kind.DIR else 1
         return Attr(
             ino=ino, mode=mode, nlink=nlink, uid=e.uid, gid=e.gid, size=size, blocks=blocks,
             atime_ns=e.atime_ns if e.atime_ns is not None else mtime, mtime_ns=mtime,
             ctime_ns=max(e.ctime_ns, mtime),
         )
-
-    def _count_subdirs(self, path: str) -> int:
-        """The live subdirectories of ``path``; a large directory's count may be up to
-        `SUBDIR_COUNT_TTL` old for peers' changes (never for this node's)."""
-        now = time.monotonic()
-        kept = self._subdir_counts.get(path)
-        if kept is not None and now - kept[1] < SUBDIR_COUNT_TTL:
-            return kept[0]
-        n = self.namespace.count_subdirs(path)
-        if n >= SUBDIR_COUNT_KEPT:
-            self._subdir_counts[path] = (n, now)
-        return n
 
     def _new_entry(self, path: str, kind: Kind, mode: int, uid: int, gid: int, **extra: Any) -> Entry:
         now = self._clock()

@@ -157,35 +157,28 @@ async def test_a_session_start_streams_its_diff_in_pages_and_yields_between_them
     b.store.close()
 
 
-async def test_a_large_directorys_subdirectory_count_is_kept_and_this_nodes_changes_show_at_once(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """nlink of a directory with many subdirectories is not recounted at every getattr (kept
-    `SUBDIR_COUNT_TTL`), yet this node's mkdir and rmdir change it at once; a peer's change
-    shows once the kept count is older than the TTL."""
-    import blixfs.vfs as vfs_module
+async def test_a_directorys_nlink_follows_this_nodes_and_peers_changes_at_once(tmp_path: Path) -> None:
+    """nlink of a directory comes from the store's running count of its subdirectories: no
+    recount at a getattr, and this node's mkdir/rmdir and a peer's directory show at once."""
     from blixfs.chunkstore import MemoryChunkStore
+    from blixfs.namespace import SqliteNamespaceStore
     from blixfs.vfs import Vfs
 
-    monkeypatch.setattr(vfs_module, "SUBDIR_COUNT_KEPT", 2)
-    clock = [1000.0]
-    monkeypatch.setattr(vfs_module.time, "monotonic", lambda: clock[0])
-    replica = make_replica()
+    store = SqliteNamespaceStore(tmp_path / "n.db")
+    replica = make_replica(store=store)
     vfs = Vfs(replica, MemoryChunkStore())
     d = (await vfs.mkdir(ROOT_INO, "images", 0o755, 0, 0)).ino
     for i in range(3):
         await vfs.mkdir(d, f"vm-{i}", 0o755, 0, 0)
+    await vfs.mkdir(ROOT_INO, "elsewhere", 0o755, 0, 0)
     assert (await vfs.getattr(d)).nlink == 5
-    counted = []
-    real = vfs.namespace.count_subdirs
-    monkeypatch.setattr(vfs.namespace, "count_subdirs", lambda p: counted.append(p) or real(p))
-    assert (await vfs.getattr(d)).nlink == 5 and counted == []  # kept
     await vfs.mkdir(d, "vm-3", 0o755, 0, 0)
-    assert (await vfs.getattr(d)).nlink == 6  # this node's change: at once
+    assert (await vfs.getattr(d)).nlink == 6
     await vfs.rmdir(d, "vm-0")
     assert (await vfs.getattr(d)).nlink == 5
-    # A peer's directory arrives: shown once the kept count is older than the TTL.
     peer = vfs.namespace.get("images/vm-1")
     assert peer is not None
     vfs.namespace.apply([peer.evolve(path="images/vm-9", timestamp_ns=peer.timestamp_ns + 1)])
-    clock[0] += vfs_module.SUBDIR_COUNT_TTL + 0.01
     assert (await vfs.getattr(d)).nlink == 6
+    assert store.count_subdirs("images") == store.recount_subdirs("images") == 4
+    store.close()
