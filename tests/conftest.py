@@ -33,6 +33,23 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval:
         time.sleep(interval)
 
 
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie, not yet reaped by its parent, counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_unmount_helpers(pids: list[int]) -> None:
+    """Wait for a killed daemon's auto_unmount helpers (`MountedNode.unmount_helpers`) to
+    exit. One unmounts the dead mount, but under load it can take about a minute; a remount
+    before it is done could be unmounted by it. Whether it unmounted or left a stale mount,
+    `MountedNode.start` copes."""
+    wait_for(lambda: all(process_gone(pid) for pid in pids), 120, "the auto_unmount helper to exit")
+
+
 def fuse_available() -> str | None:
     """None if real mounts can be made here, else why not."""
     if os.geteuid() != 0:
@@ -113,6 +130,13 @@ class MountedNode:
         self.proc.kill()
         self.proc.wait(10)
         self.proc = None
+
+    def unmount_helpers(self) -> list[int]:
+        """The pids of the running daemon's auto_unmount helpers (fusermount3, its children):
+        taken before a `kill9`, for `wait_gone`."""
+        assert self.proc is not None
+        found = subprocess.run(["pgrep", "-P", str(self.proc.pid), "fusermount3"], capture_output=True, text=True)
+        return [int(pid) for pid in found.stdout.split()]
 
     def cleanup(self) -> None:
         """Always leaves no mount and no process behind, whatever state the test left."""

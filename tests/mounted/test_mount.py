@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MountedNode, is_mounted, wait_for
+from tests.conftest import MountedNode, is_mounted, process_gone, wait_for, wait_unmount_helpers
 from tests.helpers import MiB, sh, sha256
 
 pytestmark = pytest.mark.mounted
@@ -119,15 +119,12 @@ def test_kill9_after_fsync_then_remount_keeps_the_data(make_node: Callable[..., 
     fd = os.open(node.mnt / "vm.img", os.O_WRONLY | os.O_CREAT, 0o644)
     os.write(fd, data)
     os.fsync(fd)
-    assert node.proc is not None
-    helpers = sh("pgrep", "-P", str(node.proc.pid), "fusermount3").split()
+    helpers = node.unmount_helpers()
     node.kill9()  # no flush, no release, no clean unmount: only fsync stands behind the data
     with pytest.raises(OSError) as info:
         os.close(fd)  # the daemon is gone: close reports it rather than hanging
     assert info.value.errno == errno.ENOTCONN
-    # The auto_unmount helper must be done before the remount (else it could unmount the new
-    # mount). Whether it unmounted or left a stale mount (busy under load), `start` copes.
-    wait_for(lambda: all(_dead(int(pid)) for pid in helpers), 120, "the auto_unmount helper to exit")
+    wait_unmount_helpers(helpers)
     node.start()
     assert (node.mnt / "vm.img").read_bytes() == data
 
@@ -136,12 +133,11 @@ def test_stale_mount_of_a_killed_daemon_is_cleaned_up(make_node: Callable[..., M
     node = make_node("a")
     (node.mnt / "f").write_bytes(b"data")
     # Kill the auto_unmount helper first, then the daemon: the mount is left stale (ENOTCONN).
-    assert node.proc is not None
-    helpers = sh("pgrep", "-P", str(node.proc.pid), "fusermount3").split()
+    helpers = node.unmount_helpers()
     for pid in helpers:
-        os.kill(int(pid), signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
     # SIGKILL is delivered asynchronously: a helper still alive when the daemon dies unmounts.
-    wait_for(lambda: all(_dead(int(pid)) for pid in helpers), 60, "the auto_unmount helper to die")
+    wait_for(lambda: all(process_gone(pid) for pid in helpers), 60, "the auto_unmount helper to die")
     node.kill9()
     if not is_mounted(node.mnt):
         pytest.skip("no stale mount could be produced (auto_unmount helper not found)")
@@ -184,14 +180,6 @@ def test_xattrs_image_metadata(mounted: MountedNode) -> None:
     with pytest.raises(OSError) as info:
         os.setxattr(p, "user.blixfs.colour", b"red")
     assert info.value.errno == errno.EINVAL
-
-
-def _dead(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie: dead, not yet reaped
-    except FileNotFoundError:
-        return True
 
 
 def _qemu_steps(directory: Path) -> dict[str, object]:
