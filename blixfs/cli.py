@@ -45,6 +45,11 @@ def _human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _count(n: int, one: str, many: str) -> str:
+    """``n`` and the noun for it: '1 file', '2 files', '0 directories'."""
+    return f"{n} {one if n == 1 else many}"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "BLIXFS"})
 @click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="BLIXFS_HOME",
               help="State directory of this node [env BLIXFS_HOME; default $XDG_DATA_HOME/blixfs].")
@@ -767,8 +772,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"node       {info['node_id']}")
     click.echo(f"home       {info['home']}")
     click.echo(f"namespace  {ns['id']} ({ns['capability']})")
-    click.echo(f"           {ns['files']} files ({_human(ns['file_bytes'])}), {ns['directories']} directories, "
-               f"{ns['symlinks']} symlinks")
+    click.echo(f"           {_count(ns['files'], 'file', 'files')} ({_human(ns['file_bytes'])}), "
+               f"{_count(ns['directories'], 'directory', 'directories')}, "
+               f"{_count(ns['symlinks'], 'symlink', 'symlinks')}")
     click.echo(f"store      {st['chunks']} chunks, {_human(st['bytes'])} (cache budget {_human(st['cache_budget'])}"
                f"{', pinned: ' + ', '.join(st['pinned']) if st['pinned'] else ''})")
     daemon = info.get("daemon")

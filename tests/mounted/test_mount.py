@@ -274,7 +274,10 @@ def test_cli_status_identity_and_errors(make_node: Callable[..., MountedNode], t
     st = status(node)
     assert len(st["node_id"]) == 64  # type: ignore[arg-type]
     human = node.cli("status").stdout
-    assert "chunks" in human and "files" in human
+    assert "chunks" in human and "0 files (0 B), 0 directories, 0 symlinks" in human  # the root is not counted
+    (node.mnt / "d").mkdir()
+    (node.mnt / "d" / "f").write_bytes(b"x")
+    assert "1 file (1 B), 1 directory, 0 symlinks" in node.cli("status").stdout
     # a second daemon on the same home is refused with the reason
     second = node.cli("mount", str(tmp_path / "elsewhere"), check=False)
     assert second.returncode == 1 and "another blixfs daemon" in second.stderr
