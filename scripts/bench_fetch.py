@@ -75,7 +75,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -593,8 +593,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="blixfs-fetch-", dir=args.workdir or "/var/tmp"))
     mount_args = (*MOUNT_ARGS, "--chunk-size", args.chunk_size, *(("--dashboard", "0") if args.dashboard else ()))
     nodes = {n: BenchNode(n, work / f"home-{n}", work / f"mnt-{n}", work / f"{n}.log", mount_args) for n in "abcd"}
+    run_with_nodes("bench_fetch", work, nodes, lambda: run(args, work, nodes))
+
+
+def run_with_nodes(name: str, work: Path, nodes: Mapping[str, BenchNode], body: Callable[[], object]) -> None:
+    """Run a benchmark's ``body`` over ``nodes`` (also bench_priority's): Ctrl-C exits 130, a
+    RuntimeError exits with its message after each node's last log lines, and whatever
+    happens every node is stopped and ``work`` removed."""
     try:
-        run(args, work, nodes)
+        body()
     except KeyboardInterrupt:
         note("interrupted: cleaning up")
         raise SystemExit(130) from None
@@ -602,7 +609,7 @@ def main() -> None:
         for n in nodes.values():
             if n.log_path.exists():
                 print(f"--- log of node {n.name} (last lines) ---\n{n.log_tail(15)}", file=sys.stderr)
-        raise SystemExit(f"bench_fetch: {exc}") from None
+        raise SystemExit(f"{name}: {exc}") from None
     finally:
         with contextlib.ExitStack() as stack:  # every node is stopped even if one stop fails
             for n in nodes.values():

@@ -33,10 +33,8 @@ removed at the end, also on error or Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -207,22 +205,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="blixfs-priority-", dir=args.workdir or "/var/tmp"))
     margs = {"a": ("--copies", "1", "--max-upload", "20M"), "b": ("--copies", "1"), "c": ("--copies", "1")}
     nodes = {n: BenchNode(n, work / f"home-{n}", work / f"mnt-{n}", work / f"{n}.log", margs[n]) for n in "abc"}
-    try:
-        report(run(args, work, nodes))
-    except KeyboardInterrupt:
-        note("interrupted: cleaning up")
-        raise SystemExit(130) from None
-    except RuntimeError as exc:
-        for n in nodes.values():
-            if n.log_path.exists():
-                print(f"--- log of node {n.name} (last lines) ---\n{n.log_tail(15)}", file=sys.stderr)
-        raise SystemExit(f"bench_priority: {exc}") from None
-    finally:
-        with contextlib.ExitStack() as stack:
-            for n in nodes.values():
-                stack.callback(n.stop)
-        shutil.rmtree(work, ignore_errors=True)
-
+    bench_fetch.run_with_nodes("bench_priority", work, nodes, lambda: report(run(args, work, nodes)))
 
 if __name__ == "__main__":
     main()

@@ -118,6 +118,20 @@ async def request(transport: Transport, peer: NodeAddr, payload: bytes) -> bytes
 # --- basic exchange -----------------------------------------------------------------------
 
 
+@asynccontextmanager
+async def asked(harness: Harness, handler: Callable[[Stream, str], Awaitable[None]]) -> AsyncIterator[Stream]:
+    """A client's stream to a node serving ``handler`` on ECHO, one byte already sent: a
+    stream reaches the server only once written to, so the handler starts with
+    ``receive_exactly(1)`` before it answers."""
+    async with (
+        harness.open({ECHO: handler}) as server,
+        harness.open() as client,
+        await client.open_stream(server.addr(), ECHO) as stream,
+    ):
+        await stream.send_all(b"?")
+        yield stream
+
+
 async def test_round_trip_and_identities(harness: Harness) -> None:
     seen: list[tuple[str, bytes]] = []
 
@@ -163,12 +177,7 @@ async def test_receive_exactly_and_unexpected_eof(harness: Harness) -> None:
         await stream.send_all(b"abcdefgh")
         await stream.send_eof()
 
-    async with (
-        harness.open({ECHO: handler}) as server,
-        harness.open() as client,
-        await client.open_stream(server.addr(), ECHO) as stream,
-    ):
-        await stream.send_all(b"?")
+    async with asked(harness, handler) as stream:
         assert await stream.receive_exactly(3) == b"abc"
         with pytest.raises(UnexpectedEOF) as info:
             await stream.receive_exactly(10)
@@ -354,12 +363,7 @@ async def test_receive_exactly_large_message_is_byte_exact(harness: Harness) -> 
         await stream.send_all(b"tail")
         await stream.send_eof()
 
-    async with (
-        harness.open({ECHO: handler}) as server,
-        harness.open() as client,
-        await client.open_stream(server.addr(), ECHO) as stream,
-    ):
-        await stream.send_all(b"?")
+    async with asked(harness, handler) as stream:
         with trio.fail_after(60):
             assert await stream.receive_exactly(len(payload)) == payload
             assert await stream.receive_exactly(4) == b"tail"
@@ -579,12 +583,7 @@ async def test_cancelled_receive_loses_nothing(harness: Harness) -> None:
         await stream.send_all(b"data")
         await stream.send_eof()
 
-    async with (
-        harness.open({ECHO: handler}) as server,
-        harness.open() as client,
-        await client.open_stream(server.addr(), ECHO) as stream,
-    ):
-        await stream.send_all(b"?")
+    async with asked(harness, handler) as stream:
         with trio.move_on_after(0.1) as scope:
             await stream.receive_some()
         assert scope.cancelled_caught
@@ -654,18 +653,12 @@ async def test_one_receiver_at_a_time(harness: Harness) -> None:
         await stream.receive_exactly(1)
         await trio.sleep_forever()
 
-    async with (
-        harness.open({ECHO: handler}) as server,
-        harness.open() as client,
-        await client.open_stream(server.addr(), ECHO) as stream,
-    ):
-        await stream.send_all(b"x")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream.receive_some)
-            await trio.sleep(0.05)
-            with pytest.raises(trio.BusyResourceError):
-                await stream.receive_some()
-            nursery.cancel_scope.cancel()
+    async with asked(harness, handler) as stream, trio.open_nursery() as nursery:
+        nursery.start_soon(stream.receive_some)
+        await trio.sleep(0.05)
+        with pytest.raises(trio.BusyResourceError):
+            await stream.receive_some()
+        nursery.cancel_scope.cancel()
 
 
 # --- NodeAddr -----------------------------------------------------------------------------

@@ -147,16 +147,21 @@ async def test_a_demand_read_bypasses_the_fetchers_queue_of_background_fetches(
         assert len(done) == 41
 
 
+async def _demand_and_ten(n: Net) -> tuple[Fetcher, list[str]]:
+    """A fetcher of ``n`` and its holder list, ``n``'s last chunk loading in 1 s (the demand
+    read) and the ten before it in 0.5 s each."""
+    assert isinstance(n.store, SlowStore)
+    n.store.delays[n.chunks[10]] = 1.0
+    for cid in n.chunks[:10]:
+        n.store.delays[cid] = 0.5
+    return await _fetcher(n), [n.addr.node_id]
+
+
 async def test_background_fetches_are_cut_back_while_demand_reads_run(autojump_clock: trio.abc.Clock) -> None:
     """While a demand fetch runs, and DEMAND_LINGER_SECONDS after, only
     BACKGROUND_WHILE_DEMAND background fetches run; then all of them again."""
     async with serving(11) as n:
-        assert isinstance(n.store, SlowStore)
-        n.store.delays[n.chunks[10]] = 1.0
-        for cid in n.chunks[:10]:
-            n.store.delays[cid] = 0.5
-        fetcher = await _fetcher(n)
-        holder = [n.addr.node_id]
+        fetcher, holder = await _demand_and_ten(n)
         done: list[float] = []
         start = trio.current_time()
 
@@ -218,12 +223,7 @@ async def test_read_ahead_is_not_cut_back_while_demand_reads_run(autojump_clock:
     """A sequential reader's read-ahead (AHEAD) keeps its parallel fetches while the
     reader's own demand reads run: cut back to two, the reader would catch up with it."""
     async with serving(11) as n:
-        assert isinstance(n.store, SlowStore)
-        n.store.delays[n.chunks[10]] = 1.0
-        for cid in n.chunks[:10]:
-            n.store.delays[cid] = 0.5
-        fetcher = await _fetcher(n)
-        holder = [n.addr.node_id]
+        fetcher, holder = await _demand_and_ten(n)
         async with trio.open_nursery() as nursery:
             await nursery.start(fetcher.serve)
             start = trio.current_time()
