@@ -54,7 +54,7 @@ from typing import Any
 
 import trio
 
-from blixfs import collector
+from blixfs import collector, lowprio
 from blixfs.analytics import Analytics
 from blixfs.chunkproto import ALPN as CHUNKS_ALPN
 from blixfs.chunkproto import OP_HOLD, ChunkServer
@@ -382,6 +382,8 @@ async def serve_node(node: Node, transport: Transport, *, vfs: Vfs | None = None
         nursery.start_soon(_save_recency_every, node, RECENCY_SAVE_SECONDS)
         nursery.start_soon(_collect_every, runtime, gc_interval, gc_grace)
         nursery.start_soon(sync.announce_holdings)
+        # Before any session: a session start's checks run in them (blixfs.lowprio).
+        nursery.start_soon(lowprio.processes_started)
         for peer in node.peers():
             runtime.keep_session(peer)
         if mdns_interfaces is not None:

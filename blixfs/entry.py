@@ -201,9 +201,15 @@ class Entry:
 
     def remember_hash(self, canonical: bytes) -> None:
         """Compute `entry_hash` now from ``canonical``, which must be `canonical()` (the caller
-        just built it). `replica.check_entry` calls it in the sync's checking threads, so the
-        merge on the trio thread does not encode each entry's JSON again to hash it."""
+        just built it). `replica.check_entry` calls it (in the sync's worker processes, which
+        hand the hash back: `adopt_hash`), so the merge does not encode each entry's JSON
+        again to hash it."""
         object.__setattr__(self, "_hash", blake3.blake3(canonical).digest())
+
+    def adopt_hash(self, entry_hash: bytes) -> None:
+        """Take `entry_hash` as computed by a worker process that decoded this entry from the
+        same bytes (`replica.check_serialized`), so the merge does not encode it again."""
+        object.__setattr__(self, "_hash", entry_hash)
 
     def lww_key(self) -> LwwKey:
         """Total order for last-writer-wins: the larger key wins, identically on every node."""

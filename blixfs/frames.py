@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -50,6 +50,9 @@ class Hello:
 @dataclass(frozen=True)
 class Entries:
     entries: list[Entry]
+    # Each entry's bytes as received (decoded frames only): the sync's checks run on them in
+    # other processes (`blixfs.replica.check_entries`), which cannot be handed `Entry` objects.
+    raw: list[bytes] = field(default_factory=list, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,7 @@ def decode(kind: int, payload: bytes) -> Frame:
         if count * 4 > len(payload):
             raise FrameError(f"frame claims {count} entries")
         entries = []
+        raws = []
         for _ in range(count):
             size = r.u32("entry length")
             if size > MAX_ENTRY_BYTES:
@@ -190,9 +194,10 @@ def decode(kind: int, payload: bytes) -> Frame:
             raw = r.take(size, "entry")
             try:
                 entries.append(Entry.deserialize(raw))
+                raws.append(raw)
             except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
                 raise FrameError(f"undecodable entry: {type(exc).__name__}: {exc}") from None
-        frame = Entries(entries)
+        frame = Entries(entries, raws)
     elif kind == FrameType.SYNCED:
         frame = Synced(r.vector())
     elif kind == FrameType.HOLDINGS:

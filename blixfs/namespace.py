@@ -29,6 +29,7 @@ import contextlib
 import enum
 import logging
 import sqlite3
+import threading
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,11 @@ PAGE_ENTRIES = 256  # entries per `pages_since` page: decoding one costs ~10 us,
 # Pages of a background pass over the whole namespace on the event loop (the replicator's
 # first round, holdings at start): decoding 256 entries held FUSE requests ~15 ms (p99).
 LOOP_PAGE_ENTRIES = 32
+# Commits between the WAL checkpoints the sync runs in a worker thread (`checkpoint`): ~25
+# pages each for 16 entries, so ~400 pages, under SQLite's own 1,000-page autocheckpoint,
+# which runs inside a COMMIT on the event loop: 5-10 ms (two fsyncs) every ~40 slices of a
+# session start, a FUSE request's p99 (bench_namespace).
+CHECKPOINT_COMMITS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,18 @@ class NamespaceStore(Protocol):
         """Counts of the live current entries the mount shows below its root (`counted`:
         tombstones, conflict versions, the root and hidden records left out) and the files'
         bytes. O(1): statfs and ``blixfs status`` ask it."""
+        ...
+
+    def checkpoint_due(self) -> bool:
+        """Whether enough was applied since the last `checkpoint` that the caller, if it can
+        wait off the event loop, should run one now (the sync does, between frames)."""
+        ...
+
+    def checkpoint(self) -> None:
+        """Move what was committed into the main database file (SQLite: a WAL checkpoint) on
+        a connection of its own: safe in a worker thread while the event loop reads and
+        applies through the store (never two `checkpoint` calls at once). Without it the
+        store does the same, less often, inside an `apply`'s commit, on the caller's thread."""
         ...
 
     def close(self) -> None: ...
@@ -321,6 +339,12 @@ class MemoryNamespaceStore(_Merging):
     def stats(self) -> NamespaceStats:
         return _stats_of(self.entries())
 
+    def checkpoint_due(self) -> bool:
+        return False
+
+    def checkpoint(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -335,6 +359,9 @@ class SqliteNamespaceStore(_Merging):
 
     def __init__(self, path: Path, cache_entries: int = 65536) -> None:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._checkpointer: sqlite3.Connection | None = None  # `checkpoint`'s own connection
+        self._checkpoint_lock = threading.Lock()  # sessions of several peers may each ask for one
+        self._commits_unchecked = 0  # commits since the last `checkpoint`
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(
@@ -549,6 +576,7 @@ class SqliteNamespaceStore(_Merging):
             except BaseException:
                 self._rollback()
                 raise
+            self._commits_unchecked += 1
             # only after COMMIT: a rolled-back batch must not reach the cache
             for path, e in self._pending.items():
                 self._cache[path] = e
@@ -636,6 +664,19 @@ class SqliteNamespaceStore(_Merging):
         for (data,) in rows:
             yield Entry.deserialize(data)
 
+    def checkpoint_due(self) -> bool:
+        return self._commits_unchecked >= CHECKPOINT_COMMITS
+
+    def checkpoint(self) -> None:
+        # PASSIVE: copies what no reader still needs, never waits for the writer, which may
+        # commit meanwhile (then the WAL restarts at a later checkpoint, not this one).
+        with self._checkpoint_lock:
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+                self._checkpointer.execute("PRAGMA synchronous=NORMAL")
+            self._commits_unchecked = 0  # commits made while it runs count towards the next
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
     def stats(self) -> NamespaceStats:
         files, dirs, links, size = self._db.execute("SELECT files, dirs, symlinks, file_bytes FROM shown_counts"
                                                    ).fetchone()
@@ -646,4 +687,6 @@ class SqliteNamespaceStore(_Merging):
         return _stats_of(self.entries())
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self._db.close()

@@ -56,8 +56,8 @@ log = logging.getLogger(__name__)
 MAX_FUTURE_NS = 10 * 60 * 10**9  # entries more than 10 minutes ahead of our clock are refused
 MAX_SEEN_AUTHORS = 256
 MAX_META_VALUE = 1024
-THREADED_CHECK_MIN = 64  # below this a hop to worker threads costs more than it saves
-CHECK_THREADS = lowprio.THREADS  # libsodium verifies without the GIL (blixfs.crypto): one per core
+THREADED_CHECK_MIN = 64  # below this a hop to worker processes costs more than it saves
+CHECK_PARTS = lowprio.PROCESSES  # a batch is checked in this many parts at once: one per worker
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 # Who is told about changes: (entries that changed the store, peer id they came from or None).
@@ -171,7 +171,7 @@ def check_entry(e: Entry, namespace_id: bytes, now_ns: int) -> str | None:
         return "namespace signature does not verify (writer lacks write capability)"
     if not crypto.verify(e.author, message, e.author_sig):
         return "author signature does not verify"
-    e.remember_hash(message)  # off the trio thread when checked in worker threads (`_check_all`)
+    e.remember_hash(message)  # in a worker process for a sync's frames (`_check_all`)
     return None
 
 
@@ -281,17 +281,18 @@ class Replica:
 
         Returns the outcomes of the valid entries (in order) and how many were refused;
         each refusal is logged with the peer and the reason. Large batches are checked
-        in worker threads (two signature checks per entry), so the trio thread keeps
+        in worker processes (two signature checks per entry), so the trio thread keeps
         serving FUSE requests meanwhile.
         """
         return self.merge_checked(entries, await self.check(entries), peer)
 
-    async def check(self, entries: Sequence[Entry]) -> list[str | None]:
+    async def check(self, entries: Sequence[Entry], raw: Sequence[bytes] | None = None) -> list[str | None]:
         """The first half of `merge_remote`: why each entry must be refused (None: well formed
-        and signed), in worker threads for large batches. Depends on nothing but the
-        entries and the clock, so a session checks its next frame while this one is
-        applied (`blixfs.sync`); access control waits for `merge_checked`."""
-        return await _check_all(list(entries), self.keys.id, self._clock())
+        and signed), in worker processes for large batches (``raw``: the entries' bytes as
+        received, `Entries.raw`; without them they are encoded again). Depends on nothing
+        but the entries and the clock, so a session checks its next frame while this one
+        is applied (`blixfs.sync`); access control waits for `merge_checked`."""
+        return await _check_all(list(entries), self.keys.id, self._clock(), raw)
 
     def merge_checked(self, entries: Sequence[Entry], checked: Sequence[str | None],
                       peer: str) -> tuple[list[Outcome], int]:
@@ -348,23 +349,45 @@ class Replica:
                 log.exception("namespace change listener failed")
 
 
-async def _check_all(entries: list[Entry], namespace_id: bytes, now_ns: int) -> list[str | None]:
+async def _check_all(entries: list[Entry], namespace_id: bytes, now_ns: int,
+                     raw: Sequence[bytes] | None = None) -> list[str | None]:
+    """`check_entry` of each of ``entries``; ``raw``: their bytes as received (`Entries.raw`).
+    A large batch with its bytes is checked in worker processes (`lowprio.run_in_process`),
+    in `CHECK_PARTS` parts, and the entry hashes they computed are kept on ``entries``."""
     if len(entries) < THREADED_CHECK_MIN:
         return [check_entry(e, namespace_id, now_ns) for e in entries]
-    parts = [entries[i::CHECK_THREADS] for i in range(CHECK_THREADS)]
-    results: list[list[str | None]] = [[] for _ in parts]
+    if raw is None or len(raw) != len(entries):
+        raw = [e.serialize() for e in entries]
+    parts = [list(raw[i::CHECK_PARTS]) for i in range(CHECK_PARTS)]
+    results: list[list[tuple[str | None, bytes | None]]] = [[] for _ in parts]
 
     async def check(i: int) -> None:
-        # Behind the event loop (nice): with libsodium releasing the GIL these threads keep
-        # both cores busy through a large sync, and FUSE requests would wait for a core.
-        results[i] = await lowprio.run_sync(lambda: [check_entry(e, namespace_id, now_ns) for e in parts[i]])
+        results[i] = await lowprio.run_in_process(check_serialized, parts[i], namespace_id, now_ns)
 
     async with trio.open_nursery() as nursery:
         for i in range(len(parts)):
             nursery.start_soon(check, i)
     out: list[str | None] = [None] * len(entries)
     for i, part in enumerate(results):
-        out[i::CHECK_THREADS] = part
+        out[i::CHECK_PARTS] = [problem for problem, _ in part]
+        for e, (_, entry_hash) in zip(entries[i::CHECK_PARTS], part, strict=True):
+            if entry_hash is not None:
+                e.adopt_hash(entry_hash)
+    return out
+
+
+def check_serialized(raw: Sequence[bytes], namespace_id: bytes, now_ns: int) -> list[tuple[str | None, bytes | None]]:
+    """For each serialized entry, `check_entry`'s verdict and, when valid, its `Entry.entry_hash`
+    (run in a worker process: `_check_all`). The bytes are ones the caller decoded already."""
+    out: list[tuple[str | None, bytes | None]] = []
+    for data in raw:
+        try:
+            e = Entry.deserialize(data)
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+            out.append((f"undecodable entry: {type(exc).__name__}", None))
+            continue
+        problem = check_entry(e, namespace_id, now_ns)
+        out.append((problem, e.entry_hash() if problem is None else None))
     return out
 
 

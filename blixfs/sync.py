@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
-from blixfs import crypto, metrics
+from blixfs import crypto, lowprio, metrics
 from blixfs.entry import Entry
 from blixfs.frames import (
     MAX_ENTRY_BYTES,
@@ -498,7 +498,7 @@ class SyncService:
                     await self._send(stream, encode_entries(batch))
                     session.info.entries_sent += len(batch)
                     session.info.entries_to_send = max(0, session.info.entries_to_send - len(batch))
-                await trio.lowlevel.checkpoint()
+                await lowprio.yield_to_foreground()
         await self._send(stream, encode(Synced(vector)))
         while True:
             frame = await session.queue.get()
@@ -595,7 +595,7 @@ class SyncService:
 
     async def _receiver(self, stream: Stream, info: SessionInfo) -> None:
         """Read frames and hand them, in order, to `_apply_frames`. An ENTRIES frame's checks
-        (signatures, in worker threads) start as soon as it is read, so they run while the
+        (signatures, in worker processes) start as soon as it is read, so they run while the
         frame before it is applied on this thread: a session start costs about its
         signature checks, not their sum with decoding and SQLite. At most two frames wait
         here besides the one being applied (bounded memory: frames are at most 1 MiB)."""
@@ -610,7 +610,7 @@ class SyncService:
                     checks = None
                     if isinstance(frame, Entries):
                         checks = _Checks()
-                        nursery.start_soon(checks.run, self.replica, frame.entries)
+                        nursery.start_soon(checks.run, self.replica, frame.entries, frame.raw)
                     await send.send((frame, checks))
                     if isinstance(frame, ErrorFrame):
                         return
@@ -630,8 +630,7 @@ class SyncService:
             # 4-11 ms on a loaded 2-core machine, 16 take ~1). In order, so access control sees
             # the member records of the slices before.
             for i in range(0, len(frame.entries), APPLY_SLICE):
-                if i:
-                    await trio.lowlevel.checkpoint()
+                await lowprio.yield_to_foreground()
                 part = frame.entries[i:i + APPLY_SLICE]
                 _, refused = self.replica.merge_checked(part, problems[i:i + APPLY_SLICE], info.peer)
                 info.entries_received += len(part)
@@ -641,6 +640,9 @@ class SyncService:
                 metrics.count_refused("sync", "bad_entry", refused)
                 if not refused:  # valid (signed) versions by these authors: SYNCED may speak for them
                     info.authors.update(e.author for e in part)
+            store = self.replica.store
+            if store.checkpoint_due():  # in a thread: the event loop serves FUSE meanwhile
+                await trio.to_thread.run_sync(store.checkpoint)
         elif isinstance(frame, Synced):
             self._advance(frame.vector, info)
             if not info.synced.is_set():
@@ -688,9 +690,9 @@ class _Checks:
         self._problems: list[str | None] = []
         self._error: BaseException | None = None
 
-    async def run(self, replica: Replica, entries: Sequence[Entry]) -> None:
+    async def run(self, replica: Replica, entries: Sequence[Entry], raw: Sequence[bytes]) -> None:
         try:
-            self._problems = await replica.check(entries)
+            self._problems = await replica.check(entries, raw)
         except Exception as exc:  # handed to the applying task, which ends the session with it
             self._error = exc
         finally:

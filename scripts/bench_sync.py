@@ -55,6 +55,7 @@ import trio
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import blixfs.frames
+import blixfs.lowprio
 import blixfs.replica
 import blixfs.sync
 from blixfs import crypto
@@ -321,11 +322,11 @@ def instrument_receiver(replica: Replica, rx: Receiver) -> None:
     original_merge = replica.merge_checked
     original_check = replica.check
 
-    async def check(entries: Sequence[Entry]) -> list[str | None]:  # once per ENTRIES frame
-        if rx.first_frame is None:
+    async def check(entries: Sequence[Entry], raw: Sequence[bytes] | None = None) -> list[str | None]:
+        if rx.first_frame is None:  # once per ENTRIES frame
             rx.first_frame = time.perf_counter()
         rx.frames += 1
-        return await original_check(entries)
+        return await original_check(entries, raw)
 
     def merge_checked(entries: Sequence[Entry], checked: Sequence[str | None], peer: str) -> tuple[list[Outcome], int]:
         start = time.perf_counter()
@@ -361,13 +362,13 @@ async def sync_once(server: Server, peer: NodeAddr, setup: dict[str, Any], workd
 
             def on_synced(info: SessionInfo) -> None:
                 # what the initial sync took, before any live entry adds to the counters
-                synced.append((time.perf_counter(), time.process_time(), dict(rx.times), rx.frames))
+                synced.append((time.perf_counter(), cpu_now(), dict(rx.times), rx.frames))
                 done.set()
 
             sync = SyncService(replica, transport, on_session_synced=on_synced)
             transport.register(ALPN, sync.handle)
             async with trio.open_nursery() as nursery:
-                start, start_cpu = time.perf_counter(), time.process_time()
+                start, start_cpu = time.perf_counter(), cpu_now()
                 nursery.start_soon(sync.maintain, peer)
                 with trio.fail_after(SYNC_TIMEOUT):
                     await done.wait()
@@ -400,16 +401,28 @@ async def sync_once(server: Server, peer: NodeAddr, setup: dict[str, Any], workd
 
 async def verify_alone_s(entries: list[Entry], namespace_id: bytes, frames: int) -> float:
     """Seconds to check ``entries`` (fields and both signatures, `Replica.check`'s work: worker
-    threads) and nothing else, in as many batches as the session had frames: the floor of
-    an initial sync, which must check every entry it applies. Fresh copies: no cached hash."""
-    fresh = [Entry.deserialize(e.serialize()) for e in entries]
+    processes) and nothing else, in as many batches as the session had frames: the floor of
+    an initial sync, which must check every entry it applies. Fresh copies, with their bytes
+    as a frame carries them: no cached hash."""
+    raw = [e.serialize() for e in entries]
+    fresh = [Entry.deserialize(data) for data in raw]
     size = math.ceil(len(fresh) / frames)
     now = time.time_ns()
     start = time.perf_counter()
     for i in range(0, len(fresh), size):
-        problems = await _ORIGINAL_CHECK_ALL(fresh[i:i + size], namespace_id, now)
+        problems = await _ORIGINAL_CHECK_ALL(fresh[i:i + size], namespace_id, now, raw[i:i + size])
         assert not any(problems), problems
     return time.perf_counter() - start
+
+
+def cpu_now() -> float:
+    """CPU seconds used so far by this process (all threads) and its check worker processes."""
+    total = time.process_time()
+    for pid in blixfs.lowprio.worker_pids():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -444,7 +457,7 @@ def report(args: argparse.Namespace, setup: dict[str, Any], runs: list[SyncRun],
               f" {ms(t.get('verify', 0))} {ms(t.get('apply', 0))} {ms(t.get('merge', 0))} {ms(r.total_s - work)}"
               f" {r.frames:7d} {r.server.get('bytes_sent', 0) / 1e6:6.2f} | {ms(r.server.get('diff', 0))}"
               f" {ms(r.server.get('batch', 0)):>9} {ms(r.server.get('encode', 0))}")
-    print("  rx cpu: CPU time of the receiving process, all threads (above total: verification in parallel);")
+    print("  rx cpu: CPU time of the receiving process, all threads, and its check worker processes;")
     print("  decode: frames -> entries; verify: field and signature checks (worker threads); apply: SQLite;")
     print("  merge = verify + apply + listeners; other = total - decode - merge (dial, handshake, waiting for")
     print("  the server and the network); srv: the server's diff query, batching and frame encoding.")
@@ -498,6 +511,7 @@ async def measure(args: argparse.Namespace, server: Server, workdir: Path) -> No
           file=sys.stderr)
     runs: list[SyncRun] = []
     rx = Receiver()
+    await blixfs.lowprio.processes_started()  # as a daemon starts them, before any session
     for run in range(1, args.runs + 1):
         live = (args.live, args.interval_ms) if run == args.runs else None
         result, rx = await sync_once(server, peer, setup, workdir, run, live)

@@ -107,3 +107,12 @@ def test_entries_serialized_beforehand_encode_as_the_entries_do() -> None:
     raw = encode_entries([e.serialize() for e in entries])
     assert raw == encode(Entries(entries))
     assert encode_entries([]) == encode(Entries([]))
+
+
+def test_a_decoded_entries_frame_keeps_each_entry_s_bytes_as_received() -> None:
+    """`Entries.raw`: what the sync's worker processes check (blixfs.replica)."""
+    entries = [entry(), entry("c"), entry("d/e")]
+    frame = decode(*split(encode(Entries(entries))))
+    assert isinstance(frame, Entries)
+    assert frame.raw == [e.serialize() for e in entries]
+    assert [Entry.deserialize(data) for data in frame.raw] == frame.entries == entries

@@ -5,13 +5,14 @@ from __future__ import annotations
 import itertools
 import random
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from blixfs.entry import Entry, Kind
-from blixfs.namespace import MemoryNamespaceStore, NamespaceStore, Outcome, SqliteNamespaceStore
+from blixfs.namespace import CHECKPOINT_COMMITS, MemoryNamespaceStore, NamespaceStore, Outcome, SqliteNamespaceStore
 
 A = bytes([1]) * 32
 B = bytes([2]) * 32
@@ -122,6 +123,37 @@ def test_sqlite_counts_subdirs_in_a_database_made_before_the_kind_column(tmp_pat
     assert s.count_subdirs("d") == 1 and s.count_subdirs("") == 1
     s.apply([entry("d/t", kind=Kind.DIR)])
     assert s.count_subdirs("d") == 2
+    s.close()
+
+
+def test_a_checkpoint_in_another_thread_leaves_the_store_as_it_was(ns: NamespaceStore) -> None:
+    """`checkpoint` may run in a worker thread while the store is used (the sync runs it
+    between frames once `checkpoint_due`): what was applied reads the same after it."""
+    for i in range(CHECKPOINT_COMMITS):
+        ns.apply([entry(f"d{i}", ts=i + 1, kind=Kind.DIR), entry(f"d{i}/f", ts=i + 1)])
+    if isinstance(ns, SqliteNamespaceStore):
+        assert ns.checkpoint_due()
+    worker = threading.Thread(target=ns.checkpoint)
+    worker.start()
+    ns.apply([entry("during", ts=100)])  # a commit while it runs
+    worker.join(30)
+    assert not worker.is_alive() and not ns.checkpoint_due()
+    assert [e.path for e in ns.children("")] == sorted([*(f"d{i}" for i in range(CHECKPOINT_COMMITS)), "during"])
+    assert ns.stats().files == CHECKPOINT_COMMITS + 1
+
+
+def test_sqlite_checkpoints_move_commits_into_the_database_file(tmp_path: Path) -> None:
+    s = SqliteNamespaceStore(tmp_path / "n.db")
+    for i in range(CHECKPOINT_COMMITS):
+        s.apply([entry(f"f{i}", ts=i + 1)])
+    assert s.checkpoint_due()
+    s.checkpoint()
+    assert not s.checkpoint_due()
+    # Everything committed is in the main file: a copy of it alone, without the WAL, has it.
+    (tmp_path / "copy.db").write_bytes((tmp_path / "n.db").read_bytes())
+    copy = SqliteNamespaceStore(tmp_path / "copy.db")
+    assert sorted(e.path for e in copy.entries()) == sorted(f"f{i}" for i in range(CHECKPOINT_COMMITS))
+    copy.close()
     s.close()
 
 

@@ -141,7 +141,7 @@ async def test_checks_hash_the_entries_they_verify_and_merging_uses_that_hash() 
     entries = [Entry.deserialize(signed_by(keys, node, local_entry(writer, f"f{i}")).serialize()) for i in range(70)]
     tampered = replace(entries[0], path="tampered")  # the signatures no longer match: refused, not hashed
     reader = make_replica(keys=NamespaceKeys(keys.id))
-    problems = await reader.check([*entries, tampered])  # 71 entries: the threaded path (THREADED_CHECK_MIN)
+    problems = await reader.check([*entries, tampered])  # 71 entries: worker processes (THREADED_CHECK_MIN)
     assert problems[:-1] == [None] * 70 and problems[-1] is not None
     assert tampered._hash is None
     for e in entries:
@@ -149,3 +149,33 @@ async def test_checks_hash_the_entries_they_verify_and_merging_uses_that_hash() 
     outcomes, refused = reader.merge_checked([*entries, tampered], problems, "peer")
     assert outcomes == [Outcome.NEW] * 70 and refused == 1
     assert sorted(e.path for e in reader.store.entries()) == sorted(e.path for e in entries)
+
+
+async def test_a_frame_checked_in_worker_processes_gets_the_verdicts_check_entry_gives() -> None:
+    """A sync frame's entries are checked from their received bytes in worker processes
+    (`Entries.raw`, `lowprio.run_in_process`): the same verdicts, in the same order, as
+    `check_entry` on this thread, and each valid entry's hash adopted from the worker."""
+    keys = NamespaceKeys.generate()
+    node = generate_secret()
+    writer = make_replica(keys=keys, node_secret=node)
+    good = [signed_by(keys, node, local_entry(writer, f"d/f{i}")) for i in range(70)]
+    stranger = NamespaceKeys.generate()
+    bad = [
+        replace(good[0], path="d/tampered"),  # signatures over other bytes
+        replace(good[1], author_sig=bytes(64)),
+        signed_by(stranger, node, local_entry(writer, "d/other-namespace")),
+        signed_by(keys, node, local_entry(writer, "d/../escape")),
+        signed_by(keys, node, local_entry(writer, "d/negative", mtime_ns=-1)),
+    ]
+    mixed = [*good[:30], *bad, *good[30:]]
+    raw = [e.serialize() for e in mixed]
+    received = [Entry.deserialize(data) for data in raw]
+    reader = make_replica(keys=NamespaceKeys(keys.id))
+    problems = await reader.check(received, raw)
+    expected = [check_entry(Entry.deserialize(data), keys.id, time.time_ns()) for data in raw]
+    assert problems == expected
+    assert [p is None for p in problems] == [e in good for e in mixed]
+    for e, p in zip(received, problems, strict=True):
+        assert (e._hash is not None) == (p is None)
+        if p is None:
+            assert e._hash == Entry.deserialize(e.serialize()).entry_hash()
