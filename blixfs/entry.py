@@ -206,9 +206,18 @@ class Entry:
         again to hash it."""
         object.__setattr__(self, "_hash", blake3.blake3(canonical).digest())
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # For the sync's worker processes, which decode and check received entries and hand
+        # them back (`replica.check_received`): the mapping proxies do not pickle, and the
+        # hash computed there comes along.
+        return (_restore, (self.path, self.kind.value, self.mode, self.uid, self.gid, self.size, self.mtime_ns,
+                           self.ctime_ns, self.author, self.timestamp_ns, self.manifest, self.target, dict(self.meta),
+                           dict(self.xattrs), self.deleted, dict(self.seen), self.atime_ns, self.namespace_sig,
+                           self.author_sig, self._hash))
+
     def adopt_hash(self, entry_hash: bytes) -> None:
-        """Take `entry_hash` as computed by a worker process that decoded this entry from the
-        same bytes (`replica.check_serialized`), so the merge does not encode it again."""
+        """Take `entry_hash` as computed by a worker process that checked this entry
+        (`replica.check_received`), so the merge does not encode it again."""
         object.__setattr__(self, "_hash", entry_hash)
 
     def lww_key(self) -> LwwKey:
@@ -224,6 +233,18 @@ class Entry:
     def conflict_name(self) -> str:
         """How a kept conflict version of this entry is shown: ``NAME.conflict-<author>-<time>``."""
         return f"{self.name}.conflict-{self.author.hex()[:8]}-{self.timestamp_ns}"
+
+
+def _restore(path: str, kind: str, mode: int, uid: int, gid: int, size: int, mtime_ns: int, ctime_ns: int,
+             author: bytes, timestamp_ns: int, manifest: bytes | None, target: str, meta: dict[str, str],
+             xattrs: dict[str, bytes], deleted: bool, seen: dict[bytes, int], atime_ns: int | None,
+             namespace_sig: bytes, author_sig: bytes, entry_hash: bytes | None) -> Entry:
+    """`Entry.__reduce__`'s inverse (unpickling)."""
+    e = Entry(path, Kind(kind), mode, uid, gid, size, mtime_ns, ctime_ns, author, timestamp_ns, manifest, target,
+              meta, xattrs, deleted, seen, atime_ns, namespace_sig, author_sig)
+    if entry_hash is not None:
+        e.adopt_hash(entry_hash)
+    return e
 
 
 def dominates(a: Entry, b: Entry) -> bool:

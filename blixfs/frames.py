@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -50,9 +50,16 @@ class Hello:
 @dataclass(frozen=True)
 class Entries:
     entries: list[Entry]
-    # Each entry's bytes as received (decoded frames only): the sync's checks run on them in
-    # other processes (`blixfs.replica.check_entries`), which cannot be handed `Entry` objects.
-    raw: list[bytes] = field(default_factory=list, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class EncodedEntries:
+    """An ENTRIES frame whose entries are not decoded yet (`decode` with ``defer_entries``):
+    each entry's bytes, within the frame's bounds. The sync decodes and checks them in
+    worker processes (`blixfs.replica.check_received`), off the event loop; `decode_entry`
+    decodes one."""
+
+    raw: list[bytes]
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,7 @@ class HoldingsFrame:
     signature: bytes = b""
 
 
-Frame = Hello | Entries | Synced | ErrorFrame | HoldingsFrame
+Frame = Hello | Entries | EncodedEntries | Synced | ErrorFrame | HoldingsFrame
 
 HOLDINGS_CONTEXT = b"blixfs/holdings/1\x00"  # signature domain: no other message signed by a node key starts so
 HOLDINGS_SIGNATURE_LEN = 64
@@ -112,6 +119,8 @@ def encode(frame: Frame) -> bytes:
         kind, payload = FrameType.HELLO, bytes([frame.version]) + frame.namespace_id + _vector(frame.vector)
     elif isinstance(frame, Entries):
         return encode_entries([e.serialize() for e in frame.entries])
+    elif isinstance(frame, EncodedEntries):
+        return encode_entries(frame.raw)
     elif isinstance(frame, Synced):
         kind, payload = FrameType.SYNCED, _vector(frame.vector)
     elif isinstance(frame, HoldingsFrame):
@@ -172,8 +181,18 @@ class _Reader:
             raise FrameError(f"{len(self.view) - self.pos} trailing bytes")
 
 
-def decode(kind: int, payload: bytes) -> Frame:
-    """Decode one frame's payload; raises FrameError on anything malformed."""
+def decode_entry(data: bytes) -> Entry:
+    """One entry of an ENTRIES frame; FrameError if it does not decode."""
+    try:
+        return Entry.deserialize(data)
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+        raise FrameError(f"undecodable entry: {type(exc).__name__}: {exc}") from None
+
+
+def decode(kind: int, payload: bytes, *, defer_entries: bool = False) -> Frame:
+    """Decode one frame's payload; raises FrameError on anything malformed. With
+    ``defer_entries`` an ENTRIES frame comes as `EncodedEntries`: its entries' bytes, each
+    still to be decoded (`decode_entry`), the rest of the frame checked."""
     r = _Reader(payload)
     frame: Frame
     if kind == FrameType.HELLO:
@@ -185,19 +204,13 @@ def decode(kind: int, payload: bytes) -> Frame:
         count = r.u32("entry count")
         if count * 4 > len(payload):
             raise FrameError(f"frame claims {count} entries")
-        entries = []
-        raws = []
+        raw = []
         for _ in range(count):
             size = r.u32("entry length")
             if size > MAX_ENTRY_BYTES:
                 raise FrameError(f"entry of {size} bytes exceeds {MAX_ENTRY_BYTES}")
-            raw = r.take(size, "entry")
-            try:
-                entries.append(Entry.deserialize(raw))
-                raws.append(raw)
-            except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
-                raise FrameError(f"undecodable entry: {type(exc).__name__}: {exc}") from None
-        frame = Entries(entries, raws)
+            raw.append(r.take(size, "entry"))
+        frame = EncodedEntries(raw) if defer_entries else Entries([decode_entry(data) for data in raw])
     elif kind == FrameType.SYNCED:
         frame = Synced(r.vector())
     elif kind == FrameType.HOLDINGS:
@@ -226,7 +239,8 @@ def decode(kind: int, payload: bytes) -> Frame:
     return frame
 
 
-async def read_frame(stream: Stream, *, rest_within: float | None = None) -> Frame | None:
+async def read_frame(stream: Stream, *, rest_within: float | None = None,
+                     defer_entries: bool = False) -> Frame | None:
     """The next frame from ``stream``, or None at a clean end of stream.
 
     Waits for the frame's first byte without a deadline of its own (a live session may be
@@ -234,7 +248,7 @@ async def read_frame(stream: Stream, *, rest_within: float | None = None) -> Fra
     many seconds of it, or FrameError: a peer that stops mid-frame does not hold the
     session for good. Raises FrameError for an oversized or malformed frame (before
     reading its body when the length is out of bounds) and the transport's errors for a
-    broken stream.
+    broken stream. ``defer_entries``: as for `decode`.
     """
     try:
         first = await stream.receive_exactly(1)
@@ -252,7 +266,7 @@ async def read_frame(stream: Stream, *, rest_within: float | None = None) -> Fra
             payload = await stream.receive_exactly(length - 1)
         except UnexpectedEOF:
             raise FrameError("stream ended inside a frame") from None
-        return decode(kind, payload)
+        return decode(kind, payload, defer_entries=defer_entries)
     assert scope.cancelled_caught
     raise FrameError(f"the rest of a frame did not arrive within {rest_within:g} s of its first byte")
 

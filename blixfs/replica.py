@@ -43,7 +43,7 @@ from blixfs.entry import (
     write_timestamp,
 )
 from blixfs.errors import FsError
-from blixfs.frames import MAX_ENTRY_BYTES
+from blixfs.frames import MAX_ENTRY_BYTES, FrameError, decode_entry
 from blixfs.manifest import MAX_FILE_SIZE
 from blixfs.members import MEMBERS_DIR, MemberList, Role, check_reserved, is_reserved, member_path
 from blixfs.namespace import NamespaceStore, Outcome
@@ -286,13 +286,17 @@ class Replica:
         """
         return self.merge_checked(entries, await self.check(entries), peer)
 
-    async def check(self, entries: Sequence[Entry], raw: Sequence[bytes] | None = None) -> list[str | None]:
+    async def check(self, entries: Sequence[Entry]) -> list[str | None]:
         """The first half of `merge_remote`: why each entry must be refused (None: well formed
-        and signed), in worker processes for large batches (``raw``: the entries' bytes as
-        received, `Entries.raw`; without them they are encoded again). Depends on nothing
-        but the entries and the clock, so a session checks its next frame while this one
-        is applied (`blixfs.sync`); access control waits for `merge_checked`."""
-        return await _check_all(list(entries), self.keys.id, self._clock(), raw)
+        and signed), in worker processes for large batches. Depends on nothing but the
+        entries and the clock; access control waits for `merge_checked`."""
+        return await _check_all(list(entries), self.keys.id, self._clock())
+
+    async def check_received(self, raw: Sequence[bytes]) -> tuple[list[Entry], list[str | None]]:
+        """`check` for a received frame's entries as sent (`frames.EncodedEntries`): returns
+        them decoded, with their verdicts (module function `check_received`). A session
+        checks its next frame this way while the one before is applied (`blixfs.sync`)."""
+        return await check_received(raw, self.keys.id, self._clock())
 
     def merge_checked(self, entries: Sequence[Entry], checked: Sequence[str | None],
                       peer: str) -> tuple[list[Outcome], int]:
@@ -349,46 +353,75 @@ class Replica:
                 log.exception("namespace change listener failed")
 
 
-async def _check_all(entries: list[Entry], namespace_id: bytes, now_ns: int,
-                     raw: Sequence[bytes] | None = None) -> list[str | None]:
-    """`check_entry` of each of ``entries``; ``raw``: their bytes as received (`Entries.raw`).
-    A large batch with its bytes is checked in worker processes (`lowprio.run_in_process`),
-    in `CHECK_PARTS` parts, and the entry hashes they computed are kept on ``entries``."""
+async def _check_all(entries: list[Entry], namespace_id: bytes, now_ns: int) -> list[str | None]:
+    """`check_entry` of each of ``entries``: a large batch in the worker processes, in
+    `CHECK_PARTS` parts at once; each valid entry keeps the hash computed there."""
     if len(entries) < THREADED_CHECK_MIN:
         return [check_entry(e, namespace_id, now_ns) for e in entries]
-    if raw is None or len(raw) != len(entries):
-        raw = [e.serialize() for e in entries]
-    parts = [list(raw[i::CHECK_PARTS]) for i in range(CHECK_PARTS)]
+    parts = [entries[i::CHECK_PARTS] for i in range(CHECK_PARTS)]
     results: list[list[tuple[str | None, bytes | None]]] = [[] for _ in parts]
 
     async def check(i: int) -> None:
-        results[i] = await lowprio.run_in_process(check_serialized, parts[i], namespace_id, now_ns)
+        results[i] = await lowprio.run_in_process(check_entries, parts[i], namespace_id, now_ns)
 
     async with trio.open_nursery() as nursery:
         for i in range(len(parts)):
             nursery.start_soon(check, i)
-    out: list[str | None] = [None] * len(entries)
+    problems: list[str | None] = [None] * len(entries)
     for i, part in enumerate(results):
-        out[i::CHECK_PARTS] = [problem for problem, _ in part]
-        for e, (_, entry_hash) in zip(entries[i::CHECK_PARTS], part, strict=True):
+        problems[i::CHECK_PARTS] = [problem for problem, _ in part]
+        for e, (_, entry_hash) in zip(parts[i], part, strict=True):
             if entry_hash is not None:
                 e.adopt_hash(entry_hash)
-    return out
+    return problems
 
 
-def check_serialized(raw: Sequence[bytes], namespace_id: bytes, now_ns: int) -> list[tuple[str | None, bytes | None]]:
-    """For each serialized entry, `check_entry`'s verdict and, when valid, its `Entry.entry_hash`
-    (run in a worker process: `_check_all`). The bytes are ones the caller decoded already."""
-    out: list[tuple[str | None, bytes | None]] = []
-    for data in raw:
+def check_entries(entries: Sequence[Entry], namespace_id: bytes, now_ns: int) -> list[tuple[str | None, bytes | None]]:
+    """`_check_all`'s work in a worker process: each entry's `check_entry` verdict and, when
+    valid, its hash."""
+    return [(problem, e.entry_hash() if problem is None else None)
+            for e, problem in ((e, check_entry(e, namespace_id, now_ns)) for e in entries)]
+
+
+async def check_received(raw: Sequence[bytes], namespace_id: bytes,
+                         now_ns: int) -> tuple[list[Entry], list[str | None]]:
+    """The entries of a received frame (`frames.EncodedEntries`) decoded, and why each must
+    be refused (`check_entry`; None: valid, its hash computed). A large frame is decoded
+    and checked in the worker processes (`lowprio.run_in_process`), in `CHECK_PARTS` parts
+    at once, so neither JSON nor signatures run on the event loop. FrameError when an
+    entry does not decode (the frame, and so the session, is refused whole, as `decode`
+    would)."""
+    if len(raw) < THREADED_CHECK_MIN:
+        return check_serialized(raw, namespace_id, now_ns)
+    parts = [list(raw[i::CHECK_PARTS]) for i in range(CHECK_PARTS)]
+    results: list[tuple[list[Entry], list[str | None]]] = [([], []) for _ in parts]
+    undecodable: list[FrameError] = []
+
+    async def check(i: int) -> None:
         try:
-            e = Entry.deserialize(data)
-        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
-            out.append((f"undecodable entry: {type(exc).__name__}", None))
-            continue
-        problem = check_entry(e, namespace_id, now_ns)
-        out.append((problem, e.entry_hash() if problem is None else None))
-    return out
+            results[i] = await lowprio.run_in_process(check_serialized, parts[i], namespace_id, now_ns)
+        except FrameError as exc:  # raised once, as itself, not in the nursery's group
+            undecodable.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(parts)):
+            nursery.start_soon(check, i)
+    if undecodable:
+        raise undecodable[0]
+    entries: list[Entry | None] = [None] * len(raw)
+    problems: list[str | None] = [None] * len(raw)
+    for i, (part_entries, part_problems) in enumerate(results):
+        entries[i::CHECK_PARTS] = part_entries
+        problems[i::CHECK_PARTS] = part_problems
+    return [e for e in entries if e is not None], problems
+
+
+def check_serialized(raw: Sequence[bytes], namespace_id: bytes,
+                     now_ns: int) -> tuple[list[Entry], list[str | None]]:
+    """`check_received`'s work on this thread: decode each entry (FrameError if one does
+    not) and check it. Run in a worker process for large frames."""
+    entries = [decode_entry(data) for data in raw]
+    return entries, [check_entry(e, namespace_id, now_ns) for e in entries]
 
 
 def valid_namespace_id(text: str) -> bytes:

@@ -43,6 +43,7 @@ from blixfs import crypto, lowprio, metrics
 from blixfs.entry import Entry
 from blixfs.frames import (
     MAX_ENTRY_BYTES,
+    EncodedEntries,
     Entries,
     ErrorFrame,
     Frame,
@@ -604,13 +605,13 @@ class SyncService:
             nursery.start_soon(self._apply_frames, receive, info)
             async with send:
                 while True:
-                    frame = await read_frame(stream, rest_within=FRAME_TIMEOUT)
+                    frame = await read_frame(stream, rest_within=FRAME_TIMEOUT, defer_entries=True)
                     if frame is None:
                         return
                     checks = None
-                    if isinstance(frame, Entries):
+                    if isinstance(frame, EncodedEntries):
                         checks = _Checks()
-                        nursery.start_soon(checks.run, self.replica, frame.entries, frame.raw)
+                        nursery.start_soon(checks.run, self.replica, frame.raw)
                     await send.send((frame, checks))
                     if isinstance(frame, ErrorFrame):
                         return
@@ -622,16 +623,16 @@ class SyncService:
                 await self._apply_frame(frame, checks, info)
 
     async def _apply_frame(self, frame: Frame, checks: _Checks | None, info: SessionInfo) -> None:
-        if isinstance(frame, Entries):
+        if isinstance(frame, EncodedEntries):
             assert checks is not None
-            problems = await checks.result()
+            entries, problems = await checks.result()
             # In slices, yielding between them: a frame holds up to ~350 entries, whose SQLite
             # apply and listeners would keep FUSE requests waiting tens of ms (64 entries took
             # 4-11 ms on a loaded 2-core machine, 16 take ~1). In order, so access control sees
             # the member records of the slices before.
-            for i in range(0, len(frame.entries), APPLY_SLICE):
+            for i in range(0, len(entries), APPLY_SLICE):
                 await lowprio.yield_to_foreground()
-                part = frame.entries[i:i + APPLY_SLICE]
+                part = entries[i:i + APPLY_SLICE]
                 _, refused = self.replica.merge_checked(part, problems[i:i + APPLY_SLICE], info.peer)
                 info.entries_received += len(part)
                 info.refused += refused
@@ -683,23 +684,25 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 class _Checks:
-    """The checks of one ENTRIES frame (`Replica.check`), run ahead of its turn to be applied."""
+    """The decoding and checks of one ENTRIES frame (`Replica.check_received`), run ahead of
+    its turn to be applied."""
 
     def __init__(self) -> None:
         self._done = trio.Event()
+        self._entries: list[Entry] = []
         self._problems: list[str | None] = []
         self._error: BaseException | None = None
 
-    async def run(self, replica: Replica, entries: Sequence[Entry], raw: Sequence[bytes]) -> None:
+    async def run(self, replica: Replica, raw: Sequence[bytes]) -> None:
         try:
-            self._problems = await replica.check(entries, raw)
+            self._entries, self._problems = await replica.check_received(raw)
         except Exception as exc:  # handed to the applying task, which ends the session with it
             self._error = exc
         finally:
             self._done.set()
 
-    async def result(self) -> list[str | None]:
+    async def result(self) -> tuple[list[Entry], list[str | None]]:
         await self._done.wait()
         if self._error is not None:
             raise self._error
-        return self._problems
+        return self._entries, self._problems

@@ -16,9 +16,9 @@ time the same run spends checking their signatures alone; live p50 under 20 ms):
    the receiver's time went (frame decoding, signature checks, SQLite apply, the rest:
    dial, handshake, the server's work and the network) and the server's own diff/encode
    time. Afterwards the fresh store is checked to hold exactly N live entries and the
-   server's vector, and the same entries are checked again alone (`_check_all`: fields and
-   both signatures, the same worker threads, as many batches as the session had frames):
-   the ratio sync / checks alone is the figure to keep within 2x.
+   server's vector, and the same entries, decoded, are checked again alone (`_check_all`:
+   fields and both signatures, in the same worker processes, as many batches as the session
+   had frames): the ratio sync / checks alone is the figure to keep within 2x.
 2. Live propagation. On the last receiver's open session, the server commits single
    entries one at a time (``--live`` of them, one every ``--interval-ms``), each carrying
    its creation time (``time.time_ns()`` before signing) as ``mtime_ns``; the receiver's
@@ -315,18 +315,19 @@ class Receiver:
 
 def instrument_receiver(replica: Replica, rx: Receiver) -> None:
     """Time the receiver's merge work; the wrappers are per process, re-pointed for each run.
-    A session checks a frame (`Replica.check`, timed as verify) while the one before it is
-    merged (`Replica.merge_checked`: access control, SQLite apply, listeners)."""
+    A session decodes and checks a frame in worker processes (`Replica.check_received`, timed
+    as verify) while the one before it is merged (`Replica.merge_checked`: access control,
+    SQLite apply, listeners)."""
     store = replica.store
     store.apply = _timed(store.apply, rx.times, "apply")  # type: ignore[method-assign]
     original_merge = replica.merge_checked
-    original_check = replica.check
+    original_check = replica.check_received
 
-    async def check(entries: Sequence[Entry], raw: Sequence[bytes] | None = None) -> list[str | None]:
+    async def check_received(raw: Sequence[bytes]) -> tuple[list[Entry], list[str | None]]:
         if rx.first_frame is None:  # once per ENTRIES frame
             rx.first_frame = time.perf_counter()
         rx.frames += 1
-        return await original_check(entries, raw)
+        return await original_check(raw)
 
     def merge_checked(entries: Sequence[Entry], checked: Sequence[str | None], peer: str) -> tuple[list[Outcome], int]:
         start = time.perf_counter()
@@ -339,19 +340,20 @@ def instrument_receiver(replica: Replica, rx: Receiver) -> None:
                 rx.live_merge_ms.append(elapsed * 1000)
 
     replica.merge_checked = merge_checked  # type: ignore[method-assign]
-    replica.check = check  # type: ignore[method-assign]
+    replica.check_received = check_received  # type: ignore[method-assign]
     replica.listeners.append(rx.on_change)
 
 
 _ORIGINAL_DECODE = blixfs.frames.decode
 _ORIGINAL_CHECK_ALL = blixfs.replica._check_all
+_ORIGINAL_CHECK_RECEIVED = blixfs.replica.check_received
 
 
 async def sync_once(server: Server, peer: NodeAddr, setup: dict[str, Any], workdir: Path, run: int,
                     live: tuple[int, float] | None) -> tuple[SyncRun, Receiver]:
     rx = Receiver()
     blixfs.frames.decode = _timed(_ORIGINAL_DECODE, rx.times, "decode")
-    blixfs.replica._check_all = _timed_async(_ORIGINAL_CHECK_ALL, rx.times, "verify")
+    blixfs.replica.check_received = _timed_async(_ORIGINAL_CHECK_RECEIVED, rx.times, "verify")
     store = SqliteNamespaceStore(workdir / f"receiver-{run}.db")
     try:
         replica = Replica(store, NamespaceKeys(bytes.fromhex(setup["namespace"])), crypto.generate_secret())
@@ -402,15 +404,14 @@ async def sync_once(server: Server, peer: NodeAddr, setup: dict[str, Any], workd
 async def verify_alone_s(entries: list[Entry], namespace_id: bytes, frames: int) -> float:
     """Seconds to check ``entries`` (fields and both signatures, `Replica.check`'s work: worker
     processes) and nothing else, in as many batches as the session had frames: the floor of
-    an initial sync, which must check every entry it applies. Fresh copies, with their bytes
-    as a frame carries them: no cached hash."""
-    raw = [e.serialize() for e in entries]
-    fresh = [Entry.deserialize(data) for data in raw]
+    an initial sync, which must check every entry it applies. Fresh copies, decoded already
+    (the sync decodes them too, in the same worker processes): no cached hash."""
+    fresh = [Entry.deserialize(e.serialize()) for e in entries]
     size = math.ceil(len(fresh) / frames)
     now = time.time_ns()
     start = time.perf_counter()
     for i in range(0, len(fresh), size):
-        problems = await _ORIGINAL_CHECK_ALL(fresh[i:i + size], namespace_id, now, raw[i:i + size])
+        problems = await _ORIGINAL_CHECK_ALL(fresh[i:i + size], namespace_id, now)
         assert not any(problems), problems
     return time.perf_counter() - start
 
@@ -458,7 +459,8 @@ def report(args: argparse.Namespace, setup: dict[str, Any], runs: list[SyncRun],
               f" {r.frames:7d} {r.server.get('bytes_sent', 0) / 1e6:6.2f} | {ms(r.server.get('diff', 0))}"
               f" {ms(r.server.get('batch', 0)):>9} {ms(r.server.get('encode', 0))}")
     print("  rx cpu: CPU time of the receiving process, all threads, and its check worker processes;")
-    print("  decode: frames -> entries; verify: field and signature checks (worker threads); apply: SQLite;")
+    print("  decode: frames -> entries' bytes; verify: decoding, field and signature checks (worker processes);"
+          " apply: SQLite;")
     print("  merge = verify + apply + listeners; other = total - decode - merge (dial, handshake, waiting for")
     print("  the server and the network); srv: the server's diff query, batching and frame encoding.")
     print(f"  every run: the fresh store holds {n:,} live entries and the server's vector.")

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from blixfs.entry import Entry, Kind
 from blixfs.frames import (
     MAX_FRAME,
+    EncodedEntries,
     Entries,
     ErrorFrame,
     FrameError,
@@ -19,6 +20,7 @@ from blixfs.frames import (
     Hello,
     Synced,
     decode,
+    decode_entry,
     encode,
     encode_entries,
 )
@@ -74,10 +76,10 @@ def test_hostile_frames(kind: int, payload: bytes, why: str) -> None:
         decode(kind, payload)
 
 
-@given(st.integers(0, 255), st.binary(max_size=2000))
-def test_decoder_only_raises_frame_error(kind: int, payload: bytes) -> None:
+@given(st.integers(0, 255), st.binary(max_size=2000), st.booleans())
+def test_decoder_only_raises_frame_error(kind: int, payload: bytes, defer_entries: bool) -> None:
     with contextlib.suppress(FrameError):
-        decode(kind, payload)
+        decode(kind, payload, defer_entries=defer_entries)
 
 
 @given(st.binary(max_size=64), st.integers(0, 2000))
@@ -87,6 +89,11 @@ def test_fuzzed_entries_frame(noise: bytes, at: int) -> None:
     raw[at : at + len(noise)] = noise
     with contextlib.suppress(FrameError):
         decode(FrameType.ENTRIES, bytes(raw))
+    with contextlib.suppress(FrameError):  # as the sync decodes: the frame now, its entries in workers
+        frame = decode(FrameType.ENTRIES, bytes(raw), defer_entries=True)
+        assert isinstance(frame, EncodedEntries)
+        for data in frame.raw:
+            decode_entry(data)
 
 
 def test_an_entry_too_large_for_a_frame_is_refused_when_encoding() -> None:
@@ -109,10 +116,19 @@ def test_entries_serialized_beforehand_encode_as_the_entries_do() -> None:
     assert encode_entries([]) == encode(Entries([]))
 
 
-def test_a_decoded_entries_frame_keeps_each_entry_s_bytes_as_received() -> None:
-    """`Entries.raw`: what the sync's worker processes check (blixfs.replica)."""
+def test_an_entries_frame_decoded_later_gives_the_bytes_sent_and_the_same_entries() -> None:
+    """`decode(..., defer_entries=True)`: what the sync hands its worker processes."""
     entries = [entry(), entry("c"), entry("d/e")]
-    frame = decode(*split(encode(Entries(entries))))
-    assert isinstance(frame, Entries)
-    assert frame.raw == [e.serialize() for e in entries]
-    assert [Entry.deserialize(data) for data in frame.raw] == frame.entries == entries
+    wire = encode(Entries(entries))
+    frame = decode(*split(wire), defer_entries=True)
+    assert frame == EncodedEntries([e.serialize() for e in entries])
+    assert [decode_entry(data) for data in frame.raw] == entries
+    assert encode(frame) == wire
+    assert decode(*split(wire), defer_entries=False) == Entries(entries)
+
+
+def test_a_deferred_entries_frame_still_checks_its_bounds() -> None:
+    with pytest.raises(FrameError, match="claims"):
+        decode(FrameType.ENTRIES, struct.pack(">I", 1 << 30), defer_entries=True)
+    with pytest.raises(FrameError, match="trailing"):
+        decode(FrameType.ENTRIES, encode(Entries([entry()]))[5:] + b"x", defer_entries=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import pickle
 import time
 from dataclasses import replace
 
@@ -11,6 +12,7 @@ import pytest
 from blixfs.crypto import generate_secret, sign
 from blixfs.entry import Entry, Kind
 from blixfs.errors import FsError
+from blixfs.frames import FrameError
 from blixfs.namespace import MemoryNamespaceStore, Outcome
 from blixfs.replica import MAX_FUTURE_NS, NamespaceKeys, Replica, check_entry
 from tests.helpers import make_replica
@@ -152,9 +154,10 @@ async def test_checks_hash_the_entries_they_verify_and_merging_uses_that_hash() 
 
 
 async def test_a_frame_checked_in_worker_processes_gets_the_verdicts_check_entry_gives() -> None:
-    """A sync frame's entries are checked from their received bytes in worker processes
-    (`Entries.raw`, `lowprio.run_in_process`): the same verdicts, in the same order, as
-    `check_entry` on this thread, and each valid entry's hash adopted from the worker."""
+    """A sync frame's entries are decoded and checked from their received bytes in worker
+    processes (`Replica.check_received`, `lowprio.run_in_process`): the same entries, the
+    same verdicts in the same order as `check_entry` on this thread, each valid entry's
+    hash computed; an entry that does not decode refuses the whole frame."""
     keys = NamespaceKeys.generate()
     node = generate_secret()
     writer = make_replica(keys=keys, node_secret=node)
@@ -169,9 +172,9 @@ async def test_a_frame_checked_in_worker_processes_gets_the_verdicts_check_entry
     ]
     mixed = [*good[:30], *bad, *good[30:]]
     raw = [e.serialize() for e in mixed]
-    received = [Entry.deserialize(data) for data in raw]
     reader = make_replica(keys=NamespaceKeys(keys.id))
-    problems = await reader.check(received, raw)
+    received, problems = await reader.check_received(raw)
+    assert received == mixed
     expected = [check_entry(Entry.deserialize(data), keys.id, time.time_ns()) for data in raw]
     assert problems == expected
     assert [p is None for p in problems] == [e in good for e in mixed]
@@ -179,3 +182,20 @@ async def test_a_frame_checked_in_worker_processes_gets_the_verdicts_check_entry
         assert (e._hash is not None) == (p is None)
         if p is None:
             assert e._hash == Entry.deserialize(e.serialize()).entry_hash()
+    with pytest.raises(FrameError, match="undecodable"):
+        await reader.check_received([*raw, b'{"path": 1}'])
+    with pytest.raises(FrameError, match="undecodable"):  # and the same for a small frame, on this thread
+        await reader.check_received([raw[0], b"[]"])
+
+
+def test_an_entry_pickles_with_every_field_and_its_hash() -> None:
+    """Worker processes hand decoded entries back pickled (`Entry.__reduce__`)."""
+    e = Entry(path="a/b", kind=Kind.SYMLINK, mode=0o644, uid=1, gid=2, size=3, mtime_ns=4, ctime_ns=5,
+              author=bytes([1]) * 32, timestamp_ns=6, manifest=bytes([2]) * 32, target="t", meta={"os": "x"},
+              xattrs={"user.k": b"v"}, deleted=True, seen={bytes([3]) * 32: 5}, atime_ns=8,
+              namespace_sig=bytes([4]) * 64, author_sig=bytes([5]) * 64)
+    again = pickle.loads(pickle.dumps(e))
+    assert again == e and again.serialize() == e.serialize() and again._hash is None
+    e.entry_hash()
+    again = pickle.loads(pickle.dumps(e))
+    assert again._hash == e._hash == again.entry_hash()
