@@ -17,6 +17,16 @@ It owns three things besides the `Transport` itself:
    interfaces (Rust calling Python coroutines: `ProtocolHandler`, `watch_*`) would need a
    real asyncio loop and are not used.
 3. Offline endpoint setup: `preset_minimal()`, relays disabled, an explicit bind address.
+4. Deferred frees of iroh handles. Each uniffi object's ``__del__`` calls into Rust to
+   free its handle, and Python runs ``__del__`` wherever the cyclic GC happens to run:
+   also inside `_TrioLoop.call_soon_threadsafe` on a tokio thread, in the middle of
+   Rust's callback. Freeing a stream or an error there can wait on a lock that thread
+   holds: it hung forever (a process that hit a `FrameError` with an iroh error in its
+   cause chain, freed by a collection in a tokio thread; the event loop then waited on
+   that thread's wake-up). `_defer_frees` replaces every ``__del__`` of the binding by one
+   that queues the handle; `_free_deferred` frees them on the event loop's thread before
+   each call into iroh through `_call` or `_sync`, every `FREE_DEFERRED_INTERVAL`, and
+   when the transport closes.
 
 Facts about iroh 1.2.0 this module relies on (measured; see docs/transport.md):
 - Dropping the last Python reference to a `Connection` closes it at once, discarding
@@ -40,6 +50,7 @@ Facts about iroh 1.2.0 this module relies on (measured; see docs/transport.md):
 
 from __future__ import annotations
 
+import collections
 import copy
 import ctypes
 import ipaddress
@@ -49,6 +60,7 @@ import re
 import secrets
 import struct
 import threading
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
@@ -251,6 +263,49 @@ class _TrioLoop:
 _ffi.uniffi_set_event_loop(_TrioLoop())  # type: ignore[arg-type]
 
 
+# --- deferred frees (module docstring, item 4) -------------------------------------------
+
+_deferred_frees: collections.deque[tuple[Callable[[Any], None], Any]] = collections.deque()
+FREE_DEFERRED_INTERVAL = 0.5  # seconds a queued handle waits at most on a running transport
+
+
+def _defer_frees() -> int:
+    """Make each uniffi class's ``__del__`` queue its handle instead of freeing it there and
+    then; returns how many classes were changed."""
+    changed = 0
+    for cls in vars(_ffi).values():
+        uniffi_object = isinstance(cls, type) and "_handle" in getattr(cls, "__annotations__", {})
+        if not uniffi_object or "__del__" not in cls.__dict__ or cls.__dict__["__del__"].__name__ == "queue":
+            continue
+
+        def queue(self: Any, free: Callable[[Any], None] = cls.__dict__["__del__"]) -> None:
+            handle = getattr(self, "_handle", None)  # absent when the constructor failed
+            if handle is not None:
+                _deferred_frees.append((free, handle))  # deque.append: atomic, from any thread
+
+        cls.__del__ = queue
+        changed += 1
+    return changed
+
+
+def _free_deferred() -> None:
+    """Free the queued handles (on the event loop's thread, outside any call into iroh)."""
+    while _deferred_frees:
+        free, handle = _deferred_frees.popleft()
+        free(types.SimpleNamespace(_handle=handle))  # the binding's own __del__ reads only _handle
+
+
+async def _free_deferred_every(interval: float) -> None:
+    """`_free_deferred` at least every ``interval`` seconds: handles are freed also while
+    the transport makes no call (one runs in each transport's task nursery)."""
+    while True:
+        await trio.sleep(interval)
+        _free_deferred()
+
+
+_defer_frees()
+
+
 # --- errors -----------------------------------------------------------------------------
 
 _RESET_RE = re.compile(r"Reset\((\d+)\)")
@@ -314,6 +369,8 @@ def _connect_error(exc: BaseException, peer: NodeAddr, alpn: bytes) -> ConnectEr
 
 async def _call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     """Await one iroh async method, translating its errors."""
+    if _deferred_frees:
+        _free_deferred()
     try:
         return await fn(*args)
     except (_ffi.IrohError, _ffi.InternalError) as exc:
@@ -321,6 +378,8 @@ async def _call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
 
 
 def _sync(fn: Callable[..., T], *args: Any) -> T:
+    if _deferred_frees:
+        _free_deferred()
     try:
         return fn(*args)
     except (_ffi.IrohError, _ffi.InternalError) as exc:
@@ -688,8 +747,9 @@ class IrohTransport(Transport):
     # -- background tasks --
 
     async def _serve(self) -> None:
-        """The accept loop."""
+        """The accept loop (and the periodic free of queued iroh handles)."""
         assert self._nursery is not None
+        self._nursery.start_soon(_free_deferred_every, FREE_DEFERRED_INTERVAL)
         while True:
             try:
                 incoming = await _call(self._ep.accept_next)
@@ -853,6 +913,7 @@ async def open_iroh_transport(
                 await transport.aclose()
     finally:
         await transport.aclose()
+        _free_deferred()
 
 
 # --- identity ---------------------------------------------------------------------------
