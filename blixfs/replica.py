@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import trio
 
@@ -59,6 +60,7 @@ MAX_META_VALUE = 1024
 THREADED_CHECK_MIN = 64  # below this a hop to worker processes costs more than it saves
 CHECK_PARTS = lowprio.PROCESSES  # a batch is checked in this many parts at once: one per worker
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_R = TypeVar("_R")
 
 # Who is told about changes: (entries that changed the store, peer id they came from or None).
 Listener = Callable[[list[Entry], str | None], None]
@@ -354,74 +356,67 @@ class Replica:
 
 
 async def _check_all(entries: list[Entry], namespace_id: bytes, now_ns: int) -> list[str | None]:
-    """`check_entry` of each of ``entries``: a large batch in the worker processes, in
-    `CHECK_PARTS` parts at once; each valid entry keeps the hash computed there."""
+    """`check_entry` of each of ``entries``: a large batch in the worker processes; each
+    valid entry keeps the hash computed there."""
     if len(entries) < THREADED_CHECK_MIN:
         return [check_entry(e, namespace_id, now_ns) for e in entries]
-    parts = [entries[i::CHECK_PARTS] for i in range(CHECK_PARTS)]
-    results: list[list[tuple[str | None, bytes | None]]] = [[] for _ in parts]
-
-    async def check(i: int) -> None:
-        results[i] = await lowprio.run_in_process(check_entries, parts[i], namespace_id, now_ns)
-
-    async with trio.open_nursery() as nursery:
-        for i in range(len(parts)):
-            nursery.start_soon(check, i)
-    problems: list[str | None] = [None] * len(entries)
-    for i, part in enumerate(results):
-        problems[i::CHECK_PARTS] = [problem for problem, _ in part]
-        for e, (_, entry_hash) in zip(parts[i], part, strict=True):
-            if entry_hash is not None:
-                e.adopt_hash(entry_hash)
-    return problems
+    verdicts = await _in_workers(check_entries, entries, namespace_id, now_ns)
+    for e, (_, entry_hash) in zip(entries, verdicts, strict=True):
+        if entry_hash is not None:
+            e.adopt_hash(entry_hash)
+    return [problem for problem, _ in verdicts]
 
 
 def check_entries(entries: Sequence[Entry], namespace_id: bytes, now_ns: int) -> list[tuple[str | None, bytes | None]]:
     """`_check_all`'s work in a worker process: each entry's `check_entry` verdict and, when
     valid, its hash."""
-    return [(problem, e.entry_hash() if problem is None else None)
-            for e, problem in ((e, check_entry(e, namespace_id, now_ns)) for e in entries)]
+    verdicts: list[tuple[str | None, bytes | None]] = []
+    for e in entries:
+        problem = check_entry(e, namespace_id, now_ns)
+        verdicts.append((problem, e.entry_hash() if problem is None else None))
+    return verdicts
 
 
 async def check_received(raw: Sequence[bytes], namespace_id: bytes,
                          now_ns: int) -> tuple[list[Entry], list[str | None]]:
     """The entries of a received frame (`frames.EncodedEntries`) decoded, and why each must
     be refused (`check_entry`; None: valid, its hash computed). A large frame is decoded
-    and checked in the worker processes (`lowprio.run_in_process`), in `CHECK_PARTS` parts
-    at once, so neither JSON nor signatures run on the event loop. FrameError when an
-    entry does not decode (the frame, and so the session, is refused whole, as `decode`
-    would)."""
+    and checked in the worker processes, so neither JSON nor signatures run on the event
+    loop. FrameError when an entry does not decode (the frame, and so the session, is
+    refused whole, as `decode` would)."""
     if len(raw) < THREADED_CHECK_MIN:
-        return check_serialized(raw, namespace_id, now_ns)
-    parts = [list(raw[i::CHECK_PARTS]) for i in range(CHECK_PARTS)]
-    results: list[tuple[list[Entry], list[str | None]]] = [([], []) for _ in parts]
-    undecodable: list[FrameError] = []
+        entries = [decode_entry(data) for data in raw]
+        return entries, [check_entry(e, namespace_id, now_ns) for e in entries]
+    checked = await _in_workers(check_serialized, raw, namespace_id, now_ns)
+    return [e for e, _ in checked], [problem for _, problem in checked]
 
-    async def check(i: int) -> None:
+
+def check_serialized(raw: Sequence[bytes], namespace_id: bytes, now_ns: int) -> list[tuple[Entry, str | None]]:
+    """`check_received`'s work in a worker process: each entry decoded (FrameError if one
+    does not) with its `check_entry` verdict."""
+    return [(e, check_entry(e, namespace_id, now_ns)) for e in map(decode_entry, raw)]
+
+
+async def _in_workers(fn: Callable[..., list[_R]], items: Sequence[Any], *args: Any) -> list[_R]:
+    """``fn(part, *args)`` for `CHECK_PARTS` interleaved parts of ``items`` at once, in the
+    worker processes (`lowprio.run_in_process`); ``fn`` gives one result per item, and the
+    results come back in the order of ``items``. A FrameError is raised as itself."""
+    parts = [list(items[i::CHECK_PARTS]) for i in range(CHECK_PARTS)]
+    results: list[list[_R]] = [[] for _ in parts]
+    failed: list[FrameError] = []
+
+    async def run(i: int) -> None:
         try:
-            results[i] = await lowprio.run_in_process(check_serialized, parts[i], namespace_id, now_ns)
-        except FrameError as exc:  # raised once, as itself, not in the nursery's group
-            undecodable.append(exc)
+            results[i] = await lowprio.run_in_process(fn, parts[i], *args)
+        except FrameError as exc:  # not wrapped in the nursery's exception group
+            failed.append(exc)
 
     async with trio.open_nursery() as nursery:
         for i in range(len(parts)):
-            nursery.start_soon(check, i)
-    if undecodable:
-        raise undecodable[0]
-    entries: list[Entry | None] = [None] * len(raw)
-    problems: list[str | None] = [None] * len(raw)
-    for i, (part_entries, part_problems) in enumerate(results):
-        entries[i::CHECK_PARTS] = part_entries
-        problems[i::CHECK_PARTS] = part_problems
-    return [e for e in entries if e is not None], problems
-
-
-def check_serialized(raw: Sequence[bytes], namespace_id: bytes,
-                     now_ns: int) -> tuple[list[Entry], list[str | None]]:
-    """`check_received`'s work on this thread: decode each entry (FrameError if one does
-    not) and check it. Run in a worker process for large frames."""
-    entries = [decode_entry(data) for data in raw]
-    return entries, [check_entry(e, namespace_id, now_ns) for e in entries]
+            nursery.start_soon(run, i)
+    if failed:
+        raise failed[0]
+    return [results[i % CHECK_PARTS][i // CHECK_PARTS] for i in range(len(items))]
 
 
 def valid_namespace_id(text: str) -> bytes:
