@@ -67,7 +67,6 @@ _dispatch: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 _local = threading.local()  # a dispatching thread's worker process
 _workers: list[_Worker] = []  # every worker started and not yet stopped (for `stop_processes`)
-_workers_ever: list[bool] = []
 
 
 class WorkerDied(Exception):
@@ -87,9 +86,6 @@ class _Worker:
         except OSError as exc:  # no exec, no fds, no memory
             raise WorkerDied(f"could not start a worker process: {exc}") from exc
         with _pool_lock:
-            if not _workers_ever:
-                _workers_ever.append(True)
-                atexit.register(stop_processes)  # a tidy exit: each worker ends its call, then goes
             _workers.append(self)
 
     def call(self, fn: Callable[..., _T], args: Sequence[Any]) -> _T:
@@ -276,6 +272,9 @@ def _serve(preload: Sequence[str]) -> None:
                 answer = pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
         sink.write(_LENGTH.pack(len(answer)) + answer)
         sink.flush()
+
+
+atexit.register(stop_processes)  # a tidy exit: each worker ends its call, then goes
 
 
 if __name__ == "__main__":
