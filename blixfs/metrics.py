@@ -46,6 +46,9 @@ chunks_stored = Counter("blixfs_chunks_stored_total", "Chunks written to the loc
 chunk_bytes_stored = Counter("blixfs_chunk_bytes_stored_total", "Bytes written to the local chunk store")
 chunks_evicted = Counter("blixfs_chunks_evicted_total", "Fetched chunks evicted from the cache (LRU, over budget)")
 chunk_reads = Counter("blixfs_chunk_reads_total", "Chunks read from the local chunk store")
+range_reads = Counter("blixfs_range_reads_total",
+                      "Range reads of the local chunk store (a guest's small reads), by how they got their bytes:"
+                      " cached (page cache), polled (from the disk, polled), waited (from the disk, slept on)", ["how"])
 gc_freed_chunks = Counter("blixfs_gc_freed_chunks_total", "Unreferenced chunks deleted by garbage collection")
 gc_freed_bytes = Counter("blixfs_gc_freed_bytes_total", "Bytes of unreferenced chunks deleted by garbage collection")
 

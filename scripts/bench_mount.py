@@ -19,7 +19,10 @@ What is measured:
 * the FUSE floor: the same 4 KiB random reads of a file system that only answers
   (`scripts/fuse_floor.py`: pyfuse3 on trio, no disk, no blixfs code), mounted beside:
   the ceiling any pyfuse3 daemon reaches on this machine (docs/design.md, "Where a 4 KiB
-  O_DIRECT read's time goes").
+  O_DIRECT read's time goes"); and the floor with a disk read: the same file system
+  answering each read with one read of a file on the same disk as blixfs's chunk store
+  reads a block (`fuse_floor.py --disk`), after drop_caches like the others: the ceiling of
+  a daemon that reads the disk once per request.
 """
 
 from __future__ import annotations
@@ -139,11 +142,11 @@ def random_writes(path: Path, size: int, count: int) -> tuple[float, float, floa
 
 
 @contextmanager
-def floor_mounted(mnt: Path, size_mib: int) -> Iterator[Path]:
-    """`scripts/fuse_floor.py` mounted at ``mnt``: yields its file."""
+def floor_mounted(mnt: Path, size_mib: int, disk: Path | None = None) -> Iterator[Path]:
+    """`scripts/fuse_floor.py` mounted at ``mnt`` (reading ``disk`` if given): yields its file."""
     mnt.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "fuse_floor.py"), str(mnt),
-                             "--size-mib", str(size_mib)])
+                             "--size-mib", str(size_mib)] + (["--disk", str(disk)] if disk else []))
     try:
         deadline = time.monotonic() + 30
         while not os.path.ismount(mnt):
@@ -219,6 +222,9 @@ def main() -> None:
                 stack.enter_context(mounted(work / "home-base", work / "mnt-base", cs, args.baseline_tree.resolve()))
                 files[f"base {cs}"] = work / "mnt-base" / "bench.bin"
             floor = stack.enter_context(floor_mounted(work / "mnt-floor", args.size_mib))
+            backing = work / "floor-disk.bin"  # blocks and digests, as a chunk store lays them out
+            write_file(backing, size + size // 2048 + MiB, block, 1 << 32)  # a salt no round uses
+            floor_disk = stack.enter_context(floor_mounted(work / "mnt-floor-disk", args.size_mib, backing))
             for rnd in range(args.rounds):
                 for name, f in files.items():
                     got = samples.setdefault(name, {})
@@ -229,19 +235,21 @@ def main() -> None:
                     drop_caches()
                     reads.setdefault(name, []).append(random_reads(f, size, args.random_reads))
                 reads.setdefault("floor", []).append(random_reads(floor, size, args.random_reads))
+                drop_caches()
+                reads.setdefault("floor+disk", []).append(random_reads(floor_disk, size, args.random_reads))
                 for name, f in files.items():
                     writes.setdefault(name, []).append(random_writes(f, size, args.random_writes))
         for name in reads:
             iops_of[name] = tuple(statistics.median(r[i] for r in reads[name]) for i in range(3))  # type: ignore[assignment]
         for name in writes:
             wiops_of[name] = tuple(statistics.median(r[i] for r in writes[name]) for i in range(3))  # type: ignore[assignment]
-        base = {k: statistics.median(v) for k, v in samples.pop("local").items()}
+        local_mbps = {k: statistics.median(v) for k, v in samples.pop("local").items()}
         rows = [(cs, {k: statistics.median(v) for k, v in samples[cs].items()}, iops_of[cs]) for cs in samples]
         print(f"\n{'':14}{'local disk':>14}" + "".join(f"{'blixfs ' + cs:>16}{'ratio':>8}" for cs, _, _ in rows))
         for key in ("write", "warm read", "cached read"):
-            line = f"{key + ' MB/s':14}{base[key] / 1e6:14.0f}"
-            for _, got, _ in rows:
-                line += f"{got[key] / 1e6:16.0f}{got[key] / base[key]:8.2f}"
+            line = f"{key + ' MB/s':14}{local_mbps[key] / 1e6:14.0f}"
+            for _, medians, _ in rows:
+                line += f"{medians[key] / 1e6:16.0f}{medians[key] / local_mbps[key]:8.2f}"
             print(line)
         for label, measured in (("4K rand read", iops_of), ("4K rand write", wiops_of)):
             base_iops = measured["local"]
@@ -256,6 +264,10 @@ def main() -> None:
         floor_iops = iops_of["floor"]
         print(f"{'FUSE floor':14}{'':14}{floor_iops[0]:16.0f}{floor_iops[0] / iops_of['local'][0]:8.2f}"
               f"   (a pyfuse3 file system that only answers: scripts/fuse_floor.py)")
+        print(f"{'  p50/p99 ms':14}{'':14}{floor_iops[1]:>10.3f}/{floor_iops[2]:.3f}")
+        floor_iops = iops_of["floor+disk"]
+        print(f"{'floor + disk':14}{'':14}{floor_iops[0]:16.0f}{floor_iops[0] / iops_of['local'][0]:8.2f}"
+              f"   (the same, answering with one disk read per request: fuse_floor.py --disk)")
         print(f"{'  p50/p99 ms':14}{'':14}{floor_iops[1]:>10.3f}/{floor_iops[2]:.3f}")
         print("\ngoals: warm sequential read >= 0.5x local disk, write >= 0.3x (issue 2); "
               "4K random read >= 0.4x (issue 11)")

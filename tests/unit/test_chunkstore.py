@@ -332,16 +332,17 @@ def test_a_range_read_reads_only_the_blocks_it_covers(tmp_path: Path, monkeypatc
     store = DiskChunkStore(tmp_path / "c")
     data = os.urandom(256 * 1024)
     cid = store.put(data)
-    reads: list[int] = []
-    real_pread = os.pread
+    spans: list[tuple[int, int]] = []
+    real_preadv = os.preadv
 
-    def pread(fd: int, n: int, offset: int) -> bytes:
-        reads.append(n)
-        return real_pread(fd, n, offset)
+    def preadv(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        spans.append((offset, offset + sum(len(b) for b in buffers)))
+        return int(real_preadv(fd, buffers, offset, flags))
 
-    monkeypatch.setattr(os, "pread", pread)
+    monkeypatch.setattr(os, "preadv", preadv)
     assert store.read_range(cid, 5 * 4096, 4096) == data[5 * 4096 : 6 * 4096]
-    assert sum(reads) <= BS + 8  # one block and its digest, not the chunk
+    # One block and its digest, not the chunk (the polled read may ask more than once).
+    assert max(end for _, end in spans) - min(start for start, _ in spans) <= BS + 8
 
 
 @pytest.mark.parametrize("via", ["read_range", "load_range"])
@@ -469,3 +470,125 @@ def test_a_chunk_of_more_blocks_than_one_writev_takes_round_trips(tmp_path: Path
     assert store.get(cid) == data
     assert store.read_range(cid, len(data) - BS - 5, BS + 5) == data[-BS - 5 :]
 
+
+
+# Polled range reads (`PolledReads`): the same bytes as pread, however the kernel answers.
+
+class _Kernel:
+    """Stands in for os.preadv's RWF_NOWAIT answers: ``script`` says, call by call, "busy"
+    (EAGAIN: the disk is reading) or a count of bytes now cached (fewer than asked: a short
+    read); once it runs out, the bytes are there. Blocking reads are recorded and served."""
+
+    def __init__(self, script: list[str | int], clock_step: float = 0.0) -> None:
+        self.script = list(script)
+        self.blocking: list[int] = []
+        self.now = 0.0
+        self.clock_step = clock_step
+        self.real = os.preadv
+
+    def preadv(self, fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        if flags & os.RWF_NOWAIT and self.script:
+            step = self.script.pop(0)
+            if step == "busy":
+                raise BlockingIOError(errno.EAGAIN, "would block")
+            if step == "refused":
+                raise OSError(errno.EOPNOTSUPP, "not supported")
+            assert isinstance(step, int)
+            return int(self.real(fd, [buffers[0][:step]], offset, 0))
+        if not flags & os.RWF_NOWAIT:
+            self.blocking.append(offset)
+        return int(self.real(fd, buffers, offset, flags & ~os.RWF_NOWAIT))
+
+    def perf_counter(self) -> float:
+        self.now += self.clock_step
+        return self.now
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
+    data = os.urandom(100_000)
+    (tmp_path / "f").write_bytes(data)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    yield fd, data
+    os.close(fd)
+
+
+@pytest.mark.parametrize("script", [[], ["busy"], ["busy"] * 5, [3000, "busy", "busy", 1000]],
+                         ids=["cached", "one-poll", "polls", "short-reads"])
+def test_a_polled_read_returns_what_pread_returns(
+        data_file: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch, script: list[str | int]) -> None:
+    fd, _ = data_file
+    kernel = _Kernel(script)
+    monkeypatch.setattr(os, "preadv", kernel.preadv)
+    reads = chunkstore.PolledReads()
+    for offset, count in ((1000, 16_392), (99_000, 16_392), (100_000, 10), (0, 100_000)):
+        kernel.script = list(script)
+        assert bytes(reads.pread(fd, count, offset)) == os.pread(fd, count, offset), (offset, count)
+    assert kernel.blocking == []  # every read was answered without sleeping on the disk
+
+
+def test_a_read_the_disk_is_slow_to_answer_waits_once_the_limit_has_passed(
+        data_file: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    fd, data = data_file
+    kernel = _Kernel(["busy"] * 1000, clock_step=20e-6)  # each look at the clock: 20 µs later
+    monkeypatch.setattr(os, "preadv", kernel.preadv)
+    monkeypatch.setattr(chunkstore.time, "perf_counter", kernel.perf_counter)
+    reads = chunkstore.PolledReads()
+    waited = metrics.counter_value(metrics.range_reads.labels("waited"))
+    assert bytes(reads.pread(fd, 5000, 7)) == data[7:5007]
+    assert kernel.blocking == [7]
+    assert 1000 - len(kernel.script) <= reads.POLL_MAX / 20e-6 + 2  # polled up to the limit, no longer
+    assert metrics.counter_value(metrics.range_reads.labels("waited")) == waited + 1
+
+
+def test_the_polling_limit_adapts_to_the_disk(data_file: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow disk (every read past POLL_MAX) turns polling off; fast ones turn it back on."""
+    fd, data = data_file
+    kernel = _Kernel([], clock_step=0.0)
+    monkeypatch.setattr(os, "preadv", kernel.preadv)
+    monkeypatch.setattr(chunkstore.time, "perf_counter", kernel.perf_counter)
+    reads = chunkstore.PolledReads()
+    limits = []
+    for _ in range(6):  # the disk answers after 1 ms: more than POLL_MAX
+        kernel.script, kernel.clock_step = ["busy"] * 10_000, 1e-3
+        assert bytes(reads.pread(fd, 100, 0)) == data[:100]
+        limits.append(reads.limit)
+    assert limits[0] < reads.POLL_MAX and limits[-1] == 0.0 and limits == sorted(limits, reverse=True)
+    for _ in range(6):  # now it answers after 60 µs (two looks at the clock)
+        kernel.script, kernel.clock_step = ["busy"] * 3, 30e-6
+        assert bytes(reads.pread(fd, 100, 0)) == data[:100]
+    assert reads.limit >= 60e-6  # grown back: such a read is polled again
+    kernel.blocking.clear()
+    kernel.script, kernel.clock_step = ["busy"] * 2, 30e-6
+    reads.pread(fd, 100, 0)
+    assert kernel.blocking == []
+
+
+def test_a_file_system_without_rwf_nowait_reads_by_plain_pread(
+        data_file: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    fd, data = data_file
+    kernel = _Kernel(["refused"])
+    monkeypatch.setattr(os, "preadv", kernel.preadv)
+    reads = chunkstore.PolledReads()
+    caplog.set_level("INFO", logger="blixfs.chunkstore")
+    assert bytes(reads.pread(fd, 500, 10)) == data[10:510]
+    assert not reads.supported and "RWF_NOWAIT" in caplog.text
+    assert bytes(reads.pread(fd, 500, 99_800)) == data[99_800:]
+
+
+def test_range_reads_of_chunks_out_of_the_page_cache_check_out(tmp_path: Path) -> None:
+    """The real kernel: chunk files dropped from the page cache (FADV_DONTNEED) still read
+    by range, checked, the same bytes."""
+    store = DiskChunkStore(tmp_path / "c")
+    chunks = {store.put(d): d for d in (os.urandom(256 * 1024) for _ in range(8))}
+    store.sync()
+    for cid in chunks:
+        fd = os.open(store._path(cid), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    rng = random.Random(3)
+    for cid, data in chunks.items():
+        for _ in range(4):
+            offset = rng.randrange(len(data) - 4096) // 4096 * 4096
+            assert store.read_range(cid, offset, 4096) == data[offset : offset + 4096]
+    store.close()
