@@ -426,10 +426,10 @@ class PolledReads:
 
     Why: the event loop waits for this read either way; sleeping on it costs a wake-up on
     top of the disk's time, and on a VM whose idle vCPUs halt that wake-up is an exit to the
-    host: measured on this machine kind, a cold 16 KiB read answered through FUSE took
-    0.187 ms slept on and 0.162 ms polled (docs/design.md, "Where a 4 KiB O_DIRECT read's
-    time goes"). The limit adapts as QEMU's event-loop polling does (`poll-max-ns`): a read
-    that took longer than `POLL_MAX` in all (a slow disk, a busy one) halves it, down to no
+    host: measured on this machine kind, 0.01 to 0.03 ms of a cold 4 KiB guest read of
+    about 0.2 ms, at the same CPU (docs/design.md, "Where a 4 KiB O_DIRECT read's time
+    goes"). The limit adapts as QEMU's event-loop polling does (`poll-max-ns`): a read that
+    took longer than `POLL_MAX` in all (a slow disk, a busy one) halves it, down to no
     polling; one that needed less than `POLL_MAX` but more than the limit doubles it again
     (from `POLL_GROW_START`). So a disk slower than the bound stops costing polling CPU, and
     the polling is never more than `POLL_MAX` of CPU per read.
@@ -470,9 +470,8 @@ class PolledReads:
                     got = os.preadv(fd, [view[pos:]], offset + pos, os.RWF_NOWAIT)
                 except BlockingIOError:
                     now = time.perf_counter()
-                    if not started:
-                        started = now
-                    elif now - started >= self.limit:
+                    started = started or now
+                    if now - started >= self.limit:
                         break
                     continue
                 if got == 0:
